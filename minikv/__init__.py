@@ -1,0 +1,3 @@
+"""minikv: bounded-memory inference for Llama- and Qwen-family LLMs."""
+
+__version__ = "0.1.0"
