@@ -1,0 +1,104 @@
+"""Shared definitions of minikv's kernels: the ring layout, the eviction constants, the slot hash.
+
+Both implementations of every kernel (the torch reference in `reference.py` and the Triton one) take
+these exact structures, so a test can hand the same inputs to both and compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+# How a slot's score S changes when a token attends the ring (DESIGN 5).
+SCORE_NONE = 0  # scores unused (streaming, full, snapkv's decode phase)
+SCORE_ATTN = 1  # S <- decay * S + walk(a): h2o (decay 1), tova (decay 0), nexus (decay 0.99 + walk)
+SCORE_KEYDIFF = 2  # S = -cos(k, mean of normalised keys), recomputed every step
+SCORE_EXTERNAL = 3  # S fixed at write time by the caller (epikv, nestedkv)
+
+# Which unprotected slot a full ring overwrites.
+VICTIM_OLDEST = 0  # smallest original position (StreamingLLM)
+VICTIM_MIN_SCORE = 1  # deterministic argmin S (top-K keep)
+VICTIM_RESERVOIR = 2  # Efraimidis-Spirakis A-Res: weighted sampling without replacement
+
+
+class RingLayer(NamedTuple):
+    """One layer's view of the ring pools; every tensor is indexed by ring id first.
+
+    k, v:       [num_rings, num_kv_heads, budget, head_dim]  K after RoPE at the original position.
+    pos:        [num_rings, num_kv_heads, budget] int32      original position of the token in the slot.
+    score:      [num_rings, num_kv_heads, budget] fp32       the policy's importance score.
+    edge_slot:  [num_rings, num_kv_heads, budget, M] int32   Nexus out-edges: target slot, -1 = none.
+    edge_pos:   [num_rings, num_kv_heads, budget, M] int32   target's position when the edge was made;
+                                                             an edge is dead once pos[target] differs.
+    edge_w:     [num_rings, num_kv_heads, budget, M] fp32    normalised edge weight.
+
+    Slots at index >= filled[ring] are empty whatever `pos` holds, so freeing a ring is O(1).
+    Policies without edges use M = 1 and never read them.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    score: torch.Tensor
+    edge_slot: torch.Tensor
+    edge_pos: torch.Tensor
+    edge_w: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EvictionSpec:
+    """The compile-time constants that turn one decode kernel into every policy.
+
+    score_mode / victim_mode: one of the SCORE_* / VICTIM_* constants above.
+    decay:  lambda of S <- decay * S + n (1 = accumulate like H2O, 0 = last step only like TOVA).
+    gamma, hops: Nexus walk n = a + gamma a P + ... + gamma^hops a P^hops (hops 0 = direct attention).
+    tau:    reservoir temperature; key = log(-ln u) - log(S + eps) / tau, the largest key is evicted.
+    top_m:  out-edges a query token records (0 = none).
+    n_sink, window: the first n_sink positions and the `window` positions before the new token are
+            never victims.
+    """
+
+    score_mode: int = SCORE_NONE
+    victim_mode: int = VICTIM_OLDEST
+    decay: float = 1.0
+    gamma: float = 0.0
+    hops: int = 0
+    tau: float = 1.0
+    top_m: int = 0
+    n_sink: int = 4
+    window: int = 64
+    eps: float = 1e-6
+
+
+# --- the slot hash -------------------------------------------------------------------------------
+# A-Res needs one uniform u_j per slot, fixed when the token is written. Instead of storing it we derive it
+# from (seed, layer, head, pos) with a counter-based hash: nothing to store, identical in torch and Triton,
+# and reproducible from the seed alone. The mixing constants are murmur3's fmix32 finaliser.
+
+_MASK32 = 0xFFFFFFFF
+_MIX_SEED, _MIX_LAYER, _MIX_HEAD, _MIX_POS = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def slot_hash_u32(seed: int, layer: int, head: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """uint32 hash (held in int64) of (seed, layer, head, pos); broadcasts head against pos."""
+    h = torch.as_tensor(head, dtype=torch.int64)
+    p = torch.as_tensor(pos, dtype=torch.int64)
+    x = _fmix32(torch.full_like(p, (seed * _MIX_SEED) & _MASK32) ^ ((layer * _MIX_LAYER) & _MASK32))
+    x = _fmix32(x ^ ((h * _MIX_HEAD) & _MASK32))
+    return _fmix32(x ^ ((p * _MIX_POS) & _MASK32))
+
+
+def slot_uniform(seed: int, layer: int, head: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """u in (0, 1), never 0 or 1: the top 24 bits of the hash, centred in their bucket."""
+    bits = slot_hash_u32(seed, layer, head, pos) >> 8
+    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
