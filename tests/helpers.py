@@ -1,0 +1,66 @@
+"""Test helpers: tiny random checkpoints written as safetensors, and a direct path to full logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-5)
+
+
+def make_tiny_checkpoint(path: Path, arch: str = "LlamaForCausalLM", seed: int = 0, **overrides) -> Path:
+    """A random HF checkpoint of `arch` (transformers writes it), plus a byte-level tokenizer.json."""
+    import transformers
+
+    cfg_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "MistralForCausalLM": transformers.MistralConfig,
+               "Qwen2ForCausalLM": transformers.Qwen2Config, "Qwen3ForCausalLM": transformers.Qwen3Config}[arch]
+    fields = {**TINY, "bos_token_id": 1, "eos_token_id": 2, **overrides}
+    if arch == "Qwen3ForCausalLM":
+        fields.setdefault("head_dim", 32)
+    config = cfg_cls(**fields)
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():  # random init is too tame: make attention sharp enough to matter
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif "norm" in name:
+                p.uniform_(0.8, 1.2)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.05)
+    model.save_pretrained(path, safe_serialization=True)
+    write_byte_tokenizer(path, config.vocab_size)
+    return path
+
+
+def write_byte_tokenizer(path: Path, vocab_size: int) -> None:
+    """A byte-level BPE with no merges: ids 0-2 special, 3.. the 256 bytes; enough to round-trip any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    assert len(vocab) <= vocab_size
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken("<unk>", special=True), AddedToken("<s>", special=True),
+                            AddedToken("</s>", special=True)])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "add_bos_token": True}))
+
+
+def hf_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
