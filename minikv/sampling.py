@@ -1,0 +1,511 @@
+"""Sampling: per-request parameters and a batched sampler that turns logits into next tokens.
+
+Users describe how a request samples with `SamplingParams` (the names and meanings of vLLM's). Each
+engine step, the engine gathers its running requests into one `SamplingBatch` (a few small tensors built
+from Python lists once per step) and calls `Sampler` on the logits of the whole batch. The sampler then
+runs on the device end to end: no per-request loop, no `.item()`, no host synchronisation.
+
+Order of operations (as in vLLM):
+
+    raw logits ──► logprobs (log_softmax of the raw logits, see below)
+        │
+        ├─ min_tokens: stop tokens get -inf until the request has min_tokens outputs
+        ├─ repetition penalty (prompt and output tokens)
+        ├─ presence and frequency penalties (output tokens)
+        ├─ temperature
+        ├─ top_k, then top_p, then min_p
+        └─ sample: argmax for greedy rows, Gumbel-max with counter-based noise for the others
+
+Logprobs are those of the model's own distribution, log_softmax of the raw logits, before penalties,
+temperature and filters. This is vLLM's default (`logprobs_mode="raw_logprobs"`): the numbers then mean
+"how likely the model found this token", comparable across sampling settings.
+
+Randomness is counter-based (see minikv.hashing): the uniform number for vocabulary id v of a request at
+step t is hash_uniform(seed, t, v). A request's sample therefore depends only on its seed, its step and
+its logits, never on which other requests share the batch or where it sits in it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from minikv.errors import InvalidRequestError
+from minikv.hashing import MASK32, absorb, absorb_mixed, finalize, mix_word, uniform_from_hash
+
+# Temperatures below this are greedy (vLLM uses the same threshold): dividing by them would overflow.
+GREEDY_TEMPERATURE_EPS = 1e-5
+MAX_STOP_STRINGS = 32
+MAX_LOGPROBS = 20
+# OpenAI's and vLLM's range for presence and frequency penalties.
+MAX_ABS_PRESENCE_FREQUENCY_PENALTY = 2.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingParams:
+    """How one request chooses its tokens and when it stops (vLLM's names and meanings).
+
+    temperature: 0 means greedy (argmax); higher flattens the distribution.
+    top_k: keep the k most likely tokens; 0 or -1 turns it off.
+    top_p: keep the smallest set of most likely tokens whose probability reaches top_p (nucleus
+        sampling, Holtzman et al. 2020); 1 turns it off.
+    min_p: drop tokens whose probability is below min_p times the most likely one's (Nguyen et al.
+        2024, "Turning up the heat: min-p sampling"); 0 turns it off.
+    repetition_penalty: > 1 discourages tokens already in the prompt or output (Keskar et al. 2019,
+        CTRL): positive logits are divided by it, negative ones multiplied.
+    presence_penalty / frequency_penalty: subtracted from the logit of each token already in the output,
+        once / once per occurrence (OpenAI's definition); in [-2, 2].
+    stop: strings that end the output when generated (normalised to a list); at most 32, none empty.
+    stop_token_ids: token ids that end the output.
+    include_stop_str_in_output: keep the matched stop string in the returned text.
+    max_tokens: most tokens to generate (>= 1).
+    min_tokens: EOS and stop_token_ids cannot be sampled before this many tokens are generated.
+    seed: makes this request's samples reproducible; with None the engine picks one.
+    ignore_eos: keep generating after EOS (EOS is then an ordinary token).
+    logprobs: return this many top logprobs per generated token, plus the chosen token's (0 to 20).
+    skip_special_tokens: leave special tokens out of the decoded text.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    max_tokens: int = 256
+    min_tokens: int = 0
+    seed: int | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self.stop = _normalise_stop(self.stop)
+        self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
+        self._validate_numbers()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    def _validate_numbers(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):
+            _require_real(name, getattr(self, name))
+        for name in ("top_k", "max_tokens", "min_tokens"):
+            _require_int(name, getattr(self, name))
+
+        if not self.temperature >= 0:
+            _bad("temperature", self.temperature, "must be >= 0 (use 0 for greedy decoding)")
+        if not 0 < self.top_p <= 1:
+            _bad("top_p", self.top_p, "must be in (0, 1] (use 1 to turn nucleus sampling off)")
+        if self.top_k < -1:
+            _bad("top_k", self.top_k, "must be >= 1, or 0 or -1 to turn top-k off")
+        if not 0 <= self.min_p <= 1:
+            _bad("min_p", self.min_p, "must be in [0, 1] (use 0 to turn min-p off)")
+        if not self.repetition_penalty > 0:
+            _bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means no penalty)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not abs(getattr(self, name)) <= MAX_ABS_PRESENCE_FREQUENCY_PENALTY:
+                _bad(name, getattr(self, name), "must be in [-2, 2] (0 means no penalty)")
+        if self.max_tokens < 1:
+            _bad("max_tokens", self.max_tokens, "must be >= 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            _bad("min_tokens", self.min_tokens, f"must be in [0, max_tokens={self.max_tokens}]")
+        if self.logprobs is not None:
+            _require_int("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                _bad("logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}], or None for no logprobs")
+        if self.seed is not None:
+            _require_int("seed", self.seed)
+            self.seed = int(self.seed)
+
+
+def _bad(name: str, value: object, rule: str) -> None:
+    raise InvalidRequestError(f"SamplingParams.{name}={value!r} is invalid: it {rule}.")
+
+
+def _require_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        _bad(name, value, "must be a number")
+
+
+def _require_int(name: str, value: object) -> None:
+    # bool is an int subclass, but seed=True is surely a mistake.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _bad(name, value, "must be an integer")
+
+
+def _normalise_stop(stop: str | Sequence[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOP_STRINGS:
+        _bad("stop", f"<{len(stops)} strings>", f"must hold at most {MAX_STOP_STRINGS} stop strings")
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            _bad("stop", stop, "must hold non-empty strings only")
+    return stops
+
+
+def _normalise_stop_token_ids(ids: Sequence[int] | None) -> list[int]:
+    if ids is None:
+        return []
+    ids = list(ids)
+    for token_id in ids:
+        if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral) or token_id < 0:
+            _bad("stop_token_ids", ids, "must hold non-negative integer token ids")
+    return [int(t) for t in ids]
+
+
+# --------------------------------------------------------------------------------------------------
+# The batch the sampler sees
+# --------------------------------------------------------------------------------------------------
+
+
+TokenIds = Sequence[int] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """What the sampler needs to know about one request (one row of the logits) at this step.
+
+    seed: the request's effective seed, fixed for its whole life: params.seed if set, otherwise one
+        the engine drew when it admitted the request. Any Python int (folded to 32 bits).
+    eos_token_ids: the model's end-of-sequence ids, suppressed while output is shorter than
+        min_tokens (unless ignore_eos, when EOS does not end the output and needs no suppressing).
+    The step index is len(output_token_ids): the number of tokens generated so far.
+    """
+
+    params: SamplingParams
+    prompt_token_ids: TokenIds
+    output_token_ids: TokenIds
+    seed: int
+    eos_token_ids: Sequence[int] = ()
+
+    @property
+    def step(self) -> int:
+        return len(self.output_token_ids)
+
+
+@dataclass(frozen=True)
+class TokenIndex:
+    """A set of (row, token id) pairs as two flat device tensors, for scattering into [N, V]."""
+
+    rows: torch.Tensor
+    token_ids: torch.Tensor
+
+    @property
+    def is_empty(self) -> bool:
+        return self.rows.numel() == 0  # a shape, so no device synchronisation
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling parameters of one step, as device tensors of shape [N], plus host-side flags.
+
+    Build it with `SamplingBatch.from_rows`. The boolean `uses_*` flags are known on the host from the
+    Python parameters, so the sampler can skip unused stages without looking at tensor values.
+    """
+
+    temperature: torch.Tensor  # fp32; 1.0 on greedy rows so that dividing by it is harmless
+    greedy: torch.Tensor  # bool
+    top_k: torch.Tensor  # int64; 0 = off
+    top_p: torch.Tensor  # fp32; 1.0 = off
+    min_p: torch.Tensor  # fp32; 0.0 = off
+    repetition_penalty: torch.Tensor  # fp32
+    presence_penalty: torch.Tensor  # fp32
+    frequency_penalty: torch.Tensor  # fp32
+    seed: torch.Tensor  # int64 in [0, 2^32)
+    step: torch.Tensor  # int64: tokens generated so far
+    suppressed: TokenIndex  # stop tokens of rows still under min_tokens
+    seen: TokenIndex  # prompt + output tokens of rows with a repetition penalty
+    output: TokenIndex  # output tokens (with repeats) of rows with presence/frequency penalties
+    all_greedy: bool
+    uses_top_k: bool
+    uses_top_p: bool
+    uses_min_p: bool
+    max_logprobs: int  # the most top logprobs any row asked for; 0 = none
+    num_rows: int
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu") -> SamplingBatch:
+        """Gather the rows' parameters into device tensors (a handful of host-to-device copies)."""
+        if not rows:
+            raise ValueError("SamplingBatch.from_rows needs at least one row")
+        params = [row.params for row in rows]
+        greedy = [p.is_greedy for p in params]
+
+        reals = torch.tensor(
+            [
+                [1.0 if g else p.temperature for p, g in zip(params, greedy)],
+                [p.top_p for p in params],
+                [p.min_p for p in params],
+                [p.repetition_penalty for p in params],
+                [p.presence_penalty for p in params],
+                [p.frequency_penalty for p in params],
+            ],
+            dtype=torch.float32,
+            device=device,
+        )
+        ints = torch.tensor(
+            [
+                [max(p.top_k, 0) for p in params],
+                [fold_seed(row.seed) for row in rows],
+                [row.step for row in rows],
+                greedy,
+            ],
+            dtype=torch.int64,
+            device=device,
+        )
+        temperature, top_p, min_p, repetition, presence, frequency = reals.unbind(0)
+        top_k, seed, step, greedy_flags = ints.unbind(0)
+
+        return cls(
+            temperature=temperature,
+            greedy=greedy_flags.bool(),
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+            seed=seed,
+            step=step,
+            suppressed=_token_index(_suppressed_ids(rows), device),
+            seen=_token_index(_seen_ids(rows), device),
+            output=_token_index(_output_ids(rows), device),
+            all_greedy=all(greedy),
+            uses_top_k=any(p.top_k > 0 and not g for p, g in zip(params, greedy)),
+            uses_top_p=any(p.top_p < 1 and not g for p, g in zip(params, greedy)),
+            uses_min_p=any(p.min_p > 0 and not g for p, g in zip(params, greedy)),
+            max_logprobs=max(p.logprobs or 0 for p in params),
+            num_rows=len(rows),
+        )
+
+
+def fold_seed(seed: int) -> int:
+    """Fold any Python int into 32 bits (xor of the two halves of its 64-bit two's complement)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise InvalidRequestError(f"seed={seed!r} is invalid: it must be an integer.")
+    as_u64 = int(seed) % (1 << 64)
+    return (as_u64 ^ (as_u64 >> 32)) & MASK32
+
+
+def _suppressed_ids(rows: Sequence[SamplingRow]) -> list[tuple[int, TokenIds]]:
+    suppressed = []
+    for i, row in enumerate(rows):
+        if row.step < row.params.min_tokens:
+            stop_ids = list(row.params.stop_token_ids)
+            if not row.params.ignore_eos:
+                stop_ids += list(row.eos_token_ids)
+            suppressed.append((i, stop_ids))
+    return suppressed
+
+
+def _seen_ids(rows: Sequence[SamplingRow]) -> list[tuple[int, TokenIds]]:
+    return [
+        (i, ids)
+        for i, row in enumerate(rows)
+        if row.params.repetition_penalty != 1.0
+        for ids in (row.prompt_token_ids, row.output_token_ids)
+    ]
+
+
+def _output_ids(rows: Sequence[SamplingRow]) -> list[tuple[int, TokenIds]]:
+    return [
+        (i, row.output_token_ids)
+        for i, row in enumerate(rows)
+        if row.params.presence_penalty != 0.0 or row.params.frequency_penalty != 0.0
+    ]
+
+
+def _token_index(per_row: list[tuple[int, TokenIds]], device: torch.device | str) -> TokenIndex:
+    """Flatten (row, ids) pairs into parallel row and token-id tensors on the device."""
+    id_tensors = [torch.as_tensor(ids, dtype=torch.int64, device=device).reshape(-1) for _, ids in per_row]
+    if not id_tensors:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return TokenIndex(rows=empty, token_ids=empty)
+    lengths = torch.tensor([t.numel() for t in id_tensors], dtype=torch.int64, device=device)
+    row_ids = torch.tensor([row for row, _ in per_row], dtype=torch.int64, device=device)
+    return TokenIndex(rows=torch.repeat_interleave(row_ids, lengths), token_ids=torch.cat(id_tensors))
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages (public so that tests and readers can look at each one alone)
+# --------------------------------------------------------------------------------------------------
+
+
+def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Stop tokens (EOS, stop_token_ids) of rows still under min_tokens get -inf."""
+    if batch.suppressed.is_empty:
+        return logits
+    minus_inf = torch.full(batch.suppressed.rows.shape, -math.inf, dtype=logits.dtype, device=logits.device)
+    return logits.index_put((batch.suppressed.rows, batch.suppressed.token_ids), minus_inf)
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Repetition penalty over prompt + output tokens, then presence/frequency over output tokens.
+
+    Repetition (Keskar et al. 2019): for a seen token, logit / r if the logit is positive, logit * r
+    otherwise, so r > 1 always makes it less likely. Presence/frequency (OpenAI):
+    logit - frequency * count - presence * (count > 0), count = occurrences in the output.
+    """
+    num_rows, vocab_size = logits.shape
+    if not batch.seen.is_empty:
+        seen = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=logits.device)
+        seen[batch.seen.rows, batch.seen.token_ids] = True
+        penalty = batch.repetition_penalty[:, None]
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    if not batch.output.is_empty:
+        counts = torch.zeros(num_rows, vocab_size, dtype=logits.dtype, device=logits.device)
+        ones = torch.ones_like(batch.output.token_ids, dtype=logits.dtype)
+        counts.index_put_((batch.output.rows, batch.output.token_ids), ones, accumulate=True)
+        logits = (logits
+                  - batch.frequency_penalty[:, None] * counts
+                  - batch.presence_penalty[:, None] * (counts > 0).to(logits.dtype))
+    return logits
+
+
+def apply_temperature(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Divide each row by its temperature (greedy rows carry 1.0 and are left as they are)."""
+    return logits / batch.temperature[:, None]
+
+
+def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Keep each row's top_k tokens, then the nucleus of top_p mass among those; the rest get -inf.
+
+    Works on the row sorted in descending order with a stable sort, so equal logits keep ascending id
+    order: top_k keeps exactly k tokens, and top_k=1 keeps the lowest-id argmax, like greedy.
+    The nucleus keeps every token whose preceding mass is below top_p, so the most likely token
+    always stays (Holtzman et al. 2020, "The curious case of neural text degeneration").
+    """
+    if not (batch.uses_top_k or batch.uses_top_p):
+        return logits
+    vocab_size = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    if batch.uses_top_k:
+        rank = torch.arange(vocab_size, device=logits.device)
+        k = torch.where(batch.top_k > 0, batch.top_k, vocab_size)
+        sorted_logits = sorted_logits.masked_fill(rank[None, :] >= k[:, None], -math.inf)
+    if batch.uses_top_p:
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        outside_nucleus = mass_before >= batch.top_p[:, None]
+        # Rows with top_p = 1 must lose nothing, even where rounding pushes the cumulative sum past 1.
+        outside_nucleus &= (batch.top_p < 1)[:, None]
+        outside_nucleus[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(outside_nucleus, -math.inf)
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Drop tokens with probability below min_p * (the row's top probability).
+
+    Compared in log space: p_v < min_p * p_max  <=>  logit_v < max_logit + log(min_p); min_p = 0 gives
+    log 0 = -inf, so nothing is dropped. The top token always stays.
+    """
+    if not batch.uses_min_p:
+        return logits
+    max_logit = logits.amax(dim=-1, keepdim=True)
+    threshold = max_logit + torch.log(batch.min_p)[:, None]
+    return logits.masked_fill(logits < threshold, -math.inf)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    """The sampled tokens of a step, with logprobs of the model's raw distribution.
+
+    token_ids: [N] int64.
+    logprobs: [N] fp32, log_softmax(raw logits) at the chosen token.
+    top_logprobs, top_token_ids: [N, k] (fp32, int64) with k = the batch's largest `logprobs` request,
+        most likely first; None when no row asked for any. Rows that asked for fewer ignore the extras.
+    """
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    top_logprobs: torch.Tensor | None
+    top_token_ids: torch.Tensor | None
+
+
+class Sampler:
+    """Turns a batch of logits into next tokens, all rows at once, on the logits' device.
+
+    Greedy rows (temperature 0) take the argmax of their penalised logits (ties go to the lowest id).
+    Other rows use the Gumbel-max trick: argmax over v of logit_v / T + G_v, with Gumbel noise
+    G_v = -log(-log u_v), picks v with probability softmax(logits / T)_v (Gumbel 1954; see e.g.
+    Maddison et al. 2014, "A* sampling"). u_v = hash_uniform(seed, step, v) from minikv.hashing, so
+    the draw is reproducible per request and independent of the batch around it.
+    """
+
+    def __init__(self) -> None:
+        # mix_word(arange(V)) depends only on V and the device; computing it once saves a third of the
+        # hash work per step.
+        self._mixed_vocab_ids: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
+            raise ValueError(f"logits must be [num_rows={batch.num_rows}, vocab], got {tuple(logits.shape)}")
+        raw = logits.float()
+        processed = self.process_logits(raw, batch)
+        token_ids = self.sample(processed, batch)
+        return _with_logprobs(raw, token_ids, batch.max_logprobs)
+
+    @staticmethod
+    def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Every stage before the draw, in vLLM's order; returns new fp32 logits (-inf = excluded)."""
+        logits = apply_min_tokens(logits.float(), batch)
+        logits = apply_penalties(logits, batch)
+        logits = apply_temperature(logits, batch)
+        logits = apply_top_k_top_p(logits, batch)
+        return apply_min_p(logits, batch)
+
+    def sample(self, processed_logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Argmax for greedy rows, Gumbel-max for the rest. torch.argmax returns the first maximum."""
+        greedy_ids = processed_logits.argmax(dim=-1)
+        if batch.all_greedy:
+            return greedy_ids
+        noisy = processed_logits + self.gumbel_noise(batch, processed_logits.shape[-1], processed_logits.device)
+        return torch.where(batch.greedy, greedy_ids, noisy.argmax(dim=-1))
+
+    def gumbel_noise(self, batch: SamplingBatch, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """[N, V] Gumbel noise, G[i, v] = -log(-log(hash_uniform(seed_i, step_i, v)))."""
+        row_state = absorb(absorb(torch.zeros_like(batch.seed), batch.seed), batch.step)
+        state = absorb_mixed(row_state[:, None], self._mixed_vocab(vocab_size, device)[None, :])
+        u = uniform_from_hash(finalize(state, num_words=3))
+        return -torch.log(-torch.log(u))
+
+    def _mixed_vocab(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        key = (vocab_size, torch.device(device))
+        if key not in self._mixed_vocab_ids:
+            self._mixed_vocab_ids[key] = mix_word(torch.arange(vocab_size, dtype=torch.int64, device=device))
+        return self._mixed_vocab_ids[key]
+
+
+def _with_logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor, max_logprobs: int) -> SamplerOutput:
+    """Logprobs of the raw model distribution: logit - logsumexp, without materialising log_softmax."""
+    log_normaliser = raw_logits.logsumexp(dim=-1)
+    chosen = raw_logits.gather(1, token_ids[:, None]).squeeze(1) - log_normaliser
+    if max_logprobs == 0:
+        return SamplerOutput(token_ids, chosen, None, None)
+    top_logits, top_ids = raw_logits.topk(min(max_logprobs, raw_logits.shape[-1]), dim=-1)
+    return SamplerOutput(token_ids, chosen, top_logits - log_normaliser[:, None], top_ids)
