@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from .attention import RingAttention
+from .hashing import hash_u32
 from .errors import ConfigError, InvalidRequestError
 from .loader import LoadedModel, load_model
 from .model_runner import ModelRunner
 from .policies import Policy, make_policy
 from .ring import RingStore
-from .sampling import SamplingParams
+from .sampling import Sampler, SamplingBatch, SamplingParams, SamplingRow
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -79,8 +80,10 @@ class Engine:
         self.attention = RingAttention(self.store, self.policy, scale=self.config.head_dim**-0.5, seed=seed)
         self.runner = ModelRunner(self.model, self.attention, self.device)
         self.scheduler = Scheduler(self.store, max_num_batched_tokens=self.max_num_batched_tokens, chunk=chunk)
+        self.sampler = Sampler()
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+        self._seeds = itertools.count()
 
     def _check_budget(self, budget: int, chunk: int) -> int:
         if chunk <= 0:
@@ -107,7 +110,8 @@ class Engine:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                 f"max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens")
-        seed = params.seed if params.seed is not None else hash((self.seed, request_id)) & 0x7FFFFFFF
+        # Without its own seed a request draws from the engine's: same engine seed, same order -> same samples.
+        seed = params.seed if params.seed is not None else int(hash_u32(torch.tensor(self.seed), torch.tensor(next(self._seeds))))
         eos = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
         seq = Sequence(request_id, prompt_ids, params, seed, eos, want_prompt_logprobs=prompt_logprobs)
         self._requests[request_id] = _Request(seq, prompt_text, self.tokenizer)
@@ -159,16 +163,26 @@ class Engine:
         return outputs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        out = []
-        for seq, row in zip(seqs, logits):
-            p = seq.params
-            if p.temperature == 0:
-                out.append(int(row.argmax()))
-            else:
-                g = torch.Generator(device=row.device).manual_seed(seq.seed * 100003 + len(seq.output_ids))
-                probs = torch.softmax(row / p.temperature, -1)
-                out.append(int(torch.multinomial(probs, 1, generator=g)))
-        return out
+        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.seed, s.eos_ids) for s in seqs]
+        out = self.sampler(logits, SamplingBatch.from_rows(rows, device=logits.device))
+        tokens = out.token_ids.tolist()  # the one host sync of the step
+        if out.top_logprobs is not None or any(s.params.logprobs is not None for s in seqs):
+            self._record_logprobs(seqs, tokens, out)
+        return tokens
+
+    @staticmethod
+    def _record_logprobs(seqs, tokens, out) -> None:
+        chosen = out.logprobs.tolist()
+        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for i, seq in enumerate(seqs):
+            n = seq.params.logprobs
+            if n is None:
+                continue
+            seq.output_logprobs.append(chosen[i])
+            top = dict(zip(top_ids[i][:n], top_vals[i][:n])) if n and top_ids is not None else {}
+            top[tokens[i]] = chosen[i]
+            seq.output_top_logprobs.append(top)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
@@ -189,6 +203,8 @@ class Engine:
             request_id=seq.request_id, prompt=req.prompt_text, text=req.visible_text(), token_ids=list(seq.output_ids),
             finished=seq.is_finished, finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_ids),
             num_generated_tokens=len(seq.output_ids), num_evicted_tokens=max(0, seq.num_processed - self.budget),
+            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+            top_logprobs=list(seq.output_top_logprobs) if seq.params.logprobs is not None else None,
             prompt_logprobs=list(seq.prompt_logprobs) if seq.want_prompt_logprobs else None)
 
     # --- conveniences ----------------------------------------------------------------------------
