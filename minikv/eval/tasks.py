@@ -169,7 +169,7 @@ def _check_request(
         raise ConfigError("the tokenizer must have an encode(text, add_special_tokens=False) method")
     if not isinstance(length_tokens, int) or length_tokens < MIN_LENGTH_TOKENS:
         raise ConfigError(
-            f"length_tokens={length_tokens!r} is too short; tasks need at least {MIN_LENGTH_TOKENS} tokens"
+            f"length_tokens={length_tokens!r} must be an integer of at least {MIN_LENGTH_TOKENS} tokens"
         )
     if not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
@@ -296,10 +296,9 @@ def _niah_generator(task: str, num_needles: int, num_asked: int, same_key: bool,
                 f"The special magic numbers for {asked} mentioned in the provided text are"
             )
         prompt = _haystack_prompt(task, _NIAH_INTRO, needles, question, stream, count_tokens, length_tokens)
+        # Each value once; each key once per needle that carries it, plus its mentions in the question.
         exact = {value: 1 for value in values}
-        key_in_question = {key: 1 if key in keys[:num_asked] else 0 for key in keys}
-        for key in set(keys):
-            exact[key] = keys.count(key) + key_in_question[key] * question.count(key)
+        exact.update({key: keys.count(key) + count_occurrences(question, key) for key in keys})
         return _Draft(prompt, question, values[:num_asked], exact)
 
     return generate
@@ -513,7 +512,7 @@ def perplexity_text(tokenizer: TokenizerLike, length_tokens: int, seed: int) -> 
     """
     if not isinstance(length_tokens, int) or length_tokens < MIN_LENGTH_TOKENS:
         raise ConfigError(
-            f"length_tokens={length_tokens!r} is too short; perplexity needs at least {MIN_LENGTH_TOKENS} tokens"
+            f"length_tokens={length_tokens!r} must be an integer of at least {MIN_LENGTH_TOKENS} tokens"
         )
     stream = HaystackStream("prose", seed)
     text, _, measured = fit_length(stream.text, token_counter(tokenizer), length_tokens, max_units=length_tokens)
