@@ -87,7 +87,7 @@ class Engine:
 
     def _check_budget(self, budget: int, chunk: int) -> int:
         if not self.policy.evicts:
-            return self.max_model_len  # `full`: the ring holds the whole context
+            budget = self.max_model_len  # `full`: the ring holds the whole context
         check_ring_settings(budget, chunk, self.policy.n_sink, self.policy.window)
         return budget
 
