@@ -480,8 +480,11 @@ def _build_generation_config(config: dict[str, Any], metadata: dict[str, Any]) -
 # Public API
 
 
-def load_gguf(path: str | os.PathLike[str], progress: bool = False) -> GGUFCheckpoint:
+def load_gguf(path: str | os.PathLike[str], progress: bool = False, with_weights: bool = True) -> GGUFCheckpoint:
     """Read a GGUF file into a Hugging Face-style config, fp32 state dict and tokenizer.
+
+    `progress` shows a tqdm bar (stderr) while dequantising; `with_weights=False` skips the tensors
+    (state_dict is empty) to read just the config and tokenizer.
 
     Raises ModelLoadError for a missing, non-GGUF, truncated or unsupported file (architecture, tensor
     type, tokenizer model).
@@ -492,8 +495,10 @@ def load_gguf(path: str | os.PathLike[str], progress: bool = False) -> GGUFCheck
     tensor_names = {tensor.name for tensor in reader.tensors}
     config = _build_config(metadata, tensor_names, path)
     tokenizer_json = _build_tokenizer_json(metadata, path)
-    state_dict = _read_state_dict(reader, config, metadata["general.architecture"], path, progress)
-    _check_state_dict_complete(state_dict, config, path)
+    state_dict: dict[str, torch.Tensor] = {}
+    if with_weights:
+        state_dict = _read_state_dict(reader, config, metadata["general.architecture"], path, progress)
+        _check_state_dict_complete(state_dict, config, path)
     return GGUFCheckpoint(
         config=config,
         state_dict=state_dict,
