@@ -85,6 +85,11 @@ _QWEN2_SPLIT = (
 )
 
 
+# Vocabularies split with Llama 3's regex. Their BPE also takes a pre-token that is itself in the vocabulary
+# whole, without running merges (`ignore_merges`, as in Llama 3's tokenizer.json and llama.cpp).
+_LLAMA3_PRE_NAMES = ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3")
+
+
 @dataclass
 class GGUFCheckpoint:
     """A GGUF file translated into the pieces of a Hugging Face model directory."""
@@ -333,7 +338,7 @@ def _byte_level_pre_tokenizer(pre: str) -> dict[str, Any]:
         # Every digit is its own pre-token, then GPT-2's split (the StarCoder tokenizer's Digits + ByteLevel).
         digits = {"type": "Digits", "individual_digits": True}
         return {"type": "Sequence", "pretokenizers": [digits, byte_level_gpt2]}
-    if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3"):
+    if pre in _LLAMA3_PRE_NAMES:
         return split_then_bytes(_LLAMA3_SPLIT)
     if pre in ("qwen2", "deepseek-r1-qwen"):
         return split_then_bytes(_QWEN2_SPLIT)
@@ -380,10 +385,11 @@ def _build_tokenizer_json(metadata: dict[str, Any], path: pathlib.Path) -> str:
     tokens: list[str] = list(_required(metadata, "tokenizer.ggml.tokens", path))
     token_types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     merges = list(metadata.get("tokenizer.ggml.merges") or [])
-    pre_tokenizer = _byte_level_pre_tokenizer(metadata.get("tokenizer.ggml.pre", "default"))
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    pre_tokenizer = _byte_level_pre_tokenizer(pre)
 
-    alphabet = set(_bytes_to_unicode().values())
     byte_spelling = _bytes_to_unicode()
+    alphabet = set(byte_spelling.values())
     vocab: dict[str, int] = {}
     added_tokens = []
     for token_id, (token, token_type) in enumerate(zip(tokens, token_types)):
@@ -432,7 +438,7 @@ def _build_tokenizer_json(metadata: dict[str, Any], path: pathlib.Path) -> str:
             "end_of_word_suffix": None,
             "fuse_unk": False,
             "byte_fallback": False,
-            "ignore_merges": False,
+            "ignore_merges": pre in _LLAMA3_PRE_NAMES,
             "vocab": vocab,
             "merges": merges,
         },

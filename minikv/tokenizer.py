@@ -185,10 +185,16 @@ class Tokenizer:
             "unk_token": self.unk_token or "",
             **template_kwargs,
         }
+        from jinja2 import TemplateError
+
         try:
             return self._compiled_template().render(**variables)
         except _TemplateRaised as exc:
             raise InvalidRequestError(f"The model's chat template rejected the conversation: {exc}") from exc
+        except TemplateError as exc:  # includes the sandbox's SecurityError
+            raise InvalidRequestError(
+                f"The model's chat template failed on this conversation ({type(exc).__name__}: {exc})."
+            ) from exc
 
     def _compiled_template(self):
         if self._template is None:
