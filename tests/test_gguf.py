@@ -17,7 +17,6 @@ from minikv.tokenizer import Tokenizer
 
 from gguf_helpers import (
     TINY_HEADS,
-    TINY_KV_HEADS,
     smollm_checkpoint_without_weights,
     smollm_gguf_path,
     smollm_tokenizer,
