@@ -8,6 +8,7 @@ agree: the same victims and edges exactly, scores and outputs to fp tolerance.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -189,3 +190,60 @@ def test_ties_go_to_the_lowest_slot(block_size):
         _, written_tri = attend_score_sample_triton(*args, ring_tri, *meta, spec, block_size=block_size, **kwargs)
         assert torch.equal(written_tri, written_ref)
         assert_rings_match(ring_ref, ring_tri, 1e-6)
+
+
+# --- dispatch (minikv.kernels) ------------------------------------------------------------------------
+
+
+def test_dispatch_chooses_by_device_and_env(monkeypatch):
+    from minikv import kernels
+    from minikv.errors import ConfigError
+
+    monkeypatch.delenv("MINIKV_KERNELS", raising=False)
+    assert kernels.kernel_backend("cpu") == "reference"
+    assert kernels.kernel_backend(torch.device("cuda", 0)) == "triton"
+    monkeypatch.setenv("MINIKV_KERNELS", "reference")
+    assert kernels.kernel_backend("cuda") == "reference"
+    monkeypatch.setenv("MINIKV_KERNELS", "Triton")
+    assert kernels.kernel_backend("cpu") == "triton"  # tests run with TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
+        kernels.kernel_backend("cpu")
+    monkeypatch.setenv("MINIKV_KERNELS", "cuda")
+    with pytest.raises(ConfigError, match="MINIKV_KERNELS"):
+        kernels.kernel_backend("cpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dispatch_runs_the_chosen_backend(monkeypatch, backend):
+    """Both public entry points run under either backend and give the reference's answer."""
+    from minikv import kernels
+
+    monkeypatch.setenv("MINIKV_KERNELS", backend)
+    called = []
+    if backend == "triton":
+        decode_module = importlib.import_module("minikv.kernels.attend_score_sample")
+        prefill_module = importlib.import_module("minikv.kernels.prefill")
+        for module, name in ((decode_module, "attend_score_sample_triton"), (prefill_module, "prefill_attention_triton")):
+            original = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **kw: called.append(_n) or _f(*a, **kw))
+    gen = torch.Generator().manual_seed(3)
+    spec = POLICIES["nexus"]
+    ring = random_ring(1, 2, 32, 64, 4, torch.float32, [32], gen)
+    ring_ref = clone_ring(ring)
+    args = (torch.randn(1, 4, 64, generator=gen), torch.randn(1, 2, 64, generator=gen),
+            torch.randn(1, 2, 64, generator=gen))
+    meta = (torch.tensor([0], dtype=torch.int32), torch.tensor([32], dtype=torch.int32), ring.pos.amax().view(1) + 1)
+    kwargs = dict(layer=1, seed=5, scale=0.125)
+    out, written = kernels.attend_score_sample(*args, ring, *meta, spec, **kwargs)
+    out_ref, written_ref = reference.attend_score_sample(*args, ring_ref, *meta, spec, **kwargs)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(written, written_ref)
+    pre = kernels.prefill_attention(args[0].expand(8, -1, -1), args[1].expand(8, -1, -1), args[2].expand(8, -1, -1),
+                                    ring.k[0], ring.v[0], ring.pos[0], torch.arange(100, 108), scale=0.125, top_m=4)
+    pre_ref = reference.prefill_attention(args[0].expand(8, -1, -1), args[1].expand(8, -1, -1),
+                                          args[2].expand(8, -1, -1), ring.k[0], ring.v[0], ring.pos[0],
+                                          torch.arange(100, 108), scale=0.125, top_m=4)
+    torch.testing.assert_close(pre.out, pre_ref.out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pre.mass, pre_ref.mass, rtol=1e-4, atol=1e-5)
+    assert called == (["attend_score_sample_triton", "prefill_attention_triton"] if backend == "triton" else [])
