@@ -84,7 +84,12 @@ def _block_argmax(key, idx, big):
     return best, tl.min(tl.where(key == best, idx, big), axis=0)
 
 
-@triton.jit
+# int32's minimum: the victim key of a protected slot under VICTIM_OLDEST (keys are -pos there).
+_INT32_MIN = tl.constexpr(-2147483648)
+
+
+# The hash base changes with every seed: keep it a plain runtime argument (never a specialised constant).
+@triton.jit(do_not_specialize=["hash_base_i32"])
 def _attend_score_sample_kernel(
     q_ptr, k_new_ptr, v_new_ptr, out_ptr,
     ring_k_ptr, ring_v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr,
@@ -118,7 +123,7 @@ def _attend_score_sample_kernel(
     rk = ring_k_ptr + ring * stride_rk0 + head * stride_rk1
     rv = ring_v_ptr + ring * stride_rv0 + head * stride_rv1
     row = seq * num_kv_heads + head  # this program's row of the scratch buffers
-    logits_row = logits_ptr + (row * G_PAD + g[:, None]).to(tl.int64) * budget
+    logits_row = logits_ptr + (row * GROUP + g[:, None]).to(tl.int64) * budget  # padded heads not kept
     attn_row = attn_ptr + row.to(tl.int64) * budget
     walk_row = walk_ptr + row.to(tl.int64) * (HOPS + 1) * budget
 
@@ -148,7 +153,7 @@ def _attend_score_sample_kernel(
                     mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         s = tl.where(j_ok[None, :], s, float("-inf"))
-        tl.store(logits_row + j[None, :], s, mask=j_ok[None, :])
+        tl.store(logits_row + j[None, :], s, mask=g_ok[:, None] & j_ok[None, :])
         m_next = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp(m_i - m_next) + tl.sum(tl.exp(s - m_next[:, None]), axis=1)
         m_i = m_next
@@ -163,7 +168,7 @@ def _attend_score_sample_kernel(
     for start in range(0, filled, BLOCK):
         j = start + j_block
         j_ok = j < filled
-        s = tl.load(logits_row + j[None, :], mask=j_ok[None, :], other=float("-inf"))
+        s = tl.load(logits_row + j[None, :], mask=g_ok[:, None] & j_ok[None, :], other=float("-inf"))
         p = tl.exp(s - m_i[:, None]) * inv_l[:, None]
         v = tl.load(rv + j[:, None] * stride_rv2 + d[None, :] * stride_rv3,
                     mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
@@ -207,7 +212,7 @@ def _attend_score_sample_kernel(
 
     # ---- scores, and the victim among unprotected slots ---------------------------------------------
     if VICTIM_MODE == 0:
-        best_key = tl.full([], -2147483648, tl.int32)
+        best_key = tl.full([], _INT32_MIN, tl.int32)
     else:
         best_key = tl.full([], float("-inf"), tl.float32)
     best_slot = tl.full([], 0, tl.int32)  # all protected -> slot 0, as torch's argmax of all -inf
@@ -232,7 +237,7 @@ def _attend_score_sample_kernel(
             tl.store(score_ptr + meta + j, score, mask=j_ok)
         protected = (pos < N_SINK) | (pos >= new_pos - WINDOW) | (j >= filled)
         if VICTIM_MODE == 0:
-            key = tl.where(protected, -2147483648, -pos)
+            key = tl.where(protected, _INT32_MIN, -pos)
         elif VICTIM_MODE == 1:
             key = tl.where(protected, float("-inf"), -score)
         else:
@@ -352,7 +357,7 @@ def attend_score_sample_triton(
 
     out = torch.empty_like(q)
     written = torch.empty(num_seqs, num_kv_heads, dtype=torch.int32, device=q.device)
-    logits = torch.empty(num_seqs * num_kv_heads * g_pad * budget, dtype=torch.float32, device=q.device)
+    logits = torch.empty(num_seqs * num_kv_heads * group * budget, dtype=torch.float32, device=q.device)
     attn = torch.empty(num_seqs * num_kv_heads * budget, dtype=torch.float32, device=q.device)
     walk = torch.empty(num_seqs * num_kv_heads * (hops + 1) * budget, dtype=torch.float32, device=q.device)
     if num_seqs == 0:
