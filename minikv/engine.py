@@ -146,7 +146,8 @@ class Engine:
         touched = {c.seq.request_id for c in sched.prefills}
         if not sched.is_empty:
             result = self.runner.run(sched)
-            tokens = self._sample(result.seqs, result.logits)
+            # A step of mid-prompt chunks only has no row to sample.
+            tokens = self._sample(result.seqs, result.logits) if result.seqs else []
             for seq, token in zip(result.seqs, tokens):
                 self._append_token(seq, token)
                 touched.add(seq.request_id)
