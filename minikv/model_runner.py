@@ -30,8 +30,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> StepResult:
         input_ids, positions, plan = self._lay_out(sched)
-        self.attention.plan = plan
-        hidden = self.model(input_ids, positions, self.attention)
+        self.attention.begin_step(plan)
+        layer_inputs = [] if self.attention.policy.needs_hidden_states else None
+        hidden = self.model(input_ids, positions, self.attention, layer_inputs)
+        self.attention.end_step(layer_inputs)
 
         sample_rows, sample_seqs = list(range(plan.num_decode)), list(sched.decodes)
         for seg, chunk in zip(plan.prefills, sched.prefills):
