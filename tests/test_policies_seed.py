@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minikv.attention import RingAttention
+from minikv.attention import PrefillSegment, RingAttention, StepPlan
+from minikv.config import ModelConfig
 from minikv.errors import ConfigError
 from minikv.kernels.common import SCORE_EXTERNAL, VICTIM_MIN_SCORE
 from minikv.loader import build_model, load_state_dict, read_config, weight_files
@@ -345,3 +346,34 @@ def test_epikv_rejects_an_evicting_chunk_it_cannot_hold(tiny):
     runner.run(SchedulerOutput(prefills=[ScheduledChunk(seq, BUDGET)]))  # fills the ring: nothing to evict
     with pytest.raises(ConfigError, match="n_sink \\+ chunk"):
         runner.run(SchedulerOutput(prefills=[ScheduledChunk(seq, BUDGET - N_SINK + 1)]))
+
+
+# --- per-ring state is reset when a ring starts a new sequence ------------------------------------------
+
+
+def test_ring_reallocation_resets_policy_state():
+    keys = _clustered_keys(n=40)
+    fresh, _ = _nested(block=16, trail=8).prefill_scores(_cand(keys))
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=32, intermediate_size=8,
+                         num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16)
+    store = RingStore(config, 2, 64, dtype=torch.float32, device=torch.device("cpu"))
+    policy = NestedKV(block=16, trail=8)
+    attention = RingAttention(store, policy, scale=1.0, seed=0)  # binds the policy to the store
+    policy.prefill_scores(_cand(-keys.flip(1)))  # an earlier sequence in ring 0
+    dirty = policy.global_sum.clone()
+    attention.begin_step(StepPlan(prefills=[PrefillSegment(ring=1, start=0, length=4, filled=0, first_pos=4)]))
+    assert torch.equal(policy.global_sum, dirty)  # a chunk that continues a sequence keeps its state
+    attention.begin_step(StepPlan(prefills=[PrefillSegment(ring=0, start=0, length=4, filled=0, first_pos=0)]))
+    assert (policy.global_sum == 0).all()
+    again, _ = policy.prefill_scores(_cand(keys))
+    assert torch.equal(again, fresh)
+
+
+def test_epikv_reset_forgets_the_previous_sequence():
+    policy = EpiKV(zscore_window=8)
+    policy.history = torch.zeros(1, 8, dtype=torch.float64)
+    raw = torch.randn(12, generator=torch.Generator().manual_seed(5))
+    fresh = policy.chunk_zscores(0, 0, raw)
+    policy.chunk_zscores(0, 12, raw * 7)  # the sequence goes on ...
+    policy.reset_ring(0)  # ... and a new one takes the ring
+    assert torch.equal(policy.chunk_zscores(0, 0, raw), fresh)
