@@ -41,6 +41,8 @@ class RingAttention:
         self.store, self.policy, self.scale, self.seed = store, policy, scale, seed
         self.spec = policy.eviction_spec()
         self.plan = StepPlan()
+        # Most KV slots one sequence has held at once (ring + the chunk in flight): the memory bound.
+        self.peak_slots_per_seq = 0
         policy.bind(store)
 
     def begin_step(self, plan: StepPlan) -> None:
@@ -73,6 +75,7 @@ class RingAttention:
     # --- prefill: attend, then keep `budget` of ring + chunk --------------------------------------
     def _prefill(self, layer: int, seg: PrefillSegment, q, k, v) -> torch.Tensor:
         ring, r, f = self.store.layer(layer), seg.ring, seg.filled
+        self.peak_slots_per_seq = max(self.peak_slots_per_seq, f + seg.length)
         if f + seg.length > self.store.budget:
             self.policy.check_budget(self.store.budget, seg.length)
         chunk_pos = torch.arange(seg.first_pos, seg.first_pos + seg.length, dtype=torch.int32, device=q.device)

@@ -21,7 +21,7 @@ from .errors import ConfigError, InvalidRequestError
 from .loader import LoadedModel, load_model
 from .model_runner import ModelRunner
 from .policies import Policy, make_policy
-from .ring import RingStore
+from .ring import RingStore, check_ring_settings
 from .sampling import Sampler, SamplingBatch, SamplingParams, SamplingRow
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
@@ -86,14 +86,9 @@ class Engine:
         self._seeds = itertools.count()
 
     def _check_budget(self, budget: int, chunk: int) -> int:
-        if chunk <= 0:
-            raise ConfigError(f"chunk must be a positive number of tokens, got {chunk}")
         if not self.policy.evicts:
-            return self.max_model_len  # `full`: the ring holds the whole context
-        protected = self.policy.n_sink + self.policy.window
-        if budget <= protected:
-            raise ConfigError(f"budget ({budget}) must exceed n_sink + window ({self.policy.n_sink} + "
-                              f"{self.policy.window} = {protected}): otherwise no slot can ever be evicted")
+            budget = self.max_model_len  # `full`: the ring holds the whole context
+        check_ring_settings(budget, chunk, self.policy.n_sink, self.policy.window)
         return budget
 
     # --- requests --------------------------------------------------------------------------------
