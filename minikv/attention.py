@@ -82,19 +82,21 @@ class RingAttention:
         res = kernels.prefill_attention(
             q, k, v, ring.k[r, :, :f], ring.v[r, :, :f], ring.pos[r, :, :f], chunk_pos, scale=self.scale,
             n_sink=self.policy.n_sink, top_m=self.policy.top_m, obs_rows=min(self.policy.obs_rows, seg.length))
-        cand = self._candidates(layer, ring, r, f, k, chunk_pos, res)
+        cand = self._candidates(layer, ring, r, f, k, v, chunk_pos, res)
         scores, priority = self.policy.prefill_scores(cand)
         keep = self._keep_mask(cand, priority)
         self._write_chunk(ring, r, f, k, v, cand, scores, keep, res)
         self.policy.after_prefill_chunk(layer, ring, seg)
         return res.out
 
-    def _candidates(self, layer, ring, r, f, k, chunk_pos, res) -> PrefillCandidates:
+    def _candidates(self, layer, ring, r, f, k, v, chunk_pos, res) -> PrefillCandidates:
         num_kv_heads, chunk = k.shape[1], k.shape[0]
         pos = torch.cat([ring.pos[r, :, :f], chunk_pos[None].expand(num_kv_heads, -1)], dim=1)
         keys = torch.cat([ring.k[r, :, :f], k.transpose(0, 1)], dim=1)
         cand = PrefillCandidates(layer=layer, seed=self.seed, filled=f, pos=pos, keys=keys, mass=res.mass,
                                  ring_score=ring.score[r, :, :f], obs=res.obs, ring=r)
+        if self.policy.needs_values:
+            cand.values = torch.cat([ring.v[r, :, :f], v.transpose(0, 1)], dim=1)
         if self.policy.top_m:
             # Ring edges that are still alive, re-expressed on the candidate axis (a ring slot's index is the same).
             slot = ring.edge_slot[r, :, :f].long()

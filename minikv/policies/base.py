@@ -36,6 +36,7 @@ class PrefillCandidates:
     ring_score: torch.Tensor  # [H, f] the ring's scores before this chunk
     obs: torch.Tensor | None = None  # [H, rows, n] the last rows' attention (policies that ask)
     ring: int = -1  # the ring's id, for policies that keep per-ring state (nestedkv)
+    values: torch.Tensor | None = None  # [H, n, D] V, for policies with needs_values (epikv-lag)
     edge_target: torch.Tensor | None = None  # [H, n, M] out-edges as indices into the candidate axis, -1 none
     edge_w: torch.Tensor | None = None  # [H, n, M]
 
@@ -64,6 +65,8 @@ class Policy:
 
     # EpiKV scores tokens from the residual stream: the runner collects each layer's input hidden state.
     needs_hidden_states: ClassVar[bool] = False
+    # EpiKV-lag scores K and V features: prefill candidates then carry V as well.
+    needs_values: ClassVar[bool] = False
 
     def eviction_spec(self) -> EvictionSpec:
         raise NotImplementedError

@@ -224,72 +224,76 @@ class EpiKVLag(Policy):
     a few channels is kept).
 
     minikv's concrete choices:
-    - "The next lag chunk" is a sliding window: token j is scored when token j + lag is written, with the
-      range over tokens j+1..j+lag; until then its score is PENDING (above every real score: protected).
-    - To find those tokens without scanning the ring, each (layer, ring, head) keeps the slots of its last
-      lag + 1 tokens (int32); the budget rule below guarantees they are all still in the ring.
-    - Prefill keeps the whole chunk and the ring's pending tail (evicting among scored tokens only), then
-      scores every token whose lag is complete, after the chunk is written (`after_prefill_chunk`).
-    - budget >= n_sink + lag + chunk (prefill) and budget >= n_sink + lag + 1 (decode), checked at bind and
-      at every evicting chunk.
+    - "The next lag chunk" is a sliding window: token j is scored once token j + lag exists, with the range
+      over tokens j+1..j+lag; until then its score is PENDING (above every real score: protected).
+    - Prefill scores every token of ring + chunk whose lag is complete from the candidates' K and V
+      (`needs_values`); the last `lag` tokens stay pending. Decode scores token t - lag right after the kernel
+      wrote token t; to find tokens t-lag..t without scanning the ring, each (layer, ring, head) keeps the slots
+      of its last lag + 1 tokens (int32).
+    - The pending tokens must always fit beside the sinks with a scored token left to evict, so the lag in
+      use is min(lag, budget - n_sink - 1): the paper's 128 from budget 133 up (n_sink 4), shorter below.
     """
 
     name: ClassVar[str] = "epikv-lag"
+    needs_values: ClassVar[bool] = True
     lag: int = 128
 
     def __post_init__(self):
         super().__post_init__()
         if self.lag < 1:
             raise ConfigError(f"epikv-lag's lag must be >= 1, got {self.lag}")
+        self.lag_in_use = self.lag
 
     def eviction_spec(self):
         return self._spec(score_mode=SCORE_EXTERNAL, victim_mode=VICTIM_MIN_SCORE)
 
-    def check_budget(self, budget: int, chunk: int) -> None:
-        if budget < self.n_sink + self.lag + chunk:
-            raise ConfigError(
-                f"epikv-lag keeps the last lag tokens and a whole prefill chunk unscored, so budget ({budget}) must "
-                f"be >= n_sink + lag + chunk ({self.n_sink} + {self.lag} + {chunk}); raise the budget or lower "
-                "the lag or the chunk")
-
     def bind(self, store) -> None:
-        self.check_budget(store.budget, 1)
-        self.recent_slots = torch.zeros(store.num_layers, store.num_rings, store.num_kv_heads, self.lag + 1,
+        self.lag_in_use = max(1, min(self.lag, store.budget - self.n_sink - 1))
+        self.recent_slots = torch.zeros(store.num_layers, store.num_rings, store.num_kv_heads, self.lag_in_use + 1,
                                         dtype=torch.long, device=store.k.device)  # index pos % (lag + 1)
 
     def prefill_scores(self, cand: PrefillCandidates):
-        pending = torch.full((cand.pos.shape[0], cand.chunk_len), PENDING, device=cand.pos.device)
+        """Ring scores stay; every candidate of the last lag (ring tail) + chunk whose lag is complete is scored."""
+        lag, f = self.lag_in_use, cand.filled
+        num_heads, n = cand.pos.shape
+        pending = torch.full((num_heads, cand.chunk_len), PENDING, device=cand.pos.device)
         scores = torch.cat([cand.ring_score.float(), pending], dim=1)
+        pos = cand.pos.long()
+        last = pos[:, -1:]  # the chunk's last position
+        first = (last - lag - cand.chunk_len + 1).clamp(min=0)  # the oldest token that may still be pending
+        span = lag + cand.chunk_len  # positions first .. last, at most
+        order = torch.where(pos >= first, pos - first, torch.full_like(pos, span))  # span = "not ours"
+        table = torch.full((num_heads, span + 1), n, dtype=torch.long, device=pos.device)
+        table.scatter_(1, order, torch.arange(n, device=pos.device).expand(num_heads, -1))
+        table = table[:, :span]  # candidate index of position first + i; n where the position does not exist
+        feats = torch.cat([cand.keys, cand.values], dim=-1).float()
+        feats = torch.cat([feats, feats.new_zeros(num_heads, 1, feats.shape[-1])], dim=1)  # index n: padding
+        heads = torch.arange(num_heads, device=pos.device)[:, None]
+        spread = lag_spread(feats[heads, table], lag)  # [H, span - lag]
+        length = last - first + 1  # real positions in the table (fewer than span early in a sequence)
+        complete = torch.arange(span - lag, device=pos.device)[None] < length - lag
+        target = torch.where(complete, table[:, : span - lag], torch.full_like(table[:, : span - lag], n))
+        scores = torch.cat([scores, scores.new_zeros(num_heads, 1)], dim=1).scatter_(1, target, spread)[:, :n]
         return scores, scores
 
     def new_token_scores(self, layer, ring_ids, new_pos, k_new):
         return torch.full(k_new.shape[:2], PENDING, device=k_new.device)
 
     def after_prefill_chunk(self, layer, ring, segment) -> None:
-        """Score the tokens whose next lag is now complete; remember the slots of the last lag + 1."""
-        r, lag = segment.ring, self.lag
+        """Remember the slots of the chunk's last lag + 1 tokens, for decode."""
+        r, keep = segment.ring, self.lag_in_use + 1
         last = segment.first_pos + segment.length - 1
-        first = max(0, segment.first_pos - lag)  # the oldest token that may still be pending
-        length = last - first + 1
-        budget = ring.pos.shape[2]
-        filled = min(budget, last + 1)
+        filled = min(ring.pos.shape[2], last + 1)
         pos = ring.pos[r, :, :filled].long()  # [H, filled]
-        index = torch.where(pos >= first, pos - first, torch.full_like(pos, length))  # length = "not ours"
+        recent = (pos > last - keep) & (pos >= 0)
+        at = torch.where(recent, pos % keep, torch.full_like(pos, keep))  # keep = "not recent"
         slots = torch.arange(filled, device=pos.device).expand_as(pos)
-        table = torch.zeros(pos.shape[0], length + 1, dtype=torch.long, device=pos.device).scatter_(1, index, slots)
-        table = table[:, :length]  # [H, length]: the slot of position first + i
-        heads = torch.arange(pos.shape[0], device=pos.device)[:, None]
-        scores = lag_spread(self._features(ring, r, heads, table), lag)
-        done = scores.shape[1]
-        if done:
-            ring.score[r, heads, table[:, :done]] = scores
-        keep = min(length, lag + 1)
-        self.recent_slots[layer, r][:, torch.arange(last - keep + 1, last + 1, device=pos.device) % (lag + 1)] = \
-            table[:, length - keep:]
+        table = torch.cat([self.recent_slots[layer, r], torch.zeros_like(pos[:, :1])], dim=1)
+        self.recent_slots[layer, r] = table.scatter_(1, at, slots)[:, :keep]
 
     def after_decode(self, layer, ring, ring_ids, new_pos, written) -> None:
         """Record the new token's slot; score token pos - lag, whose next lag is now complete."""
-        lag = self.lag
+        lag = self.lag_in_use
         rings, pos = ring_ids.long(), new_pos.long()
         recent = self.recent_slots[layer, rings]  # [N, H, lag + 1]
         at = (pos % (lag + 1))[:, None, None].expand(-1, recent.shape[1], 1)
