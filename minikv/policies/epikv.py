@@ -21,8 +21,8 @@ from ..kernels.common import SCORE_EXTERNAL, VICTIM_MIN_SCORE
 from .base import Policy, PrefillCandidates
 
 _EPS = 1e-6
-# The score of a token that is not scored yet: above any real score, so never the argmin while a scored
-# token is unprotected (check_budget makes sure one always is); finite, so ties still go to the lowest slot.
+# The score of a token that is not scored yet (epikv-lag): above any real score, so never the argmin while a
+# scored token is unprotected (the capped lag makes sure one always is); finite, so ties go to the lowest slot.
 PENDING = 1e30
 
 
