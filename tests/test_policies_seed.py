@@ -200,10 +200,10 @@ def test_nestedkv_local_anchors_see_a_key_typical_globally_but_odd_in_its_block(
 
 
 def test_nestedkv_mixing_and_gate():
-    prior = (0.4, 0.4, 0.2)
-    flat = mixing_weights(torch.zeros(3), prior, 3.0)
-    assert torch.allclose(flat, torch.tensor(prior))
-    spread_in_window = mixing_weights(torch.tensor([0.1, 0.1, 0.9]), prior, 3.0)
+    prior = torch.tensor([0.4, 0.4, 0.2])
+    flat = mixing_weights(torch.zeros(3), prior.log(), 3.0)
+    assert torch.allclose(flat, prior)
+    spread_in_window = mixing_weights(torch.tensor([0.1, 0.1, 0.9]), prior.log(), 3.0)
     assert int(spread_in_window.argmax()) == 2  # the scale that separates tokens best gains weight
     w = torch.tensor([0.4, 0.4, 0.2])
     calm = gated_mix(torch.tensor([0.2, 0.2, 0.2]), w, 10.0, 0.6)

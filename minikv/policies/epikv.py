@@ -132,7 +132,7 @@ class EpiKV(Policy):
                 f">= n_sink + chunk ({self.n_sink} + {chunk}); raise the budget or lower the chunk")
 
     def bind(self, store) -> None:
-        self.history = torch.zeros(store.num_rings, self.zscore_window, dtype=torch.float64, device=store.k.device)
+        self.history = torch.zeros(store.k.shape[1], self.zscore_window, dtype=torch.float64, device=store.k.device)
         self._written: dict[int, torch.Tensor] = {}
 
     def reset_ring(self, ring: int) -> None:
@@ -249,7 +249,7 @@ class EpiKVLag(Policy):
 
     def bind(self, store) -> None:
         self.lag_in_use = max(1, min(self.lag, store.budget - self.n_sink - 1))
-        self.recent_slots = torch.zeros(store.num_layers, store.num_rings, store.num_kv_heads, self.lag_in_use + 1,
+        self.recent_slots = torch.zeros(store.num_layers, store.k.shape[1], store.num_kv_heads, self.lag_in_use + 1,
                                         dtype=torch.long, device=store.k.device)  # index pos % (lag + 1)
 
     def prefill_scores(self, cand: PrefillCandidates):

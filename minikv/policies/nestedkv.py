@@ -58,9 +58,8 @@ def decile_spread(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     return ordered[:, n - take:].mean(1) - ordered[:, :take].mean(1)
 
 
-def mixing_weights(delta: torch.Tensor, prior: tuple[float, ...], gain: float) -> torch.Tensor:
+def mixing_weights(delta: torch.Tensor, log_prior: torch.Tensor, gain: float) -> torch.Tensor:
     """softmax(log(prior) + gain·Δ) over the scale axis (the last)."""
-    log_prior = torch.log(torch.tensor(prior, dtype=delta.dtype, device=delta.device))
     return torch.softmax(log_prior + gain * delta, dim=-1)
 
 
@@ -96,7 +95,8 @@ class NestedKV(Policy):
 
     # --- running state per (layer, ring, KV head) --------------------------------------------------
     def bind(self, store) -> None:
-        self.allocate(store.num_layers, store.num_rings, store.num_kv_heads, store.head_dim, store.budget,
+        # k.shape[1] counts every ring of the pool, the CUDA-graph scratch ring included
+        self.allocate(store.num_layers, store.k.shape[1], store.num_kv_heads, store.head_dim, store.budget,
                       store.k.device)
 
     def allocate(self, num_layers: int, num_rings: int, num_kv_heads: int, head_dim: int, budget: int,
@@ -110,6 +110,8 @@ class NestedKV(Policy):
         self.raw_min, self.raw_max = zeros(3), zeros(3)
         self.delta_sum = zeros(3)  # Σ over prefill chunks of Δ · chunk length
         self.delta_tokens = torch.zeros(num_layers, num_rings, dtype=torch.float32, device=device)
+        self.log_prior = torch.log(torch.tensor(self.prior, dtype=torch.float32, device=device))  # made once:
+        # no host-to-device copy may happen inside a captured CUDA graph
         for r in range(num_rings):
             self.reset_ring(r)
 
@@ -165,7 +167,7 @@ class NestedKV(Policy):
 
     def _weights(self, layer, r) -> torch.Tensor:
         delta = self.delta_sum[layer, r] / self.delta_tokens[layer, r].clamp_min(1.0)
-        return mixing_weights(delta, self.prior, self.spread_gain)  # [H, 3]
+        return mixing_weights(delta, self.log_prior, self.spread_gain)  # [H, 3]
 
     # --- decode: anchors from running statistics -------------------------------------------------
     def new_token_scores(self, layer, ring_ids, new_pos, k_new):
@@ -185,5 +187,5 @@ class NestedKV(Policy):
         self.raw_min[layer, rings], self.raw_max[layer, rings] = lo, hi
         normalised = (raw - lo) / (hi - lo + _EPS)
         delta = self.delta_sum[layer, rings] / self.delta_tokens[layer, rings].clamp_min(1.0)[:, None, None]
-        weights = mixing_weights(delta, self.prior, self.spread_gain)
+        weights = mixing_weights(delta, self.log_prior, self.spread_gain)
         return gated_mix(normalised, weights, self.gate_gain, self.gate_center)
