@@ -32,11 +32,14 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> StepResult:
         input_ids, positions, plan = self._lay_out(sched)
-        if self.graphs is not None and not plan.prefills:
+        self.attention.begin_step(plan)
+        # Policies that read each layer's input hidden state (epikv) run eagerly: a graph does not return them.
+        layer_inputs = [] if self.attention.policy.needs_hidden_states else None
+        if self.graphs is not None and not plan.prefills and layer_inputs is None:
             hidden = self.graphs.replay(input_ids, positions, plan)
         else:
-            self.attention.plan = plan
-            hidden = self.model(input_ids, positions, self.attention)
+            hidden = self.model(input_ids, positions, self.attention, layer_inputs)
+        self.attention.end_step(layer_inputs)
 
         sample_rows, sample_seqs = list(range(plan.num_decode)), list(sched.decodes)
         for seg, chunk in zip(plan.prefills, sched.prefills):
