@@ -89,6 +89,7 @@ class Engine:
         if not self.policy.evicts:
             budget = self.max_model_len  # `full`: the ring holds the whole context
         check_ring_settings(budget, chunk, self.policy.n_sink, self.policy.window)
+        self.policy.check_budget(budget, chunk)
         return budget
 
     # --- requests --------------------------------------------------------------------------------
