@@ -217,6 +217,10 @@ class Engine:
             self._finished_unreported.append(req)
 
     def has_unfinished_requests(self) -> bool:
+        """True while `step` has something to do or to report."""
+        return self._has_work() or any(rid not in self._claimed for rid in self._undelivered)
+
+    def _has_work(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._finished_unreported)
 
     @property
@@ -390,7 +394,7 @@ class Engine:
         while pending:
             outs = [self._undelivered.pop(rid) for rid in list(pending) if rid in self._undelivered]
             if not outs:
-                if not self.has_unfinished_requests():
+                if not self._has_work():
                     raise RuntimeError(f"requests {sorted(pending)} ended without a final output (a minikv bug)")
                 for out in self._step():
                     if out.request_id in pending:

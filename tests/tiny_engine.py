@@ -14,16 +14,20 @@ import torch
 from minikv.errors import InvalidRequestError
 from minikv.loader import LoadedModel, build_model, load_state_dict, read_config, weight_files
 
-from .helpers import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint
 
 CHAT_ROLES = ("system", "user", "assistant")
 
 
 class ByteTokenizer:
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer
+    """Bytes for ids 3-258; the model's other ids become words `<wN>`, so that every id has visible text."""
+
+    def __init__(self, path: Path, vocab_size: int = 384):
+        from tokenizers import AddedToken, Tokenizer
 
         self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        first = self._tok.get_vocab_size()
+        self._tok.add_tokens([AddedToken(f"<w{i}>", special=False) for i in range(first, vocab_size)])
         self.eos_token_ids = [2]
         self.bos_token_id = 1
 
@@ -55,5 +59,5 @@ def tiny_loaded(tmp_root: Path, seed: int = 0) -> LoadedModel:
         path = make_tiny_checkpoint(tmp_root / f"tiny-{seed}", seed=seed)
         config = read_config(path)
         model = build_model(config, load_state_dict(weight_files(path)), torch.device("cpu"), torch.float32)
-        _CACHE[key] = LoadedModel(model, config, ByteTokenizer(path), path)
+        _CACHE[key] = LoadedModel(model, config, ByteTokenizer(path, config.vocab_size), path)
     return _CACHE[key]
