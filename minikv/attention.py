@@ -41,6 +41,8 @@ class RingAttention:
         self.store, self.policy, self.scale, self.seed = store, policy, scale, seed
         self.spec = policy.eviction_spec()
         self.plan = StepPlan()
+        # Most KV slots one sequence has held at once (ring + the chunk in flight): the memory bound.
+        self.peak_slots_per_seq = 0
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         plan = self.plan
@@ -58,6 +60,7 @@ class RingAttention:
     # --- prefill: attend, then keep `budget` of ring + chunk --------------------------------------
     def _prefill(self, layer: int, seg: PrefillSegment, q, k, v) -> torch.Tensor:
         ring, r, f = self.store.layer(layer), seg.ring, seg.filled
+        self.peak_slots_per_seq = max(self.peak_slots_per_seq, f + seg.length)
         chunk_pos = torch.arange(seg.first_pos, seg.first_pos + seg.length, dtype=torch.int32, device=q.device)
         res = kernels.prefill_attention(
             q, k, v, ring.k[r, :, :f], ring.v[r, :, :f], ring.pos[r, :, :f], chunk_pos, scale=self.scale,

@@ -31,7 +31,7 @@ from .hashing import hash_u32
 from .loader import LoadedModel, load_model
 from .model_runner import ModelRunner
 from .policies import Policy, make_policy
-from .ring import RingStore
+from .ring import RingStore, check_ring_settings
 from .sampling import Sampler, SamplingBatch, SamplingParams, SamplingRow
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
@@ -113,14 +113,9 @@ class Engine:
         self._seeds = itertools.count()
 
     def _check_budget(self, budget: int, chunk: int) -> int:
-        if chunk <= 0:
-            raise ConfigError(f"chunk must be a positive number of tokens, got {chunk}")
         if not self.policy.evicts:
-            return self.max_model_len  # `full`: the ring holds the whole context
-        protected = self.policy.n_sink + self.policy.window
-        if budget <= protected:
-            raise ConfigError(f"budget ({budget}) must exceed n_sink + window ({self.policy.n_sink} + "
-                              f"{self.policy.window} = {protected}): otherwise no slot can ever be evicted")
+            budget = self.max_model_len  # `full`: the ring holds the whole context
+        check_ring_settings(budget, chunk, self.policy.n_sink, self.policy.window)
         return budget
 
     # --- requests --------------------------------------------------------------------------------

@@ -18,6 +18,16 @@ from .errors import ConfigError
 from .kernels.common import RingLayer
 
 
+def check_ring_settings(budget: int, chunk: int, n_sink: int, window: int) -> None:
+    """Refuse settings under which the ring cannot work, with the reason and the fix."""
+    if chunk <= 0:
+        raise ConfigError(f"chunk must be a positive number of tokens, got {chunk}")
+    if budget <= n_sink + window:
+        raise ConfigError(f"budget ({budget}) must exceed n_sink + window ({n_sink} + {window} = {n_sink + window}): "
+                          "otherwise every slot is protected and none can be evicted; raise --budget or lower "
+                          "--n-sink/--window")
+
+
 class RingStore:
     def __init__(self, config: ModelConfig, num_rings: int, budget: int, *, dtype: torch.dtype,
                  device: torch.device, edges_per_slot: int = 0):

@@ -64,3 +64,44 @@ def hf_logits(path: Path, ids: list[int]) -> torch.Tensor:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
+
+
+def load_tiny(path: Path, dtype=torch.float32):
+    from minikv.loader import build_model, load_state_dict, read_config, weight_files
+
+    config = read_config(path)
+    return build_model(config, load_state_dict(weight_files(path)), "cpu", dtype), config
+
+
+def ring_logits(model, config, ids: list[int], *, prefill: list[int], budget: int, policy="full",
+                seed: int = 0, on_step=None, **policy_options):
+    """Logits of every position: the prompt in the given prefill chunk sizes, the rest decoded one by one,
+    straight through RingAttention (no scheduler), so a test sees exactly what the ring store does.
+    `on_step(tokens_so_far, store)` runs after each chunk and decode step.
+    Returns (logits [len(ids), vocab], the RingStore after the run, the RingAttention)."""
+    from minikv.attention import PrefillSegment, RingAttention, StepPlan
+    from minikv.policies import make_policy
+    from minikv.ring import RingStore
+
+    policy = make_policy(policy, **policy_options)
+    store = RingStore(config, 1, budget, dtype=next(model.parameters()).dtype, device="cpu",
+                      edges_per_slot=policy.top_m)
+    attention = RingAttention(store, policy, scale=config.head_dim**-0.5, seed=seed)
+    ring = store.allocate()
+    logits, done = [], 0
+    with torch.inference_mode():
+        for length in prefill:
+            attention.plan = StepPlan(prefills=[PrefillSegment(ring, 0, length, min(done, budget), done)])
+            hidden = model(torch.tensor(ids[done:done + length]), torch.arange(done, done + length), attention)
+            logits.append(model.compute_logits(hidden))
+            done += length
+            if on_step:
+                on_step(done, store)
+        for t in range(done, len(ids)):
+            as_i32 = lambda x: torch.tensor([x], dtype=torch.int32)  # noqa: E731
+            attention.plan = StepPlan(num_decode=1, decode_rings=as_i32(ring), decode_filled=as_i32(min(t, budget)),
+                                      decode_pos=as_i32(t))
+            logits.append(model.compute_logits(model(torch.tensor([ids[t]]), torch.tensor([t]), attention)))
+            if on_step:
+                on_step(t + 1, store)
+    return torch.cat(logits), store, attention
