@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import RingAttention
-from .errors import ConfigError, InvalidRequestError, MiniKVError
+from .errors import InvalidRequestError
 from .hashing import hash_u32
 from .loader import LoadedModel, load_model
 from .model_runner import ModelRunner
@@ -35,11 +35,11 @@ from .ring import RingStore, check_ring_settings
 from .sampling import Sampler, SamplingBatch, SamplingParams, SamplingRow
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
+from .tokenizer import IncrementalDetokenizer, validate_messages
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -172,7 +172,8 @@ class Engine:
         if isinstance(prompt, str):
             ids, text = (self.tokenizer.encode(prompt) if prompt else []), prompt
         elif _is_chat(prompt):
-            text = self._chat_text(prompt)
+            validate_messages(prompt)
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         elif _is_token_ids(prompt):
             bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
@@ -185,21 +186,6 @@ class Engine:
         if not ids:
             raise InvalidRequestError("the prompt is empty; give at least one token of text")
         return ids, text
-
-    def _chat_text(self, messages: list[dict]) -> str:
-        for i, message in enumerate(messages):
-            role = message.get("role")
-            if role not in CHAT_ROLES:
-                raise InvalidRequestError(f"chat message {i} has unknown role {role!r}; "
-                                          f"use one of {', '.join(CHAT_ROLES)}")
-            if not isinstance(message.get("content"), str):
-                raise InvalidRequestError(f"chat message {i} needs a 'content' string")
-        try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except MiniKVError:
-            raise
-        except Exception as err:  # the template's own checks (e.g. roles must alternate) raise plain errors
-            raise InvalidRequestError(f"the model's chat template rejected these messages: {err}") from err
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is (waiting, prefilling, decoding); its ring is free at once.
@@ -315,7 +301,7 @@ class Engine:
             seq.output_logprobs.append(sampled.logprob)
             seq.output_top_logprobs.append(sampled.top)
         req = self._requests[seq.request_id]
-        req.update_text()
+        req.push_text(sampled.token)
         reason = self._stop_reason(seq, req, sampled.token)
         if reason is not None:
             self.scheduler.finish(seq, reason)
@@ -475,36 +461,44 @@ class RequestStream:
 
 
 class _Request:
-    """Engine-side bookkeeping of one request: detokenised text and stop strings."""
+    """Engine-side bookkeeping of one request: its text, detokenised as tokens arrive, and stop strings."""
 
     def __init__(self, seq: Sequence, prompt_text: str | None, tokenizer):
-        self.seq, self.prompt_text, self.tokenizer = seq, prompt_text, tokenizer
-        self.text = ""
-        self.stop_checked = 0  # characters of `text` already searched for stop strings
+        self.seq, self.prompt_text = seq, prompt_text
+        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_ids[-IncrementalDetokenizer.CONTEXT_TOKENS:],
+                                                  skip_special_tokens=seq.params.skip_special_tokens)
+        self.stop_checked = 0  # characters of the text already searched for stop strings
+        self.text_end: int | None = None  # where the visible text ends, once a stop string matched
 
-    def update_text(self) -> None:
-        self.text = self.tokenizer.decode(self.seq.output_ids, skip_special_tokens=self.seq.params.skip_special_tokens)
+    @property
+    def text(self) -> str:
+        """The text so far; the detokeniser holds back an incomplete UTF-8 character until it completes."""
+        if self.seq.is_finished:
+            self.detokenizer.flush()  # nothing more will come: show what is held back
+        return self.detokenizer.text
+
+    def push_text(self, token: int) -> None:
+        self.detokenizer.push(token)
 
     def match_stop_string(self) -> bool:
-        """Find the earliest stop string in the new text; set how much of the text to trim if found."""
-        params = self.seq.params
-        # New text only, plus an overlap so that a stop string across the seam is found.
+        """Find the earliest stop string in the new text; if found, set how much of the text to trim."""
+        params, text = self.seq.params, self.text
+        # The new text only, plus an overlap so that a stop string across the seam is found.
         start = max(0, self.stop_checked - max(len(s) for s in params.stop) + 1)
-        self.stop_checked = len(self.text.rstrip("\ufffd"))  # a broken UTF-8 tail may still change
-        found = [(at, stop) for stop in params.stop if (at := self.text.find(stop, start)) >= 0]
+        self.stop_checked = len(text)
+        found = [(at, stop) for stop in params.stop if (at := text.find(stop, start)) >= 0]
         if not found:
             return False
         at, stop = min(found)
-        end = at + len(stop) if params.include_stop_str_in_output else at
-        self.seq.stop_trim = len(self.text) - end
+        self.text_end = at + len(stop) if params.include_stop_str_in_output else at
         return True
 
     def visible_text(self) -> str:
-        return self.text[: len(self.text) - self.seq.stop_trim] if self.seq.stop_trim else self.text
+        return self.text[: self.text_end]
 
     def stable_text(self) -> str:
-        """Text safe to show mid-stream: hold back a possible stop-string prefix and a broken UTF-8 tail."""
-        text = self.text.rstrip("\ufffd")
+        """Text safe to show mid-stream: hold back what could be the start of a stop string."""
+        text = self.text
         hold = max((len(s) - 1 for s in self.seq.params.stop), default=0)
         return text[: len(text) - hold] if hold else text
 

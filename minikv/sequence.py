@@ -36,7 +36,6 @@ class Sequence:
     prompt_logprobs: list[float] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    stop_trim: int = 0  # characters of a matched stop string to cut from the text
 
     @property
     def num_tokens(self) -> int:

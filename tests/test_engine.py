@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import random
@@ -15,7 +16,7 @@ from minikv.loader import LoadedModel
 from minikv.sampling import SamplingParams, fold_seed
 
 from helpers import hf_logits
-from tiny_engine import ByteTokenizer, tiny_loaded
+from tiny_engine import tiny_loaded
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -224,8 +225,8 @@ def test_stop_token_ids_max_tokens_and_finish_reasons(loaded):
 def test_eos_stops_unless_min_tokens_or_ignore_eos(loaded):
     first = greedy_tokens(loaded)[0]
     # A tokenizer whose EOS is the token greedy decoding picks first.
-    eos_first = ByteTokenizer(loaded.path)
-    eos_first.eos_token_ids = [first]
+    eos_first = copy.copy(loaded.tokenizer)
+    eos_first.eos_token_ids = {first}
     engine = make_engine(LoadedModel(loaded.model, loaded.config, eos_first, loaded.path))
     plain, at_least, ignoring = engine.generate(
         [PROMPT] * 3, [SamplingParams(temperature=0, max_tokens=8), SamplingParams(temperature=0, max_tokens=8, min_tokens=4),
@@ -353,10 +354,10 @@ def test_an_exception_in_one_requests_processing_fails_only_that_request(loaded)
     good = engine.add_request(PROMPT, GREEDY)
     bad = engine.add_request(PROMPT, GREEDY)
 
-    def broken_update():
+    def broken_push(token):
         raise RuntimeError("detokeniser exploded")
 
-    engine._requests[bad].update_text = broken_update
+    engine._requests[bad].push_text = broken_push
     final = run_all(engine)
     assert final[bad].finish_reason == "error" and "detokeniser exploded" in final[bad].error
     assert final[good].token_ids == greedy_tokens(loaded) and final[good].error is None
