@@ -254,9 +254,11 @@ class Engine:
                 self._fail(seq, err)
 
     def _fail(self, seq: Sequence, err: Exception) -> None:
+        """Finish one request with finish_reason "error" (its ring is freed); the engine serves on."""
         logger.error("request %s failed", seq.request_id, exc_info=err)
-        seq.error = f"{type(err).__name__}: {err}"
-        self.scheduler.finish(seq, "error")
+        if not seq.is_finished:
+            seq.error = f"{type(err).__name__}: {err}"
+            self.scheduler.finish(seq, "error")
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[_Sampled | Exception]:
         if not seqs:  # a step of prefill chunks that all end mid-prompt samples nothing
