@@ -28,14 +28,14 @@ class Sequence:
     want_prompt_logprobs: bool = False
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # why processing this request failed (finish_reason "error")
     ring: int | None = None
     num_processed: int = 0  # tokens whose K/V have gone through the ring
     arrival: int = field(default_factory=lambda: next(_counter))
     prompt_logprobs: list[float] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    stop_trim: int = 0  # characters of a matched stop string to cut from the text
 
     @property
     def num_tokens(self) -> int:

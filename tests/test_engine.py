@@ -1,0 +1,449 @@
+"""The Engine end to end on a tiny random Llama: batching, aborts, sampling parameters, bad input, failures."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import random
+
+import pytest
+import torch
+
+from minikv.engine import Engine, RequestOutput
+from minikv.errors import InvalidRequestError
+from minikv.loader import LoadedModel
+from minikv.sampling import SamplingParams, fold_seed
+
+from helpers import hf_logits
+from tiny_engine import tiny_loaded
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory) -> LoadedModel:
+    # A tiny model gains nothing from threads, and on a busy 2-core machine they make it 50x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_loaded(tmp_path_factory.mktemp("tiny"))
+    torch.set_num_threads(threads)
+
+
+def make_engine(loaded, **kwargs) -> Engine:
+    options = dict(policy="full", max_num_seqs=4, chunk=16, max_model_len=512)
+    return Engine(loaded, **{**options, **kwargs})
+
+
+def random_prompt(rng: random.Random, lo: int, hi: int) -> list[int]:
+    return [1] + [rng.randrange(3, 259) for _ in range(rng.randrange(lo, hi))]
+
+
+def run_all(engine: Engine) -> dict[str, RequestOutput]:
+    """Drive the engine to the end; every request must be reported finished exactly once."""
+    final: dict[str, RequestOutput] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in final, "a finished request was reported twice"
+                final[out.request_id] = out
+    return final
+
+
+def all_rings_free(engine: Engine) -> bool:
+    return engine.store.num_free == engine.store.num_rings and engine.num_requests == 0
+
+
+# --- batching -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["full", "nexus"])
+def test_outputs_are_identical_alone_and_in_a_changing_batch(loaded, policy):
+    rng = random.Random(0)
+    prompts = [random_prompt(rng, 5, 90) for _ in range(9)]
+    options = dict(policy=policy, budget=48, window=8) if policy == "nexus" else {}
+    alone = [make_engine(loaded, **options).generate([p], GREEDY, use_tqdm=False)[0].token_ids for p in prompts]
+
+    engine = make_engine(loaded, **options)
+    ids, final = [], {}
+    for prompt in prompts:  # one new request per step, while the earlier ones prefill and decode
+        ids.append(engine.add_request(prompt, GREEDY))
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    final.update(run_all(engine))
+    assert [final[rid].token_ids for rid in ids] == alone
+    assert all_rings_free(engine)
+    if policy == "nexus":
+        assert any(final[rid].num_evicted_tokens > 0 for rid in ids)
+
+
+def test_step_plans_admit_new_requests_next_step_and_chunk_long_prompts_between_decodes(loaded):
+    engine = make_engine(loaded, chunk=8, max_num_batched_tokens=10)
+    plans = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        plan = schedule()
+        plans.append(([s.request_id for s in plan.decodes], [(c.seq.request_id, c.length) for c in plan.prefills]))
+        return plan
+
+    engine.scheduler.schedule = recording_schedule
+    engine.add_request([1, 5, 6], GREEDY, request_id="a")
+    engine.add_request([1, 7], GREEDY, request_id="b")
+    engine.step()
+    engine.step()
+    engine.add_request(list(range(3, 33)), GREEDY, request_id="long")  # 30 tokens > max_num_batched_tokens
+    for _ in range(5):
+        engine.step()
+    assert plans == [([], [("a", 3), ("b", 2)]), (["a", "b"], []),
+                     (["a", "b"], [("long", 8)]), (["a", "b"], [("long", 8)]), (["a", "b"], [("long", 8)]),
+                     (["a", "b"], [("long", 6)]), (["a", "b", "long"], [])]
+
+
+# --- aborts and the random soak -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["waiting", "prefilling", "decoding"])
+def test_abort_frees_the_ring_at_once_and_is_reported_once(loaded, where):
+    engine = make_engine(loaded, max_num_seqs=1, chunk=4, max_num_batched_tokens=4)
+    other = engine.add_request([1, 2, 3], dataclasses.replace(GREEDY, max_tokens=3))
+    target = engine.add_request(list(range(3, 15)), GREEDY)
+    outputs = engine.step()  # `other` takes the only ring
+    if where != "waiting":
+        outputs += run_all_until(engine, lambda: engine.scheduler.running and
+                                 engine.scheduler.running[0].request_id == target)
+        if where == "decoding":
+            outputs += run_all_until(engine, lambda: not engine.scheduler.running[0].is_prefilling)
+    assert engine.store.num_free == 0
+    engine.abort(target)
+    assert engine.store.num_free == (0 if where == "waiting" else 1)
+    outputs += [o for _ in range(20) for o in engine.step()]
+    finals = [o for o in outputs if o.finished]
+    assert sorted(o.request_id for o in finals) == sorted([other, target])
+    assert next(o for o in finals if o.request_id == target).finish_reason == "abort"
+    assert all_rings_free(engine)
+
+
+def run_all_until(engine: Engine, condition) -> list[RequestOutput]:
+    outputs = []
+    while not condition():
+        outputs += engine.step()
+    return outputs
+
+
+def test_300_random_requests_with_random_aborts_lose_nothing_and_free_every_ring(loaded):
+    rng = random.Random(1)
+    budget = 20
+    engine = Engine(loaded, policy="streaming", budget=budget, n_sink=2, window=4, max_num_seqs=6, chunk=64,
+                    max_model_len=1024)
+    added: list[str] = []
+    final = {}
+    while len(added) < 300 or engine.has_unfinished_requests():
+        for _ in range(rng.randrange(0, 4) if len(added) < 300 else 0):
+            long = rng.random() < 0.1
+            prompt = random_prompt(rng, 9 * budget, 10 * budget) if long else random_prompt(rng, 0, 30)
+            params = SamplingParams(temperature=rng.choice([0, 1]), max_tokens=rng.randrange(1, 5))
+            added.append(engine.add_request(prompt, params))
+        if added and rng.random() < 0.3:
+            engine.abort(rng.choice(added))
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in final
+                final[out.request_id] = out
+        assert engine.store.num_free + engine.scheduler.num_running == engine.store.num_rings
+    assert set(final) == set(added)
+    reasons = {o.finish_reason for o in final.values()}
+    assert "abort" in reasons and "length" in reasons and "error" not in reasons
+    assert any(o.num_evicted_tokens > 0 for o in final.values())
+    assert all_rings_free(engine) and not engine._requests
+
+
+# --- sampling parameters through the engine ---------------------------------------------------------
+
+
+PROMPT = [1, 40, 80, 120, 160, 200]
+
+
+def greedy_tokens(loaded, n: int = 12) -> list[int]:
+    return make_engine(loaded).generate([PROMPT], dataclasses.replace(GREEDY, max_tokens=n), use_tqdm=False)[0].token_ids
+
+
+def test_top_k_1_top_p_tiny_and_min_p_1_all_equal_greedy(loaded):
+    greedy = greedy_tokens(loaded)
+    engine = make_engine(loaded)
+    sampled = dict(temperature=1.0, max_tokens=12, ignore_eos=True, seed=3)
+    filtered = [SamplingParams(top_k=1, **sampled), SamplingParams(top_p=1e-6, **sampled),
+                SamplingParams(min_p=1.0, **sampled), SamplingParams(**sampled)]
+    outs = engine.generate([PROMPT] * 4, filtered, use_tqdm=False)
+    assert [o.token_ids for o in outs[:3]] == [greedy] * 3
+    assert outs[3].token_ids != greedy  # without a filter, temperature 1 does sample
+
+
+def test_same_seed_same_sample_other_seed_other_sample(loaded):
+    params = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=s) for s in (7, 7, 8)]
+    first = make_engine(loaded).generate([PROMPT] * 3, params, use_tqdm=False)
+    again = make_engine(loaded, seed=99).generate([[1, 9], PROMPT], [params[0], params[0]], use_tqdm=False)
+    assert first[0].token_ids == first[1].token_ids == again[1].token_ids
+    assert first[2].token_ids != first[0].token_ids
+    # Without a request seed, the engine's seed decides: same engine seed, same samples.
+    unseeded = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    a, b, c = (make_engine(loaded, seed=s).generate([PROMPT], unseeded, use_tqdm=False)[0].token_ids for s in (1, 1, 2))
+    assert a == b != c
+
+
+def text_of(loaded, n: int = 24) -> str:
+    return make_engine(loaded).generate([PROMPT], dataclasses.replace(GREEDY, max_tokens=n), use_tqdm=False)[0].text
+
+
+def test_stop_strings_end_the_text_and_are_trimmed_unless_asked(loaded):
+    full = text_of(loaded)
+    # A stop string that first occurs some way into the text (replacement characters may still change).
+    cut = next(k for k in range(3, len(full) - 3) if full.find(full[k:k + 3]) == k and "\ufffd" not in full[k:k + 3])
+    stop = full[cut:cut + 3]
+    engine = make_engine(loaded)
+    params = [dataclasses.replace(GREEDY, max_tokens=24, stop=["\x00never", stop]),
+              dataclasses.replace(GREEDY, max_tokens=24, stop=stop, include_stop_str_in_output=True)]
+    trimmed, kept = engine.generate([PROMPT, PROMPT], params, use_tqdm=False)
+    assert trimmed.text == full[:cut] and trimmed.finish_reason == "stop"
+    assert kept.text == full[:cut + len(stop)] and kept.finish_reason == "stop"
+    assert len(trimmed.token_ids) < 24
+    # Streaming holds back what could start a stop string, so no delta ever shows part of it.
+    stream = engine.stream(PROMPT, params[0])
+    assert "".join(stream) == full[:cut] and stream.output.finish_reason == "stop"
+
+
+def test_stop_token_ids_max_tokens_and_finish_reasons(loaded):
+    greedy = greedy_tokens(loaded)
+    i = next(i for i, t in enumerate(greedy) if i >= 2 and t not in greedy[:i])
+    engine = make_engine(loaded)
+    stopped, short = engine.generate([PROMPT, PROMPT], [dataclasses.replace(GREEDY, stop_token_ids=[greedy[i]]),
+                                                        dataclasses.replace(GREEDY, max_tokens=3)], use_tqdm=False)
+    assert stopped.token_ids == greedy[: i + 1] and stopped.finish_reason == "stop"
+    assert short.token_ids == greedy[:3] and short.finish_reason == "length"
+    assert short.num_generated_tokens == 3 and short.num_prompt_tokens == len(PROMPT)
+
+
+def test_eos_stops_unless_min_tokens_or_ignore_eos(loaded):
+    first = greedy_tokens(loaded)[0]
+    # A tokenizer whose EOS is the token greedy decoding picks first.
+    eos_first = copy.copy(loaded.tokenizer)
+    eos_first.eos_token_ids = {first}
+    engine = make_engine(LoadedModel(loaded.model, loaded.config, eos_first, loaded.path))
+    plain, at_least, ignoring = engine.generate(
+        [PROMPT] * 3, [SamplingParams(temperature=0, max_tokens=8), SamplingParams(temperature=0, max_tokens=8, min_tokens=4),
+                       SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)], use_tqdm=False)
+    assert plain.token_ids == [first] and plain.finish_reason == "stop"
+    assert len(at_least.token_ids) >= 4 and first not in at_least.token_ids[:4]
+    assert ignoring.token_ids == greedy_tokens(loaded, 8) and ignoring.finish_reason == "length"
+
+
+def test_logprobs_have_the_asked_shape_and_the_models_values(loaded):
+    params = dataclasses.replace(GREEDY, max_tokens=5, logprobs=3)
+    out = make_engine(loaded).generate([PROMPT, [1, 2]], [params, GREEDY], use_tqdm=False)
+    lp = out[0]
+    assert out[1].logprobs is None and out[1].top_logprobs is None
+    assert len(lp.logprobs) == len(lp.top_logprobs) == 5
+    reference = torch.log_softmax(hf_logits(loaded.path, PROMPT + lp.token_ids), dim=-1)[len(PROMPT) - 1:]
+    for step, (token, chosen, top) in enumerate(zip(lp.token_ids, lp.logprobs, lp.top_logprobs)):
+        assert chosen == pytest.approx(reference[step, token].item(), abs=1e-4)
+        expected = torch.topk(reference[step], 3)
+        assert list(top)[:3] == expected.indices.tolist()  # greedy: the chosen token is the top one
+        assert list(top.values()) == pytest.approx(expected.values.tolist(), abs=1e-4)
+        assert top[token] == chosen
+
+
+@pytest.mark.parametrize("penalty", [dict(repetition_penalty=3.0), dict(presence_penalty=2.0),
+                                     dict(frequency_penalty=1.5)])
+def test_penalties_change_greedy_choices_as_defined(loaded, penalty):
+    params = dataclasses.replace(GREEDY, max_tokens=12, **penalty)
+    out = make_engine(loaded).generate([PROMPT], params, use_tqdm=False)[0].token_ids
+    assert out != greedy_tokens(loaded)
+    logits = hf_logits(loaded.path, PROMPT + out)[len(PROMPT) - 1:]
+    for step, token in enumerate(out):
+        expected = penalised(logits[step], PROMPT, out[:step], **penalty)
+        best = expected.max()
+        assert expected[token] > best - 1e-4  # the engine's choice is the argmax of the penalised logits
+
+
+def penalised(logits, prompt, output, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0):
+    logits = logits.clone()
+    for t in set(prompt) | set(output):  # Keskar et al.: positive logits divided, negative multiplied
+        logits[t] = logits[t] / repetition_penalty if logits[t] > 0 else logits[t] * repetition_penalty
+    for t in set(output):  # OpenAI: once per token present, and once per occurrence
+        logits[t] -= presence_penalty + frequency_penalty * output.count(t)
+    return logits
+
+
+def test_temperature_is_applied(loaded):
+    cold = SamplingParams(temperature=1e-3, max_tokens=12, ignore_eos=True, seed=5)
+    hot = SamplingParams(temperature=50.0, max_tokens=12, ignore_eos=True, seed=5)
+    outs = make_engine(loaded).generate([PROMPT, PROMPT], [cold, hot], use_tqdm=False)
+    assert outs[0].token_ids == greedy_tokens(loaded)
+    assert outs[1].token_ids != outs[0].token_ids
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def mutated(**fields) -> SamplingParams:
+    """Parameters made valid and then changed: the engine must check them again."""
+    params = SamplingParams()
+    for name, value in fields.items():
+        setattr(params, name, value)
+    return params
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ("", None, "empty"),
+    ([], None, "prompt"),
+    ([1, 99999], None, "vocabulary"),
+    ([{"role": "wizard", "content": "hi"}], None, "role"),
+    ([{"role": "user"}], None, "content"),
+    ("hi", mutated(top_p=0.0), "top_p"),
+    ("hi", mutated(top_p=1.5), "top_p"),
+    ("hi", mutated(top_k=-2), "top_k"),
+    ("hi", mutated(temperature=-0.5), "temperature"),
+    ("hi", mutated(max_tokens=0), "max_tokens"),
+    ("hi", mutated(stop=[f"s{i}" for i in range(33)]), "stop"),
+    ("hi", mutated(stop_token_ids=[5000]), "vocabulary"),
+    ("hi", mutated(max_tokens=10_000), "max_model_len"),
+    ("hi", "not params", "SamplingParams"),
+])
+def test_bad_input_fails_that_request_only(loaded, prompt, params, message):
+    engine = make_engine(loaded)
+    good = engine.add_request(PROMPT, GREEDY)
+    engine.step()
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.add_request(prompt, params)
+    final = run_all(engine)
+    assert list(final) == [good] and final[good].token_ids == greedy_tokens(loaded)
+    assert all_rings_free(engine)
+
+
+def test_bad_sampling_params_are_refused_when_made():
+    for fields in (dict(top_p=0), dict(top_k=-2), dict(temperature=-1), dict(max_tokens=0),
+                   dict(stop=["x"] * 33)):
+        with pytest.raises(InvalidRequestError):
+            SamplingParams(**fields)
+
+
+def test_generate_refuses_a_bad_batch_whole_and_leaves_queued_requests_alone(loaded):
+    engine = make_engine(loaded)
+    queued = engine.add_request(PROMPT, GREEDY)
+    with pytest.raises(InvalidRequestError, match="prompt 1"):
+        engine.generate(["fine", "", "fine too"], GREEDY, use_tqdm=False)
+    assert engine.num_requests == 1
+    assert list(run_all(engine)) == [queued]
+
+
+def test_request_ids_are_unique(loaded):
+    engine = make_engine(loaded)
+    engine.add_request(PROMPT, GREEDY, request_id="0")
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request(PROMPT, GREEDY, request_id="0")
+    auto = {engine.add_request(PROMPT, GREEDY) for _ in range(3)}
+    assert "0" not in auto and len(auto) == 3
+    run_all(engine)
+    assert engine.add_request(PROMPT, GREEDY, request_id="0") == "0"  # a finished, reported id is free again
+
+
+# --- failures inside the engine -------------------------------------------------------------------
+
+
+def test_an_exception_in_one_requests_processing_fails_only_that_request(loaded):
+    engine = make_engine(loaded)
+    good = engine.add_request(PROMPT, GREEDY)
+    bad = engine.add_request(PROMPT, GREEDY)
+
+    def broken_push(token):
+        raise RuntimeError("detokeniser exploded")
+
+    engine._requests[bad].push_text = broken_push
+    final = run_all(engine)
+    assert final[bad].finish_reason == "error" and "detokeniser exploded" in final[bad].error
+    assert final[good].token_ids == greedy_tokens(loaded) and final[good].error is None
+    assert all_rings_free(engine)
+
+
+def test_a_sampler_failure_caused_by_one_row_fails_only_that_request(loaded):
+    engine = make_engine(loaded)
+    sampler = engine.sampler
+
+    def picky_sampler(logits, batch):
+        if (batch.seed == fold_seed(666)).any():
+            raise ValueError("row 666 is cursed")
+        return sampler(logits, batch)
+
+    engine.sampler = picky_sampler
+    ids = [engine.add_request(PROMPT, dataclasses.replace(GREEDY, seed=s)) for s in (1, 666, 2)]
+    final = run_all(engine)
+    assert [final[rid].finish_reason for rid in ids] == ["length", "error", "length"]
+    assert final[ids[0]].token_ids == final[ids[2]].token_ids == greedy_tokens(loaded)
+    assert all_rings_free(engine)
+
+
+def test_a_failed_forward_pass_fails_its_batch_and_the_engine_serves_on(loaded):
+    engine = make_engine(loaded)
+    run = engine.runner.run
+    calls = []
+
+    def failing_once(sched):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device fell over")
+        return run(sched)
+
+    engine.runner.run = failing_once
+    ids = [engine.add_request(PROMPT, GREEDY) for _ in range(2)]
+    final = run_all(engine)
+    assert all(final[rid].finish_reason == "error" and "device fell over" in final[rid].error for rid in ids)
+    assert all_rings_free(engine)
+    assert engine.generate([PROMPT], GREEDY, use_tqdm=False)[0].token_ids == greedy_tokens(loaded)
+
+
+# --- generate, stream, chat ------------------------------------------------------------------------
+
+
+def test_generate_keeps_the_outputs_of_requests_queued_with_add_request(loaded):
+    engine = make_engine(loaded)
+    queued = engine.add_request(PROMPT, dataclasses.replace(GREEDY, max_tokens=2))
+    outs = engine.generate([[1, 50], [1, 60, 70]], dataclasses.replace(GREEDY, max_tokens=6), use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [6, 6]
+    final = run_all(engine)
+    assert list(final) == [queued] and final[queued].token_ids == greedy_tokens(loaded, 2)
+
+
+def test_stream_yields_deltas_that_add_up_to_the_text(loaded):
+    engine = make_engine(loaded)
+    other = engine.add_request([1, 77], dataclasses.replace(GREEDY, max_tokens=3))
+    stream = engine.stream(PROMPT, dataclasses.replace(GREEDY, max_tokens=24))
+    deltas = list(stream)
+    assert len(deltas) > 1 and "".join(deltas) == text_of(loaded) == stream.output.text
+    assert stream.output.finish_reason == "length"
+    assert list(run_all(engine)) == [other]  # the other request's output waited for its owner
+
+
+def test_stream_aborts_its_request_when_the_consumer_stops(loaded):
+    engine = make_engine(loaded)
+    for delta in engine.stream(PROMPT, dataclasses.replace(GREEDY, max_tokens=200)):
+        break
+    gc.collect()
+    assert all_rings_free(engine) and not engine._requests and not engine.has_unfinished_requests()
+
+    never_read = engine.stream(PROMPT, GREEDY)
+    assert engine.num_requests == 1
+    del never_read
+    gc.collect()
+    assert all_rings_free(engine) and engine.step() == []
+
+    with pytest.raises(InvalidRequestError):  # bad input fails at the call, not at the first next()
+        engine.stream("", GREEDY)
+
+
+def test_chat_messages_are_accepted(loaded):
+    engine = make_engine(loaded)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    out = engine.generate(messages, GREEDY, use_tqdm=False)[0]
+    template = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert out.prompt == template
+    assert out.num_prompt_tokens == len(loaded.tokenizer.encode(template, add_special_tokens=False))
+    assert len(out.token_ids) == GREEDY.max_tokens
