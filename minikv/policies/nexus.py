@@ -46,16 +46,33 @@ class Nexus(Policy):
                           tau=self.tau if self.sampling else 1.0)
 
     def prefill_scores(self, cand: PrefillCandidates):
-        # The chunk counts as C decode steps: old scores decay C times, the chunk's walk adds in once.
-        walked = nexus_walk(cand.mass, cand.edge_target, self._edge_pos(cand), cand.edge_w, cand.pos,
+        """A chunk of C rows counts as C decode steps, each giving the chunk's *average* attention.
+
+        Summed column mass is biased by causality: the chunk's first token is seen by C rows, its last by
+        one, and the ring's tokens by all C. Dividing by each key's exposure (rows that could see it) gives
+        the attention an average query paid it; the EMA over `e` steps of a constant a is
+        a * (1 - decay^e) / (1 - decay). Old tokens and fresh ones are then compared on one scale, which is
+        what a decode step does. (Summing raw mass instead wipes the ring every chunk: decay^512 ~ 0.6%.)
+        """
+        chunk, f = cand.chunk_len, cand.filled
+        exposure = torch.cat([torch.full((f,), float(chunk)), torch.arange(chunk, 0, -1, dtype=torch.float32)])
+        exposure = exposure.to(cand.mass.device)
+        mean_attention = cand.mass / exposure
+        walked = nexus_walk(mean_attention, cand.edge_target, self._edge_pos(cand), cand.edge_w, cand.pos,
                             self.gamma, self.hops)
-        scores = walked.clone()
-        scores[:, : cand.filled] += cand.ring_score * self.decay**cand.chunk_len
+        scores = walked * self._ema_steps(exposure)
+        scores[:, :f] += cand.ring_score * self.decay**chunk
         if not self.sampling:
             return scores, scores
         heads = torch.arange(scores.shape[0], device=scores.device)[:, None]
         keys = reservoir_keys(self.eviction_spec(), scores, heads, cand.pos, cand.layer, cand.seed)
         return scores, -keys  # the largest reservoir key is dropped first
+
+    def _ema_steps(self, steps: torch.Tensor) -> torch.Tensor:
+        """sum_{k<steps} decay^k: what `steps` decode steps of constant attention 1 add to S."""
+        if self.decay == 1.0:
+            return steps
+        return (1 - self.decay**steps) / (1 - self.decay)
 
     @staticmethod
     def _edge_pos(cand: PrefillCandidates) -> torch.Tensor:
