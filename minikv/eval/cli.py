@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="skip the perplexity of a --length-token prose text read through each config's ring")
     e.add_argument("--max-num-seqs", type=int, default=4,
                    help="requests run at once per engine (default %(default)s)")
+    e.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's choice); 1 is much faster on a machine whose "
+                        "cores other processes also use, where OpenMP threads otherwise wait on each other")
     o = parser.add_argument_group("output")
     o.add_argument("--output", type=Path, default=Path("eval_results.json"),
                    help="results JSON, written after every config; an existing file with the same settings "
@@ -100,6 +103,12 @@ def plan_from_args(args: argparse.Namespace) -> tuple[runner.EvalSettings, list[
 
 def run(args: argparse.Namespace) -> int:
     settings, configs = plan_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not args.no_plot:
         from minikv.eval import plot
 
