@@ -43,15 +43,30 @@ class RingAttention:
         self.plan = StepPlan()
         # Most KV slots one sequence has held at once (ring + the chunk in flight): the memory bound.
         self.peak_slots_per_seq = 0
+        policy.bind(store)
+
+    def begin_step(self, plan: StepPlan) -> None:
+        """Set the step's plan; a prefill from position 0 means its ring was (re)allocated."""
+        self.plan = plan
+        for seg in plan.prefills:
+            if seg.first_pos == 0:
+                self.policy.reset_ring(seg.ring)
+
+    def end_step(self, hidden_states: list[torch.Tensor] | None = None) -> None:
+        """After the forward: policies that score from the whole forward (epikv) fix their scores here."""
+        self.policy.end_step(self.store, self.plan, hidden_states)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         plan = self.plan
         out = torch.empty_like(q)
         nd = plan.num_decode
         if nd:
-            out[:nd], _ = kernels.attend_score_sample(
-                q[:nd], k[:nd], v[:nd], self.store.layer(layer), plan.decode_rings, plan.decode_filled,
-                plan.decode_pos, self.spec, layer=layer, seed=self.seed, scale=self.scale)
+            ring = self.store.layer(layer)
+            new_score = self.policy.new_token_scores(layer, plan.decode_rings, plan.decode_pos, k[:nd])
+            out[:nd], written = kernels.attend_score_sample(
+                q[:nd], k[:nd], v[:nd], ring, plan.decode_rings, plan.decode_filled,
+                plan.decode_pos, self.spec, layer=layer, seed=self.seed, scale=self.scale, new_score=new_score)
+            self.policy.after_decode(layer, ring, plan.decode_rings, plan.decode_pos, written)
         for seg in plan.prefills:
             span = slice(seg.start, seg.start + seg.length)
             out[span] = self._prefill(layer, seg, q[span], k[span], v[span])
@@ -61,22 +76,27 @@ class RingAttention:
     def _prefill(self, layer: int, seg: PrefillSegment, q, k, v) -> torch.Tensor:
         ring, r, f = self.store.layer(layer), seg.ring, seg.filled
         self.peak_slots_per_seq = max(self.peak_slots_per_seq, f + seg.length)
+        if f + seg.length > self.store.budget:
+            self.policy.check_budget(self.store.budget, seg.length)
         chunk_pos = torch.arange(seg.first_pos, seg.first_pos + seg.length, dtype=torch.int32, device=q.device)
         res = kernels.prefill_attention(
             q, k, v, ring.k[r, :, :f], ring.v[r, :, :f], ring.pos[r, :, :f], chunk_pos, scale=self.scale,
             n_sink=self.policy.n_sink, top_m=self.policy.top_m, obs_rows=min(self.policy.obs_rows, seg.length))
-        cand = self._candidates(layer, ring, r, f, k, chunk_pos, res)
+        cand = self._candidates(layer, ring, r, f, k, v, chunk_pos, res)
         scores, priority = self.policy.prefill_scores(cand)
         keep = self._keep_mask(cand, priority)
         self._write_chunk(ring, r, f, k, v, cand, scores, keep, res)
+        self.policy.after_prefill_chunk(layer, ring, seg)
         return res.out
 
-    def _candidates(self, layer, ring, r, f, k, chunk_pos, res) -> PrefillCandidates:
+    def _candidates(self, layer, ring, r, f, k, v, chunk_pos, res) -> PrefillCandidates:
         num_kv_heads, chunk = k.shape[1], k.shape[0]
         pos = torch.cat([ring.pos[r, :, :f], chunk_pos[None].expand(num_kv_heads, -1)], dim=1)
         keys = torch.cat([ring.k[r, :, :f], k.transpose(0, 1)], dim=1)
         cand = PrefillCandidates(layer=layer, seed=self.seed, filled=f, pos=pos, keys=keys, mass=res.mass,
-                                 ring_score=ring.score[r, :, :f], obs=res.obs)
+                                 ring_score=ring.score[r, :, :f], obs=res.obs, ring=r)
+        if self.policy.needs_values:
+            cand.values = torch.cat([ring.v[r, :, :f], v.transpose(0, 1)], dim=1)
         if self.policy.top_m:
             # Ring edges that are still alive, re-expressed on the candidate axis (a ring slot's index is the same).
             slot = ring.edge_slot[r, :, :f].long()

@@ -87,8 +87,9 @@ class Engine:
 
     def _check_budget(self, budget: int, chunk: int) -> int:
         if not self.policy.evicts:
-            return self.max_model_len  # `full`: the ring holds the whole context
+            budget = self.max_model_len  # `full`: the ring holds the whole context
         check_ring_settings(budget, chunk, self.policy.n_sink, self.policy.window)
+        self.policy.check_budget(budget, chunk)
         return budget
 
     # --- requests --------------------------------------------------------------------------------
@@ -146,7 +147,8 @@ class Engine:
         touched = {c.seq.request_id for c in sched.prefills}
         if not sched.is_empty:
             result = self.runner.run(sched)
-            tokens = self._sample(result.seqs, result.logits)
+            # A step of mid-prompt chunks only has no row to sample.
+            tokens = self._sample(result.seqs, result.logits) if result.seqs else []
             for seq, token in zip(result.seqs, tokens):
                 self._append_token(seq, token)
                 touched.add(seq.request_id)

@@ -42,9 +42,9 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {str(path)!r} does not exist")
-        from .gguf import cached_gguf_dir
+        from .gguf import convert_gguf_cached
 
-        return cached_gguf_dir(path)
+        return convert_gguf_cached(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{str(path)!r} has no config.json: is it a Hugging Face model directory?")

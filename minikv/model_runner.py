@@ -23,15 +23,23 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, attention: RingAttention, device: torch.device):
+    def __init__(self, model: torch.nn.Module, attention: RingAttention, device: torch.device, *,
+                 max_num_seqs: int = 1, use_cuda_graphs: bool = False):
         self.model, self.attention, self.device = model, attention, device
         self.budget = attention.store.budget
+        self.graphs = DecodeGraphs(model, attention, max_num_seqs, device) if use_cuda_graphs else None
 
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> StepResult:
         input_ids, positions, plan = self._lay_out(sched)
-        self.attention.plan = plan
-        hidden = self.model(input_ids, positions, self.attention)
+        self.attention.begin_step(plan)
+        # Policies that read each layer's input hidden state (epikv) run eagerly: a graph does not return them.
+        layer_inputs = [] if self.attention.policy.needs_hidden_states else None
+        if self.graphs is not None and not plan.prefills and layer_inputs is None:
+            hidden = self.graphs.replay(input_ids, positions, plan)
+        else:
+            hidden = self.model(input_ids, positions, self.attention, layer_inputs)
+        self.attention.end_step(layer_inputs)
 
         sample_rows, sample_seqs = list(range(plan.num_decode)), list(sched.decodes)
         for seg, chunk in zip(plan.prefills, sched.prefills):
@@ -77,3 +85,62 @@ class ModelRunner:
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[: len(targets)]), dim=-1)
         idx = torch.tensor(targets, device=logprobs.device)[:, None]
         seq.prompt_logprobs.extend(logprobs.gather(1, idx)[:, 0].tolist())
+
+
+class DecodeGraphs:
+    """CUDA graphs of the decode-only step, one per padded batch size (the nano-vllm recipe).
+
+    A decode step launches a few kernels per layer with tiny inputs; on a GPU the launch overhead
+    dominates, so the whole forward is captured once per batch size and replayed. Inputs live in static
+    buffers; a batch is padded up to the next captured size with rows that point at the store's scratch
+    ring (never handed to a sequence), so padding never touches a real ring.
+    """
+
+    def __init__(self, model, attention: RingAttention, max_batch: int, device: torch.device):
+        self.model, self.attention = model, attention
+        self.sizes = sorted({*(b for b in (1, 2, 4, 8) if b <= max_batch), *range(16, max_batch + 1, 16), max_batch})
+        self.scratch = attention.store.scratch_ring
+        i32 = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.rings = torch.full((max_batch,), self.scratch, **i32)
+        self.filled = torch.zeros(max_batch, **i32)
+        self.new_pos = torch.zeros(max_batch, **i32)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = None
+        for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            graph, hidden = self._capture(size, pool)
+            pool = graph.pool()
+            self.graphs[size] = (graph, hidden)
+
+    def _plan(self, size: int) -> StepPlan:
+        return StepPlan(num_decode=size, decode_rings=self.rings[:size], decode_filled=self.filled[:size],
+                        decode_pos=self.new_pos[:size])
+
+    @torch.inference_mode()
+    def _capture(self, size: int, pool):
+        self.attention.plan = self._plan(size)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (autotuning, lazy init) outside the capture
+            self.model(self.input_ids[:size], self.positions[:size], self.attention)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            hidden = self.model(self.input_ids[:size], self.positions[:size], self.attention)
+        return graph, hidden
+
+    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        n = plan.num_decode
+        size = next(b for b in self.sizes if b >= n)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.rings[:n].copy_(plan.decode_rings)
+        self.filled[:n].copy_(plan.decode_filled)
+        self.new_pos[:n].copy_(plan.decode_pos)
+        self.rings[n:size].fill_(self.scratch)  # padding rows write only into the scratch ring
+        self.filled[n:size].zero_()
+        self.new_pos[n:size].zero_()
+        graph, hidden = self.graphs[size]
+        graph.replay()
+        return hidden[:n]

@@ -30,10 +30,14 @@ def check_ring_settings(budget: int, chunk: int, n_sink: int, window: int) -> No
 
 class RingStore:
     def __init__(self, config: ModelConfig, num_rings: int, budget: int, *, dtype: torch.dtype,
-                 device: torch.device, edges_per_slot: int = 0):
+                 device: torch.device, edges_per_slot: int = 0, scratch_ring: bool = False):
+        """`scratch_ring` adds one ring never handed to a sequence: padded rows of a CUDA-graph batch
+        write there, so padding never touches a live ring."""
         if num_rings < 1:
             raise ConfigError(f"the ring store needs at least one ring (max_num_seqs), got {num_rings}")
         self.num_rings, self.budget = num_rings, budget
+        self.scratch_ring = num_rings if scratch_ring else None
+        num_rings += int(scratch_ring)
         self.num_layers, self.num_kv_heads, self.head_dim = config.num_layers, config.num_kv_heads, config.head_dim
         shape = (config.num_layers, num_rings, config.num_kv_heads, budget)
         self.k = torch.zeros(*shape, config.head_dim, dtype=dtype, device=device)
@@ -45,7 +49,7 @@ class RingStore:
         self.edge_slot = torch.full((*shape, m), -1, dtype=torch.int32, device=device)
         self.edge_pos = torch.full((*shape, m), -1, dtype=torch.int32, device=device)
         self.edge_w = torch.zeros((*shape, m), dtype=torch.float32, device=device)
-        self._free: deque[int] = deque(range(num_rings))
+        self._free: deque[int] = deque(range(self.num_rings))
         self._layers = [RingLayer(self.k[i], self.v[i], self.pos[i], self.score[i], self.edge_slot[i],
                                   self.edge_pos[i], self.edge_w[i]) for i in range(config.num_layers)]
 

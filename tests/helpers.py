@@ -74,10 +74,11 @@ def load_tiny(path: Path, dtype=torch.float32):
 
 
 def ring_logits(model, config, ids: list[int], *, prefill: list[int], budget: int, policy="full",
-                seed: int = 0, **policy_options):
+                seed: int = 0, on_step=None, **policy_options):
     """Logits of every position: the prompt in the given prefill chunk sizes, the rest decoded one by one,
     straight through RingAttention (no scheduler), so a test sees exactly what the ring store does.
-    Returns (logits [len(ids), vocab], the RingStore after the run)."""
+    `on_step(tokens_so_far, store)` runs after each chunk and decode step.
+    Returns (logits [len(ids), vocab], the RingStore after the run, the RingAttention)."""
     from minikv.attention import PrefillSegment, RingAttention, StepPlan
     from minikv.policies import make_policy
     from minikv.ring import RingStore
@@ -90,13 +91,26 @@ def ring_logits(model, config, ids: list[int], *, prefill: list[int], budget: in
     logits, done = [], 0
     with torch.inference_mode():
         for length in prefill:
-            attention.plan = StepPlan(prefills=[PrefillSegment(ring, 0, length, min(done, budget), done)])
-            hidden = model(torch.tensor(ids[done:done + length]), torch.arange(done, done + length), attention)
+            plan = StepPlan(prefills=[PrefillSegment(ring, 0, length, min(done, budget), done)])
+            hidden = _forward(model, attention, plan, ids[done:done + length], range(done, done + length))
             logits.append(model.compute_logits(hidden))
             done += length
+            if on_step:
+                on_step(done, store)
         for t in range(done, len(ids)):
             as_i32 = lambda x: torch.tensor([x], dtype=torch.int32)  # noqa: E731
-            attention.plan = StepPlan(num_decode=1, decode_rings=as_i32(ring), decode_filled=as_i32(min(t, budget)),
-                                      decode_pos=as_i32(t))
-            logits.append(model.compute_logits(model(torch.tensor([ids[t]]), torch.tensor([t]), attention)))
-    return torch.cat(logits), store
+            plan = StepPlan(num_decode=1, decode_rings=as_i32(ring), decode_filled=as_i32(min(t, budget)),
+                            decode_pos=as_i32(t))
+            logits.append(model.compute_logits(_forward(model, attention, plan, [ids[t]], [t])))
+            if on_step:
+                on_step(t + 1, store)
+    return torch.cat(logits), store, attention
+
+
+def _forward(model, attention, plan, ids, positions):
+    """One forward with the same step hooks the model runner calls (policies like epikv rely on them)."""
+    attention.begin_step(plan)
+    layer_inputs = [] if attention.policy.needs_hidden_states else None
+    hidden = model(torch.tensor(list(ids)), torch.tensor(list(positions)), attention, layer_inputs)
+    attention.end_step(layer_inputs)
+    return hidden

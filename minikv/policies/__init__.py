@@ -5,9 +5,12 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .base import Policy, PrefillCandidates
 from .baselines import H2O, TOVA, Full, KeyDiff, SnapKV, Streaming
+from .epikv import EpiKV, EpiKVLag
+from .nestedkv import NestedKV
 from .nexus import Nexus
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Nexus, Full, Streaming, H2O, TOVA, SnapKV, KeyDiff)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Nexus, Full, Streaming, H2O, TOVA, SnapKV, KeyDiff,
+                                                               EpiKV, EpiKVLag, NestedKV)}
 
 
 def make_policy(name: str | Policy, **options) -> Policy:

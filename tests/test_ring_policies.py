@@ -1,0 +1,259 @@
+"""The ring store and its policies on the reference path (DESIGN 3, 4.3, 5)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import load_tiny, make_tiny_checkpoint, ring_logits
+from minikv.errors import ConfigError
+from minikv.kernels.common import SCORE_ATTN, VICTIM_MIN_SCORE, VICTIM_RESERVOIR, EvictionSpec, RingLayer
+from minikv.kernels.reference import attend_score_sample, nexus_walk, victim_slots
+from minikv.policies import POLICIES, make_policy
+from minikv.ring import check_ring_settings
+
+EVICTING = [name for name, cls in POLICIES.items() if cls.evicts]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_tiny(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "LlamaForCausalLM"))
+
+
+def random_ids(n, seed=0, vocab=384):
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# --- no eviction: every policy is the full cache ---------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_ample_budget_reproduces_full_cache_logits(tiny, policy):
+    model, config = tiny
+    ids = random_ids(90)
+    full, _, _ = ring_logits(model, config, ids, prefill=[40, 30], budget=128, policy="full")
+    got, _, _ = ring_logits(model, config, ids, prefill=[40, 30], budget=128, policy=policy)
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-6)
+
+
+# --- memory bound --------------------------------------------------------------------------------
+
+
+def test_long_prompt_streams_through_budget_plus_chunk(tiny):
+    """A 20,000-token prompt, budget 512, chunk 256: the store holds 512 slots per (layer, head) and a
+    sequence never has more than budget + chunk slots live, whatever the prompt length."""
+    model, config = tiny
+    budget, chunk, n = 512, 256, 20_000
+    ids = random_ids(n, seed=3)
+    sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+    logits, store, attention = ring_logits(model, config, ids, prefill=sizes, budget=budget, policy="nexus")
+    assert logits.shape[0] == n and torch.isfinite(logits).all()
+    assert store.k.shape == (config.num_layers, 1, config.num_kv_heads, budget, config.head_dim)
+    assert attention.peak_slots_per_seq <= budget + chunk
+    pos = store.pos[:, 0]
+    assert (pos >= 0).all() and pos.max() == n - 1  # full ring of real tokens, the last one present
+
+
+# --- protection ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", EVICTING)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sinks_and_window_are_never_evicted(tiny, policy, seed):
+    model, config = tiny
+    n_sink, window, budget = 4, 8, 24
+    ids = random_ids(90, seed=seed)
+    steps = []
+    _, store, _ = ring_logits(model, config, ids, prefill=[16, 16, 16], budget=budget, policy=policy, seed=seed,
+                           n_sink=n_sink, window=window, on_step=lambda t, s: steps.append((t, s.pos[:, 0].clone())))
+    assert len(steps) == 90 - 48 + 3
+    for t, pos in steps:  # t = tokens in the ring's history after the step
+        filled = min(t, budget)
+        for layer_head in pos.reshape(-1, budget):
+            held = set(layer_head[:filled].tolist())
+            assert set(range(n_sink)) <= held
+            assert set(range(t - window, t)) <= held
+            assert len(held) == filled and -1 not in held  # no position twice, no hole
+
+
+def test_streaming_keeps_exactly_sinks_and_most_recent(tiny):
+    model, config = tiny
+    n, budget = 80, 24
+    _, store, _ = ring_logits(model, config, random_ids(n), prefill=[20, 20], budget=budget, policy="streaming",
+                           n_sink=4, window=8)
+    expected = set(range(4)) | set(range(n - (budget - 4), n))
+    for layer_head in store.pos[:, 0].reshape(-1, budget):
+        assert set(layer_head.tolist()) == expected
+
+
+# --- h2o and tova against a brute-force simulation ----------------------------------------------
+
+
+def simulate_attention_eviction(qs, ks, budget, n_sink, window, accumulate: bool):
+    """Keep-set of positions after running keys/queries [T, D] through a cache of `budget` entries,
+    evicting the lowest (accumulated or current) attention among unprotected entries. One head."""
+    kept, acc = [], {}
+    for t in range(len(ks)):
+        cand = kept + [t]
+        logits = torch.stack([ks[j] for j in cand]) @ qs[t] / math.sqrt(qs.shape[1])
+        probs = torch.softmax(logits.double(), 0)
+        for j, p in zip(cand, probs.tolist()):
+            acc[j] = acc.get(j, 0.0) + p if accumulate else p
+        if len(kept) == budget:
+            free = [j for j in kept if n_sink <= j < t - window]
+            kept.remove(min(free, key=lambda j: (acc[j], kept.index(j))))
+        kept.append(t)
+    return set(kept)
+
+
+@pytest.mark.parametrize("policy,accumulate", [("h2o", True), ("tova", False)])
+def test_attention_policies_match_brute_force(policy, accumulate):
+    torch.manual_seed(0)
+    steps, budget, head_dim = 60, 16, 16
+    spec = make_policy(policy, n_sink=2, window=4).eviction_spec()
+    qs, ks = torch.randn(steps, head_dim), torch.randn(steps, head_dim) * 2
+    ring = empty_ring(budget, head_dim, edges=1)
+    for t in range(steps):
+        attend_score_sample(qs[t].view(1, 1, -1), ks[t].view(1, 1, -1), torch.randn(1, 1, head_dim), ring,
+                            torch.tensor([0]), torch.tensor([min(t, budget)]), torch.tensor([t]), spec,
+                            layer=0, seed=0, scale=head_dim**-0.5)
+    assert set(ring.pos[0, 0].tolist()) == simulate_attention_eviction(qs, ks, budget, 2, 4, accumulate)
+
+
+def empty_ring(budget, head_dim, edges=4, heads=1):
+    shape = (1, heads, budget)
+    return RingLayer(torch.zeros(*shape, head_dim), torch.zeros(*shape, head_dim), torch.full(shape, -1, dtype=torch.int32),
+                     torch.zeros(shape), torch.full((*shape, edges), -1, dtype=torch.int32),
+                     torch.full((*shape, edges), -1, dtype=torch.int32), torch.zeros(*shape, edges))
+
+
+# --- nexus ---------------------------------------------------------------------------------------
+
+
+def bridge_graph():
+    """Slots: 0 = A, 1 = B (the query attends them), 2 = X (a bridge: A and B attended it), 3 = Y (nobody did).
+    X and Y get the same, small direct attention."""
+    attn = torch.tensor([[0.45, 0.45, 0.05, 0.05]])
+    pos = torch.tensor([[10, 11, 5, 6]], dtype=torch.int32)
+    edge_slot = torch.full((1, 4, 2), -1, dtype=torch.int32)
+    edge_pos = torch.full((1, 4, 2), -1, dtype=torch.int32)
+    edge_w = torch.zeros(1, 4, 2)
+    for src in (0, 1):
+        edge_slot[0, src, 0], edge_pos[0, src, 0], edge_w[0, src, 0] = 2, 5, 1.0
+    return attn, edge_slot, edge_pos, edge_w, pos
+
+
+def test_nexus_walk_surfaces_bridge_tokens():
+    attn, edge_slot, edge_pos, edge_w, pos = bridge_graph()
+    n = nexus_walk(attn, edge_slot, edge_pos, edge_w, pos, gamma=0.5, hops=2)
+    assert n[0, 2] > n[0, 3] + 0.3  # X outranks Y though their direct attention is equal
+    flat = nexus_walk(attn, edge_slot, edge_pos, edge_w, pos, gamma=0.0, hops=2)
+    assert flat[0, 2] == flat[0, 3]
+
+
+def test_dead_edges_carry_nothing():
+    attn, edge_slot, edge_pos, edge_w, pos = bridge_graph()
+    pos[0, 2] = 99  # X's slot was overwritten by another token: the edges to it are dead
+    n = nexus_walk(attn, edge_slot, edge_pos, edge_w, pos, gamma=0.5, hops=2)
+    assert n[0, 2] == attn[0, 2]
+
+
+def bridge_ring_victim(gamma: float) -> int:
+    """Run one decode step over the bridge graph through the decode kernel; return the slot written."""
+    attn, edge_slot, edge_pos, edge_w, pos = bridge_graph()
+    spec = EvictionSpec(SCORE_ATTN, VICTIM_MIN_SCORE, decay=0.0, gamma=gamma, hops=2, top_m=2, n_sink=0, window=0)
+    ring = empty_ring(4, 4, edges=2)
+    ring.pos[0, 0] = pos[0]
+    ring.edge_slot[0, 0], ring.edge_pos[0, 0], ring.edge_w[0, 0] = edge_slot[0], edge_pos[0], edge_w[0]
+    # Keys along e0 with q = e0 make the logits log(attn): the query attends exactly as `attn` says,
+    # and the new token (key -30) takes next to nothing.
+    ring.k[0, 0] = torch.log(attn[0])[:, None] * torch.tensor([1.0, 0, 0, 0])
+    q = torch.tensor([1.0, 0, 0, 0]).view(1, 1, 4)
+    k_new = torch.tensor([-30.0, 0, 0, 0]).view(1, 1, 4)
+    _, written = attend_score_sample(q, k_new, torch.zeros(1, 1, 4), ring, torch.tensor([0]), torch.tensor([4]),
+                                     torch.tensor([20]), spec, layer=0, seed=0, scale=1.0)
+    return written.item()
+
+
+def test_nexus_decode_evicts_the_non_bridge():
+    assert bridge_ring_victim(gamma=0.5) == 3  # Y goes, the bridge X stays
+    assert bridge_ring_victim(gamma=0.0) == 2  # without the walk X and Y tie, and the lower slot (X) goes
+
+
+# --- reservoir sampling --------------------------------------------------------------------------
+
+WEIGHTS = torch.tensor([[1.0, 2.0, 3.0, 4.0, 6.0, 8.0]])
+
+
+def reservoir_survivors(spec, weights, drop: int, seed: int) -> set[int]:
+    """Drop `drop` slots one by one with the kernel's victim rule (fixed weights)."""
+    n = weights.shape[1]
+    pos = torch.arange(n, dtype=torch.int32)[None]
+    gone = torch.zeros(1, n, dtype=torch.bool)
+    for _ in range(drop):
+        victim = victim_slots(spec, pos, weights, gone, torch.zeros(1, 1, dtype=torch.long), 0, seed)
+        gone[0, victim] = True
+    return set((~gone[0]).nonzero()[:, 0].tolist())
+
+
+def successive_sampling_survival(weights: np.ndarray, keep: int, trials: int, rng) -> np.ndarray:
+    """Independent Monte Carlo of A-Res: its survivors are the first `keep` of a weighted draw without replacement."""
+    hits = np.zeros(len(weights))
+    for _ in range(trials):
+        order = rng.choice(len(weights), size=keep, replace=False, p=weights / weights.sum())
+        hits[order] += 1
+    return hits / trials
+
+
+def test_reservoir_survival_matches_a_res_inclusion_probability():
+    spec = EvictionSpec(SCORE_ATTN, VICTIM_RESERVOIR, tau=1.0, eps=0.0)
+    trials, keep = 3000, 3
+    counts = np.zeros(WEIGHTS.shape[1])
+    for seed in range(trials):
+        for slot in reservoir_survivors(spec, WEIGHTS, WEIGHTS.shape[1] - keep, seed):
+            counts[slot] += 1
+    empirical = counts / trials
+    expected = successive_sampling_survival(WEIGHTS[0].numpy().astype(float), keep, 20000, np.random.default_rng(0))
+    assert np.abs(empirical - expected).max() < 0.04, (empirical, expected)
+    assert empirical[0] < empirical[-1]
+
+
+def test_reservoir_with_tau_to_zero_is_deterministic_top_k():
+    spec = EvictionSpec(SCORE_ATTN, VICTIM_RESERVOIR, tau=1e-3)
+    for seed in range(50):
+        assert reservoir_survivors(spec, WEIGHTS, 3, seed) == {3, 4, 5}
+
+
+def test_slot_just_below_the_cut_off_survives_sometimes_under_nexus_never_under_h2o():
+    weights = torch.tensor([[10.0, 10.0, 10.0, 9.5]])  # slot 3 is just below the cut-off
+    nexus = make_policy("nexus").eviction_spec()
+    h2o = make_policy("h2o").eviction_spec()
+    survived = [3 in reservoir_survivors(nexus, weights, 1, seed) for seed in range(200)]
+    assert 0 < sum(survived) < 200
+    assert not any(3 in reservoir_survivors(h2o, weights, 1, seed) for seed in range(20))
+
+
+# --- seeds ---------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_ring_different_seed_different_victims(tiny):
+    model, config = tiny
+    ids = random_ids(120, seed=5)
+    runs = [ring_logits(model, config, ids, prefill=[32, 32], budget=40, policy="nexus", seed=s, window=8)[:2]
+            for s in (7, 7, 8)]
+    (l0, s0), (l1, s1), (_, s2) = runs
+    assert torch.equal(l0, l1) and torch.equal(s0.pos, s1.pos)
+    assert not torch.equal(s0.pos, s2.pos)
+
+
+# --- bad settings --------------------------------------------------------------------------------
+
+
+def test_bad_settings_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="budget .* must exceed n_sink \\+ window"):
+        check_ring_settings(68, 512, 4, 64)
+    with pytest.raises(ConfigError, match="chunk must be a positive"):
+        check_ring_settings(4096, 0, 4, 64)
+    with pytest.raises(ConfigError, match="unknown policy 'lru'.*nexus.*h2o"):
+        make_policy("lru")
