@@ -95,6 +95,12 @@ def test_unknown_task_is_a_config_error():
         eval_cli.plan_from_args(_args("--tasks", "niah_single,needle"))
 
 
+def test_a_policy_refuses_its_budget_before_the_model_loads():
+    with pytest.raises(ConfigError, match="epikv"):
+        eval_cli.plan_from_args(_args("--policies", "epikv", "--budgets", "0.1", "--length", "1024"))
+    eval_cli.plan_from_args(_args("--policies", "epikv", "--budgets", "0.1", "--length", "1024", "--chunk", "64"))
+
+
 def test_cli_reports_bad_arguments_without_a_traceback():
     result = subprocess.run([sys.executable, "-m", "minikv", "eval", "--budgets", "5000", "--length", "4096"],
                             capture_output=True, text=True, timeout=120)

@@ -98,6 +98,7 @@ def plan_from_args(args: argparse.Namespace) -> tuple[runner.EvalSettings, list[
     policies = runner.parse_policies(args.policies)
     budgets = runner.parse_budgets(args.budgets)
     configs = runner.plan_configs(policies, budgets, args.length, protected=args.n_sink + args.window)
+    runner.check_configs(configs, args.chunk, args.n_sink, args.window)
     return settings, configs
 
 

@@ -167,6 +167,16 @@ def plan_configs(policies: list[PolicySpec], budgets: list[float], length: int, 
     return configs
 
 
+def check_configs(configs: list[RunConfig], chunk: int, n_sink: int, window: int) -> None:
+    """Let each policy refuse its budget before any model is loaded (e.g. epikv needs budget >= n_sink + chunk)."""
+    from minikv.policies import make_policy
+
+    for config in configs:
+        policy = make_policy(config.policy.name, n_sink=n_sink, window=window, **config.policy.options)
+        if policy.evicts:
+            policy.check_budget(config.budget, chunk)
+
+
 @dataclass
 class EvalSettings:
     """Everything that fixes the numbers of a run (stored in the JSON; resume requires them equal)."""
