@@ -94,9 +94,12 @@ def _draw_panel(ax, points: dict[str, list[tuple[float, float]]], panel: str) ->
         ax.plot(xs, ys, marker="o", linestyle=style, label=policy)
     ax.set_xscale("log")
     ax.set_xlabel("budget (fraction of the context)")
+    budgets = sorted({x for xy in points.values() for x, _ in xy})
+    if budgets:
+        ax.set_xticks(budgets, [f"{x:.2g}" for x in budgets])
+        ax.minorticks_off()
     if panel == PERPLEXITY_TASK:
         ax.set_ylabel("perplexity (lower is better)")
-        ax.set_yscale("log")
     else:
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-5, 105)
