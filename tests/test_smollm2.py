@@ -46,16 +46,19 @@ def test_greedy_generation_matches_transformers(smollm2, hf_model):
         assert out.token_ids == ref[0, len(ids):].tolist()
 
 
-def test_passkey_at_2000_tokens_with_budget_512(smollm2):
-    """Eviction with a budget a quarter of the prompt: full and nexus both still find the key."""
+def test_passkey_at_2000_tokens_streams_through_the_ring(smollm2):
+    """A 2,000-token passkey prompt through chunked prefill (chunk 256): the full cache finds the key.
+
+    Not asserted, because it does not hold: nexus (or any evicting policy) at budget 512 finding it.
+    SmolLM2 splits the 7-digit value into 7 tokens that nothing attends to before the question arrives,
+    so every query-agnostic policy loses a digit at 25% budget (see docs/quality.md).
+    """
     sample = make_task("niah_single", smollm2.tokenizer, 2000, seed=1, haystack="repeated", depth=0.4)
-    for policy in ("full", "nexus"):
-        engine = Engine(smollm2, budget=512, chunk=256, policy=policy, max_num_seqs=1)
-        out = engine.generate([[{"role": "user", "content": sample.prompt}]],
-                              SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0]
-        assert score(sample, out.text) == 1.0, (policy, out.text, sample.answers)
-        if policy == "nexus":
-            assert out.num_evicted_tokens > 1000
+    engine = Engine(smollm2, chunk=256, policy="full", max_num_seqs=1)
+    out = engine.generate([[{"role": "user", "content": sample.prompt}]],
+                          SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0]
+    assert out.num_prompt_tokens > 1900 and out.num_evicted_tokens == 0
+    assert score(sample, out.text) == 1.0, (out.text, sample.answers)
 
 
 def test_cli_answers_paris():
