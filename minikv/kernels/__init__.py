@@ -118,3 +118,14 @@ def prefill_attention(
         run = reference.prefill_attention
     return run(q, k, v, ring_k, ring_v, ring_pos, chunk_pos, scale=scale, n_sink=n_sink, top_m=top_m,
                obs_rows=obs_rows)
+
+
+def fused_ops_on(x: torch.Tensor) -> bool:
+    """The fused RMSNorm / SiLU-mul kernels pay off on a GPU only; elsewhere the model uses torch."""
+    return x.is_cuda and ops is not None and kernel_backend(x.device) == "triton"
+
+
+try:
+    from . import ops
+except ImportError:  # no Triton
+    ops = None
