@@ -98,13 +98,13 @@ class RingAttention:
         if self.policy.needs_values:
             cand.values = torch.cat([ring.v[r, :, :f], v.transpose(0, 1)], dim=1)
         if self.policy.top_m:
-            # Ring edges that are still alive, re-expressed on the candidate axis (a ring slot's index is the same).
-            slot = ring.edge_slot[r, :, :f].long()
-            safe = slot.clamp(0, max(f - 1, 0))
-            alive = (slot >= 0) & (slot < f) & (ring.pos[r, :, :f].gather(1, safe.view(num_kv_heads, -1)).view_as(slot)
-                                                 == ring.edge_pos[r, :, :f])
-            ring_target = torch.where(alive, slot, torch.full_like(slot, -1))
-            cand.edge_target = torch.cat([ring_target, res.edge_idx.transpose(0, 1).long()], dim=1)
+            # Edges on the candidate axis, in the ring's own form (target, target's position when made);
+            # a ring slot keeps its index there, and nexus_walk drops the edges whose target has changed.
+            chunk_target = res.edge_idx.transpose(0, 1).long()
+            chunk_target_pos = pos.gather(1, chunk_target.clamp(min=0).reshape(num_kv_heads, -1)).view_as(chunk_target)
+            cand.edge_target = torch.cat([ring.edge_slot[r, :, :f].long(), chunk_target], dim=1)
+            cand.edge_pos = torch.cat([ring.edge_pos[r, :, :f],
+                                       torch.where(chunk_target >= 0, chunk_target_pos, -1)], dim=1)
             cand.edge_w = torch.cat([ring.edge_w[r, :, :f], res.edge_w.transpose(0, 1)], dim=1)
         return cand
 

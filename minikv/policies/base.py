@@ -38,6 +38,7 @@ class PrefillCandidates:
     ring: int = -1  # the ring's id, for policies that keep per-ring state (nestedkv)
     values: torch.Tensor | None = None  # [H, n, D] V, for policies with needs_values (epikv-lag)
     edge_target: torch.Tensor | None = None  # [H, n, M] out-edges as indices into the candidate axis, -1 none
+    edge_pos: torch.Tensor | None = None  # [H, n, M] each target's position when the edge was made (dead if changed)
     edge_w: torch.Tensor | None = None  # [H, n, M]
 
     @property

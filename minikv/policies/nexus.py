@@ -58,7 +58,7 @@ class Nexus(Policy):
         exposure = torch.cat([torch.full((f,), float(chunk)), torch.arange(chunk, 0, -1, dtype=torch.float32)])
         exposure = exposure.to(cand.mass.device)
         mean_attention = cand.mass / exposure
-        walked = nexus_walk(mean_attention, cand.edge_target, self._edge_pos(cand), cand.edge_w, cand.pos,
+        walked = nexus_walk(mean_attention, cand.edge_target, cand.edge_pos, cand.edge_w, cand.pos,
                             self.gamma, self.hops)
         scores = walked * self._ema_steps(exposure)
         scores[:, :f] += cand.ring_score * self.decay**chunk
@@ -73,11 +73,3 @@ class Nexus(Policy):
         if self.decay == 1.0:
             return steps
         return (1 - self.decay**steps) / (1 - self.decay)
-
-    @staticmethod
-    def _edge_pos(cand: PrefillCandidates) -> torch.Tensor:
-        """Targets are candidate indices, so an edge is alive iff it exists: give it its target's position."""
-        target = cand.edge_target.long().clamp(min=0)
-        num_heads = target.shape[0]
-        target_pos = cand.pos.gather(1, target.view(num_heads, -1)).view_as(target)
-        return torch.where(cand.edge_target >= 0, target_pos, torch.full_like(target_pos, -2))
