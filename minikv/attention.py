@@ -93,7 +93,7 @@ class RingAttention:
         num_kv_heads, chunk = k.shape[1], k.shape[0]
         pos = torch.cat([ring.pos[r, :, :f], chunk_pos[None].expand(num_kv_heads, -1)], dim=1)
         keys = torch.cat([ring.k[r, :, :f], k.transpose(0, 1)], dim=1)
-        cand = PrefillCandidates(layer=layer, seed=self.seed, filled=f, pos=pos, keys=keys, mass=res.mass,
+        cand = PrefillCandidates(layer=layer, seed=self.seed, filled=f, budget=self.store.budget, pos=pos, keys=keys, mass=res.mass,
                                  ring_score=ring.score[r, :, :f], obs=res.obs, ring=r)
         if self.policy.needs_values:
             cand.values = torch.cat([ring.v[r, :, :f], v.transpose(0, 1)], dim=1)

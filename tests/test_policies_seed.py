@@ -162,7 +162,7 @@ def _nested(heads=2, **options) -> NestedKV:
 def _cand(keys: torch.Tensor, first_pos: int = 0) -> PrefillCandidates:
     heads, n, _ = keys.shape
     pos = torch.arange(first_pos, first_pos + n, dtype=torch.int32).expand(heads, -1)
-    return PrefillCandidates(layer=0, seed=0, filled=0, pos=pos, keys=keys, mass=torch.zeros(heads, n),
+    return PrefillCandidates(layer=0, seed=0, filled=0, budget=n, pos=pos, keys=keys, mass=torch.zeros(heads, n),
                              ring_score=torch.zeros(heads, 0), ring=0)
 
 

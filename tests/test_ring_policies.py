@@ -10,7 +10,7 @@ from helpers import load_tiny, make_tiny_checkpoint, ring_logits
 from minikv.errors import ConfigError
 from minikv.kernels.common import SCORE_ATTN, VICTIM_MIN_SCORE, VICTIM_RESERVOIR, EvictionSpec, RingLayer
 from minikv.kernels.reference import attend_score_sample, nexus_walk, victim_slots
-from minikv.policies import POLICIES, make_policy
+from minikv.policies import POLICIES, PrefillCandidates, make_policy
 from minikv.ring import check_ring_settings
 
 EVICTING = [name for name, cls in POLICIES.items() if cls.evicts]
@@ -179,6 +179,36 @@ def bridge_ring_victim(gamma: float) -> int:
 def test_nexus_decode_evicts_the_non_bridge():
     assert bridge_ring_victim(gamma=0.5) == 3  # Y goes, the bridge X stays
     assert bridge_ring_victim(gamma=0.0) == 2  # without the walk X and Y tie, and the lower slot (X) goes
+
+
+def reserve_candidates(n=40, novel=10, dim=16):
+    """Prefill candidates whose keys share one direction except `novel`, which nothing attended."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.ones(dim), dim=0) * 4 + 0.2 * torch.randn(n, dim, generator=g)
+    keys[novel] = torch.zeros(dim)
+    keys[novel, 0], keys[novel, 1] = 4.0, -4.0
+    mass = 0.5 + torch.rand(n, generator=g)
+    mass[novel] = 0.0
+    pos = torch.arange(n, dtype=torch.int32)[None]
+    return PrefillCandidates(layer=0, seed=0, filled=0, budget=20, pos=pos, keys=keys[None], mass=mass[None],
+                             ring_score=torch.zeros(1, 0), edge_target=torch.full((1, n, 4), -1),
+                             edge_pos=torch.full((1, n, 4), -1, dtype=torch.int32), edge_w=torch.zeros(1, n, 4))
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_nexus_novelty_reserve_keeps_the_unattended_outlier_key(tau):
+    cand = reserve_candidates()
+    chosen = cand.budget - 2 - 4  # budget - n_sink - window
+    _, lifted = make_policy("nexus", n_sink=2, window=4, tau=tau, reserve=0.5).prefill_scores(cand)
+    assert lifted[0, 10] == lifted.max()
+    assert int((lifted == lifted.max()).sum()) == chosen // 2  # exactly the reserve share is lifted
+    _, plain = make_policy("nexus", n_sink=2, window=4, tau=tau, reserve=0.0).prefill_scores(cand)
+    assert plain[0, 10] == plain.min()  # by attention alone it is the first to go
+
+
+def test_nexus_reserve_must_be_a_share():
+    with pytest.raises(ConfigError, match="0 <= reserve <= 1"):
+        make_policy("nexus", reserve=1.5)
 
 
 # --- reservoir sampling --------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from minikv import Engine, SamplingParams
-from minikv.eval import generate as make_task, score
 
 pytestmark = pytest.mark.slow
 
@@ -46,19 +45,39 @@ def test_greedy_generation_matches_transformers(smollm2, hf_model):
         assert out.token_ids == ref[0, len(ids):].tolist()
 
 
-def test_passkey_at_2000_tokens_streams_through_the_ring(smollm2):
-    """A 2,000-token passkey prompt through chunked prefill (chunk 256): the full cache finds the key.
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
-    Not asserted, because it does not hold: nexus (or any evicting policy) at budget 512 finding it.
-    SmolLM2 splits the 7-digit value into 7 tokens that nothing attends to before the question arrives,
-    so every query-agnostic policy loses a digit at 25% budget (see docs/quality.md).
+
+def passkey_prompt(tokenizer, seed: int, depth: float, length: int = 2000) -> tuple[str, str]:
+    """The passkey task of Mohtashami & Jaggi (2023, arXiv 2305.16300): a 5-digit key in repeated filler,
+    asked for at the end, as a raw completion."""
+    import random
+
+    key = str(random.Random(seed).randint(10_000, 99_999))
+    per_filler = len(tokenizer.encode(" " + FILLER, add_special_tokens=False))
+    fillers = (length - 80) // per_filler
+    before = int(fillers * depth)
+    parts = ["There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+             "I will quiz you about the important information there."]
+    parts += [FILLER] * before + [f"The pass key is {key}. Remember it. {key} is the pass key."]
+    parts += [FILLER] * (fillers - before) + ["What is the pass key? The pass key is"]
+    return " ".join(parts), key
+
+
+@pytest.mark.parametrize("policy", ["full", "nexus"])
+def test_passkey_at_2000_tokens_with_budget_512(smollm2, policy):
+    """Issue 3's acceptance: the key comes back through a 512-slot ring (chunk 256) as well as with no eviction.
+
+    nexus keeps it through its novelty reserve; with reserve=0 (attention alone) it loses the key on all
+    three prompts, as do h2o and tova (docs/quality.md).
     """
-    sample = make_task("niah_single", smollm2.tokenizer, 2000, seed=1, haystack="repeated", depth=0.4)
-    engine = Engine(smollm2, chunk=256, policy="full", max_num_seqs=1)
-    out = engine.generate([[{"role": "user", "content": sample.prompt}]],
-                          SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0]
-    assert out.num_prompt_tokens > 1900 and out.num_evicted_tokens == 0
-    assert score(sample, out.text) == 1.0, (out.text, sample.answers)
+    engine = Engine(smollm2, budget=512, chunk=256, policy=policy, max_num_seqs=3)
+    prompts = [passkey_prompt(smollm2.tokenizer, seed, depth) for seed, depth in [(1, 0.4), (2, 0.2), (3, 0.6)]]
+    outs = engine.generate([text for text, _ in prompts], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    for (_, key), out in zip(prompts, outs):
+        assert out.num_prompt_tokens > 1900
+        assert (out.num_evicted_tokens > 0) == (policy != "full")
+        assert key in out.text, (key, out.text)
 
 
 def test_cli_answers_paris():

@@ -30,6 +30,7 @@ class PrefillCandidates:
     layer: int
     seed: int
     filled: int  # f
+    budget: int  # slots the ring keeps (n_sink and window included)
     pos: torch.Tensor  # [H, n] original positions
     keys: torch.Tensor  # [H, n, D] K after RoPE
     mass: torch.Tensor  # [H, n] attention received from the chunk's rows (column sums, group mean)

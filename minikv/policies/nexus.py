@@ -6,7 +6,9 @@ The seed paper (arXiv 2606.23961) gives the idea; the concrete method here is DE
   so a *bridge token* that the query barely attends, but that the tokens it attends did attend, is seen;
 - S <- decay * S + n keeps a memory of past importance;
 - the victim is drawn by Efraimidis-Spirakis A-Res (weights S^(1/tau)) rather than cut at a fixed rank,
-  so a token that falls just below the cut-off once is not erased with certainty.
+  so a token that falls just below the cut-off once is not erased with certainty;
+- while a prompt streams through, a *novelty reserve* keeps the keys least like the rest (KeyDiff's rule,
+  arXiv 2504.15364) whatever their attention: minikv's addition, see `reserve` below.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from ..errors import ConfigError
 from ..kernels.common import SCORE_ATTN, VICTIM_MIN_SCORE, VICTIM_RESERVOIR
-from ..kernels.reference import nexus_walk, reservoir_keys
+from ..kernels.reference import keydiff_scores, nexus_walk, reservoir_keys
 from .base import Policy, PrefillCandidates
 
 
@@ -30,11 +32,15 @@ class Nexus(Policy):
     gamma: float = 0.5
     hops: int = 2
     tau: float = 1.0  # 0 = deterministic top-K (sampling off)
+    # Share of the policy-chosen prefill slots (budget - n_sink - window) kept for the most novel keys.
+    reserve: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.decay <= 1.0 or self.gamma < 0 or self.hops < 0 or self.tau < 0:
             raise ConfigError("nexus needs 0 <= decay <= 1, gamma >= 0, hops >= 0 and tau >= 0")
+        if not 0.0 <= self.reserve <= 1.0:
+            raise ConfigError(f"nexus reserve is a share of the chosen slots, 0 <= reserve <= 1 (got {self.reserve})")
 
     @property
     def sampling(self) -> bool:
@@ -62,11 +68,31 @@ class Nexus(Policy):
                             self.gamma, self.hops)
         scores = walked * self._ema_steps(exposure)
         scores[:, :f] += cand.ring_score * self.decay**chunk
-        if not self.sampling:
-            return scores, scores
-        heads = torch.arange(scores.shape[0], device=scores.device)[:, None]
-        keys = reservoir_keys(self.eviction_spec(), scores, heads, cand.pos, cand.layer, cand.seed)
-        return scores, -keys  # the largest reservoir key is dropped first
+        if self.sampling:
+            heads = torch.arange(scores.shape[0], device=scores.device)[:, None]
+            priority = -reservoir_keys(self.eviction_spec(), scores, heads, cand.pos, cand.layer, cand.seed)
+        else:
+            priority = scores.clone()
+        return scores, self._novelty_reserve(cand, priority)
+
+    def _novelty_reserve(self, cand: PrefillCandidates, priority: torch.Tensor) -> torch.Tensor:
+        """Lift the `reserve` share of the chosen slots with the most novel keys above every other priority.
+
+        Attention scores measure what the text read so far needed. A prompt's facts (a number, a name, a
+        passkey) are often what nothing has attended *yet*: the question that needs them comes at the end,
+        chunks after they were written, so every attention-scored policy lets them go (docs/quality.md:
+        on SmolLM2 nexus, h2o, tova and snapkv lose a 2,000-token passkey at budget 512, keydiff keeps it).
+        A key far from the mean key direction carries what the others do not; keeping a share of those
+        costs little when the haystack is redundant. Only prefill needs this: once decoding starts, the
+        query itself attends what it needs, and the kernel's attention scores take over.
+        """
+        chosen = cand.budget - self.n_sink - self.window
+        count = min(int(self.reserve * max(chosen, 0)), cand.pos.shape[1])
+        if count == 0:
+            return priority
+        novel = keydiff_scores(cand.keys).topk(count, dim=-1).indices
+        lifted = torch.finfo(torch.float32).max  # below the +inf that protects sinks and window
+        return priority.float().scatter(1, novel, lifted)
 
     def _ema_steps(self, steps: torch.Tensor) -> torch.Tensor:
         """sum_{k<steps} decay^k: what `steps` decode steps of constant attention 1 add to S."""
