@@ -8,7 +8,7 @@ import re
 import pytest
 
 from minikv.errors import ConfigError
-from minikv.eval import TASKS, generate, insert_at_depths, perplexity_text, prose_paragraphs, score
+from minikv.eval import TASKS, generate, insert_at_depths, passkey_prompt, perplexity_text, prose_paragraphs, score
 from minikv.eval.haystack import REPEATED_SENTENCES, haystack_text, token_counter
 from minikv.eval.tasks import LENGTH_TOLERANCE, count_occurrences
 
@@ -35,6 +35,18 @@ def smollm2_tokenizer():
 
 def _measure(tokenizer, text):
     return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_passkey_prompt_states_the_key_twice_at_its_depth(smollm2_tokenizer):
+    prompt, key = passkey_prompt(smollm2_tokenizer, seed=4, depth=0.25)
+    assert abs(_measure(smollm2_tokenizer, prompt) - 2000) <= 0.05 * 2000  # whole filler sentences only
+    assert len(key) == 5 and prompt.count(key) == 2
+    assert abs(prompt.index(key) / len(prompt) - 0.25) < 0.03
+    assert prompt.endswith("The pass key is")
+    assert passkey_prompt(smollm2_tokenizer, seed=4, depth=0.25) == (prompt, key)
+    assert passkey_prompt(smollm2_tokenizer, seed=5, depth=0.25)[1] != key
+    with pytest.raises(ConfigError, match="0 <= depth <= 1"):
+        passkey_prompt(smollm2_tokenizer, seed=4, depth=1.5)
 
 
 # ---------------------------------------------------------------------------------------------------------

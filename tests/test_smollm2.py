@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from minikv import Engine, SamplingParams
+from minikv.eval import passkey_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -43,25 +44,6 @@ def test_greedy_generation_matches_transformers(smollm2, hf_model):
         with torch.no_grad():
             ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
         assert out.token_ids == ref[0, len(ids):].tolist()
-
-
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-
-
-def passkey_prompt(tokenizer, seed: int, depth: float, length: int = 2000) -> tuple[str, str]:
-    """The passkey task of Mohtashami & Jaggi (2023, arXiv 2305.16300): a 5-digit key in repeated filler,
-    asked for at the end, as a raw completion."""
-    import random
-
-    key = str(random.Random(seed).randint(10_000, 99_999))
-    per_filler = len(tokenizer.encode(" " + FILLER, add_special_tokens=False))
-    fillers = (length - 80) // per_filler
-    before = int(fillers * depth)
-    parts = ["There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-             "I will quiz you about the important information there."]
-    parts += [FILLER] * before + [f"The pass key is {key}. Remember it. {key} is the pass key."]
-    parts += [FILLER] * (fillers - before) + ["What is the pass key? The pass key is"]
-    return " ".join(parts), key
 
 
 @pytest.mark.parametrize("policy", ["full", "nexus"])

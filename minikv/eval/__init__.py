@@ -5,7 +5,7 @@ the chat template) and its expected answers; ``score(sample, output)`` compares 
 """
 
 from minikv.eval.haystack import HAYSTACK_SOURCES, haystack_text, insert_at_depths, prose_paragraphs
-from minikv.eval.tasks import TASKS, Sample, Task, generate, get_task, perplexity_text, score
+from minikv.eval.tasks import TASKS, Sample, Task, generate, get_task, passkey_prompt, perplexity_text, score
 
 __all__ = [
     "HAYSTACK_SOURCES",
@@ -16,6 +16,7 @@ __all__ = [
     "get_task",
     "haystack_text",
     "insert_at_depths",
+    "passkey_prompt",
     "perplexity_text",
     "prose_paragraphs",
     "score",

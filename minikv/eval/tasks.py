@@ -519,3 +519,28 @@ def perplexity_text(tokenizer: TokenizerLike, length_tokens: int, seed: int) -> 
     if not _within_tolerance(measured, length_tokens):
         raise ConfigError(f"could not cut a prose text of {length_tokens} tokens (got {measured})")
     return text
+
+
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+def passkey_prompt(tokenizer: TokenizerLike, seed: int, depth: float, length_tokens: int = 2000) -> tuple[str, str]:
+    """The passkey task of Mohtashami & Jaggi (2023, arXiv 2305.16300) as (raw completion prompt, key).
+
+    A 5-digit key, stated twice in one sentence pair, sits at ``depth`` of a repeated filler; the prompt ends
+    with "The pass key is" (no chat template: SmolLM2's chat form of this task fails 1 of 3 prompts even
+    with the full cache). Used by the issue-3 acceptance test and tools/passkey.py.
+    """
+    import random
+
+    if not 0.0 <= depth <= 1.0:
+        raise ConfigError(f"depth is a fraction of the filler, 0 <= depth <= 1 (got {depth})")
+    key = str(random.Random(seed).randint(10_000, 99_999))
+    per_filler = len(tokenizer.encode(" " + PASSKEY_FILLER, add_special_tokens=False))
+    fillers = max(1, (length_tokens - 80) // per_filler)
+    before = int(fillers * depth)
+    parts = ["There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+             "I will quiz you about the important information there."]
+    parts += [PASSKEY_FILLER] * before + [f"The pass key is {key}. Remember it. {key} is the pass key."]
+    parts += [PASSKEY_FILLER] * (fillers - before) + ["What is the pass key? The pass key is"]
+    return " ".join(parts), key
