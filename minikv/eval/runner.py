@@ -16,12 +16,13 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from minikv.errors import ConfigError
 from minikv.eval.tasks import Sample, generate, get_task, perplexity_text, score
+from minikv.policies.spec import PolicySpec, parse_policy
 
 # Tokens to generate per task: enough for the answer, small enough to keep CPU decoding cheap.
 MAX_TOKENS = {"niah_single": 32, "niah_multikey": 32, "niah_multivalue": 64, "niah_multiquery": 64,
@@ -33,54 +34,6 @@ RESULTS_VERSION = 1
 
 
 # --- what to run -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """A policy with options, written ``name`` or ``name:key=value,key=value`` (e.g. ``nexus:tau=0``)."""
-
-    label: str
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_policy(text: str) -> PolicySpec:
-    """Parse ``nexus:gamma=0,tau=0.5`` into a PolicySpec; values are read as int, float or bool."""
-    from minikv.policies import POLICIES
-
-    name, _, option_text = text.strip().partition(":")
-    name = name.strip().lower()
-    if name not in POLICIES:
-        raise ConfigError(f"unknown policy {name!r} in --policies; known policies: {', '.join(POLICIES)}")
-    options: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in option_text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"policy option {item!r} in {text!r} must look like key=value (e.g. nexus:tau=0)")
-        options[key.strip()] = _parse_value(value.strip())
-    _check_policy_options(name, options, text)
-    return PolicySpec(text.strip(), name, options)
-
-
-def _parse_value(value: str) -> Any:
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
-
-
-def _check_policy_options(name: str, options: dict[str, Any], text: str) -> None:
-    """Build the policy once so that a misspelt option fails before any model is loaded."""
-    from minikv.policies import make_policy
-
-    reserved = {"n_sink", "window"} & set(options)
-    if reserved:
-        raise ConfigError(f"set {', '.join(sorted(reserved))} with --n-sink/--window, not in the policy {text!r}")
-    make_policy(name, **options)
 
 
 def parse_policies(text: str) -> list[PolicySpec]:
