@@ -199,11 +199,15 @@ def reserve_candidates(n=40, novel=10, dim=16):
 def test_nexus_novelty_reserve_keeps_the_unattended_outlier_key(tau):
     cand = reserve_candidates()
     chosen = cand.budget - 2 - 4  # budget - n_sink - window
-    _, lifted = make_policy("nexus", n_sink=2, window=4, tau=tau, reserve=0.5).prefill_scores(cand)
+    stored, lifted = make_policy("nexus", n_sink=2, window=4, tau=tau, reserve=0.5).prefill_scores(cand)
     assert lifted[0, 10] == lifted.max()
     assert int((lifted == lifted.max()).sum()) == chosen // 2  # exactly the reserve share is lifted
-    _, plain = make_policy("nexus", n_sink=2, window=4, tau=tau, reserve=0.0).prefill_scores(cand)
+    plain_stored, plain = make_policy("nexus", n_sink=2, window=4, tau=tau, reserve=0.0).prefill_scores(cand)
     assert plain[0, 10] == plain.min()  # by attention alone it is the first to go
+    # Stored with the candidates' mean score, so decode does not pick it first; unreserved scores untouched.
+    assert plain_stored[0, 10] == 0 and stored[0, 10] == pytest.approx(plain_stored.mean().item())
+    reserved = lifted == lifted.max()
+    assert torch.equal(stored[~reserved], plain_stored[~reserved])
 
 
 def test_nexus_reserve_must_be_a_share():

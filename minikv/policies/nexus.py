@@ -73,26 +73,35 @@ class Nexus(Policy):
             priority = -reservoir_keys(self.eviction_spec(), scores, heads, cand.pos, cand.layer, cand.seed)
         else:
             priority = scores.clone()
-        return scores, self._novelty_reserve(cand, priority)
+        return self._novelty_reserve(cand, scores, priority)
 
-    def _novelty_reserve(self, cand: PrefillCandidates, priority: torch.Tensor) -> torch.Tensor:
-        """Lift the `reserve` share of the chosen slots with the most novel keys above every other priority.
+    def _novelty_reserve(self, cand: PrefillCandidates, scores: torch.Tensor,
+                         priority: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lift the `reserve` share of the chosen slots with the most novel keys above every other priority,
+        and store each with at least the mean score of the candidates.
 
         Attention scores measure what the text read so far needed. A prompt's facts (a number, a name, a
         passkey) are often what nothing has attended *yet*: the question that needs them comes at the end,
         chunks after they were written, so every attention-scored policy lets them go (docs/quality.md:
-        on SmolLM2 nexus, h2o, tova and snapkv lose a 2,000-token passkey at budget 512, keydiff keeps it).
+        on SmolLM2, nexus without it, h2o and tova lose a 2,000-token passkey at budget 512; keydiff keeps it).
         A key far from the mean key direction carries what the others do not; keeping a share of those
-        costs little when the haystack is redundant. Only prefill needs this: once decoding starts, the
-        query itself attends what it needs, and the kernel's attention scores take over.
+        costs little when the haystack is redundant.
+
+        Decode has no reserve: once generation starts the query attends what it needs, and the kernel's
+        attention scores take over. The score floor is the hand-over: stored with their near-zero attention
+        EMA, the reserved slots would be the first victims of the first decode steps, before the question's
+        attention has lifted the ones it needs (on a 7-digit needle the last digit went that way). With the
+        candidates' mean score they start as ordinary slots and decay like any other unless attended.
         """
         chosen = cand.budget - self.n_sink - self.window
         count = min(int(self.reserve * max(chosen, 0)), cand.pos.shape[1])
         if count == 0:
-            return priority
+            return scores, priority
         novel = keydiff_scores(cand.keys).topk(count, dim=-1).indices
+        floor = scores.mean(dim=-1, keepdim=True).expand_as(novel)
+        scores = scores.scatter(1, novel, torch.maximum(scores.gather(1, novel), floor))
         lifted = torch.finfo(torch.float32).max  # below the +inf that protects sinks and window
-        return priority.float().scatter(1, novel, lifted)
+        return scores, priority.float().scatter(1, novel, lifted)
 
     def _ema_steps(self, steps: torch.Tensor) -> torch.Tensor:
         """sum_{k<steps} decay^k: what `steps` decode steps of constant attention 1 add to S."""
