@@ -85,13 +85,16 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
 
 
 def _draw_panel(ax, points: dict[str, list[tuple[float, float]]], panel: str) -> None:
-    for policy, xy in points.items():
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab20"].colors  # 20 colours: the default cycle repeats after 10 policies
+    for index, (policy, xy) in enumerate(points.items()):
         xs, ys = zip(*xy)
         if policy == "full" or len(xs) == 1 and xs[0] == 1.0:
             ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label=policy)
             continue
         style = ":" if ":" in policy else "-"  # ablations dotted
-        ax.plot(xs, ys, marker="o", linestyle=style, label=policy)
+        ax.plot(xs, ys, marker="o", linestyle=style, label=policy, color=palette[(2 * index) % 20 + index // 10 % 2])
     ax.set_xscale("log")
     ax.set_xlabel("budget (fraction of the context)")
     budgets = sorted({x for xy in points.values() for x, _ in xy})
