@@ -153,7 +153,7 @@ def _answer(engine, messages: list[dict], params) -> str:
 
 def _print_banner(engine) -> None:
     mb = engine.store.bytes_per_ring / 2**20
-    print(f"minikv: {engine.config.architecture}, {engine.config.num_layers} layers, policy {engine.policy.name}, "
+    print(f"minikv: {engine.config.architecture}, {engine.config.num_layers} layers, policy {engine.policy.label}, "
           f"budget {engine.budget} slots ({mb:.0f} MiB of KV per sequence), {engine.device}", file=sys.stderr)
 
 

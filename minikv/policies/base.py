@@ -11,7 +11,7 @@ A policy acts at two moments:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -69,6 +69,14 @@ class Policy:
     needs_hidden_states: ClassVar[bool] = False
     # EpiKV-lag scores K and V features: prefill candidates then carry V as well.
     needs_values: ClassVar[bool] = False
+
+    @property
+    def label(self) -> str:
+        """The policy as `minikv run --policy` writes it: name, then the options that differ from the defaults."""
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                   if f.init and f.name not in ("n_sink", "window") and f.default is not MISSING
+                   and getattr(self, f.name) != f.default]
+        return self.name + (":" + ",".join(changed) if changed else "")
 
     def eviction_spec(self) -> EvictionSpec:
         raise NotImplementedError
