@@ -87,7 +87,8 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
 def _draw_panel(ax, points: dict[str, list[tuple[float, float]]], panel: str) -> None:
     import matplotlib
 
-    palette = matplotlib.colormaps["tab20"].colors  # 20 colours: the default cycle repeats after 10 policies
+    # The default cycle repeats after 10 policies; tab20 has 10 hues in dark/light pairs: the dark ones first.
+    palette = matplotlib.colormaps["tab20"].colors
     for index, (policy, xy) in enumerate(points.items()):
         xs, ys = zip(*xy)
         if policy == "full" or len(xs) == 1 and xs[0] == 1.0:

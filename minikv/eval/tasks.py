@@ -531,8 +531,6 @@ def passkey_prompt(tokenizer: TokenizerLike, seed: int, depth: float, length_tok
     with "The pass key is" (no chat template: SmolLM2's chat form of this task fails 1 of 3 prompts even
     with the full cache). Used by the issue-3 acceptance test and tools/passkey.py.
     """
-    import random
-
     if not 0.0 <= depth <= 1.0:
         raise ConfigError(f"depth is a fraction of the filler, 0 <= depth <= 1 (got {depth})")
     key = str(random.Random(seed).randint(10_000, 99_999))

@@ -72,7 +72,7 @@ class Nexus(Policy):
             heads = torch.arange(scores.shape[0], device=scores.device)[:, None]
             priority = -reservoir_keys(self.eviction_spec(), scores, heads, cand.pos, cand.layer, cand.seed)
         else:
-            priority = scores.clone()
+            priority = scores  # the reserve below writes new tensors, so sharing is safe
         return self._novelty_reserve(cand, scores, priority)
 
     def _novelty_reserve(self, cand: PrefillCandidates, scores: torch.Tensor,
