@@ -23,19 +23,23 @@ VICTIM_MIN_SCORE = 1  # deterministic argmin S (top-K keep)
 VICTIM_RESERVOIR = 2  # Efraimidis-Spirakis A-Res: weighted sampling without replacement
 
 
-class RingLayer(NamedTuple):
-    """One layer's view of the ring pools; every tensor is indexed by ring id first.
+class PoolLayer(NamedTuple):
+    """One layer's view of the block pool (DESIGN 3.1): every tensor is indexed by block first.
 
-    k, v:       [num_rings, num_kv_heads, budget, head_dim]  K after RoPE at the original position.
-    pos:        [num_rings, num_kv_heads, budget] int32      original position of the token in the slot.
-    score:      [num_rings, num_kv_heads, budget] fp32       the policy's importance score.
-    edge_slot:  [num_rings, num_kv_heads, budget, M] int32   Nexus out-edges: target slot, -1 = none.
-    edge_pos:   [num_rings, num_kv_heads, budget, M] int32   target's position when the edge was made;
-                                                             an edge is dead once pos[target] differs.
-    edge_w:     [num_rings, num_kv_heads, budget, M] fp32    normalised edge weight.
+    A block holds `block_size` consecutive ring slots for every KV head of the layer. Slot j of a
+    sequence's ring lives in block `block_table[j // block_size]` at offset `j % block_size`, for every
+    KV head; the ring math (positions, scores, victims, edges) only ever sees ring slot indices j.
 
-    Slots at index >= filled[ring] are empty whatever `pos` holds, so freeing a ring is O(1).
-    Policies without edges use M = 1 and never read them.
+    k, v:       [num_blocks, block_size, num_kv_heads, head_dim]  K after RoPE at the original position.
+    pos:        [num_blocks, block_size, num_kv_heads] int32      original position of the token in the slot.
+    score:      [num_blocks, block_size, num_kv_heads] fp32       the policy's importance score.
+    edge_slot:  [num_blocks, block_size, num_kv_heads, M] int32   Nexus out-edges: target *ring slot*, -1 = none.
+    edge_pos:   [num_blocks, block_size, num_kv_heads, M] int32   target's position when the edge was made;
+                                                                  an edge is dead once pos[target] differs.
+    edge_w:     [num_blocks, block_size, num_kv_heads, M] fp32    normalised edge weight.
+
+    Slots at ring index >= filled are empty whatever the pool holds there, so freeing a sequence's blocks is
+    O(1) and nothing is zeroed. Policies without edges use M = 1 and never read them.
     """
 
     k: torch.Tensor
@@ -45,6 +49,23 @@ class RingLayer(NamedTuple):
     edge_slot: torch.Tensor
     edge_pos: torch.Tensor
     edge_w: torch.Tensor
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[1]
+
+    def rows(self, name: str) -> torch.Tensor:
+        """A pool tensor with (block, offset) flattened into one row axis: [num_blocks * block_size, ...]."""
+        t = getattr(self, name)
+        return t.view(-1, *t.shape[2:])
+
+
+def physical_rows(block_table: torch.Tensor, slots: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Ring slot indices -> rows of PoolLayer.rows(...): block_table[slot // block_size] * block_size +
+    slot % block_size (int64). block_table [..., W] and slots [..., n] share their leading dimensions."""
+    slots = slots.long()
+    blocks = block_table.long().gather(-1, slots // block_size)
+    return blocks * block_size + slots % block_size
 
 
 @dataclass(frozen=True)
