@@ -27,6 +27,7 @@ its logits, never on which other requests share the batch or where it sits in it
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 from collections.abc import Sequence
@@ -48,6 +49,14 @@ MAX_ABS_PRESENCE_FREQUENCY_PENALTY = 2.0
 # --------------------------------------------------------------------------------------------------
 # Parameters
 # --------------------------------------------------------------------------------------------------
+
+
+class RequestOutputKind(enum.Enum):
+    """How much each RequestOutput of a request carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # all text and tokens so far, every time
+    DELTA = 1  # only what is new since the request's previous output (streams, servers)
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass
@@ -72,7 +81,12 @@ class SamplingParams:
     seed: makes this request's samples reproducible; with None the engine picks one.
     ignore_eos: keep generating after EOS (EOS is then an ordinary token).
     logprobs: return this many top logprobs per generated token, plus the chosen token's (0 to 20).
+    prompt_logprobs: the same for every prompt token after the first (0 to 20; 0 = the token's own only).
     skip_special_tokens: leave special tokens out of the decoded text.
+    output_kind: what each RequestOutput carries: everything so far (CUMULATIVE), what is new (DELTA), or
+        one output at the end (FINAL_ONLY).
+    kv_budget: minikv's own: the most KV slots per layer and KV head this request may hold (None = the
+        engine's budget); the engine refuses values outside [n_sink + window + 1, its budget].
     """
 
     temperature: float = 1.0
@@ -90,7 +104,10 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    kv_budget: int | None = None
 
     def __post_init__(self) -> None:
         self.stop = _normalise_stop(self.stop)
@@ -125,10 +142,19 @@ class SamplingParams:
             _bad("max_tokens", self.max_tokens, "must be >= 1")
         if not 0 <= self.min_tokens <= self.max_tokens:
             _bad("min_tokens", self.min_tokens, f"must be in [0, max_tokens={self.max_tokens}]")
-        if self.logprobs is not None:
-            _require_int("logprobs", self.logprobs)
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                _bad("logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}], or None for no logprobs")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _require_int(name, value)
+                if not 0 <= value <= MAX_LOGPROBS:
+                    _bad(name, value, f"must be in [0, {MAX_LOGPROBS}], or None for no logprobs")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            _bad("output_kind", self.output_kind, "must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY)")
+        if self.kv_budget is not None:
+            _require_int("kv_budget", self.kv_budget)
+            if self.kv_budget < 1:
+                _bad("kv_budget", self.kv_budget, "must be a positive number of KV slots, or None for the engine's")
+            self.kv_budget = int(self.kv_budget)
         if self.seed is not None:
             _require_int("seed", self.seed)
             self.seed = int(self.seed)
