@@ -126,10 +126,10 @@ def test_cos_sin_at_position_8000_equal_fp64_to_fp32_rounding(config):
 
 
 def test_bf16_frequencies_would_scramble_the_angles_at_4000_positions():
-    """The bug the fix prevents: a bf16 frequency is off by up to 2^-9 relative (measured 0.33% worst, from
-    the 8-bit mantissa), so the angle between a query and a key 4,000 positions apart is off by
-    4000 * omega * 0.0033 rad: more than 2.5 rad for some frequency of SmolLM2's RoPE (2.56 measured),
-    against 7e-5 rad in fp32."""
+    """The bug the fix prevents: a bf16 frequency omega is off by up to 2^-8 relative (0.33% for the worst
+    of SmolLM2's 32), so the angle between a query and a key 4,000 positions apart is off by up to
+    4000 * omega * 0.0033 rad: more than 2.5 rad (modulo 2 pi) for some frequency (2.56 measured), against
+    7e-5 rad in fp32."""
     exact = exact_frequencies(SMOLLM2_ROPE)
     distance = 4000.0
 

@@ -46,8 +46,8 @@ class RotaryEmbedding(nn.Module):
     """RoPE. Frequencies are fixed at load; cos/sin are made for the step's positions on the fly,
     because ring positions keep counting past evictions and never index a fixed-size table.
 
-    Frequencies, angles, cos and sin are fp32 whatever the model's dtype. In bf16 (8 mantissa bits) a
-    frequency is off by up to 2^-9 relative, so the angle between a query and a key 4,000 positions
+    Frequencies, angles, cos and sin are fp32 whatever the model's dtype. In bf16 (8 significant bits) a
+    frequency is off by up to 2^-8 relative, so the angle between a query and a key 4,000 positions
     apart drifts by radians: exactly the long-context regime minikv is for.
     """
 
