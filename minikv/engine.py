@@ -49,6 +49,32 @@ Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
 
 
 @dataclass
+class EngineStats:
+    """The engine's counters and gauges, cheap to read at any time (a metrics endpoint reads these).
+
+    Gauges: requests running / waiting now; KV blocks of the pool in use (held by running requests) and in
+    all; kv_usage = used / total. Counters since the engine started: steps run, prompt tokens processed,
+    tokens generated, tokens evicted (summed over finished requests), requests finished by reason;
+    peak_running: the most requests that ever ran in one step.
+    """
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_steps: int
+    prompt_tokens: int
+    generation_tokens: int
+    evicted_tokens: int
+    finished: dict[str, int]
+    peak_running: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass
 class _Sampled:
     """One sampled token, with its logprobs when the request asked for them."""
 
@@ -101,6 +127,8 @@ class Engine:
         self._sinks: dict[str, deque[RequestOutput]] = {}  # outputs of requests owned by generate/stream
         self._ids = itertools.count()
         self._seeds = itertools.count()
+        self._counters = dict(num_steps=0, prompt_tokens=0, generation_tokens=0, evicted_tokens=0, peak_running=0)
+        self._finished_by_reason: dict[str, int] = {}
 
     def _check_budget(self, budget: int, chunk: int) -> int:
         if not self.policy.evicts:
@@ -128,7 +156,7 @@ class Engine:
         seed = params.seed if params.seed is not None else int(hash_u32(torch.tensor(self.seed), torch.tensor(next(self._seeds))))
         eos = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
         req = Request(request_id, prompt_ids, params, seed=seed, eos_ids=eos, tokenizer=self.tokenizer,
-                      prompt_text=prompt_text, kv_budget=self.budget)
+                      prompt_text=prompt_text, kv_budget=self._request_budget(params))
         self._requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -146,6 +174,17 @@ class Engine:
             raise InvalidRequestError(f"stop_token_ids {out_of_vocab[:5]} are outside the vocabulary "
                                       f"[0, {self.config.vocab_size})")
         return params
+
+    def _request_budget(self, params: SamplingParams) -> int:
+        """The request's own KV budget: SamplingParams.kv_budget, within what the engine can honour."""
+        if params.kv_budget is None:
+            return self.budget
+        lowest = self.policy.n_sink + self.policy.window + 1
+        if not lowest <= params.kv_budget <= self.budget:
+            raise InvalidRequestError(
+                f"kv_budget={params.kv_budget} is out of range: it must be in [{lowest}, {self.budget}] (above "
+                f"n_sink + window = {lowest - 1}, so some slot can be evicted, and at most the engine's --budget)")
+        return params.kv_budget
 
     def _check_request_id(self, request_id: str | None) -> str:
         if request_id is None:
@@ -201,6 +240,13 @@ class Engine:
         """Requests in the engine, waiting or running."""
         return self.scheduler.num_waiting + self.scheduler.num_running
 
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's gauges and counters (see EngineStats)."""
+        total = self.store.num_rings
+        return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                           kv_blocks_used=total - self.store.num_free, kv_blocks_total=total,
+                           finished=dict(self._finished_by_reason), **self._counters)
+
     # --- the loop --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward pass; return the outputs of the requests that produced a token or finished
@@ -225,9 +271,7 @@ class Engine:
             out = req.make_output()
             sink = self._sinks.get(req.request_id)
             if req.is_finished:
-                del self._requests[req.request_id]
-                self._sinks.pop(req.request_id, None)
-                req.metrics.finished_time = time.monotonic()
+                self._forget_finished(req)
             if out is None:
                 continue
             if sink is not None:
@@ -236,10 +280,22 @@ class Engine:
                 outputs.append(out)
         return outputs
 
+    def _forget_finished(self, req: Request) -> None:
+        del self._requests[req.request_id]
+        self._sinks.pop(req.request_id, None)
+        req.metrics.finished_time = time.monotonic()
+        self._counters["evicted_tokens"] += req.num_evicted_tokens
+        reason = req.finish_reason or "abort"
+        self._finished_by_reason[reason] = self._finished_by_reason.get(reason, 0) + 1
+
     def _run(self, sched: SchedulerOutput) -> list[Request]:
         """Run a scheduled step; return the requests that got a token or finished."""
         now = time.monotonic()
         scheduled = _scheduled_requests(sched)
+        counters = self._counters
+        counters["num_steps"] += 1
+        counters["prompt_tokens"] += sum(chunk.length for chunk in sched.prefills)
+        counters["peak_running"] = max(counters["peak_running"], self.scheduler.num_running)
         for req in scheduled:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
@@ -254,6 +310,7 @@ class Engine:
             try:
                 if isinstance(sampled, Exception):
                     raise sampled
+                counters["generation_tokens"] += 1
                 reason = req.append_token(sampled.token, sampled.logprobs)
                 if reason is not None:
                     self.scheduler.finish(req, reason)
@@ -390,6 +447,7 @@ class Engine:
         if req is not None:
             if not req.is_finished:
                 self.scheduler.finish(req, "abort")
+                self._finished_by_reason["abort"] = self._finished_by_reason.get("abort", 0) + 1
             if req in self._finished_unreported:
                 self._finished_unreported.remove(req)
 
