@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +87,11 @@ class SamplingParams:
         one output at the end (FINAL_ONLY).
     kv_budget: minikv's own: the most KV slots per layer and KV head this request may hold (None = the
         engine's budget); the engine refuses values outside [n_sink + window + 1, its budget].
+    logits_processors: functions `fn(output_token_ids: list[int], logits: Tensor[vocab]) -> Tensor[vocab]`
+        applied in order to this request's fp32 logits at every step, before penalties, temperature and the
+        filters (vLLM's per-request logits processors). They see the raw logits, so they can record the
+        model's distribution, and may constrain it (e.g. force a token: -inf everywhere else). They cost a
+        Python call per step for the requests that have them; logprobs stay those of the raw logits.
     """
 
     temperature: float = 1.0
@@ -108,8 +113,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     kv_budget: int | None = None
+    logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
+        self.logits_processors = _normalise_processors(self.logits_processors)
         self.stop = _normalise_stop(self.stop)
         self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
         self._validate_numbers()
@@ -173,6 +180,16 @@ def _require_int(name: str, value: object) -> None:
     # bool is an int subclass, but seed=True is surely a mistake.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         _bad(name, value, "must be an integer")
+
+
+def _normalise_processors(processors) -> list:
+    if processors is None:
+        return []
+    processors = [processors] if callable(processors) else list(processors)
+    for fn in processors:
+        if not callable(fn):
+            _bad("logits_processors", processors, "must hold callables fn(output_token_ids, logits) -> logits")
+    return processors
 
 
 def _normalise_stop(stop: str | Sequence[str] | None) -> list[str]:
@@ -266,6 +283,8 @@ class SamplingBatch:
     uses_min_p: bool
     max_logprobs: int  # the most top logprobs any row asked for; 0 = none
     num_rows: int
+    # (row, its logits processors, its output token ids so far) for the rows that have processors
+    processors: tuple[tuple[int, tuple, TokenIds], ...] = ()
 
     @classmethod
     def from_rows(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu") -> SamplingBatch:
@@ -320,6 +339,8 @@ class SamplingBatch:
             uses_min_p=any(p.min_p > 0 and not g for p, g in zip(params, greedy)),
             max_logprobs=max(p.logprobs or 0 for p in params),
             num_rows=len(rows),
+            processors=tuple((i, tuple(row.params.logits_processors), row.output_token_ids)
+                             for i, row in enumerate(rows) if row.params.logits_processors),
         )
 
 
@@ -439,6 +460,19 @@ def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Each row's own processors, in order, on a copy (the raw logits stay for the logprobs)."""
+    if not batch.processors:
+        return logits
+    logits = logits.clone()
+    for row, processors, output_ids in batch.processors:
+        row_logits = logits[row]
+        for fn in processors:
+            row_logits = fn(list(output_ids), row_logits)
+        logits[row] = row_logits
+    return logits
+
+
 def apply_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Drop tokens with probability below min_p * (the row's top probability).
 
@@ -492,7 +526,7 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
             raise ValueError(f"logits must be [num_rows={batch.num_rows}, vocab], got {tuple(logits.shape)}")
         raw = logits.float()
-        processed = self.process_logits(raw, batch)
+        processed = self.process_logits(apply_logits_processors(raw, batch), batch)
         token_ids = self.sample(processed, batch)
         return _with_logprobs(raw, token_ids, batch.max_logprobs)
 

@@ -540,3 +540,36 @@ def test_chat_applies_the_template_and_generate_refuses_messages(loaded):
     assert out.prompt == template
     assert len(out.prompt_token_ids) == len(loaded.tokenizer.encode(template, add_special_tokens=False))
     assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
+
+
+# --- logits processors ---------------------------------------------------------------------------
+
+
+def test_logits_processors_see_the_raw_logits_and_can_force_tokens(loaded):
+    """A processor that records, then one that forces a given continuation: the engine decodes the forced
+    tokens one per step (teacher forcing), and the recorded logits are the model's own."""
+    forced = [7, 300, 42, 42, 99]
+    seen: list[torch.Tensor] = []
+
+    def record(output_ids, logits):
+        assert len(output_ids) == len(seen)
+        seen.append(logits.clone())
+        return logits
+
+    def force(output_ids, logits):
+        masked = torch.full_like(logits, float("-inf"))
+        masked[forced[len(output_ids)]] = 0.0
+        return masked
+
+    params = SamplingParams(temperature=0.7, seed=1, max_tokens=len(forced), ignore_eos=True,
+                            logits_processors=[record, force])
+    out = make_engine(loaded, policy="nexus", budget=24, window=4, chunk=8).generate(
+        [PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == forced
+    reference = hf_logits(loaded.path, PROMPT + forced[:-1])[len(PROMPT) - 1:]
+    torch.testing.assert_close(torch.stack(seen), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_a_non_callable_logits_processor_is_refused():
+    with pytest.raises(InvalidRequestError, match="logits_processors"):
+        SamplingParams(logits_processors=[1])
