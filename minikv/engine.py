@@ -344,7 +344,7 @@ class Engine:
 
     def _sample_rows(self, reqs: list[Request], logits: torch.Tensor) -> list[_Sampled]:
         rows = [SamplingRow(r.params, r.prompt_ids, r.output_ids, r.seed, tuple(r.eos_ids)) for r in reqs]
-        out = self.sampler(logits, SamplingBatch.from_rows(rows, device=logits.device))
+        out = self.sampler(logits, SamplingBatch.from_rows(rows, device=logits.device, vocab_size=logits.shape[-1]))
         tokens = out.token_ids.tolist()  # the one host sync of the step
         if all(r.params.logprobs is None for r in reqs):
             return [_Sampled(t) for t in tokens]
