@@ -2,14 +2,16 @@
 
     from minikv import Engine, SamplingParams
     engine = Engine(budget=1024)                     # SmolLM2-135M-Instruct by default
-    print(engine.generate("Hi!", SamplingParams(max_tokens=16))[0].text)
+    out = engine.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=16))[0]
+    print(out.outputs[0].text)
 """
 
-from .engine import Engine, RequestOutput
+from .engine import Engine, RequestStream
 from .errors import ConfigError, InvalidRequestError, MiniKVError, ModelLoadError
-from .sampling import SamplingParams
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from .sampling import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["Engine", "RequestOutput", "SamplingParams", "MiniKVError", "ConfigError", "InvalidRequestError",
-           "ModelLoadError"]
+__all__ = ["Engine", "RequestStream", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
+           "SamplingParams", "RequestOutputKind", "MiniKVError", "ConfigError", "InvalidRequestError", "ModelLoadError"]

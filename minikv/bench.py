@@ -128,7 +128,7 @@ def run_load(engine, requests: list[SyntheticRequest], *, temperature: float = 0
         concurrency.append(engine.scheduler.num_running)
         stamp = clock()
         for out in outputs:
-            if out.num_generated_tokens and out.request_id not in first_token:
+            if out.outputs[0].token_ids and out.request_id not in first_token:
                 first_token[out.request_id] = stamp
             if out.finished:
                 finished[out.request_id] = (out, stamp)
@@ -138,17 +138,19 @@ def run_load(engine, requests: list[SyntheticRequest], *, temperature: float = 0
 
 def _result(engine, label, duration, arrival, first_token, finished, concurrency) -> BenchResult:
     ttft = [first_token[rid] - arrival[rid] for rid in finished if rid in first_token]
-    tpot = [(stamp - first_token[rid]) / (out.num_generated_tokens - 1)
-            for rid, (out, stamp) in finished.items() if out.num_generated_tokens > 1]
+    tpot = [(stamp - first_token[rid]) / (out.metrics.num_generated_tokens - 1)
+            for rid, (out, stamp) in finished.items() if out.metrics.num_generated_tokens > 1]
     outs = [out for out, _ in finished.values()]
     store = engine.store
     return BenchResult(
         label=label, num_requests=len(finished), duration_s=duration,
-        prompt_tokens=sum(o.num_prompt_tokens for o in outs), output_tokens=sum(o.num_generated_tokens for o in outs),
+        prompt_tokens=sum(len(o.prompt_token_ids) for o in outs),
+        output_tokens=sum(o.metrics.num_generated_tokens for o in outs),
         ttft_s=ttft, tpot_s=tpot, peak_kv_bytes=max(concurrency, default=0) * store.bytes_per_ring,
         allocated_kv_bytes=store.total_bytes, max_concurrent=max(concurrency, default=0),
         mean_concurrent=sum(concurrency) / len(concurrency) if concurrency else 0.0,
-        evicted_tokens=sum(o.num_evicted_tokens for o in outs), errors=sum(o.finish_reason == "error" for o in outs))
+        evicted_tokens=sum(o.metrics.num_evicted_tokens for o in outs),
+        errors=sum(o.outputs[0].finish_reason == "error" for o in outs))
 
 
 def percentile(values: list[float], p: float) -> float:

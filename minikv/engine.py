@@ -1,17 +1,20 @@
 """The engine: requests in, tokens out, many sequences at once, each in its own bounded ring.
 
     engine = Engine("path/or/repo", budget=4096, policy="nexus")
-    outputs = engine.generate(["Hello", "Tell me a story"], SamplingParams(max_tokens=64))
-    for delta in engine.stream([{"role": "user", "content": "Hi"}]):
-        print(delta, end="")
+    outputs = engine.generate(["The capital of France is"], SamplingParams(max_tokens=16))   # raw text
+    outputs = engine.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=64))  # chat template
+    with engine.stream([{"role": "user", "content": "Hi"}]) as stream:
+        for delta in stream:
+            print(delta, end="")
 
-`add_request` / `step` / `abort` drive it from a caller's loop; `stream` yields one request's text as it
-grows. The engine decides what runs (Scheduler) and the model runner executes it (ModelRunner).
+`add_request` / `step` / `abort` drive it from a caller's loop; `generate`, `chat` and `stream` are that loop
+for the common cases. The engine decides what runs (Scheduler) and the model runner executes it
+(ModelRunner); a request's whole host-side state is one `Request`.
 
-Failure is per request: a bad request is refused with InvalidRequestError when it is added, and an
-exception while processing a running request finishes that request (finish_reason "error", the message in
-`RequestOutput.error`) and frees its ring; the engine keeps serving the others. The engine is not
-thread-safe: drive it from one thread.
+Failure is per request: a bad request is refused with InvalidRequestError when it is added, and an exception
+while processing a running request finishes that request (finish_reason "error", the message in
+`RequestOutput.error`) and frees its KV; the engine keeps serving the others. The engine is not thread-safe:
+drive it from one thread (minikv.server runs it on one background thread).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import dataclasses
 import itertools
 import logging
 import numbers
-from collections.abc import Iterable, Iterator
+import time
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +35,13 @@ from .errors import InvalidRequestError
 from .hashing import hash_u32
 from .loader import LoadedModel, load_model
 from .model_runner import ModelRunner
+from .outputs import RequestOutput
 from .policies import Policy, make_policy
+from .request import Request, RequestStatus, position_logprobs
 from .ring import RingStore, check_ring_settings
-from .sampling import Sampler, SamplingBatch, SamplingParams, SamplingRow
+from .sampling import RequestOutputKind, Sampler, SamplingBatch, SamplingParams, SamplingRow
 from .scheduler import Scheduler, SchedulerOutput
-from .sequence import Sequence
-from .tokenizer import IncrementalDetokenizer, validate_messages
+from .tokenizer import validate_messages
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +49,29 @@ Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
 
 
 @dataclass
-class RequestOutput:
-    """A request's state after a step: cumulative (all text and tokens so far), not a delta."""
+class EngineStats:
+    """The engine's counters and gauges, cheap to read at any time (a metrics endpoint reads these).
 
-    request_id: str
-    prompt: str | None
-    text: str
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None  # "stop", "length", "abort" or "error"
-    num_prompt_tokens: int
-    num_generated_tokens: int
-    num_evicted_tokens: int  # tokens no longer in the ring (the same count in every layer and head)
-    logprobs: list[float] | None = None
-    top_logprobs: list[dict[int, float]] | None = None
-    prompt_logprobs: list[float] | None = None
-    error: str | None = None  # what went wrong, when finish_reason is "error"
+    Gauges: requests running / waiting now; KV blocks of the pool in use (held by running requests) and in
+    all; kv_usage = used / total. Counters since the engine started: steps run, prompt tokens processed,
+    tokens generated, tokens evicted (summed over finished requests), requests finished by reason;
+    peak_running: the most requests that ever ran in one step.
+    """
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_steps: int
+    prompt_tokens: int
+    generation_tokens: int
+    evicted_tokens: int
+    finished: dict[str, int]
+    peak_running: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 @dataclass
@@ -66,8 +79,7 @@ class _Sampled:
     """One sampled token, with its logprobs when the request asked for them."""
 
     token: int
-    logprob: float | None = None
-    top: dict[int, float] | None = None
+    logprobs: dict | None = None
 
 
 class Engine:
@@ -109,12 +121,14 @@ class Engine:
         self.runner = ModelRunner(self.model, self.attention, self.device, max_num_seqs=max_num_seqs,
                                   use_cuda_graphs=use_graphs)
         self.sampler = Sampler()
-        self._requests: dict[str, _Request] = {}  # every request not yet reported finished
-        self._finished_unreported: list[_Request] = []  # finished outside a forward pass (abort, error)
-        self._undelivered: dict[str, RequestOutput] = {}  # latest output a caller has not seen yet
-        self._claimed: set[str] = set()  # requests whose outputs go to `generate` or a stream, not `step`
+        self._requests: dict[str, Request] = {}  # every request not yet reported finished
+        self._finished_unreported: list[Request] = []  # finished outside a forward pass (abort, error)
+        self._unclaimed: deque[RequestOutput] = deque()  # outputs for `step` callers, made by another loop
+        self._sinks: dict[str, deque[RequestOutput]] = {}  # outputs of requests owned by generate/stream
         self._ids = itertools.count()
         self._seeds = itertools.count()
+        self._counters = dict(num_steps=0, prompt_tokens=0, generation_tokens=0, evicted_tokens=0, peak_running=0)
+        self._finished_by_reason: dict[str, int] = {}
 
     def _check_budget(self, budget: int, chunk: int) -> int:
         if not self.policy.evicts:
@@ -124,9 +138,12 @@ class Engine:
         return budget
 
     # --- requests --------------------------------------------------------------------------------
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    *, prompt_logprobs: bool = False) -> str:
-        """Queue one request and return its id; a bad request raises InvalidRequestError and changes nothing."""
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue one request and return its id; a bad request raises InvalidRequestError and changes nothing.
+
+        `prompt` is text (used as is: no chat template), token ids, or chat messages (the model's chat
+        template is applied, with the generation prompt).
+        """
         params = self._check_params(params)
         request_id = self._check_request_id(request_id)
         prompt_ids, prompt_text = self._encode(prompt)
@@ -138,9 +155,10 @@ class Engine:
         # Without its own seed a request draws from the engine's: same engine seed, same order -> same samples.
         seed = params.seed if params.seed is not None else int(hash_u32(torch.tensor(self.seed), torch.tensor(next(self._seeds))))
         eos = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
-        seq = Sequence(request_id, prompt_ids, params, seed, eos, want_prompt_logprobs=prompt_logprobs)
-        self._requests[request_id] = _Request(seq, prompt_text, self.tokenizer)
-        self.scheduler.add(seq)
+        req = Request(request_id, prompt_ids, params, seed=seed, eos_ids=eos, tokenizer=self.tokenizer,
+                      prompt_text=prompt_text, kv_budget=self._request_budget(params))
+        self._requests[request_id] = req
+        self.scheduler.add(req)
         return request_id
 
     def _check_params(self, params: SamplingParams | None) -> SamplingParams:
@@ -157,21 +175,29 @@ class Engine:
                                       f"[0, {self.config.vocab_size})")
         return params
 
+    def _request_budget(self, params: SamplingParams) -> int:
+        """The request's own KV budget: SamplingParams.kv_budget, within what the engine can honour."""
+        if params.kv_budget is None:
+            return self.budget
+        lowest = self.policy.n_sink + self.policy.window + 1
+        if not lowest <= params.kv_budget <= self.budget:
+            raise InvalidRequestError(
+                f"kv_budget={params.kv_budget} is out of range: it must be in [{lowest}, {self.budget}] (above "
+                f"n_sink + window = {lowest - 1}, so some slot can be evicted, and at most the engine's --budget)")
+        return params.kv_budget
+
     def _check_request_id(self, request_id: str | None) -> str:
         if request_id is None:
             request_id = str(next(self._ids))
-            while self._id_in_use(request_id):  # a caller may have picked an id like ours
+            while request_id in self._requests:  # a caller may have picked an id like ours
                 request_id = str(next(self._ids))
             return request_id
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
-        if self._id_in_use(request_id):
+        if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use; pick another or leave it "
                                       "to the engine")
         return request_id
-
-    def _id_in_use(self, request_id: str) -> bool:
-        return request_id in self._requests or request_id in self._undelivered
 
     def _encode(self, prompt: Prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
@@ -193,18 +219,18 @@ class Engine:
         return ids, text
 
     def abort(self, request_id: str) -> None:
-        """Stop a request wherever it is (waiting, prefilling, decoding); its ring is free at once.
+        """Stop a request wherever it is (waiting, prefilling, decoding); its KV is free at once.
 
         Its final output (finish_reason "abort") comes with the next step. Unknown or finished ids are ignored.
         """
         req = self._requests.get(request_id)
-        if req is not None and not req.seq.is_finished:
-            self.scheduler.finish(req.seq, "abort")
+        if req is not None and not req.is_finished:
+            self.scheduler.finish(req, "abort")
             self._finished_unreported.append(req)
 
     def has_unfinished_requests(self) -> bool:
         """True while `step` has something to do or to report."""
-        return self._has_work() or any(rid not in self._claimed for rid in self._undelivered)
+        return self._has_work() or bool(self._unclaimed)
 
     def _has_work(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._finished_unreported)
@@ -214,152 +240,179 @@ class Engine:
         """Requests in the engine, waiting or running."""
         return self.scheduler.num_waiting + self.scheduler.num_running
 
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's gauges and counters (see EngineStats)."""
+        total = self.store.num_rings
+        return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                           kv_blocks_used=total - self.store.num_free, kv_blocks_total=total,
+                           finished=dict(self._finished_by_reason), **self._counters)
+
     # --- the loop --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward pass; the outputs of the requests that advanced or finished since the
-        last call (each finished request is reported exactly once, then forgotten)."""
-        outputs = {rid: out for rid, out in self._undelivered.items() if rid not in self._claimed}
-        for rid in outputs:
-            del self._undelivered[rid]
-        for out in self._step():
-            if out.request_id in self._claimed:
-                self._undelivered[out.request_id] = out
-            else:
-                outputs[out.request_id] = out
-        return list(outputs.values())
+        """Run one scheduled forward pass; return the outputs of the requests that produced a token or finished
+        since the last call (each finished request is reported exactly once, then forgotten).
+
+        Requests owned by `generate` or a stream are not reported here: their outputs go to their owner.
+        """
+        outputs = list(self._unclaimed)
+        self._unclaimed.clear()
+        return outputs + self._step()
 
     def _step(self) -> list[RequestOutput]:
-        touched = {req.seq.request_id: req for req in self._finished_unreported}
+        """One forward pass; outputs of owned requests go to their sinks, the rest are returned."""
+        touched = {req.request_id: req for req in self._finished_unreported}
         self._finished_unreported.clear()
         sched = self.scheduler.schedule()
-        for seq in _scheduled_seqs(sched):
-            touched[seq.request_id] = self._requests[seq.request_id]
         if not sched.is_empty:
-            self._run(sched)
-        outputs = [self._output(req) for req in touched.values()]
-        for out in outputs:
-            if out.finished:
-                del self._requests[out.request_id]
+            for req in self._run(sched):
+                touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            out = req.make_output()
+            sink = self._sinks.get(req.request_id)
+            if req.is_finished:
+                self._forget_finished(req)
+            if out is None:
+                continue
+            if sink is not None:
+                sink.append(out)
+            else:
+                outputs.append(out)
         return outputs
 
-    def _run(self, sched: SchedulerOutput) -> None:
+    def _forget_finished(self, req: Request) -> None:
+        del self._requests[req.request_id]
+        self._sinks.pop(req.request_id, None)
+        req.metrics.finished_time = time.monotonic()
+        self._counters["evicted_tokens"] += req.num_evicted_tokens
+        reason = req.finish_reason or "abort"
+        self._finished_by_reason[reason] = self._finished_by_reason.get(reason, 0) + 1
+
+    def _run(self, sched: SchedulerOutput) -> list[Request]:
+        """Run a scheduled step; return the requests that got a token or finished."""
+        now = time.monotonic()
+        scheduled = _scheduled_requests(sched)
+        counters = self._counters
+        counters["num_steps"] += 1
+        counters["prompt_tokens"] += sum(chunk.length for chunk in sched.prefills)
+        counters["peak_running"] = max(counters["peak_running"], self.scheduler.num_running)
+        for req in scheduled:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
         try:
             result = self.runner.run(sched)
         except Exception as err:
-            # The forward pass may have written part of these rings: none of its sequences can go on.
-            for seq in _scheduled_seqs(sched):
-                self._fail(seq, err)
-            return
-        for seq, sampled in zip(result.seqs, self._sample(result.seqs, result.logits)):
+            # The forward pass may have written part of these rings: none of its requests can go on.
+            for req in scheduled:
+                self._fail(req, err)
+            return scheduled
+        for req, sampled in zip(result.seqs, self._sample(result.seqs, result.logits)):
             try:
                 if isinstance(sampled, Exception):
                     raise sampled
-                self._append_token(seq, sampled)
+                counters["generation_tokens"] += 1
+                reason = req.append_token(sampled.token, sampled.logprobs)
+                if reason is not None:
+                    self.scheduler.finish(req, reason)
             except Exception as err:
-                self._fail(seq, err)
+                self._fail(req, err)
+        return list(result.seqs) + [req for req in scheduled if req.is_finished]
 
-    def _fail(self, seq: Sequence, err: Exception) -> None:
-        """Finish one request with finish_reason "error" (its ring is freed); the engine serves on."""
-        logger.error("request %s failed", seq.request_id, exc_info=err)
-        if not seq.is_finished:
-            seq.error = f"{type(err).__name__}: {err}"
-            self.scheduler.finish(seq, "error")
+    def _fail(self, req: Request, err: Exception) -> None:
+        """Finish one request with finish_reason "error" (its KV is freed); the engine serves on."""
+        logger.error("request %s failed", req.request_id, exc_info=err)
+        if not req.is_finished:
+            req.error = f"{type(err).__name__}: {err}"
+            self.scheduler.finish(req, "error")
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[_Sampled | Exception]:
-        if not seqs:  # a step of prefill chunks that all end mid-prompt samples nothing
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[_Sampled | Exception]:
+        if not reqs:  # a step of prefill chunks that all end mid-prompt samples nothing
             return []
         try:
-            return self._sample_rows(seqs, logits)
+            return self._sample_rows(reqs, logits)
         except Exception as err:
-            if len(seqs) == 1:
+            if len(reqs) == 1:
                 return [err]
         # One request broke the batch: sample row by row, so that only that request fails.
-        return [self._sample_alone(seq, logits[i: i + 1]) for i, seq in enumerate(seqs)]
+        return [self._sample_alone(req, logits[i: i + 1]) for i, req in enumerate(reqs)]
 
-    def _sample_alone(self, seq: Sequence, logits: torch.Tensor) -> _Sampled | Exception:
+    def _sample_alone(self, req: Request, logits: torch.Tensor) -> _Sampled | Exception:
         try:
-            return self._sample_rows([seq], logits)[0]
+            return self._sample_rows([req], logits)[0]
         except Exception as err:
             return err
 
-    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[_Sampled]:
-        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.seed, tuple(s.eos_ids)) for s in seqs]
-        out = self.sampler(logits, SamplingBatch.from_rows(rows, device=logits.device))
+    def _sample_rows(self, reqs: list[Request], logits: torch.Tensor) -> list[_Sampled]:
+        rows = [SamplingRow(r.params, r.prompt_ids, r.output_ids, r.seed, tuple(r.eos_ids)) for r in reqs]
+        out = self.sampler(logits, SamplingBatch.from_rows(rows, device=logits.device, vocab_size=logits.shape[-1]))
         tokens = out.token_ids.tolist()  # the one host sync of the step
-        if all(s.params.logprobs is None for s in seqs):
+        if all(r.params.logprobs is None for r in reqs):
             return [_Sampled(t) for t in tokens]
         chosen = out.logprobs.tolist()
         top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
         top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         sampled = []
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            n = seq.params.logprobs
+        for i, (req, token) in enumerate(zip(reqs, tokens)):
+            n = req.params.logprobs
             if n is None:
                 sampled.append(_Sampled(token))
                 continue
-            top = dict(zip(top_ids[i][:n], top_vals[i][:n])) if n else {}
-            top.setdefault(token, chosen[i])  # as in vLLM: the top n, plus the chosen token
-            sampled.append(_Sampled(token, chosen[i], top))
+            ids, vals = (top_ids[i][:n], top_vals[i][:n]) if n else ([], [])
+            sampled.append(_Sampled(token, position_logprobs(token, chosen[i], ids, vals, self._token_text)))
         return sampled
 
-    def _append_token(self, seq: Sequence, sampled: _Sampled) -> None:
-        seq.output_ids.append(sampled.token)
-        if sampled.logprob is not None:
-            seq.output_logprobs.append(sampled.logprob)
-            seq.output_top_logprobs.append(sampled.top)
-        req = self._requests[seq.request_id]
-        req.push_text(sampled.token)
-        reason = self._stop_reason(seq, req, sampled.token)
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-
-    @staticmethod
-    def _stop_reason(seq: Sequence, req: "_Request", token: int) -> str | None:
-        params = seq.params
-        generated = len(seq.output_ids)
-        if generated >= params.min_tokens:
-            if token in seq.eos_ids or token in params.stop_token_ids:
-                return "stop"
-            if params.stop and req.match_stop_string():
-                return "stop"
-        return "length" if generated >= params.max_tokens else None
-
-    def _output(self, req: "_Request") -> RequestOutput:
-        seq = req.seq
-        return RequestOutput(
-            request_id=seq.request_id, prompt=req.prompt_text, text=req.visible_text(), token_ids=list(seq.output_ids),
-            finished=seq.is_finished, finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_ids),
-            num_generated_tokens=len(seq.output_ids), num_evicted_tokens=max(0, seq.num_processed - self.budget),
-            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
-            top_logprobs=list(seq.output_top_logprobs) if seq.params.logprobs is not None else None,
-            prompt_logprobs=list(seq.prompt_logprobs) if seq.want_prompt_logprobs else None,
-            error=seq.error)
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     # --- conveniences ----------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Iterable[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: str | list[int] | Iterable[str | list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  *, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run a batch to completion; outputs in the order of `prompts`.
+        """Complete raw prompts (text as is, or token ids; no chat template) and return their final outputs,
+        in the order of `prompts`. For chat messages use `chat`.
 
-        A bad prompt or parameter raises InvalidRequestError naming the prompt's index before anything
-        runs. Requests queued with add_request keep running alongside; their outputs wait for `step`.
+        A bad prompt or parameter raises InvalidRequestError naming the prompt's index before anything runs.
+        Requests queued with add_request keep running alongside; their outputs wait for `step`.
         """
         prompts = _as_prompt_list(prompts)
-        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        for index, prompt in enumerate(prompts):
+            if _is_chat(prompt):
+                raise InvalidRequestError(f"prompt {index} is a list of chat messages: use Engine.chat(messages) "
+                                          "for those (generate completes raw text or token ids)")
+        return self._run_to_completion(prompts, sampling_params, use_tqdm)
+
+    def chat(self, messages: list[dict] | Iterable[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"} dicts) or a list of them, through the
+        model's chat template; return the final outputs in order."""
+        conversations = [messages] if _is_chat(messages) else list(messages)
+        for index, conversation in enumerate(conversations):
+            if not _is_chat(conversation):
+                raise InvalidRequestError(f"conversation {index} must be a non-empty list of "
+                                          "{'role': ..., 'content': ...} dicts")
+        return self._run_to_completion(conversations, sampling_params, use_tqdm)
+
+    def _run_to_completion(self, prompts: list[Prompt], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        params_list = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                       else [sampling_params] * len(prompts))
         if len(params_list) != len(prompts):
             raise InvalidRequestError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
         ids = self._add_all(prompts, params_list)
+        sinks = {rid: self._own(rid, RequestOutputKind.FINAL_ONLY) for rid in ids}
         final: dict[str, RequestOutput] = {}
         try:
             with _progress(len(ids), use_tqdm) as bar:
-                for out in self._outputs_of(ids):
-                    if out.finished:
-                        final[out.request_id] = out
-                        bar.update(1)
+                while len(final) < len(ids):
+                    self._step_for_owner()
+                    for rid, sink in sinks.items():
+                        while sink:
+                            final[rid] = sink.popleft()
+                            bar.update(1)
         finally:  # interrupted (Ctrl-C, an exception): leave nothing of this batch behind
             for rid in ids:
                 if rid not in final:
                     self._discard(rid)
-            self._claimed.difference_update(ids)
         return [final[rid] for rid in ids]
 
     def _add_all(self, prompts: list[Prompt], params_list: list[SamplingParams | None]) -> list[str]:
@@ -372,87 +425,78 @@ class Engine:
                 for rid in ids:
                     self._discard(rid)
                 raise InvalidRequestError(f"prompt {index}: {err}") from None
-        self._claimed.update(ids)
         return ids
 
-    def _outputs_of(self, request_ids: Iterable[str]) -> Iterator[RequestOutput]:
-        """Step the engine, yielding the outputs of `request_ids` until each has finished; outputs of other
-        requests are kept for whoever owns them."""
-        pending = set(request_ids)
-        while pending:
-            outs = [self._undelivered.pop(rid) for rid in list(pending) if rid in self._undelivered]
-            if not outs:
-                if not self._has_work():
-                    raise RuntimeError(f"requests {sorted(pending)} ended without a final output (a minikv bug)")
-                for out in self._step():
-                    if out.request_id in pending:
-                        outs.append(out)
-                    else:
-                        self._undelivered[out.request_id] = out
-            for out in outs:
-                if out.finished:
-                    pending.discard(out.request_id)
-                yield out
+    def _own(self, request_id: str, kind: RequestOutputKind) -> deque[RequestOutput]:
+        """Route a request's outputs, of `kind`, to a private queue instead of `step`'s return value."""
+        self._requests[request_id].params.output_kind = kind
+        sink: deque[RequestOutput] = deque()
+        self._sinks[request_id] = sink
+        return sink
+
+    def _step_for_owner(self) -> None:
+        """A step driven by generate/stream: outputs of requests nobody owns wait for the next `step` call."""
+        if not self._has_work():
+            raise RuntimeError("requests ended without a final output (a minikv bug)")
+        self._unclaimed.extend(self._step())
 
     def _discard(self, request_id: str) -> None:
         """Abort a request and forget it: no output of it will be delivered."""
+        self._sinks.pop(request_id, None)
         req = self._requests.pop(request_id, None)
         if req is not None:
-            if not req.seq.is_finished:
-                self.scheduler.finish(req.seq, "abort")
+            if not req.is_finished:
+                self.scheduler.finish(req, "abort")
+                self._finished_by_reason["abort"] = self._finished_by_reason.get("abort", 0) + 1
             if req in self._finished_unreported:
                 self._finished_unreported.remove(req)
-        self._undelivered.pop(request_id, None)
-        self._claimed.discard(request_id)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                request_id: str | None = None) -> "RequestStream":
         """Add a request and iterate over its text deltas as tokens arrive (other requests keep running).
 
-        Bad input raises here, not at the first `next`. Stopping early (break, close(), dropping the
-        iterator) aborts the request and frees its ring.
+        Bad input raises here, not at the first `next`. The stream's lifetime is explicit: use it in a
+        `with` block (leaving the block early, by `break`, `return` or an exception, aborts the request and
+        frees its KV at once) or call `close()`. A stream abandoned without either keeps its request running
+        until it finishes by itself (max_tokens bounds it); nothing of it stays in the engine afterwards.
         """
         request_id = self.add_request(prompt, params, request_id)
         return RequestStream(self, request_id)
 
 
 class RequestStream:
-    """One request's text, delta by delta. After the last delta, `output` holds its final RequestOutput."""
+    """One request's text, delta by delta. After the last delta, `output` holds its final RequestOutput
+    (all of its text and tokens). Use it as a context manager, or call `close()` when stopping early."""
 
     def __init__(self, engine: Engine, request_id: str):
         self.engine, self.request_id = engine, request_id
         self.output: RequestOutput | None = None
         self._request = engine._requests[request_id]
-        self._sent = 0  # characters already yielded
+        self._sink = engine._own(request_id, RequestOutputKind.DELTA)
         self._closed = False
-        engine._claimed.add(request_id)
-        self._outputs = engine._outputs_of([request_id])
 
     def __iter__(self) -> "RequestStream":
         return self
 
     def __next__(self) -> str:
         while not self._closed:
-            out = next(self._outputs)
-            # Mid-stream, hold back what may still change: a possible stop string, a broken UTF-8 tail.
-            text = out.text if out.finished else self._request.stable_text()
+            if not self._sink:
+                self.engine._step_for_owner()
+                continue
+            out = self._sink.popleft()
             if out.finished:
-                self.output = out
-                self.close()
-            if len(text) > self._sent:
-                delta, self._sent = text[self._sent:], len(text)
-                return delta
+                self.output = self._request.make_output(RequestOutputKind.CUMULATIVE)
+                self._closed = True
+            if out.outputs[0].text:
+                return out.outputs[0].text
         raise StopIteration
 
     def close(self) -> None:
-        """Stop following the request; if it has not finished, abort it."""
-        if self._closed:
-            return
-        self._closed = True
-        self._outputs.close()
-        if self.output is None:
-            self.engine._discard(self.request_id)
-        self.engine._claimed.discard(self.request_id)
+        """Stop following the request; if it has not finished, abort it (its KV is free at once)."""
+        if not self._closed:
+            self._closed = True
+            if self.output is None:
+                self.engine._discard(self.request_id)
 
     def __enter__(self) -> "RequestStream":
         return self
@@ -460,57 +504,8 @@ class RequestStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # during interpreter shutdown the engine may be half torn down
-            pass
 
-
-class _Request:
-    """Engine-side bookkeeping of one request: its text, detokenised as tokens arrive, and stop strings."""
-
-    def __init__(self, seq: Sequence, prompt_text: str | None, tokenizer):
-        self.seq, self.prompt_text = seq, prompt_text
-        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_ids[-IncrementalDetokenizer.CONTEXT_TOKENS:],
-                                                  skip_special_tokens=seq.params.skip_special_tokens)
-        self.stop_checked = 0  # characters of the text already searched for stop strings
-        self.text_end: int | None = None  # where the visible text ends, once a stop string matched
-
-    @property
-    def text(self) -> str:
-        """The text so far; the detokeniser holds back an incomplete UTF-8 character until it completes."""
-        if self.seq.is_finished:
-            self.detokenizer.flush()  # nothing more will come: show what is held back
-        return self.detokenizer.text
-
-    def push_text(self, token: int) -> None:
-        self.detokenizer.push(token)
-
-    def match_stop_string(self) -> bool:
-        """Find the earliest stop string in the new text; if found, set how much of the text to trim."""
-        params, text = self.seq.params, self.text
-        # The new text only, plus an overlap so that a stop string across the seam is found.
-        start = max(0, self.stop_checked - max(len(s) for s in params.stop) + 1)
-        self.stop_checked = len(text)
-        found = [(at, stop) for stop in params.stop if (at := text.find(stop, start)) >= 0]
-        if not found:
-            return False
-        at, stop = min(found)
-        self.text_end = at + len(stop) if params.include_stop_str_in_output else at
-        return True
-
-    def visible_text(self) -> str:
-        return self.text[: self.text_end]
-
-    def stable_text(self) -> str:
-        """Text safe to show mid-stream: hold back what could be the start of a stop string."""
-        text = self.text
-        hold = max((len(s) - 1 for s in self.seq.params.stop), default=0)
-        return text[: len(text) - hold] if hold else text
-
-
-def _scheduled_seqs(sched: SchedulerOutput) -> list[Sequence]:
+def _scheduled_requests(sched: SchedulerOutput) -> list[Request]:
     return [*sched.decodes, *(chunk.seq for chunk in sched.prefills)]
 
 
@@ -523,10 +518,13 @@ def _is_token_ids(prompt: object) -> bool:
             and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt))
 
 
-def _as_prompt_list(prompts: Prompt | Iterable[Prompt]) -> list[Prompt]:
+def _as_prompt_list(prompts) -> list[Prompt]:
     """One prompt (text, token ids, chat) or many, as a list of prompts."""
     if isinstance(prompts, str) or _is_chat(prompts) or _is_token_ids(prompts):
         return [prompts]
+    if not isinstance(prompts, Iterable):
+        raise InvalidRequestError(f"prompts must be a string, token ids, or a list of them; got "
+                                  f"{type(prompts).__name__}")
     return list(prompts)
 
 

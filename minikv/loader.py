@@ -134,7 +134,8 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], device, dty
     model.load_state_dict(state, assign=True, strict=False)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Buffers were made on the meta device; recompute them for real.
+    # Buffers were made on the meta device; recompute them for real. (The cast below leaves RoPE's
+    # frequencies fp32: RotaryEmbedding keeps them out of dtype casts.)
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
     return model.to(device=device, dtype=dtype).eval()
 

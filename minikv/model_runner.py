@@ -13,12 +13,12 @@ import torch
 
 from .attention import PrefillSegment, RingAttention, StepPlan
 from .scheduler import SchedulerOutput
-from .sequence import Sequence
+from .request import Request, position_logprobs
 
 
 @dataclass
 class StepResult:
-    seqs: list[Sequence]  # sequences that sample a token this step, in the order of `logits` rows
+    seqs: list[Request]  # sequences that sample a token this step, in the order of `logits` rows
     logits: torch.Tensor  # [len(seqs), vocab] fp32
 
 
@@ -44,7 +44,7 @@ class ModelRunner:
         sample_rows, sample_seqs = list(range(plan.num_decode)), list(sched.decodes)
         for seg, chunk in zip(plan.prefills, sched.prefills):
             seq = chunk.seq
-            if seq.want_prompt_logprobs:
+            if seq.params.prompt_logprobs is not None:
                 self._record_prompt_logprobs(seq, hidden[seg.start: seg.start + seg.length], seg.first_pos)
             seq.num_processed += chunk.length
             if not seq.is_prefilling:  # the chunk that ends the prompt samples the first output token
@@ -64,28 +64,32 @@ class ModelRunner:
         plan = StepPlan(num_decode=len(sched.decodes))
         if sched.decodes:
             as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
-            plan.decode_rings = as_tensor([s.ring for s in sched.decodes])
+            plan.decode_rings = as_tensor([s.slot for s in sched.decodes])
             plan.decode_filled = as_tensor([min(self.budget, s.num_processed) for s in sched.decodes])
             plan.decode_pos = as_tensor(positions)
         for chunk in sched.prefills:
             seq = chunk.seq
             seq_start = seq.num_processed
-            plan.prefills.append(PrefillSegment(ring=seq.ring, start=len(ids), length=chunk.length,
+            plan.prefills.append(PrefillSegment(ring=seq.slot, start=len(ids), length=chunk.length,
                                                 filled=min(self.budget, seq_start), first_pos=seq_start))
             ids.extend(seq.prompt_ids[seq_start: seq_start + chunk.length])
             positions.extend(range(seq_start, seq_start + chunk.length))
         return (torch.tensor(ids, dtype=torch.long, device=self.device),
                 torch.tensor(positions, dtype=torch.long, device=self.device), plan)
 
-    def _record_prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, first_pos: int) -> None:
-        """log p(prompt[i+1] | prompt[:i+1]) for the chunk's rows: the eviction-aware next-token loss."""
+    def _record_prompt_logprobs(self, seq: Request, hidden: torch.Tensor, first_pos: int) -> None:
+        """log p(prompt[i+1] | prompt[:i+1]) for the chunk's rows, with the top `prompt_logprobs` tokens:
+        under an evicting policy this is the eviction-aware next-token loss."""
         targets = seq.prompt_ids[first_pos + 1: first_pos + 1 + hidden.shape[0]]
         if not targets:
             return
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[: len(targets)]), dim=-1)
-        idx = torch.tensor(targets, device=logprobs.device)[:, None]
-        seq.prompt_logprobs.extend(logprobs.gather(1, idx)[:, 0].tolist())
-
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[: len(targets)]).float(), dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
+        n = seq.params.prompt_logprobs
+        top_vals, top_ids = logprobs.topk(n, dim=-1) if n else (None, None)
+        for i, token in enumerate(targets):
+            ids, vals = (top_ids[i].tolist(), top_vals[i].tolist()) if n else ([], [])
+            seq.prompt_logprobs.append(position_logprobs(token, chosen[i], ids, vals, lambda t: None))
 
 class DecodeGraphs:
     """CUDA graphs of the decode-only step, one per padded batch size (the nano-vllm recipe).

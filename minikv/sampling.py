@@ -27,9 +27,10 @@ its logits, never on which other requests share the batch or where it sits in it
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,14 @@ MAX_ABS_PRESENCE_FREQUENCY_PENALTY = 2.0
 # --------------------------------------------------------------------------------------------------
 # Parameters
 # --------------------------------------------------------------------------------------------------
+
+
+class RequestOutputKind(enum.Enum):
+    """How much each RequestOutput of a request carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # all text and tokens so far, every time
+    DELTA = 1  # only what is new since the request's previous output (streams, servers)
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass
@@ -72,7 +81,17 @@ class SamplingParams:
     seed: makes this request's samples reproducible; with None the engine picks one.
     ignore_eos: keep generating after EOS (EOS is then an ordinary token).
     logprobs: return this many top logprobs per generated token, plus the chosen token's (0 to 20).
+    prompt_logprobs: the same for every prompt token after the first (0 to 20; 0 = the token's own only).
     skip_special_tokens: leave special tokens out of the decoded text.
+    output_kind: what each RequestOutput carries: everything so far (CUMULATIVE), what is new (DELTA), or
+        one output at the end (FINAL_ONLY).
+    kv_budget: minikv's own: the most KV slots per layer and KV head this request may hold (None = the
+        engine's budget); the engine refuses values outside [n_sink + window + 1, its budget].
+    logits_processors: functions `fn(output_token_ids: list[int], logits: Tensor[vocab]) -> Tensor[vocab]`
+        applied in order to this request's fp32 logits at every step, before penalties, temperature and the
+        filters (vLLM's per-request logits processors). They see the raw logits, so they can record the
+        model's distribution, and may constrain it (e.g. force a token: -inf everywhere else). They cost a
+        Python call per step for the requests that have them; logprobs stay those of the raw logits.
     """
 
     temperature: float = 1.0
@@ -90,9 +109,14 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    kv_budget: int | None = None
+    logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
+        self.logits_processors = _normalise_processors(self.logits_processors)
         self.stop = _normalise_stop(self.stop)
         self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
         self._validate_numbers()
@@ -125,10 +149,19 @@ class SamplingParams:
             _bad("max_tokens", self.max_tokens, "must be >= 1")
         if not 0 <= self.min_tokens <= self.max_tokens:
             _bad("min_tokens", self.min_tokens, f"must be in [0, max_tokens={self.max_tokens}]")
-        if self.logprobs is not None:
-            _require_int("logprobs", self.logprobs)
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                _bad("logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}], or None for no logprobs")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _require_int(name, value)
+                if not 0 <= value <= MAX_LOGPROBS:
+                    _bad(name, value, f"must be in [0, {MAX_LOGPROBS}], or None for no logprobs")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            _bad("output_kind", self.output_kind, "must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY)")
+        if self.kv_budget is not None:
+            _require_int("kv_budget", self.kv_budget)
+            if self.kv_budget < 1:
+                _bad("kv_budget", self.kv_budget, "must be a positive number of KV slots, or None for the engine's")
+            self.kv_budget = int(self.kv_budget)
         if self.seed is not None:
             _require_int("seed", self.seed)
             self.seed = int(self.seed)
@@ -147,6 +180,16 @@ def _require_int(name: str, value: object) -> None:
     # bool is an int subclass, but seed=True is surely a mistake.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         _bad(name, value, "must be an integer")
+
+
+def _normalise_processors(processors) -> list:
+    if processors is None:
+        return []
+    processors = [processors] if callable(processors) else list(processors)
+    for fn in processors:
+        if not callable(fn):
+            _bad("logits_processors", processors, "must hold callables fn(output_token_ids, logits) -> logits")
+    return processors
 
 
 def _normalise_stop(stop: str | Sequence[str] | None) -> list[str]:
@@ -202,23 +245,14 @@ class SamplingRow:
 
 
 @dataclass(frozen=True)
-class TokenIndex:
-    """A set of (row, token id) pairs as two flat device tensors, for scattering into [N, V]."""
-
-    rows: torch.Tensor
-    token_ids: torch.Tensor
-
-    @property
-    def is_empty(self) -> bool:
-        return self.rows.numel() == 0  # a shape, so no device synchronisation
-
-
-@dataclass(frozen=True)
 class SamplingBatch:
-    """Per-row sampling parameters of one step, as device tensors of shape [N], plus host-side flags.
+    """Per-row sampling parameters of one step as device tensors of shape [N], the rows' token history as
+    [N, vocab] tensors where a stage needs it, and host-side flags.
 
-    Build it with `SamplingBatch.from_rows`. The boolean `uses_*` flags are known on the host from the
-    Python parameters, so the sampler can skip unused stages without looking at tensor values.
+    The engine builds it from its persistent batch (`InputBatch.sampling_batch`: a gather of the running
+    requests' rows, with token counts kept up to date incrementally); `SamplingBatch.from_rows` builds the
+    same thing from Python lists (tests, one-off use). The boolean `uses_*` flags are known on the host from
+    the Python parameters, so the sampler skips unused stages without looking at tensor values.
     """
 
     temperature: torch.Tensor  # fp32; 1.0 on greedy rows so that dividing by it is harmless
@@ -231,70 +265,91 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor  # fp32
     seed: torch.Tensor  # int64 in [0, 2^32)
     step: torch.Tensor  # int64: tokens generated so far
-    suppressed: TokenIndex  # stop tokens of rows still under min_tokens
-    seen: TokenIndex  # prompt + output tokens of rows with a repetition penalty
-    output: TokenIndex  # output tokens (with repeats) of rows with presence/frequency penalties
+    suppressed: torch.Tensor | None  # [N, V] bool: stop tokens of rows still under min_tokens (None: no row)
+    prompt_mask: torch.Tensor | None  # [N, V] bool: prompt tokens (None: no row has a repetition penalty)
+    output_counts: torch.Tensor | None  # [N, V] int32: output token counts (None: no row has a penalty)
     all_greedy: bool
     uses_top_k: bool
     uses_top_p: bool
     uses_min_p: bool
     max_logprobs: int  # the most top logprobs any row asked for; 0 = none
     num_rows: int
+    # (row, its logits processors, its output token ids so far) for the rows that have processors
+    processors: tuple[tuple[int, tuple, TokenIds], ...] = ()
 
     @classmethod
-    def from_rows(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu") -> SamplingBatch:
-        """Gather the rows' parameters into device tensors (a handful of host-to-device copies)."""
+    def from_rows(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu",
+                  vocab_size: int | None = None) -> SamplingBatch:
+        """Gather the rows' parameters into device tensors. `vocab_size` is needed only when a row has a
+        penalty or min_tokens (the [N, V] history tensors); the sampler checks it against the logits."""
         if not rows:
             raise ValueError("SamplingBatch.from_rows needs at least one row")
         params = [row.params for row in rows]
-        greedy = [p.is_greedy for p in params]
+        scalars = row_scalars(params, [fold_seed(row.seed) for row in rows], [row.step for row in rows], device)
+        history = {}
+        if needs_history(params, [row.step for row in rows]):
+            if vocab_size is None:
+                raise ValueError("SamplingBatch.from_rows needs vocab_size for rows with penalties or min_tokens")
+            history = _history_from_lists(rows, vocab_size, device)
+        return cls(**scalars, suppressed=history.get("suppressed"), prompt_mask=history.get("prompt_mask"),
+                   output_counts=history.get("output_counts"), **row_flags(params),
+                   processors=tuple((i, tuple(row.params.logits_processors), row.output_token_ids)
+                                    for i, row in enumerate(rows) if row.params.logits_processors))
 
-        reals = torch.tensor(
-            [
-                [1.0 if g else p.temperature for p, g in zip(params, greedy)],
-                [p.top_p for p in params],
-                [p.min_p for p in params],
-                [p.repetition_penalty for p in params],
-                [p.presence_penalty for p in params],
-                [p.frequency_penalty for p in params],
-            ],
-            dtype=torch.float32,
-            device=device,
-        )
-        ints = torch.tensor(
-            [
-                [max(p.top_k, 0) for p in params],
-                [fold_seed(row.seed) for row in rows],
-                [row.step for row in rows],
-                greedy,
-            ],
-            dtype=torch.int64,
-            device=device,
-        )
-        temperature, top_p, min_p, repetition, presence, frequency = reals.unbind(0)
-        top_k, seed, step, greedy_flags = ints.unbind(0)
 
-        return cls(
-            temperature=temperature,
-            greedy=greedy_flags.bool(),
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition,
-            presence_penalty=presence,
-            frequency_penalty=frequency,
-            seed=seed,
-            step=step,
-            suppressed=_token_index(_suppressed_ids(rows), device),
-            seen=_token_index(_seen_ids(rows), device),
-            output=_token_index(_output_ids(rows), device),
-            all_greedy=all(greedy),
-            uses_top_k=any(p.top_k > 0 and not g for p, g in zip(params, greedy)),
-            uses_top_p=any(p.top_p < 1 and not g for p, g in zip(params, greedy)),
-            uses_min_p=any(p.min_p > 0 and not g for p, g in zip(params, greedy)),
-            max_logprobs=max(p.logprobs or 0 for p in params),
-            num_rows=len(rows),
-        )
+def row_scalars(params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int],
+                device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The [N] parameter tensors of a batch, in two host-to-device copies."""
+    greedy = [p.is_greedy for p in params]
+    reals = torch.tensor([[1.0 if g else p.temperature for p, g in zip(params, greedy)],
+                          [p.top_p for p in params], [p.min_p for p in params],
+                          [p.repetition_penalty for p in params], [p.presence_penalty for p in params],
+                          [p.frequency_penalty for p in params]], dtype=torch.float32, device=device)
+    ints = torch.tensor([[max(p.top_k, 0) for p in params], list(seeds), list(steps), greedy],
+                        dtype=torch.int64, device=device)
+    temperature, top_p, min_p, repetition, presence, frequency = reals.unbind(0)
+    top_k, seed, step, greedy_flags = ints.unbind(0)
+    return dict(temperature=temperature, greedy=greedy_flags.bool(), top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency,
+                seed=seed, step=step)
+
+
+def row_flags(params: Sequence[SamplingParams]) -> dict:
+    """What the batch uses, known on the host without reading a tensor."""
+    greedy = [p.is_greedy for p in params]
+    return dict(all_greedy=all(greedy),
+                uses_top_k=any(p.top_k > 0 and not g for p, g in zip(params, greedy)),
+                uses_top_p=any(p.top_p < 1 and not g for p, g in zip(params, greedy)),
+                uses_min_p=any(p.min_p > 0 and not g for p, g in zip(params, greedy)),
+                max_logprobs=max(p.logprobs or 0 for p in params), num_rows=len(params))
+
+
+def uses_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def needs_history(params: Sequence[SamplingParams], steps: Sequence[int]) -> bool:
+    """Whether any row needs the [N, V] token history this step (penalties, or min_tokens not yet reached)."""
+    return any(uses_penalties(p) or step < p.min_tokens for p, step in zip(params, steps))
+
+
+def suppressed_ids(params: SamplingParams, eos_token_ids: Sequence[int]) -> list[int]:
+    """The tokens min_tokens holds back: stop_token_ids, and EOS unless ignore_eos."""
+    return list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
+
+
+def _history_from_lists(rows: Sequence[SamplingRow], vocab_size: int, device) -> dict[str, torch.Tensor]:
+    n = len(rows)
+    suppressed = torch.zeros(n, vocab_size, dtype=torch.bool, device=device)
+    prompt_mask = torch.zeros(n, vocab_size, dtype=torch.bool, device=device)
+    counts = torch.zeros(n, vocab_size, dtype=torch.int32, device=device)
+    for i, row in enumerate(rows):
+        if row.step < row.params.min_tokens:
+            suppressed[i, torch.as_tensor(suppressed_ids(row.params, row.eos_token_ids), dtype=torch.long)] = True
+        prompt_mask[i, torch.as_tensor(list(row.prompt_token_ids), dtype=torch.long)] = True
+        out = torch.as_tensor(list(row.output_token_ids), dtype=torch.long, device=device)
+        counts[i].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
+    return dict(suppressed=suppressed, prompt_mask=prompt_mask, output_counts=counts)
 
 
 def fold_seed(seed: int) -> int:
@@ -305,45 +360,6 @@ def fold_seed(seed: int) -> int:
     return (as_u64 ^ (as_u64 >> 32)) & MASK32
 
 
-def _suppressed_ids(rows: Sequence[SamplingRow]) -> list[tuple[int, TokenIds]]:
-    suppressed = []
-    for i, row in enumerate(rows):
-        if row.step < row.params.min_tokens:
-            stop_ids = list(row.params.stop_token_ids)
-            if not row.params.ignore_eos:
-                stop_ids += list(row.eos_token_ids)
-            suppressed.append((i, stop_ids))
-    return suppressed
-
-
-def _seen_ids(rows: Sequence[SamplingRow]) -> list[tuple[int, TokenIds]]:
-    return [
-        (i, ids)
-        for i, row in enumerate(rows)
-        if row.params.repetition_penalty != 1.0
-        for ids in (row.prompt_token_ids, row.output_token_ids)
-    ]
-
-
-def _output_ids(rows: Sequence[SamplingRow]) -> list[tuple[int, TokenIds]]:
-    return [
-        (i, row.output_token_ids)
-        for i, row in enumerate(rows)
-        if row.params.presence_penalty != 0.0 or row.params.frequency_penalty != 0.0
-    ]
-
-
-def _token_index(per_row: list[tuple[int, TokenIds]], device: torch.device | str) -> TokenIndex:
-    """Flatten (row, ids) pairs into parallel row and token-id tensors on the device."""
-    id_tensors = [torch.as_tensor(ids, dtype=torch.int64, device=device).reshape(-1) for _, ids in per_row]
-    if not id_tensors:
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        return TokenIndex(rows=empty, token_ids=empty)
-    lengths = torch.tensor([t.numel() for t in id_tensors], dtype=torch.int64, device=device)
-    row_ids = torch.tensor([row for row, _ in per_row], dtype=torch.int64, device=device)
-    return TokenIndex(rows=torch.repeat_interleave(row_ids, lengths), token_ids=torch.cat(id_tensors))
-
-
 # --------------------------------------------------------------------------------------------------
 # The stages (public so that tests and readers can look at each one alone)
 # --------------------------------------------------------------------------------------------------
@@ -351,10 +367,9 @@ def _token_index(per_row: list[tuple[int, TokenIds]], device: torch.device | str
 
 def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Stop tokens (EOS, stop_token_ids) of rows still under min_tokens get -inf."""
-    if batch.suppressed.is_empty:
+    if batch.suppressed is None:
         return logits
-    minus_inf = torch.full(batch.suppressed.rows.shape, -math.inf, dtype=logits.dtype, device=logits.device)
-    return logits.index_put((batch.suppressed.rows, batch.suppressed.token_ids), minus_inf)
+    return logits.masked_fill(batch.suppressed, -math.inf)
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -363,22 +378,16 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     Repetition (Keskar et al. 2019): for a seen token, logit / r if the logit is positive, logit * r
     otherwise, so r > 1 always makes it less likely. Presence/frequency (OpenAI):
     logit - frequency * count - presence * (count > 0), count = occurrences in the output.
+    Rows without a penalty carry r = 1 and presence = frequency = 0, which change nothing.
     """
-    num_rows, vocab_size = logits.shape
-    if not batch.seen.is_empty:
-        seen = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=logits.device)
-        seen[batch.seen.rows, batch.seen.token_ids] = True
-        penalty = batch.repetition_penalty[:, None]
-        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(seen, penalised, logits)
-    if not batch.output.is_empty:
-        counts = torch.zeros(num_rows, vocab_size, dtype=logits.dtype, device=logits.device)
-        ones = torch.ones_like(batch.output.token_ids, dtype=logits.dtype)
-        counts.index_put_((batch.output.rows, batch.output.token_ids), ones, accumulate=True)
-        logits = (logits
-                  - batch.frequency_penalty[:, None] * counts
-                  - batch.presence_penalty[:, None] * (counts > 0).to(logits.dtype))
-    return logits
+    if batch.output_counts is None:
+        return logits
+    counts = batch.output_counts.to(logits.dtype)
+    seen = batch.prompt_mask | (batch.output_counts > 0)
+    penalty = batch.repetition_penalty[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    return (logits - batch.frequency_penalty[:, None] * counts
+            - batch.presence_penalty[:, None] * (counts > 0).to(logits.dtype))
 
 
 def apply_temperature(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -411,6 +420,19 @@ def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
         outside_nucleus[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(outside_nucleus, -math.inf)
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Each row's own processors, in order, on a copy (the raw logits stay for the logprobs)."""
+    if not batch.processors:
+        return logits
+    logits = logits.clone()
+    for row, processors, output_ids in batch.processors:
+        row_logits = logits[row]
+        for fn in processors:
+            row_logits = fn(list(output_ids), row_logits)
+        logits[row] = row_logits
+    return logits
 
 
 def apply_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -465,8 +487,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
             raise ValueError(f"logits must be [num_rows={batch.num_rows}, vocab], got {tuple(logits.shape)}")
+        history = batch.output_counts if batch.output_counts is not None else batch.suppressed
+        if history is not None and history.shape != logits.shape:
+            raise ValueError(f"the batch's token history is {tuple(history.shape)}, the logits {tuple(logits.shape)}")
         raw = logits.float()
-        processed = self.process_logits(raw, batch)
+        processed = self.process_logits(apply_logits_processors(raw, batch), batch)
         token_ids = self.sample(processed, batch)
         return _with_logprobs(raw, token_ids, batch.max_logprobs)
 

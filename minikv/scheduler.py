@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 from .ring import RingStore
-from .sequence import Sequence, SequenceStatus
+from .request import Request, RequestStatus
 
 
 @dataclass
 class ScheduledChunk:
-    seq: Sequence
+    seq: Request
     length: int  # prompt tokens of this chunk
 
     @property
@@ -37,7 +37,7 @@ class ScheduledChunk:
 
 @dataclass
 class SchedulerOutput:
-    decodes: list[Sequence] = field(default_factory=list)
+    decodes: list[Request] = field(default_factory=list)
     prefills: list[ScheduledChunk] = field(default_factory=list)
 
     @property
@@ -59,10 +59,10 @@ class Scheduler:
         self.store = store
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunk = chunk
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # admission order (FCFS), each owns a ring
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order (FCFS), each owns a ring
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Request) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -93,24 +93,24 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and self.store.num_free:
             seq = self.waiting.popleft()
-            seq.ring = self.store.allocate()
-            seq.status = SequenceStatus.RUNNING
+            seq.slot = self.store.allocate()
+            seq.status = RequestStatus.RUNNING
             self.running.append(seq)
 
-    def _chunk_end(self, seq: Sequence) -> int:
+    def _chunk_end(self, seq: Request) -> int:
         """Where the current chunk of `seq`'s prompt ends: the next multiple of `chunk`, or the prompt's end."""
         next_boundary = (seq.num_processed // self.chunk + 1) * self.chunk
         return min(next_boundary, len(seq.prompt_ids))
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Request, reason: str) -> None:
         """Finish (or abort) a sequence wherever it is: its ring is free for the next admission at once."""
         if seq.is_finished:
             return
-        if seq.status is SequenceStatus.WAITING:
+        if seq.status is RequestStatus.WAITING:
             self.waiting.remove(seq)
         else:
             self.running.remove(seq)
-            self.store.free(seq.ring)
-            seq.ring = None
-        seq.status = SequenceStatus.FINISHED
+            self.store.free(seq.slot)
+            seq.slot = None
+        seq.status = RequestStatus.FINISHED
         seq.finish_reason = reason

@@ -74,11 +74,12 @@ def load_tiny(path: Path, dtype=torch.float32):
 
 
 def ring_logits(model, config, ids: list[int], *, prefill: list[int], budget: int, policy="full",
-                seed: int = 0, on_step=None, **policy_options):
+                seed: int = 0, on_step=None, last: int | None = None, **policy_options):
     """Logits of every position: the prompt in the given prefill chunk sizes, the rest decoded one by one,
     straight through RingAttention (no scheduler), so a test sees exactly what the ring store does.
-    `on_step(tokens_so_far, store)` runs after each chunk and decode step.
-    Returns (logits [len(ids), vocab], the RingStore after the run, the RingAttention)."""
+    `on_step(tokens_so_far, store)` runs after each chunk and decode step. `last`: only the logits of the
+    last `last` positions (the lm_head over every row of a long prompt costs more than the model).
+    Returns (logits [len(ids) or last, vocab], the RingStore after the run, the RingAttention)."""
     from minikv.attention import PrefillSegment, RingAttention, StepPlan
     from minikv.policies import make_policy
     from minikv.ring import RingStore
@@ -93,6 +94,8 @@ def ring_logits(model, config, ids: list[int], *, prefill: list[int], budget: in
         for length in prefill:
             plan = StepPlan(prefills=[PrefillSegment(ring, 0, length, min(done, budget), done)])
             hidden = _forward(model, attention, plan, ids[done:done + length], range(done, done + length))
+            if last is not None:  # keep the rows at positions >= len(ids) - last
+                hidden = hidden[max(0, len(ids) - last - done):]
             logits.append(model.compute_logits(hidden))
             done += length
             if on_step:
@@ -104,7 +107,8 @@ def ring_logits(model, config, ids: list[int], *, prefill: list[int], budget: in
             logits.append(model.compute_logits(_forward(model, attention, plan, [ids[t]], [t])))
             if on_step:
                 on_step(t + 1, store)
-    return torch.cat(logits), store, attention
+    logits = torch.cat(logits)
+    return (logits if last is None else logits[len(logits) - last:]), store, attention
 
 
 def _forward(model, attention, plan, ids, positions):

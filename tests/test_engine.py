@@ -10,10 +10,11 @@ import random
 import pytest
 import torch
 
-from minikv.engine import Engine, RequestOutput
+from minikv.engine import Engine
+from minikv.outputs import RequestOutput
 from minikv.errors import InvalidRequestError
 from minikv.loader import LoadedModel
-from minikv.sampling import SamplingParams, fold_seed
+from minikv.sampling import RequestOutputKind, SamplingParams, fold_seed
 
 from helpers import hf_logits
 from tiny_engine import tiny_loaded
@@ -62,7 +63,7 @@ def test_outputs_are_identical_alone_and_in_a_changing_batch(loaded, policy):
     rng = random.Random(0)
     prompts = [random_prompt(rng, 5, 90) for _ in range(9)]
     options = dict(policy=policy, budget=48, window=8) if policy == "nexus" else {}
-    alone = [make_engine(loaded, **options).generate([p], GREEDY, use_tqdm=False)[0].token_ids for p in prompts]
+    alone = [make_engine(loaded, **options).generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
 
     engine = make_engine(loaded, **options)
     ids, final = [], {}
@@ -70,10 +71,10 @@ def test_outputs_are_identical_alone_and_in_a_changing_batch(loaded, policy):
         ids.append(engine.add_request(prompt, GREEDY))
         final.update({o.request_id: o for o in engine.step() if o.finished})
     final.update(run_all(engine))
-    assert [final[rid].token_ids for rid in ids] == alone
+    assert [final[rid].outputs[0].token_ids for rid in ids] == alone
     assert all_rings_free(engine)
     if policy == "nexus":
-        assert any(final[rid].num_evicted_tokens > 0 for rid in ids)
+        assert any(final[rid].metrics.num_evicted_tokens > 0 for rid in ids)
 
 
 def test_step_plans_admit_new_requests_next_step_and_chunk_long_prompts_between_decodes(loaded):
@@ -119,7 +120,7 @@ def test_abort_frees_the_ring_at_once_and_is_reported_once(loaded, where):
     outputs += [o for _ in range(20) for o in engine.step()]
     finals = [o for o in outputs if o.finished]
     assert sorted(o.request_id for o in finals) == sorted([other, target])
-    assert next(o for o in finals if o.request_id == target).finish_reason == "abort"
+    assert next(o for o in finals if o.request_id == target).outputs[0].finish_reason == "abort"
     assert all_rings_free(engine)
 
 
@@ -151,9 +152,9 @@ def test_300_random_requests_with_random_aborts_lose_nothing_and_free_every_ring
                 final[out.request_id] = out
         assert engine.store.num_free + engine.scheduler.num_running == engine.store.num_rings
     assert set(final) == set(added)
-    reasons = {o.finish_reason for o in final.values()}
+    reasons = {o.outputs[0].finish_reason for o in final.values()}
     assert "abort" in reasons and "length" in reasons and "error" not in reasons
-    assert any(o.num_evicted_tokens > 0 for o in final.values())
+    assert any(o.metrics.num_evicted_tokens > 0 for o in final.values())
     assert all_rings_free(engine) and not engine._requests
 
 
@@ -164,7 +165,7 @@ PROMPT = [1, 40, 80, 120, 160, 200]
 
 
 def greedy_tokens(loaded, n: int = 12) -> list[int]:
-    return make_engine(loaded).generate([PROMPT], dataclasses.replace(GREEDY, max_tokens=n), use_tqdm=False)[0].token_ids
+    return make_engine(loaded).generate([PROMPT], dataclasses.replace(GREEDY, max_tokens=n), use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_top_k_1_top_p_tiny_and_min_p_1_all_equal_greedy(loaded):
@@ -174,24 +175,24 @@ def test_top_k_1_top_p_tiny_and_min_p_1_all_equal_greedy(loaded):
     filtered = [SamplingParams(top_k=1, **sampled), SamplingParams(top_p=1e-6, **sampled),
                 SamplingParams(min_p=1.0, **sampled), SamplingParams(**sampled)]
     outs = engine.generate([PROMPT] * 4, filtered, use_tqdm=False)
-    assert [o.token_ids for o in outs[:3]] == [greedy] * 3
-    assert outs[3].token_ids != greedy  # without a filter, temperature 1 does sample
+    assert [o.outputs[0].token_ids for o in outs[:3]] == [greedy] * 3
+    assert outs[3].outputs[0].token_ids != greedy  # without a filter, temperature 1 does sample
 
 
 def test_same_seed_same_sample_other_seed_other_sample(loaded):
     params = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=s) for s in (7, 7, 8)]
     first = make_engine(loaded).generate([PROMPT] * 3, params, use_tqdm=False)
     again = make_engine(loaded, seed=99).generate([[1, 9], PROMPT], [params[0], params[0]], use_tqdm=False)
-    assert first[0].token_ids == first[1].token_ids == again[1].token_ids
-    assert first[2].token_ids != first[0].token_ids
+    assert first[0].outputs[0].token_ids == first[1].outputs[0].token_ids == again[1].outputs[0].token_ids
+    assert first[2].outputs[0].token_ids != first[0].outputs[0].token_ids
     # Without a request seed, the engine's seed decides: same engine seed, same samples.
     unseeded = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
-    a, b, c = (make_engine(loaded, seed=s).generate([PROMPT], unseeded, use_tqdm=False)[0].token_ids for s in (1, 1, 2))
+    a, b, c = (make_engine(loaded, seed=s).generate([PROMPT], unseeded, use_tqdm=False)[0].outputs[0].token_ids for s in (1, 1, 2))
     assert a == b != c
 
 
 def text_of(loaded, n: int = 24) -> str:
-    return make_engine(loaded).generate([PROMPT], dataclasses.replace(GREEDY, max_tokens=n), use_tqdm=False)[0].text
+    return make_engine(loaded).generate([PROMPT], dataclasses.replace(GREEDY, max_tokens=n), use_tqdm=False)[0].outputs[0].text
 
 
 def test_stop_strings_end_the_text_and_are_trimmed_unless_asked(loaded):
@@ -203,12 +204,66 @@ def test_stop_strings_end_the_text_and_are_trimmed_unless_asked(loaded):
     params = [dataclasses.replace(GREEDY, max_tokens=24, stop=["\x00never", stop]),
               dataclasses.replace(GREEDY, max_tokens=24, stop=stop, include_stop_str_in_output=True)]
     trimmed, kept = engine.generate([PROMPT, PROMPT], params, use_tqdm=False)
-    assert trimmed.text == full[:cut] and trimmed.finish_reason == "stop"
-    assert kept.text == full[:cut + len(stop)] and kept.finish_reason == "stop"
-    assert len(trimmed.token_ids) < 24
+    assert trimmed.outputs[0].text == full[:cut] and trimmed.outputs[0].finish_reason == "stop"
+    assert kept.outputs[0].text == full[:cut + len(stop)] and kept.outputs[0].finish_reason == "stop"
+    assert len(trimmed.outputs[0].token_ids) < 24
     # Streaming holds back what could start a stop string, so no delta ever shows part of it.
     stream = engine.stream(PROMPT, params[0])
-    assert "".join(stream) == full[:cut] and stream.output.finish_reason == "stop"
+    assert "".join(stream) == full[:cut] and stream.output.outputs[0].finish_reason == "stop"
+
+
+def test_stop_reason_names_the_stop_string_or_token(loaded):
+    full, greedy = text_of(loaded), greedy_tokens(loaded)
+    cut = next(k for k in range(3, len(full) - 3) if full.find(full[k:k + 3]) == k and "\ufffd" not in full[k:k + 3])
+    i = next(i for i, t in enumerate(greedy) if i >= 2 and t not in greedy[:i])
+    engine = make_engine(loaded)
+    by_string, by_token, by_length = engine.generate(
+        [PROMPT] * 3, [dataclasses.replace(GREEDY, max_tokens=24, stop=full[cut:cut + 3]),
+                       dataclasses.replace(GREEDY, stop_token_ids=[greedy[i]]), GREEDY], use_tqdm=False)
+    assert by_string.outputs[0].stop_reason == full[cut:cut + 3]
+    assert by_token.outputs[0].stop_reason == greedy[i]
+    assert by_length.outputs[0].stop_reason is None and by_length.outputs[0].finish_reason == "length"
+
+
+def test_a_stop_string_generated_before_min_tokens_is_ignored(loaded):
+    """vLLM's rule: nothing before min_tokens can stop a request, so a stop string seen then is not matched
+    later either (it used to stop the request at min_tokens with the text cut before what a stream had sent)."""
+    full = text_of(loaded)
+    engine = make_engine(loaded)
+    first_text = engine.generate([PROMPT], dataclasses.replace(GREEDY, max_tokens=1), use_tqdm=False)[0].outputs[0].text
+    stop = next(ch for ch in first_text if ch.strip() and ch != "\ufffd")
+    # min_tokens=3: the third token's text is the first that may stop the request
+    later = full.find(stop, len(text_of(loaded, 2)))
+    params = dataclasses.replace(GREEDY, max_tokens=24, min_tokens=3, stop=stop)
+    out = engine.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    streamed = "".join(engine.stream(PROMPT, params))
+    expected = full[:later] if later >= 0 else full
+    assert out.text == streamed == expected
+    assert out.text.startswith(first_text) and len(out.token_ids) >= 3
+
+
+def test_output_kinds_cumulative_delta_and_final_only(loaded):
+    engine = make_engine(loaded)
+    kinds = {kind: engine.add_request(PROMPT, dataclasses.replace(GREEDY, output_kind=kind))
+             for kind in RequestOutputKind}
+    seen: dict[str, list[RequestOutput]] = {rid: [] for rid in kinds.values()}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    full, greedy = text_of(loaded, 12), greedy_tokens(loaded)
+    cumulative, delta, final = (seen[kinds[k]] for k in RequestOutputKind)
+    assert [o.outputs[0].token_ids for o in cumulative] == [greedy[: n + 1] for n in range(12)]
+    assert "".join(o.outputs[0].text for o in delta) == full
+    assert sum((o.outputs[0].token_ids for o in delta), []) == greedy and len(delta) == 12
+    assert len(final) == 1 and final[0].finished and final[0].outputs[0].token_ids == greedy
+    assert all(o.finished == (i == len(outs) - 1) for outs in seen.values() for i, o in enumerate(outs))
+
+
+def test_metrics_timestamps_are_ordered(loaded):
+    out = make_engine(loaded).generate([PROMPT], GREEDY, use_tqdm=False)[0]
+    m = out.metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
+    assert m.num_generated_tokens == 12 and m.kv_budget > 0
 
 
 def test_stop_token_ids_max_tokens_and_finish_reasons(loaded):
@@ -217,9 +272,9 @@ def test_stop_token_ids_max_tokens_and_finish_reasons(loaded):
     engine = make_engine(loaded)
     stopped, short = engine.generate([PROMPT, PROMPT], [dataclasses.replace(GREEDY, stop_token_ids=[greedy[i]]),
                                                         dataclasses.replace(GREEDY, max_tokens=3)], use_tqdm=False)
-    assert stopped.token_ids == greedy[: i + 1] and stopped.finish_reason == "stop"
-    assert short.token_ids == greedy[:3] and short.finish_reason == "length"
-    assert short.num_generated_tokens == 3 and short.num_prompt_tokens == len(PROMPT)
+    assert stopped.outputs[0].token_ids == greedy[: i + 1] and stopped.outputs[0].finish_reason == "stop"
+    assert short.outputs[0].token_ids == greedy[:3] and short.outputs[0].finish_reason == "length"
+    assert short.metrics.num_generated_tokens == 3 and len(short.prompt_token_ids) == len(PROMPT)
 
 
 def test_eos_stops_unless_min_tokens_or_ignore_eos(loaded):
@@ -231,31 +286,51 @@ def test_eos_stops_unless_min_tokens_or_ignore_eos(loaded):
     plain, at_least, ignoring = engine.generate(
         [PROMPT] * 3, [SamplingParams(temperature=0, max_tokens=8), SamplingParams(temperature=0, max_tokens=8, min_tokens=4),
                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)], use_tqdm=False)
-    assert plain.token_ids == [first] and plain.finish_reason == "stop"
-    assert len(at_least.token_ids) >= 4 and first not in at_least.token_ids[:4]
-    assert ignoring.token_ids == greedy_tokens(loaded, 8) and ignoring.finish_reason == "length"
+    assert plain.outputs[0].token_ids == [first] and plain.outputs[0].finish_reason == "stop"
+    assert len(at_least.outputs[0].token_ids) >= 4 and first not in at_least.outputs[0].token_ids[:4]
+    assert ignoring.outputs[0].token_ids == greedy_tokens(loaded, 8) and ignoring.outputs[0].finish_reason == "length"
 
 
 def test_logprobs_have_the_asked_shape_and_the_models_values(loaded):
     params = dataclasses.replace(GREEDY, max_tokens=5, logprobs=3)
     out = make_engine(loaded).generate([PROMPT, [1, 2]], [params, GREEDY], use_tqdm=False)
-    lp = out[0]
-    assert out[1].logprobs is None and out[1].top_logprobs is None
-    assert len(lp.logprobs) == len(lp.top_logprobs) == 5
+    lp = out[0].outputs[0]
+    assert out[1].outputs[0].logprobs is None and out[1].outputs[0].cumulative_logprob is None
+    assert len(lp.logprobs) == 5
     reference = torch.log_softmax(hf_logits(loaded.path, PROMPT + lp.token_ids), dim=-1)[len(PROMPT) - 1:]
-    for step, (token, chosen, top) in enumerate(zip(lp.token_ids, lp.logprobs, lp.top_logprobs)):
-        assert chosen == pytest.approx(reference[step, token].item(), abs=1e-4)
+    for step, (token, top) in enumerate(zip(lp.token_ids, lp.logprobs)):
         expected = torch.topk(reference[step], 3)
-        assert list(top)[:3] == expected.indices.tolist()  # greedy: the chosen token is the top one
-        assert list(top.values()) == pytest.approx(expected.values.tolist(), abs=1e-4)
-        assert top[token] == chosen
+        assert list(top) == expected.indices.tolist()  # greedy: the chosen token is the top one
+        assert [entry.logprob for entry in top.values()] == pytest.approx(expected.values.tolist(), abs=1e-4)
+        assert [entry.rank for entry in top.values()] == [1, 2, 3]
+        assert top[token].logprob == pytest.approx(reference[step, token].item(), abs=1e-4)
+    assert lp.cumulative_logprob == pytest.approx(sum(top[t].logprob for t, top in zip(lp.token_ids, lp.logprobs)))
+
+
+def test_a_sampled_token_outside_the_top_logprobs_is_added_without_a_rank(loaded):
+    params = SamplingParams(temperature=5.0, max_tokens=8, logprobs=1, seed=3)
+    lp = make_engine(loaded).generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert all(token in top for token, top in zip(lp.token_ids, lp.logprobs))
+    outside = [top for token, top in zip(lp.token_ids, lp.logprobs) if len(top) == 2]
+    assert outside, "temperature 5 should sample some token that is not the most likely"
+    assert all(top[token].rank is None for token, top in zip(lp.token_ids, lp.logprobs) if len(top) == 2)
+
+
+def test_prompt_logprobs_are_the_models_next_token_logprobs(loaded):
+    params = dataclasses.replace(GREEDY, max_tokens=1, prompt_logprobs=2)
+    out = make_engine(loaded, chunk=4).generate([PROMPT], params, use_tqdm=False)[0]  # several chunks
+    reference = torch.log_softmax(hf_logits(loaded.path, PROMPT), dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(PROMPT)
+    for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        assert entry[PROMPT[i]].logprob == pytest.approx(reference[i - 1, PROMPT[i]].item(), abs=1e-4)
+        assert len([e for e in entry.values() if e.rank is not None]) == 2
 
 
 @pytest.mark.parametrize("penalty", [dict(repetition_penalty=3.0), dict(presence_penalty=2.0),
                                      dict(frequency_penalty=1.5)])
 def test_penalties_change_greedy_choices_as_defined(loaded, penalty):
     params = dataclasses.replace(GREEDY, max_tokens=12, **penalty)
-    out = make_engine(loaded).generate([PROMPT], params, use_tqdm=False)[0].token_ids
+    out = make_engine(loaded).generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids
     assert out != greedy_tokens(loaded)
     logits = hf_logits(loaded.path, PROMPT + out)[len(PROMPT) - 1:]
     for step, token in enumerate(out):
@@ -277,8 +352,8 @@ def test_temperature_is_applied(loaded):
     cold = SamplingParams(temperature=1e-3, max_tokens=12, ignore_eos=True, seed=5)
     hot = SamplingParams(temperature=50.0, max_tokens=12, ignore_eos=True, seed=5)
     outs = make_engine(loaded).generate([PROMPT, PROMPT], [cold, hot], use_tqdm=False)
-    assert outs[0].token_ids == greedy_tokens(loaded)
-    assert outs[1].token_ids != outs[0].token_ids
+    assert outs[0].outputs[0].token_ids == greedy_tokens(loaded)
+    assert outs[1].outputs[0].token_ids != outs[0].outputs[0].token_ids
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -315,7 +390,7 @@ def test_bad_input_fails_that_request_only(loaded, prompt, params, message):
     with pytest.raises(InvalidRequestError, match=message):
         engine.add_request(prompt, params)
     final = run_all(engine)
-    assert list(final) == [good] and final[good].token_ids == greedy_tokens(loaded)
+    assert list(final) == [good] and final[good].outputs[0].token_ids == greedy_tokens(loaded)
     assert all_rings_free(engine)
 
 
@@ -354,13 +429,13 @@ def test_an_exception_in_one_requests_processing_fails_only_that_request(loaded)
     good = engine.add_request(PROMPT, GREEDY)
     bad = engine.add_request(PROMPT, GREEDY)
 
-    def broken_push(token):
+    def broken_append(token, logprobs=None):
         raise RuntimeError("detokeniser exploded")
 
-    engine._requests[bad].push_text = broken_push
+    engine._requests[bad].append_token = broken_append
     final = run_all(engine)
-    assert final[bad].finish_reason == "error" and "detokeniser exploded" in final[bad].error
-    assert final[good].token_ids == greedy_tokens(loaded) and final[good].error is None
+    assert final[bad].outputs[0].finish_reason == "error" and "detokeniser exploded" in final[bad].error
+    assert final[good].outputs[0].token_ids == greedy_tokens(loaded) and final[good].error is None
     assert all_rings_free(engine)
 
 
@@ -376,8 +451,8 @@ def test_a_sampler_failure_caused_by_one_row_fails_only_that_request(loaded):
     engine.sampler = picky_sampler
     ids = [engine.add_request(PROMPT, dataclasses.replace(GREEDY, seed=s)) for s in (1, 666, 2)]
     final = run_all(engine)
-    assert [final[rid].finish_reason for rid in ids] == ["length", "error", "length"]
-    assert final[ids[0]].token_ids == final[ids[2]].token_ids == greedy_tokens(loaded)
+    assert [final[rid].outputs[0].finish_reason for rid in ids] == ["length", "error", "length"]
+    assert final[ids[0]].outputs[0].token_ids == final[ids[2]].outputs[0].token_ids == greedy_tokens(loaded)
     assert all_rings_free(engine)
 
 
@@ -395,9 +470,9 @@ def test_a_failed_forward_pass_fails_its_batch_and_the_engine_serves_on(loaded):
     engine.runner.run = failing_once
     ids = [engine.add_request(PROMPT, GREEDY) for _ in range(2)]
     final = run_all(engine)
-    assert all(final[rid].finish_reason == "error" and "device fell over" in final[rid].error for rid in ids)
+    assert all(final[rid].outputs[0].finish_reason == "error" and "device fell over" in final[rid].error for rid in ids)
     assert all_rings_free(engine)
-    assert engine.generate([PROMPT], GREEDY, use_tqdm=False)[0].token_ids == greedy_tokens(loaded)
+    assert engine.generate([PROMPT], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == greedy_tokens(loaded)
 
 
 # --- generate, stream, chat ------------------------------------------------------------------------
@@ -407,9 +482,9 @@ def test_generate_keeps_the_outputs_of_requests_queued_with_add_request(loaded):
     engine = make_engine(loaded)
     queued = engine.add_request(PROMPT, dataclasses.replace(GREEDY, max_tokens=2))
     outs = engine.generate([[1, 50], [1, 60, 70]], dataclasses.replace(GREEDY, max_tokens=6), use_tqdm=False)
-    assert [len(o.token_ids) for o in outs] == [6, 6]
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]
     final = run_all(engine)
-    assert list(final) == [queued] and final[queued].token_ids == greedy_tokens(loaded, 2)
+    assert list(final) == [queued] and final[queued].outputs[0].token_ids == greedy_tokens(loaded, 2)
 
 
 def test_stream_yields_deltas_that_add_up_to_the_text(loaded):
@@ -417,33 +492,84 @@ def test_stream_yields_deltas_that_add_up_to_the_text(loaded):
     other = engine.add_request([1, 77], dataclasses.replace(GREEDY, max_tokens=3))
     stream = engine.stream(PROMPT, dataclasses.replace(GREEDY, max_tokens=24))
     deltas = list(stream)
-    assert len(deltas) > 1 and "".join(deltas) == text_of(loaded) == stream.output.text
-    assert stream.output.finish_reason == "length"
+    assert len(deltas) > 1 and "".join(deltas) == text_of(loaded) == stream.output.outputs[0].text
+    assert stream.output.outputs[0].finish_reason == "length"
     assert list(run_all(engine)) == [other]  # the other request's output waited for its owner
 
 
-def test_stream_aborts_its_request_when_the_consumer_stops(loaded):
+def test_a_stream_left_early_in_a_with_block_or_closed_aborts_at_once(loaded):
     engine = make_engine(loaded)
-    for delta in engine.stream(PROMPT, dataclasses.replace(GREEDY, max_tokens=200)):
-        break
-    gc.collect()
+    with engine.stream(PROMPT, dataclasses.replace(GREEDY, max_tokens=200)) as stream:
+        for _ in stream:
+            break
     assert all_rings_free(engine) and not engine._requests and not engine.has_unfinished_requests()
 
-    never_read = engine.stream(PROMPT, GREEDY)
-    assert engine.num_requests == 1
-    del never_read
-    gc.collect()
-    assert all_rings_free(engine) and engine.step() == []
+    stream = engine.stream(PROMPT, dataclasses.replace(GREEDY, max_tokens=200))
+    next(stream)
+    stream.close()
+    assert all_rings_free(engine) and not engine._requests
+    with pytest.raises(StopIteration):  # a closed stream ends cleanly, it does not reach into the engine
+        next(stream)
+    assert stream.output is None
 
     with pytest.raises(InvalidRequestError):  # bad input fails at the call, not at the first next()
         engine.stream("", GREEDY)
 
 
-def test_chat_messages_are_accepted(loaded):
+def test_an_abandoned_stream_runs_to_its_end_and_leaves_nothing_behind(loaded):
+    """No __del__ magic: a stream dropped without close() keeps its request until it finishes by itself,
+    then nothing of it stays in the engine and nothing of it reaches `step` callers."""
+    engine = make_engine(loaded)
+    abandoned = engine.stream(PROMPT, dataclasses.replace(GREEDY, max_tokens=6))
+    next(abandoned)
+    del abandoned
+    gc.collect()
+    assert engine.num_requests == 1  # still running: its lifetime is not tied to garbage collection
+    other = engine.add_request([1, 77], dataclasses.replace(GREEDY, max_tokens=8))
+    assert list(run_all(engine)) == [other]
+    assert all_rings_free(engine) and not engine._requests and not engine._sinks
+
+
+def test_chat_applies_the_template_and_generate_refuses_messages(loaded):
     engine = make_engine(loaded)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    out = engine.generate(messages, GREEDY, use_tqdm=False)[0]
+    with pytest.raises(InvalidRequestError, match="Engine.chat"):
+        engine.generate(messages, GREEDY, use_tqdm=False)
+    out = engine.chat(messages, GREEDY, use_tqdm=False)[0]
     template = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     assert out.prompt == template
-    assert out.num_prompt_tokens == len(loaded.tokenizer.encode(template, add_special_tokens=False))
-    assert len(out.token_ids) == GREEDY.max_tokens
+    assert len(out.prompt_token_ids) == len(loaded.tokenizer.encode(template, add_special_tokens=False))
+    assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
+
+
+# --- logits processors ---------------------------------------------------------------------------
+
+
+def test_logits_processors_see_the_raw_logits_and_can_force_tokens(loaded):
+    """A processor that records, then one that forces a given continuation: the engine decodes the forced
+    tokens one per step (teacher forcing), and the recorded logits are the model's own."""
+    forced = [7, 300, 42, 42, 99]
+    seen: list[torch.Tensor] = []
+
+    def record(output_ids, logits):
+        assert len(output_ids) == len(seen)
+        seen.append(logits.clone())
+        return logits
+
+    def force(output_ids, logits):
+        masked = torch.full_like(logits, float("-inf"))
+        masked[forced[len(output_ids)]] = 0.0
+        return masked
+
+    params = SamplingParams(temperature=0.7, seed=1, max_tokens=len(forced), ignore_eos=True,
+                            logits_processors=[record, force])
+    out = make_engine(loaded, policy="nexus", budget=24, window=4, chunk=8).generate(
+        [PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == forced
+    reference = hf_logits(loaded.path, PROMPT + forced[:-1])[len(PROMPT) - 1:]
+    torch.testing.assert_close(torch.stack(seen), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_a_non_callable_logits_processor_is_refused():
+    with pytest.raises(InvalidRequestError, match="logits_processors"):
+        SamplingParams(logits_processors=[1])

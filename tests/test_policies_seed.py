@@ -27,7 +27,7 @@ from minikv.policies.nestedkv import NestedKV, decile_spread, gated_mix, mixing_
 from minikv.ring import RingStore
 from minikv.sampling import SamplingParams
 from minikv.scheduler import ScheduledChunk, SchedulerOutput
-from minikv.sequence import Sequence
+from minikv.request import Request
 
 from helpers import make_tiny_checkpoint
 
@@ -260,13 +260,13 @@ def _drive(model, config, name, seed, *, check):
                          torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     lengths, new_tokens = (37, 9, 30), (30, 40, 25)
-    waiting = [Sequence(str(i), torch.randint(3, 300, (n,), generator=g).tolist(), SamplingParams(), 0)
+    waiting = [Request(str(i), torch.randint(3, 300, (n,), generator=g).tolist(), SamplingParams(), seed=0, eos_ids=frozenset(), tokenizer=None)
                for i, n in enumerate(lengths)]
     running, outputs = [], {}
     while waiting or running:
         while waiting and store.num_free:
             seq = waiting.pop(0)
-            seq.ring = store.allocate()
+            seq.slot = store.allocate()
             running.append(seq)
         sched = SchedulerOutput(decodes=[s for s in running if not s.is_prefilling],
                                 prefills=[ScheduledChunk(s, min(CHUNK, len(s.prompt_ids) - s.num_processed))
@@ -277,9 +277,9 @@ def _drive(model, config, name, seed, *, check):
         for seq in list(running):
             check(store, policy, seq)
             if len(seq.output_ids) >= new_tokens[int(seq.request_id)]:
-                outputs[seq.request_id] = (list(seq.output_ids), store.pos[:, seq.ring].clone(),
-                                           store.score[:, seq.ring].clone())
-                store.free(seq.ring)
+                outputs[seq.request_id] = (list(seq.output_ids), store.pos[:, seq.slot].clone(),
+                                           store.score[:, seq.slot].clone())
+                store.free(seq.slot)
                 running.remove(seq)
     return outputs
 
@@ -287,8 +287,8 @@ def _drive(model, config, name, seed, *, check):
 def _check_ring(store, policy, seq):
     n = seq.num_processed
     filled = min(n, BUDGET)
-    pos = store.pos[:, seq.ring, :, :filled]  # [L, H, filled]
-    score = store.score[:, seq.ring, :, :filled]
+    pos = store.pos[:, seq.slot, :, :filled]  # [L, H, filled]
+    score = store.score[:, seq.slot, :, :filled]
     must_keep = set(range(min(N_SINK, n))) | set(range(max(0, n - WINDOW), n))
     for layer in range(pos.shape[0]):
         for head in range(pos.shape[1]):
@@ -339,8 +339,8 @@ def test_epikv_rejects_an_evicting_chunk_it_cannot_hold(tiny):
     policy = make_policy("epikv", n_sink=N_SINK, window=WINDOW)
     store = RingStore(config, 1, BUDGET, dtype=torch.float32, device=torch.device("cpu"))
     runner = ModelRunner(model, RingAttention(store, policy, scale=config.head_dim**-0.5, seed=0), torch.device("cpu"))
-    seq = Sequence("0", list(range(3, 63)), SamplingParams(), 0)
-    seq.ring = store.allocate()
+    seq = Request("0", list(range(3, 63)), SamplingParams(), seed=0, eos_ids=frozenset(), tokenizer=None)
+    seq.slot = store.allocate()
     runner.run(SchedulerOutput(prefills=[ScheduledChunk(seq, BUDGET)]))  # fills the ring: nothing to evict
     with pytest.raises(ConfigError, match="n_sink \\+ chunk"):
         runner.run(SchedulerOutput(prefills=[ScheduledChunk(seq, BUDGET - N_SINK + 1)]))

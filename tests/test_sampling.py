@@ -23,18 +23,18 @@ from minikv.sampling import (
 )
 
 
-def make_batch(params, *, prompts=None, outputs=None, seeds=None, eos=(2,)):
+def make_batch(params, *, prompts=None, outputs=None, seeds=None, eos=(2,), vocab=None):
     n = len(params)
     prompts = prompts or [[]] * n
     outputs = outputs or [[]] * n
     seeds = seeds if seeds is not None else list(range(n))
     rows = [SamplingRow(p, prompt, out, seed, eos) for p, prompt, out, seed in zip(params, prompts, outputs, seeds)]
-    return SamplingBatch.from_rows(rows)
+    return SamplingBatch.from_rows(rows, vocab_size=vocab)
 
 
 def draw_many(logits_row: torch.Tensor, params: SamplingParams, n: int, first_seed: int = 0) -> torch.Tensor:
     """n samples of one distribution: n rows with the same logits, seeds first_seed.. first_seed+n-1."""
-    batch = make_batch([params] * n, seeds=list(range(first_seed, first_seed + n)))
+    batch = make_batch([params] * n, seeds=list(range(first_seed, first_seed + n)), vocab=logits_row.shape[-1])
     return Sampler()(logits_row.expand(n, -1).clone(), batch).token_ids
 
 
@@ -158,7 +158,7 @@ def test_same_seed_gives_same_sample_whatever_the_batch_position_or_size():
     vocab = 300
     target_logits = torch.randn(vocab)
     target = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
-    alone = Sampler()(target_logits[None], make_batch([target], outputs=[[5, 6, 7]], seeds=[1234])).token_ids
+    alone = Sampler()(target_logits[None], make_batch([target], outputs=[[5, 6, 7]], seeds=[1234], vocab=vocab)).token_ids
 
     neighbours = [
         SamplingParams(temperature=0.0),
@@ -173,7 +173,7 @@ def test_same_seed_gives_same_sample_whatever_the_batch_position_or_size():
         params[position], outputs[position], seeds[position] = target, [5, 6, 7], 1234
         logits = torch.randn(size, vocab)
         logits[position] = target_logits
-        tokens = Sampler()(logits, make_batch(params, outputs=outputs, seeds=seeds)).token_ids
+        tokens = Sampler()(logits, make_batch(params, outputs=outputs, seeds=seeds, vocab=vocab)).token_ids
         assert tokens[position] == alone[0]
 
 
@@ -197,7 +197,7 @@ def test_min_tokens_suppresses_eos_and_stop_token_ids_until_reached():
     logits[:, 11] = 8.0
     params = SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=[7])
     outputs = [[1] * n for n in (0, 1, 2, 3, 4, 5)]
-    tokens = Sampler()(logits, make_batch([params] * 6, outputs=outputs, eos=(2,))).token_ids
+    tokens = Sampler()(logits, make_batch([params] * 6, outputs=outputs, eos=(2,), vocab=16)).token_ids
     assert tokens.tolist() == [11, 11, 11, 11, 2, 2]
 
     sampled = SamplingParams(temperature=1.0, min_tokens=4, stop_token_ids=[7])
@@ -209,14 +209,14 @@ def test_ignore_eos_needs_no_eos_suppression_but_stop_ids_stay_suppressed():
     logits = torch.zeros(1, 16)
     logits[0, 2], logits[0, 7] = 10.0, 12.0
     params = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[7], ignore_eos=True)
-    tokens = Sampler()(logits, make_batch([params], eos=(2,))).token_ids
+    tokens = Sampler()(logits, make_batch([params], eos=(2,), vocab=16)).token_ids
     assert tokens.tolist() == [2]  # EOS does not end an ignore_eos request, so it is not suppressed
 
 
 def test_repetition_penalty_transforms_seen_logits_exactly():
     logits = torch.tensor([[2.0, -1.0, 3.0, -2.0, 0.5, 1.0]])
     params = SamplingParams(repetition_penalty=2.0)
-    batch = make_batch([params], prompts=[[0, 1]], outputs=[[3, 3]])
+    batch = make_batch([params], prompts=[[0, 1]], outputs=[[3, 3]], vocab=6)
     penalised = apply_penalties(logits, batch)
     expected = torch.tensor([[1.0, -2.0, 3.0, -4.0, 0.5, 1.0]])  # seen: 0, 1 (prompt), 3 (output)
     assert torch.allclose(penalised, expected)
@@ -226,13 +226,13 @@ def test_repetition_penalty_transforms_seen_logits_exactly():
     # The sampler uses the penalised logits: greedy switches away from a repeated winner.
     winner = torch.tensor([[3.0, 2.0, 0.0]])
     greedy = SamplingParams(temperature=0.0, repetition_penalty=2.0)
-    assert Sampler()(winner, make_batch([greedy], prompts=[[0]])).token_ids.tolist() == [1]
+    assert Sampler()(winner, make_batch([greedy], prompts=[[0]], vocab=3)).token_ids.tolist() == [1]
 
 
 def test_presence_and_frequency_penalties_transform_output_logits_exactly():
     logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
-    batch = make_batch([params], prompts=[[0, 1]], outputs=[[4, 4, 4, 5]])
+    batch = make_batch([params], prompts=[[0, 1]], outputs=[[4, 4, 4, 5]], vocab=6)
     penalised = apply_penalties(logits, batch)
     # Token 4: three occurrences; token 5: one; prompt tokens are not penalised by these two.
     expected = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0 - 0.75 - 0.5, 1.0 - 0.25 - 0.5]])
@@ -242,7 +242,7 @@ def test_presence_and_frequency_penalties_transform_output_logits_exactly():
 def test_penalties_only_touch_rows_that_asked():
     logits = torch.randn(3, 10)
     params = [SamplingParams(), SamplingParams(repetition_penalty=1.3), SamplingParams(frequency_penalty=1.0)]
-    batch = make_batch(params, prompts=[[1, 2]] * 3, outputs=[[3, 3]] * 3)
+    batch = make_batch(params, prompts=[[1, 2]] * 3, outputs=[[3, 3]] * 3, vocab=10)
     penalised = apply_penalties(logits, batch)
     assert torch.equal(penalised[0], logits[0])
     assert not torch.equal(penalised[1], logits[1])
@@ -263,7 +263,7 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
         SamplingParams(temperature=1.3, top_p=0.5, logprobs=7, presence_penalty=1.0, min_tokens=5),
         SamplingParams(min_p=0.2),
     ]
-    batch = make_batch(params, prompts=[[0, 1, 2]] * 4, outputs=[[3]] * 4)
+    batch = make_batch(params, prompts=[[0, 1, 2]] * 4, outputs=[[3]] * 4, vocab=40)
     out = Sampler()(logits, batch)
     reference = torch.log_softmax(logits, dim=-1)
     assert torch.allclose(out.logprobs, reference.gather(1, out.token_ids[:, None]).squeeze(1), atol=1e-6)
@@ -288,7 +288,7 @@ def test_sampler_hot_path_never_reads_tensor_values_on_the_host(monkeypatch):
         SamplingParams(top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.3,
                        frequency_penalty=0.2, min_tokens=3, stop_token_ids=[4]),
     ]
-    batch = make_batch(params, prompts=[[1, 2], [3]], outputs=[[5], [6, 6]])
+    batch = make_batch(params, prompts=[[1, 2], [3]], outputs=[[5], [6, 6]], vocab=50)
     logits = torch.randn(2, 50)
     expected = Sampler()(logits, batch).token_ids
 

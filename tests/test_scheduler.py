@@ -10,7 +10,7 @@ from minikv.errors import ConfigError
 from minikv.ring import RingStore
 from minikv.sampling import SamplingParams
 from minikv.scheduler import Scheduler
-from minikv.sequence import Sequence, SequenceStatus
+from minikv.request import Request, RequestStatus
 
 CONFIG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=8, intermediate_size=16,
                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4)
@@ -21,8 +21,9 @@ def make_scheduler(num_rings: int = 3, max_num_batched_tokens: int = 16, chunk: 
     return Scheduler(store, max_num_batched_tokens=max_num_batched_tokens, chunk=chunk)
 
 
-def make_seq(name: str, prompt_len: int) -> Sequence:
-    return Sequence(name, list(range(prompt_len)), SamplingParams(max_tokens=100), seed=0)
+def make_seq(name: str, prompt_len: int) -> Request:
+    return Request(name, list(range(prompt_len)), SamplingParams(max_tokens=100), seed=0, eos_ids=frozenset(),
+                   tokenizer=None)
 
 
 def run_plan(plan) -> None:
@@ -72,10 +73,10 @@ def test_request_added_while_others_decode_is_admitted_in_the_next_step():
     run_plan(sched.schedule())  # a decodes
     b = make_seq("b", 5)
     sched.add(b)
-    assert b.status is SequenceStatus.WAITING
+    assert b.status is RequestStatus.WAITING
     plan = sched.schedule()
     assert describe(plan) == (["a"], [("b", 5)])
-    assert b.status is SequenceStatus.RUNNING and b.ring is not None
+    assert b.status is RequestStatus.RUNNING and b.slot is not None
 
 
 def test_chunk_boundaries_are_multiples_of_chunk_even_after_a_short_step():
@@ -139,7 +140,7 @@ def test_finish_frees_the_ring_at_once_wherever_the_sequence_is(where):
         assert sched.schedule().decodes == [seq]
     free_before = sched.store.num_free
     sched.finish(seq, "abort")
-    assert seq.is_finished and seq.finish_reason == "abort" and seq.ring is None
+    assert seq.is_finished and seq.finish_reason == "abort" and seq.slot is None
     assert seq not in sched.running and seq not in sched.waiting
     assert sched.store.num_free == free_before + (where != "waiting")
     sched.finish(seq, "abort")  # a second finish is harmless

@@ -38,12 +38,12 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "de
 def test_greedy_generation_matches_transformers(smollm2, hf_model):
     engine = Engine(smollm2, budget=1024, policy="nexus", max_num_seqs=5)
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
-    outputs = engine.generate(chats, SamplingParams(temperature=0, max_tokens=32, min_tokens=32), use_tqdm=False)
+    outputs = engine.chat(chats, SamplingParams(temperature=0, max_tokens=32, min_tokens=32), use_tqdm=False)
     for chat, out in zip(chats, outputs):
         ids = smollm2.tokenizer.encode(smollm2.tokenizer.apply_chat_template(chat), add_special_tokens=False)
         with torch.no_grad():
             ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
-        assert out.token_ids == ref[0, len(ids):].tolist()
+        assert out.outputs[0].token_ids == ref[0, len(ids):].tolist()
 
 
 @pytest.mark.parametrize("policy", ["full", "nexus"])
@@ -57,9 +57,9 @@ def test_passkey_at_2000_tokens_with_budget_512(smollm2, policy):
     prompts = [passkey_prompt(smollm2.tokenizer, seed, depth) for seed, depth in [(1, 0.4), (2, 0.2), (3, 0.6)]]
     outs = engine.generate([text for text, _ in prompts], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     for (_, key), out in zip(prompts, outs):
-        assert out.num_prompt_tokens > 1900
-        assert (out.num_evicted_tokens > 0) == (policy != "full")
-        assert key in out.text, (key, out.text)
+        assert len(out.prompt_token_ids) > 1900
+        assert (out.metrics.num_evicted_tokens > 0) == (policy != "full")
+        assert key in out.outputs[0].text, (key, out.outputs[0].text)
 
 
 def test_cli_answers_paris():

@@ -25,11 +25,11 @@ DEPTHS = [0.4, 0.2, 0.6, 0.8, 0.5]
 
 def key_rings(engine: Engine, request_id: str, key_ids: list[int]) -> tuple[int, int]:
     """(rings holding every token of the key, rings in all) for a request whose prompt has been read."""
-    seq = engine._requests[request_id].seq
-    ids = seq.prompt_ids
+    req = engine._requests[request_id]
+    ids = req.prompt_ids
     start = next(i for i in range(len(ids)) if ids[i:i + len(key_ids)] == key_ids)
     key_pos = torch.arange(start, start + len(key_ids), dtype=torch.int32)
-    pos = engine.store.pos[:, seq.ring]  # [layers, kv heads, budget]
+    pos = engine.store.pos[:, req.slot]  # [layers, kv heads, budget]
     held = (pos[..., None] == key_pos).any(-2).all(-1)
     return int(held.sum()), held.numel()
 
@@ -38,16 +38,18 @@ def probe(loaded, spec, prompt: str, key: str, args) -> tuple[bool, str, int, in
     engine = Engine(loaded, budget=args.budget, chunk=args.chunk, policy=spec.name, max_num_seqs=1,
                     policy_options=spec.options)
     rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=8))
-    seq = engine._requests[rid].seq
-    while seq.is_prefilling:
+    req = engine._requests[rid]
+    while req.is_prefilling:
         engine.step()
     # The first occurrence of the key as the prompt tokenised it (" 27611" and "27611" may differ).
     first = prompt.index(key)
     key_ids = loaded.tokenizer.encode(prompt[:first + len(key)], add_special_tokens=False)
     key_ids = key_ids[len(loaded.tokenizer.encode(prompt[:first], add_special_tokens=False)):]
     held, rings = key_rings(engine, rid, key_ids)
-    out = list(engine._outputs_of([rid]))[-1]
-    return key in out.text, out.text, held, rings
+    while not req.is_finished:
+        engine.step()
+    text = req.make_output().outputs[0].text
+    return key in text, text, held, rings
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 One *config* is a policy (with its options) at one budget. For each config the runner builds an Engine on
 the already loaded model, sends every task sample as a user chat message (greedy), scores the answers, and
 measures the perplexity of a long prose text read through the same bounded ring: the next-token loss of
-the prompt while it streams in chunk by chunk and the policy evicts (``prompt_logprobs=True``).
+the prompt while it streams in chunk by chunk and the policy evicts (``SamplingParams(prompt_logprobs=0)``).
 
 Results go to a JSON file after every config, so a long run can stop at any time and resume where it
 stopped: configs already in the file are skipped. RULER (Hsieh et al., 2024, arXiv 2404.06654) is the
@@ -206,8 +206,8 @@ def run_config(loaded, settings: EvalSettings, config: RunConfig, work: Workload
             rid = engine.add_request([{"role": "user", "content": sample.prompt}], params, request_id=f"{task}/{i}")
             requests[rid] = (task, sample)
     if work.perplexity_ids is not None:
-        engine.add_request(work.perplexity_ids, SamplingParams(max_tokens=1, ignore_eos=True),
-                           request_id=PERPLEXITY_TASK, prompt_logprobs=True)
+        engine.add_request(work.perplexity_ids, SamplingParams(max_tokens=1, ignore_eos=True, prompt_logprobs=0),
+                           request_id=PERPLEXITY_TASK)
         requests[PERPLEXITY_TASK] = (PERPLEXITY_TASK, None)
     finished = _drain(engine, set(requests), on_request_done)
     seconds = time.perf_counter() - started
@@ -242,13 +242,16 @@ def _base_record(config: RunConfig, task: str, seconds: float) -> dict[str, Any]
 
 
 def _task_record(config: RunConfig, task: str, pairs: list, seconds: float) -> dict[str, Any]:
-    scores = [score(sample, out.text) for sample, out in pairs]
+    texts = [out.outputs[0].text for _, out in pairs]
+    scores = [score(sample, text) for (sample, _), text in zip(pairs, texts)]
     return {**_base_record(config, task, seconds), "accuracy": sum(scores) / len(scores), "scores": scores,
-            "outputs": [out.text for _, out in pairs], "answers": [sample.answers for sample, _ in pairs]}
+            "outputs": texts, "answers": [sample.answers for sample, _ in pairs]}
 
 
 def _perplexity_record(config: RunConfig, out, seconds: float) -> dict[str, Any]:
-    logprobs = out.prompt_logprobs or []
+    # prompt_logprobs[0] is None (the first token has no context); each later entry holds the token's own.
+    logprobs = [entry[token].logprob for token, entry in zip(out.prompt_token_ids, out.prompt_logprobs or [])
+                if entry is not None]
     nll = -sum(logprobs) / max(1, len(logprobs))
     return {**_base_record(config, PERPLEXITY_TASK, seconds), "nll": nll, "perplexity": math.exp(nll),
             "tokens": len(logprobs)}

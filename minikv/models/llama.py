@@ -44,15 +44,29 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """RoPE. Frequencies are fixed at load; cos/sin are made for the step's positions on the fly,
-    because ring positions keep counting past evictions and never index a fixed-size table."""
+    because ring positions keep counting past evictions and never index a fixed-size table.
+
+    Frequencies, angles, cos and sin are fp32 whatever the model's dtype. In bf16 (8 significant bits) a
+    frequency is off by up to 2^-8 relative, so the angle between a query and a key 4,000 positions
+    apart drifts by radians: exactly the long-context regime minikv is for.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim))
         self.register_buffer("inv_freq", _scale_frequencies(inv_freq, config.rope_scaling).float(), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(dtype)`, `.half()`, `.bfloat16()` and `.cuda()` all reach buffers through `_apply`.
+        # Let them move inv_freq to another device, but keep its fp32 values: cast once, they are lost.
+        # (A buffer rather than a plain attribute, so that it still follows the model to its device.)
+        exact = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = exact.to(self.inv_freq.device)
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], fp32
         return angles.cos(), angles.sin()
 
 
@@ -74,7 +88,9 @@ def _scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head (the Hugging Face "rotate_half" layout). x [T, H, D]."""
+    """Rotate the two halves of each head (the Hugging Face "rotate_half" layout). x [T, H, D].
+
+    The rotation runs in fp32 (cos and sin are fp32) and the result is rounded once, back to x's dtype."""
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -1,0 +1,83 @@
+"""What the engine hands back: vLLM's output shapes, plus minikv's KV accounting.
+
+    RequestOutput(request_id, prompt, prompt_token_ids, prompt_logprobs,
+                  outputs=[CompletionOutput(index, text, token_ids, cumulative_logprob, logprobs,
+                                            finish_reason, stop_reason)],
+                  finished, metrics=RequestMetrics(...), error)
+
+How much of a request's text and tokens one output carries is the request's `SamplingParams.output_kind`:
+CUMULATIVE (everything so far, vLLM's default), DELTA (only what is new since its last output: what a stream
+or a server sends) or FINAL_ONLY (one output, when it finishes: what `Engine.generate` collects).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability under the model's raw distribution, and its rank there (1 = most likely)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per position: the chosen token plus the top `logprobs` tokens, id -> Logprob (vLLM's SampleLogprobs).
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a request (minikv makes one per request: index 0).
+
+    finish_reason: None while running, then "stop" (EOS, a stop token or a stop string), "length" (max_tokens),
+    "abort" or "error". stop_reason: the stop string or stop token id that ended it (None for EOS or length).
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list[PositionLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """Timestamps (time.monotonic() seconds) and minikv's KV accounting of one request.
+
+    num_evicted_tokens: tokens no longer in the request's ring (the same count in every layer and KV head).
+    num_kv_blocks: pool blocks the request holds now (0 once it has finished).
+    kv_budget: the most KV slots per layer and KV head its ring may hold.
+    """
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_generated_tokens: int = 0
+    num_evicted_tokens: int = 0
+    num_kv_blocks: int = 0
+    kv_budget: int = 0
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step. `outputs[0]` holds its text and tokens (all of them, or the delta since
+    its last output, by its `output_kind`); `error` says what went wrong when finish_reason is "error"."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    error: str | None = None
