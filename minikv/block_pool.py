@@ -1,0 +1,161 @@
+"""The KV block pool: one pool of fixed-size blocks per layer, shared by every running sequence.
+
+A sequence's ring is a block table: ring slot j lives at offset `j % block_size` of block
+`table[j // block_size]`, for every KV head of every layer (one block id names the same block in every
+layer). The table grows a block at a time while the ring fills; once the ring holds its budget, eviction
+overwrites slots in place, so nothing is ever compacted, moved or freed before the sequence ends.
+
+    ring slot:  0 1 2 3 | 4 5 6 7 | 8 9 . .        (budget 10, block_size 4: 3 blocks)
+    table:      [  17   ,    3    ,   42  ]         pool blocks, in any order
+    pool:       block 3 = slots 4..7, block 17 = slots 0..3, block 42 = slots 8, 9 (+ 2 never used)
+
+Admission reserves every block a sequence can ever hold, ceil(min(budget, prompt + max_tokens) / block_size),
+so a running sequence never waits for memory and nothing is ever preempted; blocks are then taken from the
+reservation as the ring fills, so the pool's usage is what the rings really hold. A prefill chunk in flight
+needs nothing from the pool: its K/V stay in the step's activations until the keep step writes the kept
+tokens into ring slots (DESIGN 4.2).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .kernels.common import PoolLayer
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_kv_memory(value: int | float | str, device: torch.device) -> int:
+    """KV memory as bytes: an int of bytes, a string with a unit ("2GiB", "512MB", "1.5G"), or on CUDA a
+    fraction in (0, 1] of the device memory that is free now (after the model's weights)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"kv_memory must be bytes, a size like '2GiB', or a fraction of free CUDA memory; got {value!r}")
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ConfigError(f"cannot read kv_memory {value!r}: write a size like '2GiB', '512MB' or '1073741824'")
+        number, unit = float(match.group(1)), match.group(2).lower()
+        if unit == "" and "." in match.group(1) and number <= 1:
+            return parse_kv_memory(number, device)  # "0.9" on the command line: a fraction
+        return int(number * _UNITS[unit])
+    if isinstance(value, float) and 0 < value <= 1:
+        if torch.device(device).type != "cuda":
+            raise ConfigError(f"kv_memory={value} is a fraction of free CUDA memory, but the engine runs on "
+                              f"{device}; give a size instead, e.g. '2GiB'")
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * value)
+    if isinstance(value, (int, float)) and value > 1 and math.isfinite(value):
+        return int(value)
+    raise ConfigError(f"kv_memory must be a positive size in bytes (e.g. '2GiB') or a fraction in (0, 1] of free "
+                      f"CUDA memory; got {value!r}")
+
+
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, edges_per_slot: int) -> int:
+    """Pool bytes of one block: K and V plus per-slot metadata (pos, score, out-edges), every layer and KV head."""
+    element = torch.empty((), dtype=dtype).element_size()
+    per_slot_and_head = 2 * config.head_dim * element + 4 + 4 + max(edges_per_slot, 1) * (4 + 4 + 4)
+    return config.num_layers * config.num_kv_heads * block_size * per_slot_and_head
+
+
+class KVPool:
+    """The pool's tensors, one PoolLayer view per layer, and the block allocator (with reservations).
+
+    `scratch_block` adds one block never handed out: rows that pad a CUDA-graph batch write there.
+    """
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype: torch.dtype,
+                 device: torch.device, edges_per_slot: int = 0, scratch_block: bool = False):
+        if num_blocks < 1:
+            raise ConfigError("the KV pool has room for no block: raise kv_memory")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_layers, self.num_kv_heads, self.head_dim = config.num_layers, config.num_kv_heads, config.head_dim
+        self.scratch_block = num_blocks if scratch_block else None
+        shape = (config.num_layers, num_blocks + int(scratch_block), block_size, config.num_kv_heads)
+        m = max(edges_per_slot, 1)  # policies without edges still get one (unused): one layout for the kernels
+        self.k = torch.zeros(*shape, config.head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full(shape, -1, dtype=torch.int32, device=device)
+        self.score = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.edge_slot = torch.full((*shape, m), -1, dtype=torch.int32, device=device)
+        self.edge_pos = torch.full((*shape, m), -1, dtype=torch.int32, device=device)
+        self.edge_w = torch.zeros((*shape, m), dtype=torch.float32, device=device)
+        self._layers = [PoolLayer(self.k[i], self.v[i], self.pos[i], self.score[i], self.edge_slot[i],
+                                  self.edge_pos[i], self.edge_w[i]) for i in range(config.num_layers)]
+        self.bytes_per_block = bytes_per_block(config, block_size, dtype, edges_per_slot)
+        # The allocator: a stack of free block ids, and who owns each block (-1 = free).
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._owner = [-1] * num_blocks
+        self._reserved: dict[int, int] = {}  # owner -> blocks reserved (taken or not)
+        self._taken: dict[int, list[int]] = {}  # owner -> its blocks, in ring order
+
+    def layer(self, index: int) -> PoolLayer:
+        return self._layers[index]
+
+    # --- accounting ------------------------------------------------------------------------------
+    @property
+    def num_used(self) -> int:
+        """Blocks held by rings now."""
+        return self.num_blocks - len(self._free)
+
+    @property
+    def num_reserved(self) -> int:
+        """Blocks promised to running sequences (held or still to be taken)."""
+        return sum(self._reserved.values())
+
+    @property
+    def num_unreserved(self) -> int:
+        return self.num_blocks - self.num_reserved
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the pool's blocks held by rings: the one number a metrics endpoint reads."""
+        return self.num_used / self.num_blocks
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    def blocks_for(self, slots: int) -> int:
+        return -(-slots // self.block_size)
+
+    # --- allocation ------------------------------------------------------------------------------
+    def reserve(self, owner: int, num_blocks: int) -> None:
+        """Promise `num_blocks` to `owner` (a batch slot); the caller checked num_unreserved first."""
+        if owner in self._reserved:
+            raise RuntimeError(f"owner {owner} already holds a reservation")
+        if num_blocks > self.num_unreserved:
+            raise RuntimeError(f"reserving {num_blocks} blocks with {self.num_unreserved} unreserved")
+        self._reserved[owner] = num_blocks
+        self._taken[owner] = []
+
+    def grow(self, owner: int, num_blocks: int) -> list[int]:
+        """Take blocks from the owner's reservation until it holds `num_blocks`; return the new ones."""
+        taken = self._taken[owner]
+        if num_blocks > self._reserved[owner]:
+            raise RuntimeError(f"owner {owner} needs {num_blocks} blocks but reserved {self._reserved[owner]}")
+        new = []
+        while len(taken) < num_blocks:
+            block = self._free.pop()  # cannot fail: reservations never exceed the pool
+            self._owner[block] = owner
+            taken.append(block)
+            new.append(block)
+        return new
+
+    def release(self, owner: int) -> None:
+        """Free every block of `owner` and drop its reservation: O(blocks), nothing is zeroed."""
+        for block in self._taken.pop(owner):
+            self._owner[block] = -1
+            self._free.append(block)
+        del self._reserved[owner]
+
+    def blocks_of(self, owner: int) -> list[int]:
+        return list(self._taken.get(owner, ()))
+
+    def owner_of(self, block: int) -> int:
+        return self._owner[block]
