@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import RingAttention
+from .config import check_engine_settings
 from .errors import InvalidRequestError
 from .hashing import hash_u32
 from .loader import LoadedModel, load_model
@@ -89,6 +90,9 @@ class Engine:
         policy_options: dict | None = None,
         enforce_eager: bool = False,
     ):
+        check_engine_settings(budget=budget, chunk=chunk, n_sink=n_sink, window=window, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed,
+                              policy_options=policy_options)
         self.policy = make_policy(policy, n_sink=n_sink, window=window, **(policy_options or {}))
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
@@ -175,10 +179,12 @@ class Engine:
 
     def _encode(self, prompt: Prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
+            _check_unicode(prompt, "the prompt")
             ids, text = (self.tokenizer.encode(prompt) if prompt else []), prompt
         elif _is_chat(prompt):
             validate_messages(prompt)
             text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            _check_unicode(text, "a chat message")
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         elif _is_token_ids(prompt):
             bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
@@ -322,6 +328,8 @@ class Engine:
                 return "stop"
             if params.stop and req.match_stop_string():
                 return "stop"
+        elif params.stop:
+            req.skip_stop_strings()  # as vLLM: a stop string produced before min_tokens is ignored for good
         return "length" if generated >= params.max_tokens else None
 
     def _output(self, req: "_Request") -> RequestOutput:
@@ -487,13 +495,18 @@ class _Request:
     def push_text(self, token: int) -> None:
         self.detokenizer.push(token)
 
+    def skip_stop_strings(self) -> None:
+        """Mark the text so far as searched: no stop string that ends in it will ever match."""
+        self.stop_checked = len(self.text)
+
     def match_stop_string(self) -> bool:
-        """Find the earliest stop string in the new text; if found, set how much of the text to trim."""
+        """Find the earliest stop string that ends in the new text; if found, set how much of the text to trim."""
         params, text = self.seq.params, self.text
-        # The new text only, plus an overlap so that a stop string across the seam is found.
-        start = max(0, self.stop_checked - max(len(s) for s in params.stop) + 1)
+        # Each stop string is searched from len(stop) - 1 characters before the new text: one across the seam
+        # is found, one wholly in the old text (skipped under min_tokens) is not.
+        found = [(at, stop) for stop in params.stop
+                 if (at := text.find(stop, max(0, self.stop_checked - len(stop) + 1))) >= 0]
         self.stop_checked = len(text)
-        found = [(at, stop) for stop in params.stop if (at := text.find(stop, start)) >= 0]
         if not found:
             return False
         at, stop = min(found)
@@ -527,7 +540,20 @@ def _as_prompt_list(prompts: Prompt | Iterable[Prompt]) -> list[Prompt]:
     """One prompt (text, token ids, chat) or many, as a list of prompts."""
     if isinstance(prompts, str) or _is_chat(prompts) or _is_token_ids(prompts):
         return [prompts]
+    if isinstance(prompts, (dict, bytes)) or not isinstance(prompts, Iterable):  # generate(5), generate(message)
+        raise InvalidRequestError(f"prompts must be a prompt (a string, a list of token ids or a list of chat "
+                                  f"messages) or a list of prompts, got {type(prompts).__name__}")
     return list(prompts)
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """A lone surrogate (e.g. bytes decoded with errors="surrogateescape") is not text a tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRequestError(
+            f"{what} holds {text[err.start]!r} at index {err.start}, a lone surrogate, which is not valid Unicode; "
+            "decode the original bytes as UTF-8 with errors='replace', or fix their encoding") from None
 
 
 def _progress(total: int, enabled: bool):
