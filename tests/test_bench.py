@@ -103,3 +103,17 @@ def test_main_prints_a_table_or_json(tmp_path, capsys):
     assert line["num_requests"] == 3 and line["output_tokens"] == 6 and "ttft_ms_p90" in line
     assert bench.main(argv[:1] + ["--budget", "10"]) == 2  # budget <= n_sink + window: a clear error, no trace
     assert "budget" in capsys.readouterr().err
+
+
+def test_bench_takes_the_engine_flags_of_run_policy_options_included(tmp_path, capsys):
+    """One definition of the engine flags: `--policy nexus:tau=0` used to fail here with "unknown policy"."""
+    path = tiny_checkpoint(tmp_path / "tiny")
+    argv = ["--model", str(path), "-n", "2", "--input-len", "8", "--output-len", "2", "--budget", "80", "--chunk",
+            "16", "--window", "4", "--max-num-seqs", "2", "--threads", "1", "--policy", "nexus:tau=0", "--compare-full",
+            "--json"]
+    assert bench.main(argv) == 0
+    labels = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()]
+    assert labels == ["nexus:tau=0 (budget 80)", "full (budget 10)"]
+    assert bench.main(argv[:2] + ["--policy", "nexus:tau=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "minikv: error:" in err and "tau" in err and "Traceback" not in err

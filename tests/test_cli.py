@@ -103,8 +103,99 @@ def test_tiny_model_answers_and_streams(capsys, tiny_dir):
     assert out.endswith("\n") and len(out) > 1
 
 
-def test_a_lone_argument_is_a_model_only_if_it_names_one(tiny_dir):
+def test_a_lone_argument_is_a_model_only_if_it_is_one_here(tiny_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hub"  # a Hugging Face cache holding one repo
+    snapshot = hub / "models--Qwen--Qwen3-0.6B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (hub / "models--Qwen--Qwen3-0.6B" / "refs").mkdir()
+    (hub / "models--Qwen--Qwen3-0.6B" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a file, not a model")
+
     assert split_model_and_prompt(["What is 2+2?"], None) == (None, "What is 2+2?")
+    assert split_model_and_prompt(["yes/no"], None) == (None, "yes/no")  # looks like a repo id, is not cached
+    assert split_model_and_prompt([str(notes)], None) == (None, str(notes))  # an existing file, not a model
     assert split_model_and_prompt([str(tiny_dir)], None) == (str(tiny_dir), None)
-    assert split_model_and_prompt(["Qwen/Qwen3-0.6B"], None) == ("Qwen/Qwen3-0.6B", None)
+    assert split_model_and_prompt(["Qwen/Qwen3-0.6B"], None) == ("Qwen/Qwen3-0.6B", None)  # in the cache
+    assert split_model_and_prompt(["missing.gguf"], None) == ("missing.gguf", None)  # a typo says "does not exist"
     assert split_model_and_prompt(["m.gguf", "hi"], None) == ("m.gguf", "hi")
+    assert split_model_and_prompt(["Org/Uncached", "hi"], None) == ("Org/Uncached", "hi")  # two: model, prompt
+    assert split_model_and_prompt(["yes/no"], "Org/Model") == ("Org/Model", "yes/no")  # --model forces it
+
+
+def test_each_chat_turn_samples_with_its_own_reproducible_seed(monkeypatch):
+    """The same session seed gives the same conversation; its turns do not share a seed (they repeated)."""
+    import minikv.cli as cli
+
+    def session(seed: int) -> list[int]:
+        lines = iter(["My name is Ada.", "/reset", "What is my name?", "", "Again?"])
+        seeds = []
+
+        def fake_input(prompt=""):
+            try:
+                return next(lines)
+            except StopIteration:
+                raise EOFError from None
+
+        monkeypatch.setattr("builtins.input", fake_input)
+        monkeypatch.setattr(cli.sys, "stdin", type("Tty", (), {"isatty": lambda self: True})())
+        monkeypatch.setattr(cli, "build_engine", lambda args, model: None)
+        monkeypatch.setattr(cli, "_print_banner", lambda engine: None)
+        monkeypatch.setattr(cli, "_answer", lambda engine, messages, params: seeds.append(params.seed) or "reply")
+        assert main(["run", "--seed", str(seed)]) == 0
+        return seeds
+
+    first = session(5)
+    assert len(first) == 3 and len(set(first)) == 3
+    assert session(5) == first
+    assert session(6) != first
+    assert first[0] == cli.turn_seed(5, 0)  # `minikv run --seed 5 "..."` answers like the chat's first turn
+
+
+def test_a_request_that_fails_while_running_exits_1_with_one_line(tiny_dir):
+    """Before: the engine's traceback on stderr, nothing on stdout, and exit status 0."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, minikv.model_runner as m\n"
+              "def broken(self, plan): raise RuntimeError('the kernel broke')\n"
+              "m.ModelRunner.run = broken\n"
+              "from minikv.cli import main\n"
+              f"sys.exit(main(['run', {str(tiny_dir)!r}, 'hi', '--max-tokens', '2', '--budget', '128']))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIKV_DEBUG": ""}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("minikv: error:")]
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(errors) == 1 and "the kernel broke" in errors[0], done.stderr
+
+
+def test_threads_default_to_omp_num_threads_or_half_the_cpus(monkeypatch):
+    import os
+
+    import torch
+
+    import minikv.cli as cli
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cli.default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cli.default_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
+    before = torch.get_num_threads()
+    try:
+        assert cli.set_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_max_model_len_bounds_requests_and_says_when_it_is_past_the_trained_context(capsys, tiny_dir):
+    code, _, err = run_cli(capsys, tiny_dir, "hello there", "--budget", 128, "--max-model-len", 8)
+    assert_clean_error(code, err, "max_model_len (8)")
+    code, out, err = run_cli(capsys, tiny_dir, "hi", "--budget", 128, "--max-model-len", 40000, "--temperature", 0)
+    assert code == 0, err
+    assert "past the model's trained context (32768 tokens)" in err  # the tiny checkpoint's context

@@ -266,6 +266,23 @@ def test_metrics_timestamps_are_ordered(loaded):
     assert m.num_generated_tokens == 12 and m.kv_budget > 0
 
 
+def test_a_stop_string_produced_before_min_tokens_is_ignored_for_good(loaded):
+    """vLLM's rule: stop strings are not looked for until min_tokens are out, and what came before is never
+    searched later. (It used to be: the request then stopped at min_tokens and cut its text back past what a
+    stream had already sent.)"""
+    min_tokens = 4
+    before, full = text_of(loaded, min_tokens - 1), text_of(loaded, 24)
+    # A stop string produced before min_tokens that does not occur again.
+    stop = next(piece for size in (1, 2, 3) for k in range(len(before) - size + 1)
+                if "\ufffd" not in (piece := before[k:k + size]) and full.find(piece, len(before) - size + 1) < 0)
+    params = dataclasses.replace(GREEDY, max_tokens=24, min_tokens=min_tokens, stop=stop)
+    engine = make_engine(loaded)
+    out = engine.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert out.text == full and out.finish_reason == "length" and len(out.token_ids) == 24
+    stream = engine.stream(PROMPT, params)
+    assert "".join(stream) == full and stream.output.outputs[0].text == full
+
+
 def test_stop_token_ids_max_tokens_and_finish_reasons(loaded):
     greedy = greedy_tokens(loaded)
     i = next(i for i, t in enumerate(greedy) if i >= 2 and t not in greedy[:i])

@@ -84,8 +84,10 @@ def test_qwen2_arch_keeps_row_order(tmp_path):
 def test_convert_round_trip(tiny_gguf, tmp_path):
     out = convert_gguf_to_dir(tiny_gguf, tmp_path / "converted", dtype=torch.float32)
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "config.json", "generation_config.json", "minikv-conversion.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json",
     ]
+    assert json.loads((out / "minikv-conversion.json").read_text())["gguf"] == str(tiny_gguf.resolve())
     checkpoint = load_gguf(tiny_gguf)
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 16
     stored = load_file(out / "model.safetensors")
@@ -120,6 +122,43 @@ def test_killed_conversion_leaves_no_cache(tiny_gguf, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert_gguf_to_dir(tiny_gguf, tmp_path / "converted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_conversion_removes_the_superseded_ones_and_nothing_else(tiny_gguf, tmp_path, monkeypatch):
+    """A changed GGUF (a reinstall) reconverts; the old copy goes, unless it is in use or is not minikv's."""
+    import os
+    import shutil
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MINIKV_CACHE", str(cache))
+    gguf = tmp_path / "tiny.gguf"
+    shutil.copy(tiny_gguf, gguf)
+    old = mgguf.convert_gguf_cached(gguf, progress=False)
+
+    def folder(name, files, marker=None):
+        path = cache / name
+        path.mkdir()
+        for file in files:
+            (path / file).write_text("{}")
+        if marker is not None:
+            (path / "minikv-conversion.json").write_text(json.dumps({"gguf": str(marker)}))
+        return path
+
+    unmarked = folder("tiny-1-2", ["config.json", "model.safetensors", "tokenizer.json"])  # an older minikv's
+    not_ours = folder("tiny-3-4", ["config.json", "model.safetensors", "notes.txt"])
+    other_gguf = folder("tiny-5-6", ["config.json", "model.safetensors"], marker=tmp_path / "elsewhere" / "tiny.gguf")
+    other_stem = folder("other-1-2", ["config.json", "model.safetensors"])
+    in_use = folder("tiny-7-8", ["config.json", "model.safetensors"], marker=gguf)
+
+    os.utime(gguf, ns=(old.stat().st_mtime_ns, old.stat().st_mtime_ns + 10**9))  # the file "changed"
+    with mgguf.conversion_in_use(in_use):  # another process is loading this one
+        new = mgguf.convert_gguf_cached(gguf, progress=False)
+    assert new != old and (new / "config.json").is_file()
+    assert not old.exists() and not unmarked.exists()
+    assert not_ours.exists() and other_gguf.exists() and other_stem.exists() and in_use.exists()
+    assert not [p.name for p in cache.iterdir() if p.name.startswith(".")], "no retired folder left behind"
+    assert mgguf.remove_superseded_conversions(gguf, keep=new) == [in_use]  # once free, it goes too
+    assert mgguf.convert_gguf_cached(gguf, progress=False) == new  # the one in use now is never removed
 
 
 # ----------------------------------------------------------------------------------------------------

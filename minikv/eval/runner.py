@@ -146,6 +146,7 @@ class EvalSettings:
     window: int = 64
     max_num_seqs: int = 4
     dtype: str | None = None
+    max_model_len: int | None = None  # --max-model-len; None: the model's trained context
 
     def check(self) -> None:
         for task in self.tasks:
@@ -219,10 +220,15 @@ def run_config(loaded, settings: EvalSettings, config: RunConfig, work: Workload
     return records
 
 
+def context_limit(loaded, settings: EvalSettings) -> int:
+    """The longest context the run may use: --max-model-len, else the model's trained context."""
+    return settings.max_model_len or loaded.config.max_position_embeddings
+
+
 def _max_model_len(loaded, settings: EvalSettings) -> int:
     """Only as much context as the run needs: `full` rings are allocated at this size."""
     needed = int(settings.length * 1.05) + TEMPLATE_MARGIN + max(MAX_TOKENS.values())
-    return min(loaded.config.max_position_embeddings, needed)
+    return min(context_limit(loaded, settings), needed)
 
 
 def _drain(engine, request_ids: set[str], on_request_done: Callable[[], None]) -> dict[str, Any]:

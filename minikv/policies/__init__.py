@@ -20,10 +20,11 @@ def make_policy(name: str | Policy, **options) -> Policy:
     cls = POLICIES.get(str(name).lower())
     if cls is None:
         raise ConfigError(f"unknown policy {name!r}; known policies: {', '.join(POLICIES)}")
-    try:
-        return cls(**options)
-    except TypeError as err:
-        raise ConfigError(f"bad option for policy {name!r}: {err}") from None
+    unknown = sorted(set(options) - set(cls.option_fields()))
+    if unknown:
+        raise ConfigError(f"bad option for policy {cls.name!r}: it has no option {unknown[0]!r}; "
+                          f"{cls.describe_options()}")
+    return cls(**options)  # the types and ranges are checked by the policy's __post_init__
 
 
 __all__ = ["POLICIES", "Policy", "PrefillCandidates", "make_policy"]

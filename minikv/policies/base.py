@@ -11,8 +11,12 @@ A policy acts at two moments:
 
 from __future__ import annotations
 
+import math
+import numbers
+import types
+import typing
 from dataclasses import MISSING, dataclass, fields
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -47,6 +51,50 @@ class PrefillCandidates:
         return self.pos.shape[1] - self.filled
 
 
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether an option value fits its annotation. Floats must be finite: a NaN or infinite score
+    constant silently corrupts every score it touches. bool is not accepted as a number."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arm) for arm in typing.get_args(hint))
+    if origin is tuple:
+        arms = typing.get_args(hint)
+        return (isinstance(value, (tuple, list)) and len(value) == len(arms)
+                and all(_has_type(v, arm) for v, arm in zip(value, arms)))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if hint is int:
+        return isinstance(value, numbers.Integral)
+    if hint is float:
+        return isinstance(value, numbers.Real) and math.isfinite(value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arm) for arm in typing.get_args(hint))
+    if origin is tuple:
+        arms = typing.get_args(hint)
+        return f"tuple of {len(arms)} {_type_name(arms[0])}s"
+    return {int: "integer", float: "finite number", bool: "true/false", type(None): "None"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _annotation_text(annotation: Any) -> str:
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+def _article(name: str) -> str:
+    if name.startswith(("true", "None")):
+        return name
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
 @dataclass
 class Policy:
     """Base class: n_sink first tokens and the `window` most recent are never evicted."""
@@ -62,8 +110,47 @@ class Policy:
     evicts: ClassVar[bool] = True
 
     def __post_init__(self):
-        if self.n_sink < 0 or self.window < 0:
-            raise ConfigError(f"n_sink and window must be >= 0 (got n_sink={self.n_sink}, window={self.window})")
+        self._check_option_types()
+        for name in ("n_sink", "window"):
+            self.require(name, getattr(self, name) >= 0, ">= 0")
+
+    # --- options: the dataclass fields, checked against their annotations in one place -------------
+    # Subclasses check their ranges in __post_init__ with `require`, after calling super().__post_init__().
+
+    @classmethod
+    def option_fields(cls) -> dict[str, Any]:
+        """The options `make_policy` and `--policy name:key=value` accept: every field, with its type."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in fields(cls) if f.init}
+
+    @classmethod
+    def describe_options(cls) -> str:
+        """`nexus's options: decay (number, default 0.99), ...`, for error messages and --help."""
+        own = [f for f in fields(cls) if f.init and f.name not in ("n_sink", "window")]
+        if not own:
+            return f"{cls.name} has no options of its own (n_sink and window are set with --n-sink/--window)"
+        # f.type is the annotation as written in the class (`float`, `int | None`): `from __future__ import annotations`
+        listed = ", ".join(f"{f.name} ({_annotation_text(f.type)}, default {f.default!r})" for f in own)
+        return f"{cls.name}'s options: {listed}"
+
+    def require(self, name: str, ok: bool, rule: str) -> None:
+        """Raise a ConfigError naming option `name`, its value and `rule` unless `ok`."""
+        if not ok:
+            raise ConfigError(f"{self.name} option {name}={getattr(self, name)!r} is out of range: it must be "
+                              f"{rule}{self._options_hint(name)}")
+
+    def _options_hint(self, name: str) -> str:
+        """The policy's own options, after an error about one of them (n_sink and window are everyone's)."""
+        return "" if name in ("n_sink", "window") else f"; {self.describe_options()}"
+
+    def _check_option_types(self) -> None:
+        for name, hint in self.option_fields().items():
+            value = getattr(self, name)
+            if not _has_type(value, hint):
+                raise ConfigError(f"{self.name} option {name}={value!r} is invalid: it must be "
+                                  f"{_article(_type_name(hint))}{self._options_hint(name)}")
+            if isinstance(value, list):  # a tuple option given as a list (from JSON, say)
+                setattr(self, name, tuple(value))
 
     # EpiKV scores tokens from the residual stream: the runner collects each layer's input hidden state.
     needs_hidden_states: ClassVar[bool] = False

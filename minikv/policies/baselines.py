@@ -91,6 +91,11 @@ class SnapKV(Policy):
     obs_rows: ClassVar[int] = 32
     pool_kernel: int = 5
 
+    def __post_init__(self):
+        super().__post_init__()
+        # An even kernel with padding kernel // 2 would return one score too many.
+        self.require("pool_kernel", self.pool_kernel >= 1 and self.pool_kernel % 2 == 1, "an odd number >= 1")
+
     def eviction_spec(self):
         return self._spec(score_mode=SCORE_NONE, victim_mode=VICTIM_OLDEST)
 

@@ -119,8 +119,10 @@ class EpiKV(Policy):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.zscore_window < 2:
-            raise ConfigError(f"epikv's zscore_window must be >= 2, got {self.zscore_window}")
+        self.require("zscore_window", self.zscore_window >= 2, ">= 2 (a z-score needs two values)")
+        for band in ("lower_band", "upper_band"):
+            low, high = getattr(self, band)
+            self.require(band, 0.0 <= low < high <= 1.0, "(start, end) fractions of depth with 0 <= start < end <= 1")
 
     def eviction_spec(self):
         return self._spec(score_mode=SCORE_EXTERNAL, victim_mode=VICTIM_MIN_SCORE)
@@ -240,8 +242,7 @@ class EpiKVLag(Policy):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.lag < 1:
-            raise ConfigError(f"epikv-lag's lag must be >= 1, got {self.lag}")
+        self.require("lag", self.lag >= 1, ">= 1")
         self.lag_in_use = self.lag
 
     def eviction_spec(self):

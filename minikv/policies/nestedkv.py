@@ -38,7 +38,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from ..kernels.common import SCORE_EXTERNAL, VICTIM_MIN_SCORE
 from .base import Policy, PrefillCandidates
 
@@ -85,10 +84,12 @@ class NestedKV(Policy):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.trail < 1 or (self.block is not None and self.block < 1) or not 0 < self.tail_fraction <= 0.5:
-            raise ConfigError("nestedkv needs trail >= 1, block >= 1 and 0 < tail_fraction <= 0.5")
-        if len(self.prior) != 3 or min(self.prior) <= 0:
-            raise ConfigError(f"nestedkv's prior must be three positive weights, got {self.prior}")
+        self.require("trail", self.trail >= 1, ">= 1")
+        self.require("block", self.block is None or self.block >= 1, ">= 1, or None for clip(budget / 32, block_min, block_max)")
+        self.require("block_min", self.block_min >= 1, ">= 1")
+        self.require("block_max", self.block_max >= self.block_min, f">= block_min ({self.block_min})")
+        self.require("tail_fraction", 0 < self.tail_fraction <= 0.5, "in (0, 0.5]")
+        self.require("prior", min(self.prior) > 0, "three positive weights (global, block, trailing window)")
 
     def eviction_spec(self):
         return self._spec(score_mode=SCORE_EXTERNAL, victim_mode=VICTIM_MIN_SCORE)

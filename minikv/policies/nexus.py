@@ -18,7 +18,6 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import ConfigError
 from ..kernels.common import SCORE_ATTN, VICTIM_MIN_SCORE, VICTIM_RESERVOIR
 from ..kernels.reference import keydiff_scores, nexus_walk, reservoir_keys
 from .base import Policy, PrefillCandidates
@@ -37,10 +36,11 @@ class Nexus(Policy):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.decay <= 1.0 or self.gamma < 0 or self.hops < 0 or self.tau < 0:
-            raise ConfigError("nexus needs 0 <= decay <= 1, gamma >= 0, hops >= 0 and tau >= 0")
-        if not 0.0 <= self.reserve <= 1.0:
-            raise ConfigError(f"nexus reserve is a share of the chosen slots, 0 <= reserve <= 1 (got {self.reserve})")
+        self.require("decay", 0.0 <= self.decay <= 1.0, "in [0, 1] (1 = never forget, 0 = current attention only)")
+        self.require("gamma", self.gamma >= 0, ">= 0 (0 turns the walk off)")
+        self.require("hops", self.hops >= 0, ">= 0 (0 turns the walk off)")
+        self.require("tau", self.tau >= 0, ">= 0 (0 = deterministic top-K)")
+        self.require("reserve", 0.0 <= self.reserve <= 1.0, "a share of the chosen slots: 0 <= reserve <= 1")
 
     @property
     def sampling(self) -> bool:

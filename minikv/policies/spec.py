@@ -34,14 +34,20 @@ def parse_policy(text: str) -> PolicySpec:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"policy option {item!r} in {text!r} must look like key=value (e.g. nexus:tau=0)")
+        if key.strip() in options:
+            raise ConfigError(f"policy option {key.strip()!r} is given twice in {text!r}")
         options[key.strip()] = _parse_value(value.strip())
     _check_policy_options(name, options, text)
     return PolicySpec(text.strip(), name, options)
 
 
 def _parse_value(value: str) -> Any:
+    """`true`/`false` -> bool, `none` -> None, then int, then float; anything else stays text (and the
+    policy's type check says what it should have been)."""
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
+    if value.lower() == "none":
+        return None
     for cast in (int, float):
         try:
             return cast(value)
