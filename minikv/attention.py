@@ -1,8 +1,11 @@
 """The attention call point: every layer's attention goes through `RingAttention.forward`.
 
-A step's flat batch holds the decode tokens first (one per decoding sequence), then the prefill chunks.
+A step's flat batch holds the decode tokens first (one per decoding request), then the prefill chunks.
 Decodes go to the fused kernel in one launch per layer (attend, score, pick a victim, write the token).
-Each prefill chunk attends its ring plus itself, then `budget` of ring + chunk are kept and written back.
+Each prefill chunk attends its ring plus itself; then, if ring + chunk exceed the request's budget, the
+policy ranks them, `budget` stay, and the kept chunk tokens are written into the ring. Every read and write
+of a ring goes through its block table (minikv.block_pool): ring slot j is pool row
+`table[j // block_size] * block_size + j % block_size`, and the ring math never sees anything but j.
 """
 
 from __future__ import annotations
@@ -12,17 +15,20 @@ from dataclasses import dataclass, field
 import torch
 
 from . import kernels
+from .block_pool import KVPool
+from .kernels.common import PoolLayer, physical_rows
 from .policies import Policy, PrefillCandidates
-from .ring import RingStore
 
 
 @dataclass
 class PrefillSegment:
-    ring: int
+    slot: int  # the request's batch slot (policies keep per-ring state by slot)
     start: int  # offset of the chunk in the step's flat batch
     length: int
     filled: int  # ring slots filled before the chunk
     first_pos: int  # position of the chunk's first token
+    ring_size: int  # the request's budget: ring slots it may hold
+    table: torch.Tensor  # [W] int32: the request's block table (a view of the persistent batch's row)
 
 
 @dataclass
@@ -30,43 +36,45 @@ class StepPlan:
     """What one forward step attends: built by the model runner, read by every layer."""
 
     num_decode: int = 0
-    decode_rings: torch.Tensor | None = None  # [num_decode] int32
-    decode_filled: torch.Tensor | None = None  # [num_decode] int32
-    decode_pos: torch.Tensor | None = None  # [num_decode] int32
+    decode_slots: torch.Tensor | None = None  # [N] int64: batch slots of the decoding requests
+    decode_tables: torch.Tensor | None = None  # [N, W] int32
+    decode_filled: torch.Tensor | None = None  # [N] int32: ring slots filled before this step
+    decode_budget: torch.Tensor | None = None  # [N] int32: ring size of each request
+    decode_pos: torch.Tensor | None = None  # [N] int32: the new token's position
     prefills: list[PrefillSegment] = field(default_factory=list)
 
 
 class RingAttention:
-    def __init__(self, store: RingStore, policy: Policy, *, scale: float, seed: int):
-        self.store, self.policy, self.scale, self.seed = store, policy, scale, seed
+    def __init__(self, pool: KVPool, policy: Policy, *, scale: float, seed: int, num_slots: int, max_budget: int):
+        self.pool, self.policy, self.scale, self.seed = pool, policy, scale, seed
         self.spec = policy.eviction_spec()
         self.plan = StepPlan()
-        # Most KV slots one sequence has held at once (ring + the chunk in flight): the memory bound.
+        # Most KV slots one request has held at once (ring + the chunk in flight): the memory bound.
         self.peak_slots_per_seq = 0
-        policy.bind(store)
+        policy.bind(pool, num_slots=num_slots, max_budget=max_budget)
 
     def begin_step(self, plan: StepPlan) -> None:
-        """Set the step's plan; a prefill from position 0 means its ring was (re)allocated."""
+        """Set the step's plan; a prefill from position 0 means its slot holds a new request."""
         self.plan = plan
         for seg in plan.prefills:
             if seg.first_pos == 0:
-                self.policy.reset_ring(seg.ring)
+                self.policy.reset_ring(seg.slot)
 
     def end_step(self, hidden_states: list[torch.Tensor] | None = None) -> None:
         """After the forward: policies that score from the whole forward (epikv) fix their scores here."""
-        self.policy.end_step(self.store, self.plan, hidden_states)
+        self.policy.end_step(self.pool, self.plan, hidden_states)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         plan = self.plan
         out = torch.empty_like(q)
         nd = plan.num_decode
         if nd:
-            ring = self.store.layer(layer)
-            new_score = self.policy.new_token_scores(layer, plan.decode_rings, plan.decode_pos, k[:nd])
+            pool = self.pool.layer(layer)
+            new_score = self.policy.new_token_scores(layer, plan.decode_slots, plan.decode_pos, k[:nd])
             out[:nd], written = kernels.attend_score_sample(
-                q[:nd], k[:nd], v[:nd], ring, plan.decode_rings, plan.decode_filled,
+                q[:nd], k[:nd], v[:nd], pool, plan.decode_tables, plan.decode_filled, plan.decode_budget,
                 plan.decode_pos, self.spec, layer=layer, seed=self.seed, scale=self.scale, new_score=new_score)
-            self.policy.after_decode(layer, ring, plan.decode_rings, plan.decode_pos, written)
+            self.policy.after_decode(layer, pool, plan, written)
         for seg in plan.prefills:
             span = slice(seg.start, seg.start + seg.length)
             out[span] = self._prefill(layer, seg, q[span], k[span], v[span])
@@ -74,75 +82,79 @@ class RingAttention:
 
     # --- prefill: attend, then keep `budget` of ring + chunk --------------------------------------
     def _prefill(self, layer: int, seg: PrefillSegment, q, k, v) -> torch.Tensor:
-        ring, r, f = self.store.layer(layer), seg.ring, seg.filled
+        pool, f = self.pool.layer(layer), seg.filled
         self.peak_slots_per_seq = max(self.peak_slots_per_seq, f + seg.length)
-        if f + seg.length > self.store.budget:
-            self.policy.check_budget(self.store.budget, seg.length)
         chunk_pos = torch.arange(seg.first_pos, seg.first_pos + seg.length, dtype=torch.int32, device=q.device)
         res = kernels.prefill_attention(
-            q, k, v, ring.k[r, :, :f], ring.v[r, :, :f], ring.pos[r, :, :f], chunk_pos, scale=self.scale,
-            n_sink=self.policy.n_sink, top_m=self.policy.top_m, obs_rows=min(self.policy.obs_rows, seg.length))
-        cand = self._candidates(layer, ring, r, f, k, v, chunk_pos, res)
+            q, k, v, pool, seg.table, f, chunk_pos, scale=self.scale, n_sink=self.policy.n_sink,
+            top_m=self.policy.top_m, obs_rows=min(self.policy.obs_rows, seg.length))
+        ring_rows = physical_rows(seg.table, torch.arange(f, device=q.device), pool.block_size)  # [f]
+        cand = self._candidates(layer, pool, seg, ring_rows, k, v, chunk_pos, res)
         scores, priority = self.policy.prefill_scores(cand)
-        keep = self._keep_mask(cand, priority)
-        self._write_chunk(ring, r, f, k, v, cand, scores, keep, res)
-        self.policy.after_prefill_chunk(layer, ring, seg)
+        keep = self._keep_mask(cand, priority, seg.ring_size)
+        self._write_chunk(pool, seg, ring_rows, k, v, cand, scores, keep, res)
+        self.policy.after_prefill_chunk(layer, pool, seg)
         return res.out
 
-    def _candidates(self, layer, ring, r, f, k, v, chunk_pos, res) -> PrefillCandidates:
-        num_kv_heads, chunk = k.shape[1], k.shape[0]
-        pos = torch.cat([ring.pos[r, :, :f], chunk_pos[None].expand(num_kv_heads, -1)], dim=1)
-        keys = torch.cat([ring.k[r, :, :f], k.transpose(0, 1)], dim=1)
-        cand = PrefillCandidates(layer=layer, seed=self.seed, filled=f, budget=self.store.budget, pos=pos, keys=keys, mass=res.mass,
-                                 ring_score=ring.score[r, :, :f], obs=res.obs, ring=r)
+    def _candidates(self, layer, pool: PoolLayer, seg, ring_rows, k, v, chunk_pos, res) -> PrefillCandidates:
+        """The ring's f slots (gathered through the block table) and the chunk's C tokens, per KV head."""
+        num_kv_heads, f = k.shape[1], seg.filled
+        ring = lambda name: pool.rows(name)[ring_rows].transpose(0, 1)  # noqa: E731  [H, f, ...]
+        pos = torch.cat([ring("pos"), chunk_pos[None].expand(num_kv_heads, -1)], dim=1)
+        keys = torch.cat([ring("k"), k.transpose(0, 1).to(pool.k.dtype)], dim=1)
+        cand = PrefillCandidates(layer=layer, seed=self.seed, filled=f, budget=seg.ring_size, pos=pos, keys=keys,
+                                 mass=res.mass, ring_score=ring("score"), obs=res.obs, ring=seg.slot)
         if self.policy.needs_values:
-            cand.values = torch.cat([ring.v[r, :, :f], v.transpose(0, 1)], dim=1)
+            cand.values = torch.cat([ring("v"), v.transpose(0, 1).to(pool.v.dtype)], dim=1)
         if self.policy.top_m:
             # Edges on the candidate axis, in the ring's own form (target, target's position when made);
             # a ring slot keeps its index there, and nexus_walk drops the edges whose target has changed.
             chunk_target = res.edge_idx.transpose(0, 1).long()
             chunk_target_pos = pos.gather(1, chunk_target.clamp(min=0).reshape(num_kv_heads, -1)).view_as(chunk_target)
-            cand.edge_target = torch.cat([ring.edge_slot[r, :, :f].long(), chunk_target], dim=1)
-            cand.edge_pos = torch.cat([ring.edge_pos[r, :, :f],
-                                       torch.where(chunk_target >= 0, chunk_target_pos, -1)], dim=1)
-            cand.edge_w = torch.cat([ring.edge_w[r, :, :f], res.edge_w.transpose(0, 1)], dim=1)
+            cand.edge_target = torch.cat([ring("edge_slot").long(), chunk_target], dim=1)
+            cand.edge_pos = torch.cat([ring("edge_pos"), torch.where(chunk_target >= 0, chunk_target_pos, -1)], dim=1)
+            cand.edge_w = torch.cat([ring("edge_w"), res.edge_w.transpose(0, 1)], dim=1)
         return cand
 
-    def _keep_mask(self, cand: PrefillCandidates, priority: torch.Tensor) -> torch.Tensor:
+    def _keep_mask(self, cand: PrefillCandidates, priority: torch.Tensor, budget: int) -> torch.Tensor:
         """[H, n] True for the `budget` candidates that stay: sinks and window first, then by priority."""
-        budget = self.store.budget
         if cand.pos.shape[1] <= budget:
             return torch.ones_like(cand.pos, dtype=torch.bool)
         last_pos = cand.pos[0, -1]
         protected = (cand.pos < self.policy.n_sink) | (cand.pos > last_pos - self.policy.window)
         ranked = priority.float().masked_fill(protected, float("inf"))
-        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :budget]
+        # topk of budget out of budget + chunk; which equal priorities win does not matter for correctness,
+        # and topk is deterministic for the same input, so a request's result never depends on its batch.
+        order = ranked.topk(budget, dim=1, sorted=False).indices
         return torch.zeros_like(protected).scatter_(1, order, True)
 
-    def _write_chunk(self, ring, r, f, k, v, cand, scores, keep, res) -> None:
+    def _write_chunk(self, pool: PoolLayer, seg, ring_rows, k, v, cand, scores, keep, res) -> None:
         """Kept chunk tokens take the dropped ring slots and the empty ones, lowest slot first."""
-        budget = self.store.budget
-        num_kv_heads = k.shape[1]
-        ring.score[r, :, :f] = scores[:, :f]
+        f, budget = seg.filled, seg.ring_size
+        num_kv_heads, device = k.shape[1], k.device
+        if f:
+            pool.rows("score")[ring_rows] = scores[:, :f].transpose(0, 1)
         chunk_keep = keep[:, f:]
-        free = torch.cat([~keep[:, :f], torch.ones(num_kv_heads, budget - f, dtype=torch.bool, device=k.device)], 1)
+        free = torch.cat([~keep[:, :f], torch.ones(num_kv_heads, budget - f, dtype=torch.bool, device=device)], 1)
         free_slots = torch.sort((~free).to(torch.int8), dim=1, stable=True).indices  # free slots first, ascending
         rank = (chunk_keep.long().cumsum(1) - 1).clamp(min=0)
-        chunk_slot = torch.where(chunk_keep, free_slots.gather(1, rank), torch.full_like(rank, -1))
-        heads, idx = chunk_keep.nonzero(as_tuple=True)
-        slots = chunk_slot[heads, idx]
-        ring.k[r, heads, slots] = k[idx, heads].to(ring.k.dtype)
-        ring.v[r, heads, slots] = v[idx, heads].to(ring.v.dtype)
-        ring.pos[r, heads, slots] = cand.pos[heads, f + idx]
-        ring.score[r, heads, slots] = scores[heads, f + idx].float()
+        chunk_slot = torch.where(chunk_keep, free_slots.gather(1, rank), torch.full_like(rank, -1))  # [H, C]
+        # Heads keep different numbers of chunk tokens, so every (head, token) pair is written, the dropped
+        # ones into the pool's scratch block: static shapes, no nonzero, no host synchronisation.
+        hs = torch.arange(num_kv_heads, device=device)[:, None].expand_as(chunk_slot)
+        rows = torch.where(chunk_keep, physical_rows(seg.table, chunk_slot.clamp(min=0), pool.block_size),
+                           self.pool.scratch_block * pool.block_size)
+        pool.rows("k")[rows, hs] = k.transpose(0, 1).to(pool.k.dtype)
+        pool.rows("v")[rows, hs] = v.transpose(0, 1).to(pool.v.dtype)
+        pool.rows("pos")[rows, hs] = cand.pos[:, f:]
+        pool.rows("score")[rows, hs] = scores[:, f:].float()
         if self.policy.top_m:
-            new_slot = torch.cat([torch.where(keep[:, :f], torch.arange(f, device=k.device).expand(num_kv_heads, -1),
-                                              torch.full((num_kv_heads, f), -1, device=k.device)), chunk_slot], 1)
-            target = res.edge_idx.transpose(0, 1).long()  # [H, C, M] candidate indices
-            safe = target.clamp(min=0)
-            flat = safe.reshape(num_kv_heads, -1)
-            target_slot = torch.where(target >= 0, new_slot.gather(1, flat).view_as(target), -1)
-            target_pos = torch.where(target_slot >= 0, cand.pos.gather(1, flat).view_as(target), -1)
-            ring.edge_slot[r, heads, slots] = target_slot[heads, idx].to(torch.int32)
-            ring.edge_pos[r, heads, slots] = target_pos[heads, idx].to(torch.int32)
-            ring.edge_w[r, heads, slots] = res.edge_w[idx, heads]
+            new_slot = torch.cat([torch.where(keep[:, :f], torch.arange(f, device=device).expand(num_kv_heads, -1),
+                                              torch.full((num_kv_heads, f), -1, device=device)), chunk_slot], 1)
+            target_idx = res.edge_idx.transpose(0, 1).long()  # [H, C, M] candidate indices
+            flat = target_idx.clamp(min=0).reshape(num_kv_heads, -1)
+            target_slot = torch.where(target_idx >= 0, new_slot.gather(1, flat).view_as(target_idx), -1)
+            target_pos = torch.where(target_slot >= 0, cand.pos.gather(1, flat).view_as(target_idx), -1)
+            pool.rows("edge_slot")[rows, hs] = target_slot.to(torch.int32)
+            pool.rows("edge_pos")[rows, hs] = target_pos.to(torch.int32)
+            pool.rows("edge_w")[rows, hs] = res.edge_w.transpose(0, 1)

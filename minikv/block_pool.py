@@ -56,6 +56,16 @@ def parse_kv_memory(value: int | float | str, device: torch.device) -> int:
                       f"CUDA memory; got {value!r}")
 
 
+def check_ring_settings(budget: int, chunk: int, n_sink: int, window: int) -> None:
+    """Refuse settings under which the ring cannot work, with the reason and the fix."""
+    if chunk <= 0:
+        raise ConfigError(f"chunk must be a positive number of tokens, got {chunk}")
+    if budget <= n_sink + window:
+        raise ConfigError(f"budget ({budget}) must exceed n_sink + window ({n_sink} + {window} = {n_sink + window}): "
+                          "otherwise every slot is protected and none can be evicted; raise --budget or lower "
+                          "--n-sink/--window")
+
+
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, edges_per_slot: int) -> int:
     """Pool bytes of one block: K and V plus per-slot metadata (pos, score, out-edges), every layer and KV head."""
     element = torch.empty((), dtype=dtype).element_size()
@@ -66,17 +76,18 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, ed
 class KVPool:
     """The pool's tensors, one PoolLayer view per layer, and the block allocator (with reservations).
 
-    `scratch_block` adds one block never handed out: rows that pad a CUDA-graph batch write there.
+    One extra block, `scratch_block`, is never handed out: writes that must go somewhere to keep shapes
+    static (dropped prefill tokens, the rows that pad a CUDA-graph batch) land there.
     """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype: torch.dtype,
-                 device: torch.device, edges_per_slot: int = 0, scratch_block: bool = False):
+                 device: torch.device, edges_per_slot: int = 0):
         if num_blocks < 1:
             raise ConfigError("the KV pool has room for no block: raise kv_memory")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_layers, self.num_kv_heads, self.head_dim = config.num_layers, config.num_kv_heads, config.head_dim
-        self.scratch_block = num_blocks if scratch_block else None
-        shape = (config.num_layers, num_blocks + int(scratch_block), block_size, config.num_kv_heads)
+        self.scratch_block = num_blocks
+        shape = (config.num_layers, num_blocks + 1, block_size, config.num_kv_heads)
         m = max(edges_per_slot, 1)  # policies without edges still get one (unused): one layout for the kernels
         self.k = torch.zeros(*shape, config.head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -153,6 +164,14 @@ class KVPool:
             self._owner[block] = -1
             self._free.append(block)
         del self._reserved[owner]
+
+    def ring(self, name: str, blocks: list[int], length: int) -> torch.Tensor:
+        """Slots 0..length-1 of the ring held in `blocks` (its block table), every layer, in ring order:
+        [layers, kv_heads, length, ...] of the pool tensor `name` ("pos", "score", "k", ...)."""
+        table = torch.tensor(blocks, dtype=torch.long, device=self.k.device)
+        rows = (table[:, None] * self.block_size + torch.arange(self.block_size, device=table.device)).flatten()
+        t = getattr(self, name)
+        return t.view(self.num_layers, -1, *t.shape[3:])[:, rows[:length]].transpose(1, 2)
 
     def blocks_of(self, owner: int) -> list[int]:
         return list(self._taken.get(owner, ()))

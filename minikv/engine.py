@@ -31,22 +31,26 @@ from dataclasses import dataclass
 import torch
 
 from .attention import RingAttention
+from .block_pool import KVPool, bytes_per_block, check_ring_settings, parse_kv_memory
 from .config import check_engine_settings
-from .errors import InvalidRequestError
+from .errors import ConfigError, InvalidRequestError
+from .input_batch import InputBatch
 from .hashing import hash_u32
-from .loader import LoadedModel, load_model
+from .loader import LoadedModel, load_model, parse_device, parse_dtype
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
 from .policies import Policy, make_policy
 from .request import Request, RequestStatus, position_logprobs
-from .ring import RingStore, check_ring_settings
-from .sampling import RequestOutputKind, Sampler, SamplingBatch, SamplingParams, SamplingRow
+from .sampling import RequestOutputKind, Sampler, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .tokenizer import validate_messages
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
+
+# KV slots per pool block (vLLM's default too); see docs/benchmarks.md for the measurement behind it.
+DEFAULT_BLOCK_SIZE = 16
 
 
 @dataclass
@@ -101,29 +105,41 @@ class Engine:
         seed: int = 0,
         policy_options: dict | None = None,
         enforce_eager: bool = False,
+        kv_memory: int | float | str | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ):
+        """`budget` is the most KV slots per layer and KV head one request may hold (a request can ask for
+        fewer with SamplingParams.kv_budget; under `full` a request holds prompt + max_tokens). `kv_memory`
+        sizes the one block pool every request draws from: bytes, a size like "2GiB", or on CUDA a fraction
+        of free device memory; by default, room for `max_num_seqs` rings of `budget` slots. `max_num_seqs`
+        caps how many requests run at once."""
         check_engine_settings(budget=budget, chunk=chunk, n_sink=n_sink, window=window, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed,
                               policy_options=policy_options)
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ConfigError(f"block_size must be a positive number of KV slots, got {block_size!r}")
         self.policy = make_policy(policy, n_sink=n_sink, window=window, **(policy_options or {}))
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+        loaded = _loaded_model(model, device, dtype)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.device = next(self.model.parameters()).device
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         self.budget = self._check_budget(budget, chunk)
-        self.chunk = chunk
-        self.seed = seed
+        self.chunk, self.seed, self.block_size = chunk, seed, block_size
         # Room for every running decode plus one whole prefill chunk: prompts are then always cut at
         # multiples of `chunk`, whatever else runs (see minikv.scheduler).
         self.max_num_batched_tokens = max_num_batched_tokens or chunk + max_num_seqs
+        self.pool = self._make_pool(kv_memory, budget, max_num_seqs)
+        # A ring never needs more blocks than its budget, nor more than the pool has.
+        max_blocks = min(self.pool.blocks_for(self.budget), self.pool.num_blocks)
         # CUDA graphs for the decode step, as nano-vllm; `enforce_eager` (or a CPU device) runs eagerly.
         use_graphs = self.device.type == "cuda" and not enforce_eager
-        self.store = RingStore(self.config, max_num_seqs, self.budget, dtype=next(self.model.parameters()).dtype,
-                               device=self.device, edges_per_slot=self.policy.top_m, scratch_ring=use_graphs)
-        self.scheduler = Scheduler(self.store, max_num_batched_tokens=self.max_num_batched_tokens, chunk=chunk)
-        self.attention = RingAttention(self.store, self.policy, scale=self.config.head_dim**-0.5, seed=seed)
-        self.runner = ModelRunner(self.model, self.attention, self.device, max_num_seqs=max_num_seqs,
-                                  use_cuda_graphs=use_graphs)
+        self.batch = InputBatch(max_num_seqs, max_blocks, self.config.vocab_size, self.device,
+                                empty_block=self.pool.scratch_block, scratch_slot=use_graphs)
+        self.scheduler = Scheduler(self.pool, self.batch, max_num_batched_tokens=self.max_num_batched_tokens,
+                                   chunk=chunk)
+        self.attention = RingAttention(self.pool, self.policy, scale=self.config.head_dim**-0.5, seed=seed,
+                                       num_slots=max_num_seqs + int(use_graphs), max_budget=self.budget)
+        self.runner = ModelRunner(self.model, self.attention, self.batch, self.device, use_cuda_graphs=use_graphs)
         self.sampler = Sampler()
         self._requests: dict[str, Request] = {}  # every request not yet reported finished
         self._finished_unreported: list[Request] = []  # finished outside a forward pass (abort, error)
@@ -136,10 +152,24 @@ class Engine:
 
     def _check_budget(self, budget: int, chunk: int) -> int:
         if not self.policy.evicts:
-            budget = self.max_model_len  # `full`: the ring holds the whole context
+            return self.max_model_len  # `full`: a ring holds its whole request, prompt + max_tokens
         check_ring_settings(budget, chunk, self.policy.n_sink, self.policy.window)
         self.policy.check_budget(budget, chunk)
         return budget
+
+    def _make_pool(self, kv_memory, budget: int, max_num_seqs: int) -> KVPool:
+        dtype = next(self.model.parameters()).dtype
+        per_block = bytes_per_block(self.config, self.block_size, dtype, self.policy.top_m)
+        if kv_memory is None:
+            blocks = max_num_seqs * -(-min(budget, self.max_model_len) // self.block_size)
+        else:
+            memory = parse_kv_memory(kv_memory, self.device)
+            blocks = memory // per_block
+            if blocks < 1:
+                raise ConfigError(f"kv_memory={kv_memory!r} ({memory} bytes) holds no KV block: one block of "
+                                  f"{self.block_size} slots takes {per_block} bytes on this model; raise kv_memory")
+        return KVPool(self.config, blocks, self.block_size, dtype=dtype, device=self.device,
+                      edges_per_slot=self.policy.top_m)
 
     # --- requests --------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
@@ -159,8 +189,17 @@ class Engine:
         # Without its own seed a request draws from the engine's: same engine seed, same order -> same samples.
         seed = params.seed if params.seed is not None else int(hash_u32(torch.tensor(self.seed), torch.tensor(next(self._seeds))))
         eos = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
+        budget = self._request_budget(params, len(prompt_ids))
+        ring_size = min(budget, len(prompt_ids) + params.max_tokens)
+        blocks = self.pool.blocks_for(ring_size)
+        if blocks > self.pool.num_blocks:
+            raise InvalidRequestError(
+                f"this request can never fit the KV pool: its ring of {ring_size} slots needs {blocks} blocks of "
+                f"{self.block_size} ({blocks * self.pool.bytes_per_block / 2**20:.1f} MiB) and the pool has "
+                f"{self.pool.num_blocks} ({self.pool.total_bytes / 2**20:.1f} MiB); lower kv_budget or max_tokens, "
+                "or give the engine more kv_memory")
         req = Request(request_id, prompt_ids, params, seed=seed, eos_ids=eos, tokenizer=self.tokenizer,
-                      prompt_text=prompt_text, kv_budget=self._request_budget(params))
+                      prompt_text=prompt_text, kv_budget=budget, ring_size=ring_size, num_blocks_needed=blocks)
         self._requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -179,8 +218,14 @@ class Engine:
                                       f"[0, {self.config.vocab_size})")
         return params
 
-    def _request_budget(self, params: SamplingParams) -> int:
-        """The request's own KV budget: SamplingParams.kv_budget, within what the engine can honour."""
+    def _request_budget(self, params: SamplingParams, prompt_len: int) -> int:
+        """The request's own KV budget: SamplingParams.kv_budget within what the engine can honour, else the
+        engine's; under `full` the whole request (nothing is ever evicted)."""
+        if not self.policy.evicts:
+            if params.kv_budget is not None:
+                raise InvalidRequestError(f"kv_budget={params.kv_budget} asks for eviction, but policy 'full' never "
+                                          "evicts: leave kv_budget out, or run an evicting policy")
+            return prompt_len + params.max_tokens
         if params.kv_budget is None:
             return self.budget
         lowest = self.policy.n_sink + self.policy.window + 1
@@ -188,6 +233,10 @@ class Engine:
             raise InvalidRequestError(
                 f"kv_budget={params.kv_budget} is out of range: it must be in [{lowest}, {self.budget}] (above "
                 f"n_sink + window = {lowest - 1}, so some slot can be evicted, and at most the engine's --budget)")
+        try:
+            self.policy.check_budget(params.kv_budget, self.chunk)
+        except ConfigError as err:
+            raise InvalidRequestError(f"kv_budget={params.kv_budget}: {err}") from None
         return params.kv_budget
 
     def _check_request_id(self, request_id: str | None) -> str:
@@ -248,9 +297,8 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's gauges and counters (see EngineStats)."""
-        total = self.store.num_rings
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-                           kv_blocks_used=total - self.store.num_free, kv_blocks_total=total,
+                           kv_blocks_used=self.pool.num_used, kv_blocks_total=self.pool.num_blocks,
                            finished=dict(self._finished_by_reason), **self._counters)
 
     # --- the loop --------------------------------------------------------------------------------
@@ -297,7 +345,7 @@ class Engine:
     def _run(self, sched: SchedulerOutput) -> list[Request]:
         """Run a scheduled step; return the requests that got a token or finished."""
         now = time.monotonic()
-        scheduled = _scheduled_requests(sched)
+        scheduled = sched.requests
         counters = self._counters
         counters["num_steps"] += 1
         counters["prompt_tokens"] += sum(chunk.length for chunk in sched.prefills)
@@ -312,7 +360,7 @@ class Engine:
             for req in scheduled:
                 self._fail(req, err)
             return scheduled
-        for req, sampled in zip(result.seqs, self._sample(result.seqs, result.logits)):
+        for req, sampled in zip(result.requests, self._sample(result)):
             try:
                 if isinstance(sampled, Exception):
                     raise sampled
@@ -322,7 +370,7 @@ class Engine:
                     self.scheduler.finish(req, reason)
             except Exception as err:
                 self._fail(req, err)
-        return list(result.seqs) + [req for req in scheduled if req.is_finished]
+        return list(result.requests) + [req for req in scheduled if req.is_finished]
 
     def _fail(self, req: Request, err: Exception) -> None:
         """Finish one request with finish_reason "error" (its KV is freed); the engine serves on."""
@@ -331,26 +379,27 @@ class Engine:
             req.error = f"{type(err).__name__}: {err}"
             self.scheduler.finish(req, "error")
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[_Sampled | Exception]:
+    def _sample(self, result) -> list[_Sampled | Exception]:
+        reqs, slot_ids, logits = result.requests, result.slot_ids, result.logits
         if not reqs:  # a step of prefill chunks that all end mid-prompt samples nothing
             return []
         try:
-            return self._sample_rows(reqs, logits)
+            return self._sample_rows(reqs, slot_ids, logits)
         except Exception as err:
             if len(reqs) == 1:
                 return [err]
         # One request broke the batch: sample row by row, so that only that request fails.
-        return [self._sample_alone(req, logits[i: i + 1]) for i, req in enumerate(reqs)]
+        return [self._sample_alone(req, slot_ids[i: i + 1], logits[i: i + 1]) for i, req in enumerate(reqs)]
 
-    def _sample_alone(self, req: Request, logits: torch.Tensor) -> _Sampled | Exception:
+    def _sample_alone(self, req: Request, slot_ids: torch.Tensor, logits: torch.Tensor) -> _Sampled | Exception:
         try:
-            return self._sample_rows([req], logits)[0]
+            return self._sample_rows([req], slot_ids, logits)[0]
         except Exception as err:
             return err
 
-    def _sample_rows(self, reqs: list[Request], logits: torch.Tensor) -> list[_Sampled]:
-        rows = [SamplingRow(r.params, r.prompt_ids, r.output_ids, r.seed, tuple(r.eos_ids)) for r in reqs]
-        out = self.sampler(logits, SamplingBatch.from_rows(rows, device=logits.device, vocab_size=logits.shape[-1]))
+    def _sample_rows(self, reqs: list[Request], slot_ids: torch.Tensor, logits: torch.Tensor) -> list[_Sampled]:
+        out = self.sampler(logits, self.batch.sampling_batch(slot_ids, reqs))
+        self.batch.record_sampled(slot_ids, out.token_ids)  # the next decode inputs, and the penalty counts
         tokens = out.token_ids.tolist()  # the one host sync of the step
         if all(r.params.logprobs is None for r in reqs):
             return [_Sampled(t) for t in tokens]
@@ -511,8 +560,21 @@ class RequestStream:
         self.close()
 
 
-def _scheduled_requests(sched: SchedulerOutput) -> list[Request]:
-    return [*sched.decodes, *(chunk.seq for chunk in sched.prefills)]
+def _loaded_model(model, device, dtype) -> LoadedModel:
+    """Load `model`, or take an already loaded one; a device or dtype that an already loaded model does
+    not have is an error (it would be silently ignored otherwise, and casting the caller's model in place
+    would change it under every other engine that shares it)."""
+    if not isinstance(model, LoadedModel):
+        return load_model(model, device=device, dtype=dtype)
+    weight = next(model.model.parameters())
+    wanted = parse_device(device) if device is not None else None
+    if wanted is not None and (wanted.type != weight.device.type or wanted.index not in (None, weight.device.index)):
+        raise ConfigError(f"the model is already loaded on {weight.device}, not {device}: load it with "
+                          f"load_model(..., device={str(device)!r}), or leave device out")
+    if dtype is not None and parse_dtype(dtype) != weight.dtype:
+        raise ConfigError(f"the model is already loaded as {weight.dtype}, not {dtype}: load it with "
+                          f"load_model(..., dtype=...), or leave dtype out")
+    return model
 
 
 def _is_chat(prompt: object) -> bool:

@@ -1,8 +1,10 @@
 """The mechanism under the engine: turns a scheduled step into one forward pass over a flat batch.
 
-The scheduler decides *what* runs (policy); the runner owns the tensors (mechanism): it lays the step's
-tokens side by side (decodes first, then prefill chunks), tells the attention call point which ring each
-segment uses, runs the model once, and returns the logits of the rows that sample a token.
+The scheduler decides *what* runs (policy); the runner owns the tensors (mechanism). It lays the step's
+tokens side by side (decodes first, then prefill chunks), reading the decode inputs straight from the
+persistent batch (each decoding request's last sampled token and position live in its row), tells the
+attention call point which ring and block table each segment uses, runs the model once, and returns the
+logits of the rows that sample a token. After the step, the rows' positions advance on the device.
 """
 
 from __future__ import annotations
@@ -12,104 +14,124 @@ from dataclasses import dataclass
 import torch
 
 from .attention import PrefillSegment, RingAttention, StepPlan
-from .scheduler import SchedulerOutput
+from .input_batch import InputBatch
 from .request import Request, position_logprobs
+from .scheduler import SchedulerOutput
 
 
 @dataclass
 class StepResult:
-    seqs: list[Request]  # sequences that sample a token this step, in the order of `logits` rows
-    logits: torch.Tensor  # [len(seqs), vocab] fp32
+    requests: list[Request]  # requests that sample a token this step, in the order of `logits` rows
+    slot_ids: torch.Tensor  # [len(requests)] int64: their batch slots
+    logits: torch.Tensor  # [len(requests), vocab] fp32
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, attention: RingAttention, device: torch.device, *,
-                 max_num_seqs: int = 1, use_cuda_graphs: bool = False):
-        self.model, self.attention, self.device = model, attention, device
-        self.budget = attention.store.budget
-        self.graphs = DecodeGraphs(model, attention, max_num_seqs, device) if use_cuda_graphs else None
+    def __init__(self, model: torch.nn.Module, attention: RingAttention, batch: InputBatch, device: torch.device,
+                 *, use_cuda_graphs: bool = False):
+        self.model, self.attention, self.batch, self.device = model, attention, batch, device
+        # Policies that read each layer's input hidden state (epikv) run eagerly: a graph does not return them.
+        use_cuda_graphs = use_cuda_graphs and not attention.policy.needs_hidden_states
+        self.graphs = DecodeGraphs(model, attention, batch, device) if use_cuda_graphs else None
 
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> StepResult:
-        input_ids, positions, plan = self._lay_out(sched)
+        decode_slots = torch.tensor([r.slot for r in sched.decodes], dtype=torch.long, device=self.device)
+        plan = self._plan(sched, decode_slots)
         self.attention.begin_step(plan)
-        # Policies that read each layer's input hidden state (epikv) run eagerly: a graph does not return them.
         layer_inputs = [] if self.attention.policy.needs_hidden_states else None
-        if self.graphs is not None and not plan.prefills and layer_inputs is None:
-            hidden = self.graphs.replay(input_ids, positions, plan)
+        if self.graphs is not None and not plan.prefills:
+            hidden = self.graphs.replay(decode_slots)
         else:
+            input_ids, positions = self._inputs(sched, decode_slots)
             hidden = self.model(input_ids, positions, self.attention, layer_inputs)
         self.attention.end_step(layer_inputs)
+        return self._finish_step(sched, plan, decode_slots, hidden)
 
-        sample_rows, sample_seqs = list(range(plan.num_decode)), list(sched.decodes)
-        for seg, chunk in zip(plan.prefills, sched.prefills):
-            seq = chunk.seq
-            if seq.params.prompt_logprobs is not None:
-                self._record_prompt_logprobs(seq, hidden[seg.start: seg.start + seg.length], seg.first_pos)
-            seq.num_processed += chunk.length
-            if not seq.is_prefilling:  # the chunk that ends the prompt samples the first output token
-                sample_rows.append(seg.start + seg.length - 1)
-                sample_seqs.append(seq)
-        for seq in sched.decodes:
-            seq.num_processed += 1
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return StepResult(sample_seqs, self.model.compute_logits(hidden.index_select(0, rows)))
-
-    def _lay_out(self, sched: SchedulerOutput):
-        ids: list[int] = []
-        positions: list[int] = []
-        for seq in sched.decodes:
-            ids.append(seq.token_at(seq.num_processed))
-            positions.append(seq.num_processed)
-        plan = StepPlan(num_decode=len(sched.decodes))
-        if sched.decodes:
-            as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
-            plan.decode_rings = as_tensor([s.slot for s in sched.decodes])
-            plan.decode_filled = as_tensor([min(self.budget, s.num_processed) for s in sched.decodes])
-            plan.decode_pos = as_tensor(positions)
+    def _plan(self, sched: SchedulerOutput, decode_slots: torch.Tensor) -> StepPlan:
+        plan = decode_plan(self.batch, decode_slots)
+        start = len(sched.decodes)
         for chunk in sched.prefills:
-            seq = chunk.seq
-            seq_start = seq.num_processed
-            plan.prefills.append(PrefillSegment(ring=seq.slot, start=len(ids), length=chunk.length,
-                                                filled=min(self.budget, seq_start), first_pos=seq_start))
-            ids.extend(seq.prompt_ids[seq_start: seq_start + chunk.length])
-            positions.extend(range(seq_start, seq_start + chunk.length))
-        return (torch.tensor(ids, dtype=torch.long, device=self.device),
-                torch.tensor(positions, dtype=torch.long, device=self.device), plan)
+            req = chunk.req
+            plan.prefills.append(PrefillSegment(
+                slot=req.slot, start=start, length=chunk.length, filled=min(req.ring_size, req.num_processed),
+                first_pos=req.num_processed, ring_size=req.ring_size, table=self.batch.block_table[req.slot]))
+            start += chunk.length
+        return plan
 
-    def _record_prompt_logprobs(self, seq: Request, hidden: torch.Tensor, first_pos: int) -> None:
+    def _inputs(self, sched: SchedulerOutput, decode_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and positions of the flat batch: decodes from the persistent batch, then the chunks."""
+        ids = [self.batch.token[decode_slots]]
+        positions = [self.batch.position[decode_slots].long()]
+        if sched.prefills:
+            chunk_ids, chunk_positions = [], []
+            for chunk in sched.prefills:
+                start = chunk.req.num_processed
+                chunk_ids += chunk.req.prompt_ids[start: start + chunk.length]
+                chunk_positions += range(start, start + chunk.length)
+            ids.append(torch.tensor(chunk_ids, dtype=torch.long, device=self.device))
+            positions.append(torch.tensor(chunk_positions, dtype=torch.long, device=self.device))
+        return torch.cat(ids), torch.cat(positions)
+
+    def _finish_step(self, sched, plan: StepPlan, decode_slots, hidden) -> StepResult:
+        sample_rows, sampling = list(range(plan.num_decode)), list(sched.decodes)
+        for seg, chunk in zip(plan.prefills, sched.prefills):
+            req = chunk.req
+            if req.params.prompt_logprobs is not None:
+                self._record_prompt_logprobs(req, hidden[seg.start: seg.start + seg.length], seg.first_pos)
+            req.num_processed += chunk.length
+            if not req.is_prefilling:  # the chunk that ends the prompt samples the first output token
+                sample_rows.append(seg.start + seg.length - 1)
+                sampling.append(req)
+        for req in sched.decodes:
+            req.num_processed += 1
+        advanced = torch.tensor([c.req.slot for c in sched.prefills], dtype=torch.long, device=self.device)
+        counts = torch.tensor([c.length for c in sched.prefills], dtype=torch.int32, device=self.device)
+        self.batch.advance(torch.cat([decode_slots, advanced]),
+                           torch.cat([torch.ones_like(decode_slots, dtype=torch.int32), counts]))
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        slot_ids = torch.tensor([r.slot for r in sampling], dtype=torch.long, device=self.device)
+        return StepResult(sampling, slot_ids, self.model.compute_logits(hidden.index_select(0, rows)))
+
+    def _record_prompt_logprobs(self, req: Request, hidden: torch.Tensor, first_pos: int) -> None:
         """log p(prompt[i+1] | prompt[:i+1]) for the chunk's rows, with the top `prompt_logprobs` tokens:
         under an evicting policy this is the eviction-aware next-token loss."""
-        targets = seq.prompt_ids[first_pos + 1: first_pos + 1 + hidden.shape[0]]
+        targets = req.prompt_ids[first_pos + 1: first_pos + 1 + hidden.shape[0]]
         if not targets:
             return
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[: len(targets)]).float(), dim=-1)
         chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
-        n = seq.params.prompt_logprobs
+        n = req.params.prompt_logprobs
         top_vals, top_ids = logprobs.topk(n, dim=-1) if n else (None, None)
         for i, token in enumerate(targets):
             ids, vals = (top_ids[i].tolist(), top_vals[i].tolist()) if n else ([], [])
-            seq.prompt_logprobs.append(position_logprobs(token, chosen[i], ids, vals, lambda t: None))
+            req.prompt_logprobs.append(position_logprobs(token, chosen[i], ids, vals, lambda t: None))
+
+
+def decode_plan(batch: InputBatch, slots: torch.Tensor) -> StepPlan:
+    """The decode half of a step's plan: gathers of the persistent batch's rows (no host data), so a CUDA
+    graph captures them and replays them for whatever slots its static buffer holds."""
+    position = batch.position[slots]
+    budget = batch.kv_budget[slots]
+    return StepPlan(num_decode=len(slots), decode_slots=slots, decode_tables=batch.block_table[slots],
+                    decode_filled=torch.minimum(position, budget), decode_budget=budget, decode_pos=position)
+
 
 class DecodeGraphs:
     """CUDA graphs of the decode-only step, one per padded batch size (the nano-vllm recipe).
 
     A decode step launches a few kernels per layer with tiny inputs; on a GPU the launch overhead
-    dominates, so the whole forward is captured once per batch size and replayed. Inputs live in static
-    buffers; a batch is padded up to the next captured size with rows that point at the store's scratch
-    ring (never handed to a sequence), so padding never touches a real ring.
+    dominates, so the whole forward is captured once per batch size and replayed. The graph's only input is
+    a static buffer of slot ids: the token ids, positions, block tables and budgets are gathered from the
+    persistent batch inside the graph. A batch is padded up to the next captured size with the batch's
+    scratch slot, whose block table points at the pool's scratch block, so padding never touches a ring.
     """
 
-    def __init__(self, model, attention: RingAttention, max_batch: int, device: torch.device):
-        self.model, self.attention = model, attention
+    def __init__(self, model, attention: RingAttention, batch: InputBatch, device: torch.device):
+        self.model, self.attention, self.batch = model, attention, batch
+        max_batch = batch.max_num_seqs
         self.sizes = sorted({*(b for b in (1, 2, 4, 8) if b <= max_batch), *range(16, max_batch + 1, 16), max_batch})
-        self.scratch = attention.store.scratch_ring
-        i32 = dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.rings = torch.full((max_batch,), self.scratch, **i32)
-        self.filled = torch.zeros(max_batch, **i32)
-        self.new_pos = torch.zeros(max_batch, **i32)
+        self.slot_ids = torch.full((max_batch,), batch.scratch_slot, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pool = None
         for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
@@ -117,34 +139,28 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[size] = (graph, hidden)
 
-    def _plan(self, size: int) -> StepPlan:
-        return StepPlan(num_decode=size, decode_rings=self.rings[:size], decode_filled=self.filled[:size],
-                        decode_pos=self.new_pos[:size])
+    def _forward(self, size: int) -> torch.Tensor:
+        slots = self.slot_ids[:size]
+        self.attention.plan = decode_plan(self.batch, slots)
+        return self.model(self.batch.token[slots], self.batch.position[slots].long(), self.attention)
 
     @torch.inference_mode()
     def _capture(self, size: int, pool):
-        self.attention.plan = self._plan(size)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up (autotuning, lazy init) outside the capture
-            self.model(self.input_ids[:size], self.positions[:size], self.attention)
+            self._forward(size)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            hidden = self.model(self.input_ids[:size], self.positions[:size], self.attention)
+            hidden = self._forward(size)
         return graph, hidden
 
-    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        n = plan.num_decode
+    def replay(self, slot_ids: torch.Tensor) -> torch.Tensor:
+        n = len(slot_ids)
         size = next(b for b in self.sizes if b >= n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.rings[:n].copy_(plan.decode_rings)
-        self.filled[:n].copy_(plan.decode_filled)
-        self.new_pos[:n].copy_(plan.decode_pos)
-        self.rings[n:size].fill_(self.scratch)  # padding rows write only into the scratch ring
-        self.filled[n:size].zero_()
-        self.new_pos[n:size].zero_()
+        self.slot_ids[:n].copy_(slot_ids)
+        self.slot_ids[n:size].fill_(self.batch.scratch_slot)
         graph, hidden = self.graphs[size]
         graph.replay()
         return hidden[:n]

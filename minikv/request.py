@@ -23,11 +23,16 @@ class RequestStatus(enum.Enum):
 
 class Request:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, seed: int,
-                 eos_ids: frozenset[int], tokenizer, prompt_text: str | None = None, kv_budget: int = 0):
+                 eos_ids: frozenset[int], tokenizer, prompt_text: str | None = None, kv_budget: int = 0,
+                 ring_size: int | None = None, num_blocks_needed: int = 0):
         self.request_id, self.prompt_ids, self.params, self.seed = request_id, prompt_ids, params, seed
         self.prompt_text = prompt_text
         self.eos_ids = eos_ids  # empty under ignore_eos
         self.kv_budget = kv_budget  # KV slots per layer and KV head this request's ring may hold
+        # ... and will ever hold: a ring never needs more than prompt + max_tokens slots.
+        self.ring_size = ring_size if ring_size is not None else kv_budget
+        self.num_blocks_needed = num_blocks_needed  # what admission reserves in the block pool
+        self.blocks: list[int] = []  # the pool blocks of its ring, in ring order (its block table)
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.stop_reason: str | int | None = None
@@ -63,7 +68,7 @@ class Request:
     @property
     def num_evicted_tokens(self) -> int:
         """Tokens no longer in the ring: the same count in every layer and KV head."""
-        return max(0, self.num_processed - self.kv_budget)
+        return max(0, self.num_processed - self.ring_size)
 
     # --- a new token -------------------------------------------------------------------------------
     def append_token(self, token: int, logprobs: PositionLogprobs | None = None) -> str | None:
@@ -141,6 +146,7 @@ class Request:
             finish_reason=self.finish_reason, stop_reason=self.stop_reason)
         self.metrics.num_generated_tokens = len(self.output_ids)
         self.metrics.num_evicted_tokens = self.num_evicted_tokens
+        self.metrics.num_kv_blocks = len(self.blocks)
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt_text, prompt_token_ids=self.prompt_ids,
             outputs=[completion], finished=self.is_finished, metrics=self.metrics,

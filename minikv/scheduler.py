@@ -1,17 +1,24 @@
-"""Continuous batching: which sequences run in the next step, and how many tokens each.
+"""Continuous batching: which requests run in the next step, how many tokens each, and their KV blocks.
 
 Every step plans at most `max_num_batched_tokens` tokens, all run in one forward pass:
-1. each running sequence that is decoding gets its one token (decodes are never starved);
-2. waiting requests are admitted, first come first served, while a ring is free; admission never looks
-   at prompt length, because the ring bounds a sequence's memory whatever its length;
-3. prefill chunks of admitted sequences fill what is left, oldest first, so a long prompt is interleaved
+1. each running request that is decoding gets its one token (decodes are never starved);
+2. waiting requests are admitted, first come first served, while a batch slot is free and the pool can
+   reserve every block the request can ever hold (`Request.num_blocks_needed`); the head of the queue
+   waits rather than being overtaken, so admission stays FCFS;
+3. prefill chunks of admitted requests fill what is left, oldest first, so a long prompt is interleaved
    with the running decodes instead of stalling them (Agrawal et al. 2024, "Sarathi-Serve": chunked
    prefills piggybacked on decodes).
 
-A prefill chunk ends at the next multiple of `chunk` prompt positions (or earlier when the step has less
-room). With room for a whole chunk, a prompt is therefore cut at the same places whatever else runs, and
-with an evicting policy (which keeps `budget` tokens of ring + chunk at each chunk) a request's result
-does not depend on its neighbours in the batch.
+A prefill chunk always ends at the next multiple of `chunk` prompt positions (or at the prompt's end): a
+chunk that does not fit the step's room waits for the next step instead of being cut short. A prompt is
+therefore cut at the same places whatever else runs, and with an evicting policy (which keeps `budget` of
+ring + chunk at each chunk) a request's result does not depend on its neighbours in the batch. Only when a
+step has room for less than one chunk at all (`max_num_batched_tokens` < chunk + max_num_seqs) is the first
+prefill of the step cut to fit, so that prompts still make progress.
+
+Reserving at admission what a request can ever hold means a running request never waits for memory and
+nothing is ever preempted; blocks are taken from the reservation as its ring fills (`_grow`), and all of
+them go back at finish.
 """
 
 from __future__ import annotations
@@ -19,20 +26,16 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from .block_pool import KVPool
 from .errors import ConfigError
-from .ring import RingStore
+from .input_batch import InputBatch
 from .request import Request, RequestStatus
 
 
 @dataclass
 class ScheduledChunk:
-    seq: Request
+    req: Request
     length: int  # prompt tokens of this chunk
-
-    @property
-    def is_last(self) -> bool:
-        """The chunk that ends the prompt: its last row samples the first output token."""
-        return self.seq.num_processed + self.length >= len(self.seq.prompt_ids)
 
 
 @dataclass
@@ -41,29 +44,29 @@ class SchedulerOutput:
     prefills: list[ScheduledChunk] = field(default_factory=list)
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.decodes) + sum(c.length for c in self.prefills)
-
-    @property
     def is_empty(self) -> bool:
         return not self.decodes and not self.prefills
 
+    @property
+    def requests(self) -> list[Request]:
+        return [*self.decodes, *(chunk.req for chunk in self.prefills)]
+
 
 class Scheduler:
-    def __init__(self, store: RingStore, *, max_num_batched_tokens: int, chunk: int):
+    def __init__(self, pool: KVPool, batch: InputBatch, *, max_num_batched_tokens: int, chunk: int):
         if chunk < 1:
             raise ConfigError(f"chunk must be a positive number of tokens, got {chunk}")
-        if max_num_batched_tokens < store.num_rings:
+        if max_num_batched_tokens < batch.max_num_seqs:
             raise ConfigError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
-                              f"({store.num_rings}) so every running sequence can decode each step")
-        self.store = store
+                              f"({batch.max_num_seqs}) so every running request can decode each step")
+        self.pool, self.batch = pool, batch
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunk = chunk
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # admission order (FCFS), each owns a ring
+        self.running: list[Request] = []  # admission order (FCFS), each holds a slot and a reservation
 
-    def add(self, seq: Request) -> None:
-        self.waiting.append(seq)
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -77,40 +80,64 @@ class Scheduler:
         return len(self.running)
 
     def schedule(self) -> SchedulerOutput:
-        """Plan the next step (see the module docstring). Admitted sequences leave `waiting` with a ring."""
-        out = SchedulerOutput(decodes=[s for s in self.running if not s.is_prefilling])
+        """Plan the next step (see the module docstring) and give its requests the blocks it will fill."""
+        out = SchedulerOutput(decodes=[r for r in self.running if not r.is_prefilling])
         self._admit()
         room = self.max_num_batched_tokens - len(out.decodes)
-        for seq in self.running:
-            if room <= 0:
-                break
-            if seq.is_prefilling:
-                length = min(self._chunk_end(seq) - seq.num_processed, room)
-                out.prefills.append(ScheduledChunk(seq, length))
+        for req in self.running:
+            if req.is_prefilling and room > 0:
+                length = self._chunk_end(req) - req.num_processed
+                if length > room:
+                    if out.prefills or room >= self.chunk:
+                        break  # a whole chunk waits for the next step: never cut a chunk short (FCFS)
+                    length = room  # the step cannot hold any whole chunk: cut the first one to fit
+                out.prefills.append(ScheduledChunk(req, length))
                 room -= length
+        self._grow(out)
         return out
 
     def _admit(self) -> None:
-        while self.waiting and self.store.num_free:
-            seq = self.waiting.popleft()
-            seq.slot = self.store.allocate()
-            seq.status = RequestStatus.RUNNING
-            self.running.append(seq)
+        while self.waiting and self.batch.num_free:
+            req = self.waiting[0]
+            if req.num_blocks_needed > self.pool.num_unreserved:
+                break  # the head waits for blocks to come back; nobody overtakes it
+            self.waiting.popleft()
+            req.slot = self.batch.admit(req, req.ring_size)
+            self.pool.reserve(req.slot, req.num_blocks_needed)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
 
-    def _chunk_end(self, seq: Request) -> int:
-        """Where the current chunk of `seq`'s prompt ends: the next multiple of `chunk`, or the prompt's end."""
-        next_boundary = (seq.num_processed // self.chunk + 1) * self.chunk
-        return min(next_boundary, len(seq.prompt_ids))
+    def _chunk_end(self, req: Request) -> int:
+        """Where the current chunk of a prompt ends: the next multiple of `chunk`, or the prompt's end."""
+        next_boundary = (req.num_processed // self.chunk + 1) * self.chunk
+        return min(next_boundary, len(req.prompt_ids))
 
-    def finish(self, seq: Request, reason: str) -> None:
-        """Finish (or abort) a sequence wherever it is: its ring is free for the next admission at once."""
-        if seq.is_finished:
+    def _grow(self, out: SchedulerOutput) -> None:
+        """Take from each scheduled request's reservation the blocks its ring fills this step."""
+        slots, indices, blocks = [], [], []
+        steps = [(req, 1) for req in out.decodes] + [(c.req, c.length) for c in out.prefills]
+        for req, new_tokens in steps:
+            held = len(req.blocks)
+            needed = self.pool.blocks_for(min(req.ring_size, req.num_processed + new_tokens))
+            if needed > held:
+                new = self.pool.grow(req.slot, needed)
+                req.blocks.extend(new)
+                slots += [req.slot] * len(new)
+                indices += range(held, needed)
+                blocks += new
+        self.batch.write_blocks(slots, indices, blocks)
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Finish (or abort) a request wherever it is: its blocks and slot are free for the next admission."""
+        if req.is_finished:
             return
-        if seq.status is RequestStatus.WAITING:
-            self.waiting.remove(seq)
+        if req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
         else:
-            self.running.remove(seq)
-            self.store.free(seq.slot)
-            seq.slot = None
-        seq.status = RequestStatus.FINISHED
-        seq.finish_reason = reason
+            self.running.remove(req)
+            self.pool.release(req.slot)
+            self.batch.release(req.slot)
+            req.slot = None
+            req.blocks = []
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason

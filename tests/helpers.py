@@ -73,42 +73,61 @@ def load_tiny(path: Path, dtype=torch.float32):
     return build_model(config, load_state_dict(weight_files(path)), "cpu", dtype), config
 
 
+class RingState:
+    """What one ring holds after a run, read back in ring order: pos / score / k / v / edge_* as
+    [layers, kv_heads, slots, ...] (slots = the ring's budget, or fewer when it never filled)."""
+
+    def __init__(self, pool, blocks: list[int], length: int):
+        self.pool, self.blocks, self.length = pool, blocks, length
+
+    def __getattr__(self, name):
+        if name in ("k", "v", "pos", "score", "edge_slot", "edge_pos", "edge_w"):
+            return self.pool.ring(name, self.blocks, self.length)
+        raise AttributeError(name)
+
+
 def ring_logits(model, config, ids: list[int], *, prefill: list[int], budget: int, policy="full",
-                seed: int = 0, on_step=None, last: int | None = None, **policy_options):
+                seed: int = 0, on_step=None, last: int | None = None, block_size: int = 16, **policy_options):
     """Logits of every position: the prompt in the given prefill chunk sizes, the rest decoded one by one,
-    straight through RingAttention (no scheduler), so a test sees exactly what the ring store does.
-    `on_step(tokens_so_far, store)` runs after each chunk and decode step. `last`: only the logits of the
+    straight through RingAttention (no scheduler), so a test sees exactly what the ring does. The ring's
+    blocks are scattered over the pool in reverse order, so a test also exercises the block table.
+    `on_step(tokens_so_far, ring)` runs after each chunk and decode step. `last`: only the logits of the
     last `last` positions (the lm_head over every row of a long prompt costs more than the model).
-    Returns (logits [len(ids) or last, vocab], the RingStore after the run, the RingAttention)."""
+    Returns (logits [len(ids) or last, vocab], the ring's RingState after the run, the RingAttention)."""
     from minikv.attention import PrefillSegment, RingAttention, StepPlan
+    from minikv.block_pool import KVPool
     from minikv.policies import make_policy
-    from minikv.ring import RingStore
 
     policy = make_policy(policy, **policy_options)
-    store = RingStore(config, 1, budget, dtype=next(model.parameters()).dtype, device="cpu",
-                      edges_per_slot=policy.top_m)
-    attention = RingAttention(store, policy, scale=config.head_dim**-0.5, seed=seed)
-    ring = store.allocate()
+    num_blocks = -(-budget // block_size)
+    pool = KVPool(config, num_blocks + 2, block_size, dtype=next(model.parameters()).dtype, device="cpu",
+                  edges_per_slot=policy.top_m)
+    attention = RingAttention(pool, policy, scale=config.head_dim**-0.5, seed=seed, num_slots=1, max_budget=budget)
+    blocks = list(range(num_blocks + 1, 1, -1))  # out of order, and not starting at block 0
+    table = torch.tensor(blocks, dtype=torch.int32)
+    ring = RingState(pool, blocks, 0)
     logits, done = [], 0
     with torch.inference_mode():
         for length in prefill:
-            plan = StepPlan(prefills=[PrefillSegment(ring, 0, length, min(done, budget), done)])
+            plan = StepPlan(prefills=[PrefillSegment(0, 0, length, min(done, budget), done, budget, table)])
             hidden = _forward(model, attention, plan, ids[done:done + length], range(done, done + length))
             if last is not None:  # keep the rows at positions >= len(ids) - last
                 hidden = hidden[max(0, len(ids) - last - done):]
             logits.append(model.compute_logits(hidden))
             done += length
+            ring.length = min(done, budget)
             if on_step:
-                on_step(done, store)
+                on_step(done, ring)
         for t in range(done, len(ids)):
             as_i32 = lambda x: torch.tensor([x], dtype=torch.int32)  # noqa: E731
-            plan = StepPlan(num_decode=1, decode_rings=as_i32(ring), decode_filled=as_i32(min(t, budget)),
-                            decode_pos=as_i32(t))
+            plan = StepPlan(num_decode=1, decode_slots=torch.tensor([0]), decode_tables=table[None],
+                            decode_filled=as_i32(min(t, budget)), decode_budget=as_i32(budget), decode_pos=as_i32(t))
             logits.append(model.compute_logits(_forward(model, attention, plan, [ids[t]], [t])))
+            ring.length = min(t + 1, budget)
             if on_step:
-                on_step(t + 1, store)
+                on_step(t + 1, ring)
     logits = torch.cat(logits)
-    return (logits if last is None else logits[len(logits) - last:]), store, attention
+    return (logits if last is None else logits[len(logits) - last:]), ring, attention
 
 
 def _forward(model, attention, plan, ids, positions):

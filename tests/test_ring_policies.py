@@ -47,11 +47,12 @@ def test_long_prompt_streams_through_budget_plus_chunk(tiny):
     budget, chunk, n = 512, 256, 20_000
     ids = random_ids(n, seed=3)
     sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
-    logits, store, attention = ring_logits(model, config, ids, prefill=sizes, budget=budget, policy="nexus")
+    logits, ring, attention = ring_logits(model, config, ids, prefill=sizes, budget=budget, policy="nexus")
     assert logits.shape[0] == n and torch.isfinite(logits).all()
-    assert store.k.shape == (config.num_layers, 1, config.num_kv_heads, budget, config.head_dim)
+    assert ring.k.shape == (config.num_layers, config.num_kv_heads, budget, config.head_dim)
+    assert attention.pool.num_blocks == budget // 16 + 2  # the ring's blocks and two more, whatever n
     assert attention.peak_slots_per_seq <= budget + chunk
-    pos = store.pos[:, 0]
+    pos = ring.pos
     assert (pos >= 0).all() and pos.max() == n - 1  # full ring of real tokens, the last one present
 
 
@@ -66,12 +67,12 @@ def test_sinks_and_window_are_never_evicted(tiny, policy, seed):
     ids = random_ids(90, seed=seed)
     steps = []
     _, store, _ = ring_logits(model, config, ids, prefill=[16, 16, 16], budget=budget, policy=policy, seed=seed,
-                           n_sink=n_sink, window=window, on_step=lambda t, s: steps.append((t, s.pos[:, 0].clone())))
+                           n_sink=n_sink, window=window, on_step=lambda t, s: steps.append((t, s.pos.clone())))
     assert len(steps) == 90 - 48 + 3
     for t, pos in steps:  # t = tokens in the ring's history after the step
         filled = min(t, budget)
-        for layer_head in pos.reshape(-1, budget):
-            held = set(layer_head[:filled].tolist())
+        for layer_head in pos.reshape(-1, filled):
+            held = set(layer_head.tolist())
             assert set(range(n_sink)) <= held
             assert set(range(t - window, t)) <= held
             assert len(held) == filled and -1 not in held  # no position twice, no hole
@@ -83,7 +84,7 @@ def test_streaming_keeps_exactly_sinks_and_most_recent(tiny):
     _, store, _ = ring_logits(model, config, random_ids(n), prefill=[20, 20], budget=budget, policy="streaming",
                            n_sink=4, window=8)
     expected = set(range(4)) | set(range(n - (budget - 4), n))
-    for layer_head in store.pos[:, 0].reshape(-1, budget):
+    for layer_head in store.pos.reshape(-1, budget):
         assert set(layer_head.tolist()) == expected
 
 

@@ -174,30 +174,33 @@ class Policy:
 
     # --- optional hooks for policies with their own state (epikv, nestedkv); the defaults do nothing ----
     # They are called by RingAttention (bind, reset_ring, new_token_scores, after_decode, after_prefill_chunk,
-    # end_step) and should be called by the engine at start (check_budget). None of them syncs with the host.
+    # end_step) and by the engine (check_budget: at start for its budget, per request for kv_budget). A
+    # "ring" here is a running request's ring, named by its batch slot; its slots are reached through its
+    # block table (kernels.common.physical_rows). None of the hooks syncs with the host.
 
     def check_budget(self, budget: int, chunk: int) -> None:
         """Raise ConfigError if this policy cannot evict correctly with this budget and prefill chunk."""
 
-    def bind(self, store) -> None:
-        """Called once with the RingStore: allocate per-(layer, ring, head) state."""
+    def bind(self, pool, num_slots: int, max_budget: int) -> None:
+        """Called once with the KVPool, the number of batch slots and the largest ring: allocate per-(layer,
+        slot, head) state."""
 
     def reset_ring(self, ring: int) -> None:
-        """The ring now holds a new sequence (its first prefill chunk is about to run): forget its state."""
+        """Slot `ring` now holds a new request (its first prefill chunk is about to run): forget its state."""
 
     def new_token_scores(self, layer: int, ring_ids: torch.Tensor, new_pos: torch.Tensor,
                          k_new: torch.Tensor) -> torch.Tensor | None:
         """SCORE_EXTERNAL: the decode tokens' scores [N, Hkv] written with them (None = 0)."""
         return None
 
-    def after_decode(self, layer: int, ring, ring_ids: torch.Tensor, new_pos: torch.Tensor,
-                     written: torch.Tensor) -> None:
-        """The decode kernel of `layer` wrote each new token into slot written[N, Hkv] of ring_ids[N]."""
+    def after_decode(self, layer: int, pool, plan, written: torch.Tensor) -> None:
+        """The decode kernel of `layer` (pool: its PoolLayer) wrote each new token into ring slot
+        written[N, Hkv] of the rings of plan.decode_slots (block tables plan.decode_tables)."""
 
-    def after_prefill_chunk(self, layer: int, ring, segment) -> None:
+    def after_prefill_chunk(self, layer: int, pool, segment) -> None:
         """A prefill chunk (attention.PrefillSegment) has been written into its ring at `layer`."""
 
-    def end_step(self, store, plan, hidden_states: list[torch.Tensor] | None) -> None:
+    def end_step(self, pool, plan, hidden_states: list[torch.Tensor] | None) -> None:
         """The forward of a step is done; hidden_states holds each layer's input [T, hidden] when
         needs_hidden_states is set (rows in the step's flat order: decodes first, then prefill chunks)."""
 

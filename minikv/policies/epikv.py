@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
-from ..kernels.common import SCORE_EXTERNAL, VICTIM_MIN_SCORE
+from ..kernels.common import SCORE_EXTERNAL, VICTIM_MIN_SCORE, physical_rows
 from .base import Policy, PrefillCandidates
 
 _EPS = 1e-6
@@ -133,8 +133,8 @@ class EpiKV(Policy):
                 f"epikv keeps a whole prefill chunk until the forward has scored it, so budget ({budget}) must be "
                 f">= n_sink + chunk ({self.n_sink} + {chunk}); raise the budget or lower the chunk")
 
-    def bind(self, store) -> None:
-        self.history = torch.zeros(store.k.shape[1], self.zscore_window, dtype=torch.float64, device=store.k.device)
+    def bind(self, pool, num_slots: int, max_budget: int) -> None:
+        self.history = torch.zeros(num_slots, self.zscore_window, dtype=torch.float64, device=pool.k.device)
         self._written: dict[int, torch.Tensor] = {}
 
     def reset_ring(self, ring: int) -> None:
@@ -145,18 +145,18 @@ class EpiKV(Policy):
         scores = torch.cat([cand.ring_score.float(), torch.zeros_like(chunk)], dim=1)
         return scores, torch.cat([cand.ring_score.float(), chunk], dim=1)  # the chunk stays: inf priority
 
-    def after_decode(self, layer, ring, ring_ids, new_pos, written) -> None:
+    def after_decode(self, layer, pool, plan, written) -> None:
         self._written[layer] = written
 
-    def end_step(self, store, plan, hidden_states) -> None:
+    def end_step(self, pool, plan, hidden_states) -> None:
         raw = hidden_change_scores(hidden_states, self.lower_band, self.upper_band)
         nd = plan.num_decode
         if nd:
-            z = self.decode_zscores(plan.decode_rings, plan.decode_pos, raw[:nd])
-            self._write_decode(store, plan.decode_rings, z)
+            z = self.decode_zscores(plan.decode_slots, plan.decode_pos, raw[:nd])
+            self._write_decode(pool, plan.decode_tables, z)
         for seg in plan.prefills:
-            z = self.chunk_zscores(seg.ring, seg.first_pos, raw[seg.start: seg.start + seg.length])
-            self._write_chunk(store, seg.ring, seg.first_pos, z)
+            z = self.chunk_zscores(seg.slot, seg.first_pos, raw[seg.start: seg.start + seg.length])
+            self._write_chunk(pool, seg, z)
         self._written.clear()
 
     # --- detrending with a per-ring history of raw scores (index pos % zscore_window) -------------
@@ -184,19 +184,25 @@ class EpiKV(Policy):
         return _zscore(raw.double(), count, x.sum(1), (x * x).sum(1)).float()
 
     # --- fixing the provisional scores ---------------------------------------------------------------
-    def _write_decode(self, store, ring_ids, z) -> None:
+    def _write_decode(self, pool, tables, z) -> None:
         layers = sorted(self._written)
-        written = torch.stack([self._written[layer] for layer in layers]).long()  # [L, N, H]
+        written = torch.stack([self._written[layer] for layer in layers]).long()  # [L, N, H] ring slots
+        rows = physical_rows(tables[None].expand(len(layers), -1, -1), written, pool.block_size)  # [L, N, H]
         layer_idx = torch.tensor(layers, device=z.device)[:, None, None]
         heads = torch.arange(written.shape[2], device=z.device)[None, None, :]
-        store.score[layer_idx, ring_ids.long()[None, :, None], heads, written] = z[None, :, None].expand_as(written)
+        pool.score.view(pool.num_layers, -1, pool.num_kv_heads)[layer_idx, rows, heads] = (
+            z[None, :, None].expand_as(written))
 
     @staticmethod
-    def _write_chunk(store, ring: int, first_pos: int, z) -> None:
-        pos = store.pos[:, ring].long()  # [L, H, B]
-        mine = (pos >= first_pos) & (pos < first_pos + len(z))
-        chunk_z = z[(pos - first_pos).clamp(0, len(z) - 1)]
-        store.score[:, ring] = torch.where(mine, chunk_z, store.score[:, ring])
+    def _write_chunk(pool, seg, z) -> None:
+        """Every ring slot that holds one of the chunk's tokens (in every layer) takes its z."""
+        filled = min(seg.ring_size, seg.first_pos + seg.length)
+        rows = physical_rows(seg.table, torch.arange(filled, device=z.device), pool.block_size)
+        score = pool.score.view(pool.num_layers, -1, pool.num_kv_heads)
+        pos = pool.pos.view(pool.num_layers, -1, pool.num_kv_heads)[:, rows].long()  # [L, filled, H]
+        mine = (pos >= seg.first_pos) & (pos < seg.first_pos + len(z))
+        chunk_z = z[(pos - seg.first_pos).clamp(0, len(z) - 1)]
+        score[:, rows] = torch.where(mine, chunk_z, score[:, rows])
 
 
 # --- EpiKV-lag: lag-normalised K/V spread ----------------------------------------------------------------
@@ -248,10 +254,16 @@ class EpiKVLag(Policy):
     def eviction_spec(self):
         return self._spec(score_mode=SCORE_EXTERNAL, victim_mode=VICTIM_MIN_SCORE)
 
-    def bind(self, store) -> None:
-        self.lag_in_use = max(1, min(self.lag, store.budget - self.n_sink - 1))
-        self.recent_slots = torch.zeros(store.num_layers, store.k.shape[1], store.num_kv_heads, self.lag_in_use + 1,
-                                        dtype=torch.long, device=store.k.device)  # index pos % (lag + 1)
+    def bind(self, pool, num_slots: int, max_budget: int) -> None:
+        self.lag_in_use = max(1, min(self.lag, max_budget - self.n_sink - 1))
+        self.recent_slots = torch.zeros(pool.num_layers, num_slots, pool.num_kv_heads, self.lag_in_use + 1,
+                                        dtype=torch.long, device=pool.k.device)  # index pos % (lag + 1)
+
+    def check_budget(self, budget: int, chunk: int) -> None:
+        lag = getattr(self, "lag_in_use", self.lag)  # fixed by bind from the engine's budget
+        if budget < min(self.lag, lag) + self.n_sink + 1:
+            raise ConfigError(f"epikv-lag keeps its last lag ({lag}) tokens pending beside the {self.n_sink} sinks, "
+                              f"so a budget must be >= {lag + self.n_sink + 1} (got {budget}); raise it or lower lag")
 
     def prefill_scores(self, cand: PrefillCandidates):
         """Ring scores stay; every candidate of the last lag (ring tail) + chunk whose lag is complete is scored."""
@@ -280,36 +292,34 @@ class EpiKVLag(Policy):
     def new_token_scores(self, layer, ring_ids, new_pos, k_new):
         return torch.full(k_new.shape[:2], PENDING, device=k_new.device)
 
-    def after_prefill_chunk(self, layer, ring, segment) -> None:
+    def after_prefill_chunk(self, layer, pool, segment) -> None:
         """Remember the slots of the chunk's last lag + 1 tokens, for decode."""
-        r, keep = segment.ring, self.lag_in_use + 1
+        r, keep = segment.slot, self.lag_in_use + 1
         last = segment.first_pos + segment.length - 1
-        filled = min(ring.pos.shape[2], last + 1)
-        pos = ring.pos[r, :, :filled].long()  # [H, filled]
+        filled = min(segment.ring_size, last + 1)
+        rows = physical_rows(segment.table, torch.arange(filled, device=pool.pos.device), pool.block_size)
+        pos = pool.rows("pos")[rows].transpose(0, 1).long()  # [H, filled]
         recent = (pos > last - keep) & (pos >= 0)
         at = torch.where(recent, pos % keep, torch.full_like(pos, keep))  # keep = "not recent"
         slots = torch.arange(filled, device=pos.device).expand_as(pos)
         table = torch.cat([self.recent_slots[layer, r], torch.zeros_like(pos[:, :1])], dim=1)
         self.recent_slots[layer, r] = table.scatter_(1, at, slots)[:, :keep]
 
-    def after_decode(self, layer, ring, ring_ids, new_pos, written) -> None:
+    def after_decode(self, layer, pool, plan, written) -> None:
         """Record the new token's slot; score token pos - lag, whose next lag is now complete."""
         lag = self.lag_in_use
-        rings, pos = ring_ids.long(), new_pos.long()
+        rings, pos = plan.decode_slots.long(), plan.decode_pos.long()
         recent = self.recent_slots[layer, rings]  # [N, H, lag + 1]
         at = (pos % (lag + 1))[:, None, None].expand(-1, recent.shape[1], 1)
         recent.scatter_(2, at, written.long()[:, :, None])
         self.recent_slots[layer, rings] = recent
         order = (pos[:, None] - lag + torch.arange(lag + 1, device=pos.device)) % (lag + 1)  # oldest first
-        table = recent.gather(2, order[:, None, :].expand(-1, recent.shape[1], -1))  # [N, H, lag + 1]
-        heads = torch.arange(recent.shape[1], device=pos.device)[None, :, None]
-        feats = self._features(ring, rings[:, None, None], heads, table)  # [N, H, lag + 1, F]
+        table = recent.gather(2, order[:, None, :].expand(-1, recent.shape[1], -1))  # [N, H, lag + 1] ring slots
         n, h = table.shape[:2]
+        rows = physical_rows(plan.decode_tables, table.reshape(n, -1), pool.block_size).view(n, h, lag + 1)
+        heads = torch.arange(h, device=pos.device)[None, :, None]
+        feats = torch.cat([pool.rows("k")[rows, heads].float(), pool.rows("v")[rows, heads].float()], dim=-1)
         scores = lag_spread(feats.reshape(n * h, lag + 1, -1), lag).reshape(n, h)
-        slot = table[:, :, 0]
-        current = ring.score[rings[:, None], heads[:, :, 0], slot]
-        ring.score[rings[:, None], heads[:, :, 0], slot] = torch.where((pos >= lag)[:, None], scores, current)
-
-    @staticmethod
-    def _features(ring, r, heads, slots) -> torch.Tensor:
-        return torch.cat([ring.k[r, heads, slots].float(), ring.v[r, heads, slots].float()], dim=-1)
+        slot_rows, head_idx = rows[:, :, 0], heads[:, :, 0]
+        current = pool.rows("score")[slot_rows, head_idx]
+        pool.rows("score")[slot_rows, head_idx] = torch.where((pos >= lag)[:, None], scores, current)

@@ -95,10 +95,9 @@ class NestedKV(Policy):
         return self._spec(score_mode=SCORE_EXTERNAL, victim_mode=VICTIM_MIN_SCORE)
 
     # --- running state per (layer, ring, KV head) --------------------------------------------------
-    def bind(self, store) -> None:
-        # k.shape[1] counts every ring of the pool, the CUDA-graph scratch ring included
-        self.allocate(store.num_layers, store.k.shape[1], store.num_kv_heads, store.head_dim, store.budget,
-                      store.k.device)
+    def bind(self, pool, num_slots: int, max_budget: int) -> None:
+        # num_slots counts every batch slot, the CUDA-graph scratch slot included
+        self.allocate(pool.num_layers, num_slots, pool.num_kv_heads, pool.head_dim, max_budget, pool.k.device)
 
     def allocate(self, num_layers: int, num_rings: int, num_kv_heads: int, head_dim: int, budget: int,
                  device: torch.device | str = "cpu") -> None:
