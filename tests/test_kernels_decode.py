@@ -424,3 +424,124 @@ def test_slot_hash_fold_matches_the_unfolded_rounds():
         x = fmix(x ^ ((5 * 0xC2B2AE3D) & mask))
         expected = [fmix(x ^ ((p * 0x27D4EB2F) & mask)) for p in (0, 17, 100000)]
         assert slot_hash_u32(seed, layer, torch.tensor(5), torch.tensor([0, 17, 100000])).tolist() == expected
+
+
+# --- the Triton kernel against the reference (interpreter) -------------------------------------------
+
+from minikv.kernels.attend_score_sample import attend_score_sample_triton, hash_base  # noqa: E402
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("shape", range(len(SHAPES)))
+def test_triton_matches_reference(policy, shape):
+    group, head_dim, dtype, block_size, budgets, filled = SHAPES[shape]
+    assert run_against(attend_score_sample_triton, POLICIES[policy], group, head_dim, dtype, block_size, budgets,
+                       filled, ref=reference.attend_score_sample)
+
+
+def test_triton_several_loop_blocks_per_ring():
+    """BLOCK smaller than the ring and unrelated to the page size: the online softmax, the running top-m and
+    the running victim cross loop blocks, and one loop block spans several pool blocks (or part of one)."""
+    assert run_against(attend_score_sample_triton, POLICIES["nexus"], 4, 64, torch.float32, 8, [64, 40], [64, 40],
+                       steps=2, ref=reference.attend_score_sample, block_keys=16)
+    assert run_against(attend_score_sample_triton, POLICIES["keydiff"], 2, 64, torch.float32, 32, [64, 48], [64, 7],
+                       steps=2, ref=reference.attend_score_sample, block_keys=16)
+
+
+def test_triton_walk_without_gamma_tau_and_all_protected():
+    spec = dataclasses.replace(POLICIES["nexus"], gamma=0.0, tau=0.25)
+    assert run_against(attend_score_sample_triton, spec, 2, 64, torch.float32, 16, [32, 32], [32, 31],
+                       ref=reference.attend_score_sample)
+    spec = EvictionSpec(SCORE_ATTN, VICTIM_MIN_SCORE, n_sink=4, window=1000)
+    assert run_against(attend_score_sample_triton, spec, 2, 64, torch.float32, 16, [32], [32], steps=1,
+                       ref=reference.attend_score_sample)
+
+
+def test_triton_empty_rings():
+    for policy in ("nexus", "keydiff"):
+        run_against(attend_score_sample_triton, POLICIES[policy], 2, 64, torch.float32, 16, [32, 24], [0, 0], steps=2,
+                    ref=reference.attend_score_sample)
+
+
+@pytest.mark.parametrize("policy", ["nexus", "keydiff"])
+def test_triton_block_size_does_not_change_results(policy):
+    paging_invariance(attend_score_sample_triton, POLICIES[policy], torch.float32, [48, 40], [48, 37])
+
+
+@pytest.mark.parametrize("block_keys", [None, 8])
+def test_triton_ties_go_to_the_lowest_slot(block_keys):
+    for spec in (POLICIES["nexus"], POLICIES["external"]):
+        gen = torch.Generator().manual_seed(7)
+        batch = tie_batch(spec, gen)
+        other = dataclasses.replace(batch, pool=clone_pool(batch.pool))
+        args = tie_inputs(gen)
+        kwargs = dict(layer=0, seed=0, scale=0.125, new_score=torch.ones(1, 1))
+        _, written = attend_score_sample_triton(*args, *batch_args(batch), spec, block_keys=block_keys, **kwargs)
+        _, written_ref = reference.attend_score_sample(*args, *batch_args(other), spec, **kwargs)
+        assert torch.equal(written, written_ref)
+        assert_pools_match(other.pool, batch.pool, 1e-6)
+
+
+def test_kernel_hash_base_is_the_host_fold():
+    mask = 0xFFFFFFFF
+    from minikv.kernels.common import hash_seed_layer
+
+    for seed, layer in [(0, 0), (1234, 3), (2**40 + 7, 29)]:
+        assert hash_base(seed, layer) & mask == hash_seed_layer(seed, layer)
+        assert -(2**31) <= hash_base(seed, layer) < 2**31
+
+
+# --- dispatch (minikv.kernels) ------------------------------------------------------------------------
+
+
+def test_dispatch_chooses_by_device_and_env(monkeypatch):
+    from minikv import kernels
+    from minikv.errors import ConfigError
+
+    monkeypatch.delenv("MINIKV_KERNELS", raising=False)
+    assert kernels.kernel_backend("cpu") == "reference"
+    assert kernels.kernel_backend(torch.device("cuda", 0)) == "triton"
+    monkeypatch.setenv("MINIKV_KERNELS", "reference")
+    assert kernels.kernel_backend("cuda") == "reference"
+    monkeypatch.setenv("MINIKV_KERNELS", "Triton")
+    assert kernels.kernel_backend("cpu") == "triton"  # tests run with TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
+        kernels.kernel_backend("cpu")
+    monkeypatch.setenv("MINIKV_KERNELS", "cuda")
+    with pytest.raises(ConfigError, match="MINIKV_KERNELS"):
+        kernels.kernel_backend("cpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dispatch_runs_the_chosen_backend(monkeypatch, backend):
+    """Both public entry points run under either backend and give the reference's answer."""
+    from minikv import kernels
+
+    monkeypatch.setenv("MINIKV_KERNELS", backend)
+    called = []
+    if backend == "triton":
+        decode_module = importlib.import_module("minikv.kernels.attend_score_sample")
+        prefill_module = importlib.import_module("minikv.kernels.prefill")
+        for module, name in ((decode_module, "attend_score_sample_triton"), (prefill_module, "prefill_attention_triton")):
+            original = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **kw: called.append(_n) or _f(*a, **kw))
+    gen = torch.Generator().manual_seed(3)
+    spec = POLICIES["nexus"]
+    batch = random_batch([32], [32], num_kv_heads=2, head_dim=64, num_edges=4, dtype=torch.float32, block_size=16,
+                         gen=gen)
+    other = dataclasses.replace(batch, pool=clone_pool(batch.pool))
+    args = (torch.randn(1, 4, 64, generator=gen), torch.randn(1, 2, 64, generator=gen),
+            torch.randn(1, 2, 64, generator=gen))
+    kwargs = dict(layer=1, seed=5, scale=0.125)
+    out, written = kernels.attend_score_sample(*args, *batch_args(batch), spec, **kwargs)
+    out_ref, written_ref = reference.attend_score_sample(*args, *batch_args(other), spec, **kwargs)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(written, written_ref)
+    chunk = [a.expand(8, -1, -1) for a in args]
+    pre_args = (other.pool, other.block_tables[0], 16, torch.arange(100, 108))
+    pre = kernels.prefill_attention(*chunk, *pre_args, scale=0.125, top_m=4)
+    pre_ref = reference.prefill_attention(*chunk, *pre_args, scale=0.125, top_m=4)
+    torch.testing.assert_close(pre.out, pre_ref.out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pre.mass, pre_ref.mass, rtol=1e-4, atol=1e-5)
+    assert called == (["attend_score_sample_triton", "prefill_attention_triton"] if backend == "triton" else [])

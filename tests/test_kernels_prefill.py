@@ -141,3 +141,47 @@ def test_reference_mass_counts_every_row_once():
     for top_m in (0, 4):
         result = reference.prefill_attention(*inputs, scale=0.125, top_m=top_m)
         torch.testing.assert_close(result.mass.sum(dim=1), torch.full((2,), 20.0), rtol=1e-5, atol=1e-5)
+
+
+# --- the Triton kernels against the reference (interpreter) ------------------------------------------
+
+from minikv.kernels.prefill import prefill_attention_triton  # noqa: E402
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_triton_matches_reference(case):
+    chunk, filled, group, head_dim, dtype, top_m, obs_rows, block_size = case
+    inputs = make_inputs(chunk, filled, group, head_dim, dtype, block_size)
+    kwargs = dict(scale=head_dim**-0.5, n_sink=4, top_m=top_m, obs_rows=obs_rows)
+    assert_results_match(reference.prefill_attention(*inputs, **kwargs), prefill_attention_triton(*inputs, **kwargs),
+                         dtype)
+
+
+def test_triton_small_blocks():
+    """Several query and key blocks (causal skipping, online softmax and running top-m across blocks), key
+    blocks that straddle the ring / chunk boundary and several pool blocks."""
+    inputs = make_inputs(36, 24, 3, 64, torch.float32, 8, seed=1)
+    kwargs = dict(scale=0.125, n_sink=4, top_m=4, obs_rows=10)
+    assert_results_match(reference.prefill_attention(*inputs, **kwargs),
+                         prefill_attention_triton(*inputs, **kwargs, block_q=16, block_k=16), torch.float32)
+
+
+def test_triton_edge_ties_go_to_the_lowest_key():
+    q, k, v, pool, table, filled, chunk_pos = make_inputs(12, 16, 2, 64, torch.float32, 4, seed=5)
+    gen = torch.Generator().manual_seed(1)
+    rows = physical_rows(table, torch.arange(filled), 4)
+    base = torch.randint(-1, 2, (8, 2, 64), generator=gen).float()
+    pool.rows("k")[rows] = torch.cat([base, base])
+    k.copy_(torch.cat([base[:6], base[:6]]))
+    q.copy_(torch.randint(-1, 2, q.shape, generator=gen).float())
+    kwargs = dict(scale=0.125, n_sink=2, top_m=6)
+    args = (q, k, v, pool, table, filled, chunk_pos)
+    for blocks in ({}, dict(block_q=16, block_k=16)):
+        assert_results_match(reference.prefill_attention(*args, **kwargs),
+                             prefill_attention_triton(*args, **kwargs, **blocks), torch.float32)
+
+
+def test_triton_mass_counts_every_row_once():
+    inputs = make_inputs(20, 12, 4, 64, torch.float32, 8, seed=2)
+    result = prefill_attention_triton(*inputs, scale=0.125)
+    torch.testing.assert_close(result.mass.sum(dim=1), torch.full((2,), 20.0), rtol=1e-5, atol=1e-5)

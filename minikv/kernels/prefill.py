@@ -19,22 +19,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import PrefillResult
+from .common import PoolLayer
+from .reference import PrefillResult, edge_rank_keys, gather_ring
 
 # Elements of one block of recomputed probabilities in the torch edge/obs pass (64 MiB of fp32).
 _ROWS_BLOCK_ELEMENTS = 1 << 24
 
 
 @triton.jit
-def _load_keys(ring_ptr, chunk_ptr, kv_head, key, d, num_ring, chunk_len,
-               stride_r0, stride_r1, stride_r2, stride_c0, stride_c1, stride_c2,
-               HEAD_DIM: tl.constexpr):
-    """[BLOCK, D_PAD] fp32 rows of the combined key axis: ring slots first, then the chunk's tokens."""
+def _load_keys(ring_ptr, chunk_ptr, table_ptr, kv_head, key, d, num_ring, chunk_len,
+               stride_r0, stride_r1, stride_r2, stride_r3, stride_c0, stride_c1, stride_c2,
+               HEAD_DIM: tl.constexpr, PAGE: tl.constexpr):
+    """[BLOCK, D_PAD] fp32 rows of the combined key axis: ring slots first (through the block table), then
+    the chunk's tokens."""
     d_ok = d[None, :] < HEAD_DIM
-    in_ring = key[:, None] < num_ring
+    in_ring = key < num_ring
+    blk = tl.load(table_ptr + tl.where(in_ring, key // PAGE, 0), mask=in_ring, other=0).to(tl.int64)
+    off = (key % PAGE).to(tl.int64)
     in_chunk = (key[:, None] >= num_ring) & (key[:, None] < num_ring + chunk_len)
-    ring_rows = tl.load(ring_ptr + kv_head * stride_r0 + key[:, None] * stride_r1 + d[None, :] * stride_r2,
-                        mask=in_ring & d_ok, other=0.0).to(tl.float32)
+    ring_rows = tl.load(ring_ptr + blk[:, None] * stride_r0 + off[:, None] * stride_r1 + kv_head * stride_r2
+                        + d[None, :] * stride_r3, mask=in_ring[:, None] & d_ok, other=0.0).to(tl.float32)
     chunk_rows = tl.load(chunk_ptr + (key[:, None] - num_ring) * stride_c0 + kv_head * stride_c1
                          + d[None, :] * stride_c2, mask=in_chunk & d_ok, other=0.0).to(tl.float32)
     return ring_rows + chunk_rows
@@ -49,13 +53,13 @@ def _causal(row, key, num_ring, chunk_len):
 
 @triton.jit
 def _prefill_forward_kernel(
-    q_ptr, k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, table_ptr, out_ptr, lse_ptr,
     stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2, stride_v0, stride_v1, stride_v2,
-    stride_rk0, stride_rk1, stride_rk2, stride_rv0, stride_rv1, stride_rv2,
+    stride_rk0, stride_rk1, stride_rk2, stride_rk3, stride_rv0, stride_rv1, stride_rv2, stride_rv3,
     stride_o0, stride_o1, stride_o2,
     num_ring, chunk_len, scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PAGE: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     head = tl.program_id(1)
@@ -73,15 +77,15 @@ def _prefill_forward_kernel(
     last_key = num_ring + tl.minimum(chunk_len, (q_block + 1) * BLOCK_Q)
     for start in range(0, last_key, BLOCK_K):
         key = start + tl.arange(0, BLOCK_K)
-        k = _load_keys(ring_k_ptr, k_ptr, kv_head, key, d, num_ring, chunk_len,
-                       stride_rk0, stride_rk1, stride_rk2, stride_k0, stride_k1, stride_k2, HEAD_DIM)
+        k = _load_keys(ring_k_ptr, k_ptr, table_ptr, kv_head, key, d, num_ring, chunk_len,
+                       stride_rk0, stride_rk1, stride_rk2, stride_rk3, stride_k0, stride_k1, stride_k2, HEAD_DIM, PAGE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         s = tl.where(_causal(row, key, num_ring, chunk_len), s, float("-inf"))
         m_next = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_next)
         p = tl.exp(s - m_next[:, None])
-        v = _load_keys(ring_v_ptr, v_ptr, kv_head, key, d, num_ring, chunk_len,
-                       stride_rv0, stride_rv1, stride_rv2, stride_v0, stride_v1, stride_v2, HEAD_DIM)
+        v = _load_keys(ring_v_ptr, v_ptr, table_ptr, kv_head, key, d, num_ring, chunk_len,
+                       stride_rv0, stride_rv1, stride_rv2, stride_rv3, stride_v0, stride_v1, stride_v2, HEAD_DIM, PAGE)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_next
@@ -93,18 +97,19 @@ def _prefill_forward_kernel(
 
 @triton.jit
 def _prefill_mass_kernel(
-    q_ptr, k_ptr, ring_k_ptr, lse_ptr, mass_ptr,
-    stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2, stride_rk0, stride_rk1, stride_rk2,
+    q_ptr, k_ptr, ring_k_ptr, table_ptr, lse_ptr, mass_ptr,
+    stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2,
+    stride_rk0, stride_rk1, stride_rk2, stride_rk3,
     num_ring, chunk_len, scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PAGE: tl.constexpr,
 ):
     key_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     key = key_block * BLOCK_K + tl.arange(0, BLOCK_K)
     d = tl.arange(0, D_PAD)
-    k = _load_keys(ring_k_ptr, k_ptr, kv_head, key, d, num_ring, chunk_len,
-                   stride_rk0, stride_rk1, stride_rk2, stride_k0, stride_k1, stride_k2, HEAD_DIM)
+    k = _load_keys(ring_k_ptr, k_ptr, table_ptr, kv_head, key, d, num_ring, chunk_len,
+                   stride_rk0, stride_rk1, stride_rk2, stride_rk3, stride_k0, stride_k1, stride_k2, HEAD_DIM, PAGE)
     column = tl.zeros([BLOCK_K], tl.float32)
     # rows before the block's first chunk key cannot see any of it (causal)
     first_row = tl.maximum(key_block * BLOCK_K - num_ring, 0) // BLOCK_Q * BLOCK_Q
@@ -134,9 +139,9 @@ def prefill_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
+    pool: PoolLayer,
+    block_table: torch.Tensor,
+    filled: int,
     chunk_pos: torch.Tensor,
     *,
     scale: float,
@@ -152,7 +157,8 @@ def prefill_attention_triton(
     (obs_rows > 0) are computed in torch from the kernels' log-sum-exp, a block of rows at a time.
     """
     chunk_len, num_heads, head_dim = q.shape
-    num_kv_heads, num_ring = ring_pos.shape
+    num_kv_heads = k.shape[1]
+    num_ring = filled
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"query heads {num_heads} are not a multiple of KV heads {num_kv_heads}")
     group = num_heads // num_kv_heads
@@ -167,19 +173,21 @@ def prefill_attention_triton(
     if chunk_len == 0:
         return PrefillResult(out, mass.zero_(), None, None, None)
     _prefill_forward_kernel[(triton.cdiv(chunk_len, block_q), num_heads)](
-        q, k, v, ring_k, ring_v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *ring_k.stride(), *ring_v.stride(), *out.stride(),
+        q, k, v, pool.k, pool.v, block_table, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *pool.k.stride(), *pool.v.stride(), *out.stride(),
         num_ring, chunk_len, float(scale),
-        GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_Q=block_q, BLOCK_K=block_k,
+        GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_Q=block_q, BLOCK_K=block_k, PAGE=pool.block_size,
     )
     _prefill_mass_kernel[(triton.cdiv(num_keys, block_k), num_kv_heads)](
-        q, k, ring_k, lse, mass,
-        *q.stride(), *k.stride(), *ring_k.stride(),
+        q, k, pool.k, block_table, lse, mass,
+        *q.stride(), *k.stride(), *pool.k.stride(),
         num_ring, chunk_len, float(scale),
-        GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_Q=block_q, BLOCK_K=block_k,
+        GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_Q=block_q, BLOCK_K=block_k, PAGE=pool.block_size,
     )
     edge_idx = edge_w = obs = None
     if top_m > 0 or obs_rows > 0:
+        ring_k = gather_ring(pool, block_table, filled, "k").transpose(0, 1)
+        ring_pos = gather_ring(pool, block_table, filled, "pos").transpose(0, 1)
         edge_idx, edge_w, obs = _edges_and_obs(q, k, ring_k, ring_pos, chunk_pos, lse, scale=scale,
                                                n_sink=n_sink, top_m=top_m, obs_rows=obs_rows)
     return PrefillResult(out, mass, edge_idx, edge_w, obs)
@@ -202,15 +210,13 @@ def _top_m_of_rows(pooled, key_pos, self_key, n_sink, top_m):
     num_kv_heads, num_rows, num_keys = pooled.shape
     eligible = (key_pos[:, None, :] >= n_sink).expand(-1, num_rows, -1).clone()
     eligible[:, torch.arange(num_rows, device=pooled.device), self_key] = False
-    ranked = torch.where(eligible & (pooled > 0), pooled, torch.full_like(pooled, -1.0))
     take = min(top_m, num_keys)
-    order = torch.sort(-ranked, dim=-1, stable=True).indices[..., :take]  # stable: ties keep index order
-    top = ranked.gather(-1, order)
-    valid = top >= 0
-    top = torch.where(valid, top, torch.zeros_like(top))
+    ranked, order = edge_rank_keys(pooled, eligible & (pooled > 0)).topk(take, dim=-1)
+    found = ranked > 0
+    top = torch.where(found, pooled.gather(-1, order), 0.0)
     idx = torch.full((num_kv_heads, num_rows, top_m), -1, dtype=torch.int32, device=pooled.device)
     weight = torch.zeros(num_kv_heads, num_rows, top_m, dtype=torch.float32, device=pooled.device)
-    idx[..., :take] = torch.where(valid, order, torch.full_like(order, -1)).to(torch.int32)
+    idx[..., :take] = torch.where(found, order, -1).to(torch.int32)
     weight[..., :take] = top / top.sum(-1, keepdim=True).clamp_min(1e-30)
     return idx, weight
 
