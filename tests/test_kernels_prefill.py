@@ -164,6 +164,11 @@ def test_triton_small_blocks():
     kwargs = dict(scale=0.125, n_sink=4, top_m=4, obs_rows=10)
     assert_results_match(reference.prefill_attention(*inputs, **kwargs),
                          prefill_attention_triton(*inputs, **kwargs, block_q=16, block_k=16), torch.float32)
+    # a group of 8 (tile rows 4 x 8), fp16, and a group of 1 whose tile is widened to 16 rows
+    for group, dtype, block_q in ((8, torch.float16, 4), (1, torch.float32, 2)):
+        inputs = make_inputs(21, 19, group, 64, dtype, 4, seed=3)
+        assert_results_match(reference.prefill_attention(*inputs, **kwargs),
+                             prefill_attention_triton(*inputs, **kwargs, block_q=block_q, block_k=16), dtype)
 
 
 def test_triton_edge_ties_go_to_the_lowest_key():
