@@ -545,3 +545,48 @@ def test_dispatch_runs_the_chosen_backend(monkeypatch, backend):
     torch.testing.assert_close(pre.out, pre_ref.out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(pre.mass, pre_ref.mass, rtol=1e-4, atol=1e-5)
     assert called == (["attend_score_sample_triton", "prefill_attention_triton"] if backend == "triton" else [])
+
+
+# --- split-K (several programs per (sequence, KV head)) ------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_split_k_matches_reference(policy):
+    """Three splits of 16-key loop blocks over rings of 64, 40 (partly filled last block) and 0 slots: the
+    statistics, scores, victims and edges merged across splits (one split of the first ring is empty)."""
+    assert run_against(attend_score_sample_triton, POLICIES[policy], 4, 64, torch.float32, 8, [64, 48, 24],
+                       [64, 40, 0], steps=2, ref=reference.attend_score_sample, block_keys=16, num_splits=3)
+
+
+def test_split_k_fp16_gqa3_and_tau():
+    spec = dataclasses.replace(POLICIES["nexus"], tau=0.5)
+    assert run_against(attend_score_sample_triton, spec, 3, 128, torch.float16, 16, [48, 40], [48, 33], steps=2,
+                       ref=reference.attend_score_sample, block_keys=16, num_splits=2)
+
+
+@pytest.mark.parametrize("policy", ["nexus", "keydiff", "streaming"])
+def test_split_k_on_equals_off(policy):
+    """Split-K against the single-program kernel: the same victims and edges, scores and outputs to rounding."""
+
+    def single(*args, **kwargs):
+        return attend_score_sample_triton(*args, **kwargs, block_keys=16, num_splits=1)
+
+    assert run_against(attend_score_sample_triton, POLICIES[policy], 2, 64, torch.float32, 16, [64, 32], [64, 17],
+                       steps=2, ref=single, block_keys=16, num_splits=4)
+
+
+def test_split_k_ties_and_all_protected():
+    for spec in (POLICIES["nexus"], POLICIES["external"]):
+        gen = torch.Generator().manual_seed(7)
+        batch = tie_batch(spec, gen)
+        other = dataclasses.replace(batch, pool=clone_pool(batch.pool))
+        args = tie_inputs(gen)
+        kwargs = dict(layer=0, seed=0, scale=0.125, new_score=torch.ones(1, 1))
+        _, written = attend_score_sample_triton(*args, *batch_args(batch), spec, block_keys=8, num_splits=3,
+                                                **kwargs)
+        _, written_ref = reference.attend_score_sample(*args, *batch_args(other), spec, **kwargs)
+        assert torch.equal(written, written_ref)
+        assert_pools_match(other.pool, batch.pool, 1e-6)
+    spec = EvictionSpec(SCORE_ATTN, VICTIM_MIN_SCORE, n_sink=4, window=1000)
+    assert run_against(attend_score_sample_triton, spec, 2, 64, torch.float32, 16, [32], [32], steps=1,
+                       ref=reference.attend_score_sample, block_keys=16, num_splits=2)

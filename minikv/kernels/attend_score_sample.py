@@ -372,6 +372,228 @@ def _attend_score_sample_kernel(
                      edge_pos_ptr, edge_w_ptr, written_ptr, M, M_PAD, PAGE, TOP_M)
 
 
+# ---- split-K (flash-decoding): several programs per (sequence, KV head) ------------------------------------
+#
+# When sequences x KV heads is small against the GPU's SM count, one program per (sequence, KV head) leaves
+# most of the GPU idle. Split-K gives each (sequence, KV head) NUM_SPLITS programs, split s owning ring slots
+# [s * per_split, (s + 1) * per_split) (per_split: ceil(filled / NUM_SPLITS) rounded up to BLOCK). The step
+# has global dependencies, so it runs as a few launches, each a barrier for the next:
+#
+#   phase 0   per split: logits into the scratch row, the split's softmax max / sum (and KeyDiff's unit-key
+#             sum) into split scratch;
+#   phase 1   per split: every program merges all splits' statistics (and the new token) into the global
+#             max / normaliser, so a(j) = exp(s_j - M) / L is the same as without splits; then its range's
+#             output partial, a(j), top-m edge candidates; then either the score update and the victim
+#             candidate of its range (when scores need nothing beyond a(j): h2o, tova, KeyDiff with the
+#             merged anchor, external, none) or the Nexus walk's first hop from its sources;
+#   phase 2   (hops >= 2) one launch per further hop: the walk scatters along edges into *any* slot of the
+#             ring, so hop h can only start once every split has finished hop h - 1;
+#   phase 3   (hops >= 1) per split: the score update (a + gamma x1 + ...) and its victim candidate;
+#   finish    one program per (sequence, KV head): sums the output partials, merges the victim candidates
+#             (a max of composite keys: ties -> the lowest slot, exactly as one program would) and the
+#             splits' top-m lists, and writes the new token.
+#
+# Victims and edges are therefore exactly those of the single-program kernel; scores and the output equal
+# it to rounding (the normaliser is summed in another order).
+
+
+@triton.jit
+def _merged_stats(stats_m_ptr, stats_l_ptr, row, s_new, g, NUM_SPLITS: tl.constexpr, G_PAD: tl.constexpr):
+    """Global softmax max and normaliser [G_PAD] of the splits' (max, sum) and the new token's logit."""
+    m = s_new
+    for sp in tl.static_range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(stats_m_ptr + (row * NUM_SPLITS + sp) * G_PAD + g))
+    total = tl.exp(s_new - m)
+    for sp in tl.static_range(NUM_SPLITS):
+        part = (row * NUM_SPLITS + sp) * G_PAD + g
+        total += tl.load(stats_l_ptr + part) * tl.exp(tl.load(stats_m_ptr + part) - m)
+    return m, total
+
+
+@triton.jit
+def _merged_anchor(unit_ptr, row, unit_new, filled, d, NUM_SPLITS: tl.constexpr, D_PAD: tl.constexpr):
+    total = unit_new
+    for sp in tl.static_range(NUM_SPLITS):
+        total += tl.load(unit_ptr + (row * NUM_SPLITS + sp) * D_PAD + d)
+    mean_unit = total / (filled + 1).to(tl.float32)
+    return mean_unit / tl.maximum(tl.sqrt(tl.sum(mean_unit * mean_unit, axis=0)), 1e-12)
+
+
+@triton.jit(do_not_specialize=["hash_base_i32"])
+def _split_kernel(
+    q_ptr, k_new_ptr, k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr,
+    tables_ptr, filled_ptr, budget_ptr, new_pos_ptr,
+    logits_ptr, attn_ptr, walk_ptr, stats_m_ptr, stats_l_ptr, unit_ptr, acc_ptr, top_ptr, best_ptr,
+    stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd,
+    sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, stride_t,
+    num_kv_heads, row_len, hash_base_i32, scale,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr,
+    SCORE_MODE: tl.constexpr, VICTIM_MODE: tl.constexpr, DECAY: tl.constexpr, GAMMA: tl.constexpr,
+    HOPS: tl.constexpr, TAU: tl.constexpr, TOP_M: tl.constexpr, N_SINK: tl.constexpr,
+    WINDOW: tl.constexpr, EPS: tl.constexpr, NUM_SPLITS: tl.constexpr, PHASE: tl.constexpr, HOP: tl.constexpr,
+    FUSE_SCORE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    table = tables_ptr + seq.to(tl.int64) * stride_t
+    filled = tl.load(filled_ptr + seq).to(tl.int32)
+    budget = tl.load(budget_ptr + seq).to(tl.int32)
+    new_pos = tl.load(new_pos_ptr + seq).to(tl.int32)
+    per_split = tl.cdiv(tl.cdiv(filled, NUM_SPLITS), BLOCK) * BLOCK
+    lo = tl.minimum(split * per_split, filled)
+    hi = tl.minimum(lo + per_split, filled)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    e = tl.arange(0, M_PAD)
+    j_block = tl.arange(0, BLOCK)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    row = seq * num_kv_heads + head
+    part = row * NUM_SPLITS + split  # this program's entry in the split scratch
+    logits_row = logits_ptr + (row * GROUP + g[:, None]).to(tl.int64) * row_len
+    attn_row = attn_ptr + row.to(tl.int64) * row_len
+    walk_row = walk_ptr + row.to(tl.int64) * HOPS * row_len
+
+    if PHASE == 0:
+        q = tl.load(q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh + d[None, :] * stride_qd,
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        m_i, l_i, unit_sum = _logits_pass(q, tl.full([G_PAD], float("-inf"), tl.float32),
+                                          tl.zeros([G_PAD], tl.float32), tl.zeros([D_PAD], tl.float32), lo, hi,
+                                          table, head, k_ptr, sk0, sk1, sk2, sk3, logits_row, scale, g_ok, d, d_ok,
+                                          j_block, PAGE, BLOCK, SCORE_MODE)
+        tl.store(stats_m_ptr + part * G_PAD + g, m_i)
+        tl.store(stats_l_ptr + part * G_PAD + g, l_i)
+        if SCORE_MODE == 2:
+            tl.store(unit_ptr + part * D_PAD + d, unit_sum)
+    elif PHASE == 1:
+        q = tl.load(q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh + d[None, :] * stride_qd,
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        k_new = tl.load(k_new_ptr + seq * stride_kn + head * stride_kh + d * stride_kd, mask=d_ok,
+                        other=0.0).to(tl.float32)
+        s_new = tl.sum(q * k_new[None, :], axis=1) * scale
+        m_i, l_i = _merged_stats(stats_m_ptr, stats_l_ptr, row, s_new, g, NUM_SPLITS, G_PAD)
+        inv_l = tl.where(g_ok, 1.0 / l_i, 0.0)
+        acc, top = _probs_pass(m_i, inv_l, tl.full([M_PAD], -1, tl.int64), lo, hi, table, head, num_kv_heads,
+                               v_ptr, sv0, sv1, sv2, sv3, pos_ptr, logits_row, attn_row, g_ok, d, d_ok, j_block,
+                               G_PAD, D_PAD, PAGE, BLOCK, GROUP, TOP_M, M_PAD, N_SINK)
+        tl.store(acc_ptr + (part * G_PAD + g[:, None]) * D_PAD + d[None, :], acc)
+        if TOP_M > 0:
+            tl.store(top_ptr + part * M_PAD + e, top)
+        tl.debug_barrier()
+        if FUSE_SCORE:
+            anchor = tl.zeros([D_PAD], tl.float32)
+            if SCORE_MODE == 2:
+                unit_new = k_new / tl.maximum(tl.sqrt(tl.sum(k_new * k_new, axis=0)), 1e-12)
+                anchor = _merged_anchor(unit_ptr, row, unit_new, filled, d, NUM_SPLITS, D_PAD)
+            if SCORE_MODE == 1 or SCORE_MODE == 2:
+                score_hi = hi
+            else:
+                score_hi = tl.where(filled >= budget, hi, lo)  # scores unchanged: only a victim to find
+            best = _score_pass(_int64_min(), lo, score_hi, new_pos, table, head, num_kv_heads, hash_base_i32,
+                               k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, attn_row, walk_row, row_len, anchor,
+                               d, d_ok, j_block, PAGE, BLOCK, SCORE_MODE, VICTIM_MODE, DECAY, GAMMA, HOPS, TAU,
+                               N_SINK, WINDOW, EPS)
+            tl.store(best_ptr + part, best)
+        else:
+            _walk_hop(lo, hi, filled, attn_row, walk_row, table, head, num_kv_heads, pos_ptr, edge_slot_ptr,
+                      edge_pos_ptr, edge_w_ptr, j_block, M, M_PAD, PAGE, BLOCK)
+    elif PHASE == 2:
+        _walk_hop(lo, hi, filled, walk_row + (HOP - 1) * row_len, walk_row + HOP * row_len, table, head,
+                  num_kv_heads, pos_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr, j_block, M, M_PAD, PAGE, BLOCK)
+    else:
+        best = _score_pass(_int64_min(), lo, hi, new_pos, table, head, num_kv_heads, hash_base_i32,
+                           k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, attn_row, walk_row, row_len,
+                           tl.zeros([D_PAD], tl.float32), d, d_ok, j_block, PAGE, BLOCK, SCORE_MODE, VICTIM_MODE,
+                           DECAY, GAMMA, HOPS, TAU, N_SINK, WINDOW, EPS)
+        tl.store(best_ptr + part, best)
+
+
+@triton.jit
+def _split_finish_kernel(
+    q_ptr, k_new_ptr, v_new_ptr, out_ptr,
+    k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr,
+    tables_ptr, filled_ptr, budget_ptr, new_pos_ptr, new_score_ptr, written_ptr,
+    stats_m_ptr, stats_l_ptr, unit_ptr, acc_ptr, top_ptr, best_ptr,
+    stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+    stride_on, stride_oh, stride_od, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, stride_t,
+    num_kv_heads, scale,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, PAGE: tl.constexpr, SCORE_MODE: tl.constexpr, TOP_M: tl.constexpr,
+    HAS_NEW_SCORE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    table = tables_ptr + seq.to(tl.int64) * stride_t
+    filled = tl.load(filled_ptr + seq).to(tl.int32)
+    budget = tl.load(budget_ptr + seq).to(tl.int32)
+    new_pos = tl.load(new_pos_ptr + seq).to(tl.int32)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    e = tl.arange(0, M_PAD)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    row = seq * num_kv_heads + head
+
+    q = tl.load(q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh + d[None, :] * stride_qd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    k_new = tl.load(k_new_ptr + seq * stride_kn + head * stride_kh + d * stride_kd, mask=d_ok,
+                    other=0.0).to(tl.float32)
+    v_new = tl.load(v_new_ptr + seq * stride_vn + head * stride_vh + d * stride_vd, mask=d_ok,
+                    other=0.0).to(tl.float32)
+    s_new = tl.sum(q * k_new[None, :], axis=1) * scale
+    m_i, l_i = _merged_stats(stats_m_ptr, stats_l_ptr, row, s_new, g, NUM_SPLITS, G_PAD)
+    inv_l = tl.where(g_ok, 1.0 / l_i, 0.0)
+    p_new = tl.exp(s_new - m_i) * inv_l
+    acc = p_new[:, None] * v_new[None, :]
+    best = _int64_min()
+    top = tl.full([M_PAD], -1, tl.int64)
+    for sp in tl.static_range(NUM_SPLITS):
+        part = row * NUM_SPLITS + sp
+        acc += tl.load(acc_ptr + (part * G_PAD + g[:, None]) * D_PAD + d[None, :])
+        best = tl.maximum(best, tl.load(best_ptr + part))
+        if TOP_M > 0:
+            top = _merge_top(top, tl.load(top_ptr + part * M_PAD + e), TOP_M, M_PAD)
+    tl.store(out_ptr + seq * stride_on + (head * GROUP + g[:, None]) * stride_oh + d[None, :] * stride_od,
+             acc.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+    if SCORE_MODE == 1:
+        score_new = tl.sum(p_new, axis=0) / GROUP
+    elif SCORE_MODE == 2:
+        unit_new = k_new / tl.maximum(tl.sqrt(tl.sum(k_new * k_new, axis=0)), 1e-12)
+        anchor = _merged_anchor(unit_ptr, row, unit_new, filled, d, NUM_SPLITS, D_PAD)
+        score_new = -tl.sum(unit_new * anchor, axis=0)
+    elif HAS_NEW_SCORE:
+        score_new = tl.load(new_score_ptr + seq * num_kv_heads + head).to(tl.float32)
+    else:
+        score_new = 0.0
+    slot = tl.where(filled >= budget, _rank_slot(best), filled)
+    _write_new_token(slot, score_new, top, seq, head, num_kv_heads, new_pos, table, d, d_ok, k_new, v_new,
+                     k_ptr, sk0, sk1, sk2, sk3, v_ptr, sv0, sv1, sv2, sv3, pos_ptr, score_ptr, edge_slot_ptr,
+                     edge_pos_ptr, edge_w_ptr, written_ptr, M, M_PAD, PAGE, TOP_M)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, row_len: int, block: int, device: torch.device) -> int:
+    """Programs per (sequence, KV head): enough to fill the GPU about twice over when sequences x KV heads
+    is small against its SM count, never a split shorter than 4 loop blocks, at most 16; 1 elsewhere (the
+    interpreter, or a batch that already fills the GPU). Depends on shapes only (CUDA-graph safe)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    programs = num_seqs * num_kv_heads
+    if programs >= _SM_COUNT[index]:
+        return 1
+    wanted = triton.cdiv(2 * _SM_COUNT[index], programs)
+    return max(1, min(16, wanted, row_len // (4 * block)))
+
+
 def default_block_keys(row_len: int, device: torch.device) -> int:
     """Keys per loop iteration: 64 on a GPU; in the interpreter one block per ring (up to 1024), since each
     block-loop iteration costs milliseconds there."""
@@ -412,9 +634,12 @@ def attend_score_sample_triton(
     scale: float,
     new_score: torch.Tensor | None = None,
     block_keys: int | None = None,
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `reference.attend_score_sample` (same arguments, results and in-place pool
-    updates). `block_keys`: ring slots per loop iteration (default: see default_block_keys)."""
+    updates). `block_keys`: ring slots per loop iteration (default: see default_block_keys). `num_splits`:
+    programs per (sequence, KV head), 1 = the single fused kernel, more = split-K (see above); None
+    chooses by choose_num_splits (1 under the interpreter)."""
     _check_inputs(q, k_new, pool, block_tables, spec)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]
@@ -434,6 +659,45 @@ def attend_score_sample_triton(
     logits = torch.empty(num_seqs * num_kv_heads * group * row_len, **f32)
     attn = torch.empty(num_seqs * num_kv_heads * row_len, **f32)
     walk = torch.zeros(max(1, num_seqs * num_kv_heads * hops * row_len), **f32)  # atomics add into it
+    splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, row_len, block, q.device)
+    constants = dict(
+        GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
+        M=num_edges, M_PAD=triton.next_power_of_2(num_edges), PAGE=page)
+    policy = dict(SCORE_MODE=spec.score_mode, TOP_M=spec.top_m)
+    if splits > 1:
+        rows = num_seqs * num_kv_heads * splits
+        g_pad_, d_pad, m_pad = g_pad, constants["D_PAD"], constants["M_PAD"]
+        stats_m = torch.empty(rows * g_pad_, **f32)
+        stats_l = torch.empty(rows * g_pad_, **f32)
+        unit = torch.empty(rows * d_pad if spec.score_mode == SCORE_KEYDIFF else 1, **f32)
+        acc = torch.empty(rows * g_pad_ * d_pad, **f32)
+        top = torch.empty(rows * m_pad, dtype=torch.int64, device=q.device)
+        best = torch.empty(rows, dtype=torch.int64, device=q.device)
+        # without a victim to draw (nothing full) a split's candidate is never used, but it is always written
+        fuse_score = spec.score_mode != SCORE_ATTN or hops == 0
+        common = (q, k_new, pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w,
+                  block_tables, filled, budget, new_pos, logits, attn, walk, stats_m, stats_l, unit, acc, top, best,
+                  *q.stride(), *k_new.stride(), *pool.k.stride(), *pool.v.stride(), block_tables.stride(0),
+                  num_kv_heads, row_len, hash_base(seed, layer), float(scale))
+        phase = dict(**constants, BLOCK=block, VICTIM_MODE=spec.victim_mode, DECAY=float(spec.decay),
+                     GAMMA=float(spec.gamma), HOPS=hops, TAU=float(spec.tau), N_SINK=spec.n_sink,
+                     WINDOW=spec.window, EPS=float(spec.eps), NUM_SPLITS=splits, FUSE_SCORE=fuse_score, **policy)
+        grid = (num_seqs, num_kv_heads, splits)
+        _split_kernel[grid](*common, PHASE=0, HOP=0, **phase)
+        _split_kernel[grid](*common, PHASE=1, HOP=0, **phase)
+        if not fuse_score:
+            for hop in range(1, hops):
+                _split_kernel[grid](*common, PHASE=2, HOP=hop, **phase)
+            _split_kernel[grid](*common, PHASE=3, HOP=0, **phase)
+        _split_finish_kernel[(num_seqs, num_kv_heads)](
+            q, k_new, v_new, out,
+            pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w,
+            block_tables, filled, budget, new_pos, new_score if new_score is not None else written, written,
+            stats_m, stats_l, unit, acc, top, best,
+            *q.stride(), *k_new.stride(), *v_new.stride(), *out.stride(), *pool.k.stride(), *pool.v.stride(),
+            block_tables.stride(0), num_kv_heads, float(scale),
+            **constants, **policy, HAS_NEW_SCORE=new_score is not None, NUM_SPLITS=splits)
+        return out, written
 
     _attend_score_sample_kernel[(num_seqs, num_kv_heads)](
         q, k_new, v_new, out,
