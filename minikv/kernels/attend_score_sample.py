@@ -23,6 +23,10 @@ Exact ties. Victims and edges go to the lowest ring slot on ties, as in the refe
 maxima of int64 composite keys `(order-preserving int32 of the key) * 2^32 - slot`: one tl.max per block
 gives the best key and, on ties, the lowest slot, and merging blocks (or splits) is a plain max.
 
+Split-K. When sequences x KV heads is small against the GPU's SM count, `num_splits` programs share each
+(sequence, KV head), and the passes above become a few launches (see the split-K section below): the
+victims and edges are exactly the single program's, scores and the output equal to rounding.
+
 Everything stays on the device: no host synchronisation and scratch sized from shapes only, so a step is
 capturable in a CUDA graph. The EvictionSpec fields are compile-time constants, so each policy compiles to
 its own specialised kernel. Values are upcast to fp32 right after every load (the Triton interpreter
