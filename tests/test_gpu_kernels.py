@@ -1,8 +1,9 @@
-"""Compiled Triton kernels against the reference on a GPU, at engine-like sizes (budget 4096, batch 16).
+"""Compiled Triton kernels against the reference on a GPU, at engine-like sizes (budget 4096, batch 16, paged).
 
 Skipped without CUDA. The interpreter tests (test_kernels_decode.py, test_kernels_prefill.py) cover the
 logic; these catch what only compiled code can get wrong: layouts, barriers between phases, atomics,
-uint32 wrap-around in the slot hash, bf16 loads, and CUDA-graph capture (no host synchronisation).
+uint32 wrap-around in the slot hash, int64 composite keys, bf16 loads, split-K's launches, and CUDA-graph
+capture (no host synchronisation).
 
 Run them compiled, not interpreted: `TRITON_INTERPRET=0 python -m pytest tests/test_gpu_kernels.py -m gpu`
 (tests/conftest.py turns the interpreter on unless the variable is already set).
@@ -10,16 +11,17 @@ Run them compiled, not interpreted: `TRITON_INTERPRET=0 python -m pytest tests/t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
 from minikv.kernels import reference
-from minikv.kernels.attend_score_sample import attend_score_sample_triton
-from minikv.kernels.common import SCORE_EXTERNAL, RingLayer
+from minikv.kernels.attend_score_sample import attend_score_sample_triton, choose_num_splits
+from minikv.kernels.common import SCORE_EXTERNAL, PoolLayer, physical_rows
 from minikv.kernels.prefill import prefill_attention_triton
-from test_kernels_decode import POLICIES, assert_rings_match, clone_ring, random_ring
+from test_kernels_decode import POLICIES, Batch, advance, assert_pools_match, batch_args, clone_pool, random_batch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,75 +30,102 @@ pytestmark = [
                        reason="compiled kernels only: run with TRITON_INTERPRET=0"),
 ]
 
-BUDGET, NUM_SEQS, NUM_KV_HEADS, GROUP, HEAD_DIM = 4096, 16, 8, 4, 128
+BUDGET, NUM_SEQS, NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE = 4096, 16, 8, 4, 128, 16
 
 
-def cuda_ring(ring: RingLayer) -> RingLayer:
-    return RingLayer(*(t.cuda() for t in ring))
+def to_cuda(batch: Batch) -> Batch:
+    return Batch(PoolLayer(*(t.cuda() for t in batch.pool)), batch.block_tables.cuda(), batch.budget.cuda(),
+                 batch.filled.cuda(), batch.new_pos.cuda())
 
 
-def decode_state(spec, dtype, seed=0):
+def decode_batch(spec, dtype, num_seqs=NUM_SEQS, seed=0):
+    """Ragged paged rings: most full (they evict), some partly filled, one empty; budgets differ."""
     gen = torch.Generator().manual_seed(seed)
-    num_edges = max(spec.top_m, 1)
-    ring = cuda_ring(random_ring(NUM_SEQS + 2, NUM_KV_HEADS, BUDGET, HEAD_DIM, num_edges, dtype, None, gen))
-    ring_ids = torch.randperm(NUM_SEQS + 2, generator=gen)[:NUM_SEQS].to(torch.int32).cuda()
-    # ragged: most rings full (they evict), some partly filled, one empty
-    filled = torch.full((NUM_SEQS,), BUDGET, dtype=torch.int32)
-    filled[:4] = torch.tensor([0, 1, BUDGET // 2, BUDGET - 1], dtype=torch.int32)
-    filled = filled.cuda()
-    new_pos = (ring.pos[ring_ids.long()].amax(dim=(1, 2)) + 1).to(torch.int32)
-    return ring, ring_ids, filled, new_pos, gen
+    budgets = [BUDGET] * num_seqs
+    filled = [BUDGET] * num_seqs
+    if num_seqs >= 4:
+        budgets[:4] = [BUDGET, 1000, BUDGET, 3000]
+        filled[:4] = [0, 1000, BUDGET // 2 + 5, 3000]
+    batch = random_batch(budgets, filled, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+                         num_edges=max(spec.top_m, 1), dtype=dtype, block_size=BLOCK_SIZE, gen=gen)
+    return to_cuda(batch), gen
 
 
+def step_inputs(spec, dtype, gen, num_seqs=NUM_SEQS):
+    q = torch.randn(num_seqs, NUM_KV_HEADS * GROUP, HEAD_DIM, generator=gen).to(dtype).cuda()
+    k_new = torch.randn(num_seqs, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(dtype).cuda()
+    v_new = torch.randn(num_seqs, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(dtype).cuda()
+    new_score = (torch.rand(num_seqs, NUM_KV_HEADS, generator=gen).cuda()
+                 if spec.score_mode == SCORE_EXTERNAL else None)
+    return q, k_new, v_new, new_score
+
+
+@pytest.mark.parametrize("num_splits", [1, None])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_decode_matches_reference_at_scale(policy, dtype):
+def test_decode_matches_reference_at_scale(policy, dtype, num_splits):
     spec = POLICIES[policy]
-    ring_ref, ring_ids, filled, new_pos, gen = decode_state(spec, dtype)
-    ring_tri = clone_ring(ring_ref)
+    batch, gen = decode_batch(spec, dtype)
+    ref = dataclasses.replace(batch, pool=clone_pool(batch.pool))
     for step in range(3):
-        q = torch.randn(NUM_SEQS, NUM_KV_HEADS * GROUP, HEAD_DIM, generator=gen).to(dtype).cuda()
-        k_new = torch.randn(NUM_SEQS, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(dtype).cuda()
-        v_new = torch.randn(NUM_SEQS, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(dtype).cuda()
-        new_score = (torch.rand(NUM_SEQS, NUM_KV_HEADS, generator=gen).cuda()
-                     if spec.score_mode == SCORE_EXTERNAL else None)
+        q, k_new, v_new, new_score = step_inputs(spec, dtype, gen)
         kwargs = dict(layer=7, seed=99 + step, scale=HEAD_DIM**-0.5, new_score=new_score)
-        out_ref, written_ref = reference.attend_score_sample(
-            q, k_new, v_new, ring_ref, ring_ids, filled, new_pos, spec, **kwargs)
-        out_tri, written_tri = attend_score_sample_triton(
-            q, k_new, v_new, ring_tri, ring_ids, filled, new_pos, spec, **kwargs)
+        out_ref, written_ref = reference.attend_score_sample(q, k_new, v_new, *batch_args(ref), spec, **kwargs)
+        out_tri, written_tri = attend_score_sample_triton(q, k_new, v_new, *batch_args(batch), spec,
+                                                          num_splits=num_splits, **kwargs)
         torch.testing.assert_close(out_tri.float(), out_ref.float(), rtol=2e-2, atol=2e-2)
         assert torch.equal(written_tri, written_ref), f"step {step}: victims differ"
-        assert_rings_match(ring_ref, ring_tri, 1e-5)
-        filled = torch.clamp(filled + 1, max=BUDGET)
-        new_pos = new_pos + 1
+        assert_pools_match(ref.pool, batch.pool, 1e-5)
+        advance(batch)
+        advance(ref)
 
 
-def test_decode_step_is_cuda_graph_capturable():
-    """A captured step replays to the same result as an eager one: no host synchronisation inside."""
+@pytest.mark.parametrize("policy", ["nexus", "h2o", "keydiff"])
+def test_split_k_on_equals_off_at_batch_one(policy):
+    """Batch 1 with 8 KV heads is where split-K matters (8 programs on a 100+ SM GPU): forced 8 splits
+    against one program, and the automatic choice splits."""
+    spec = POLICIES[policy]
+    assert choose_num_splits(1, NUM_KV_HEADS, BUDGET, 64, torch.device("cuda")) > 1
+    batch, gen = decode_batch(spec, torch.bfloat16, num_seqs=1)
+    single = dataclasses.replace(batch, pool=clone_pool(batch.pool))
+    for step in range(3):
+        q, k_new, v_new, new_score = step_inputs(spec, torch.bfloat16, gen, num_seqs=1)
+        kwargs = dict(layer=2, seed=step, scale=HEAD_DIM**-0.5, new_score=new_score)
+        out1, written1 = attend_score_sample_triton(q, k_new, v_new, *batch_args(single), spec, num_splits=1,
+                                                    **kwargs)
+        out8, written8 = attend_score_sample_triton(q, k_new, v_new, *batch_args(batch), spec, num_splits=8,
+                                                    **kwargs)
+        torch.testing.assert_close(out8.float(), out1.float(), rtol=1e-2, atol=1e-2)
+        assert torch.equal(written8, written1)
+        assert_pools_match(single.pool, batch.pool, 1e-5)
+        advance(batch)
+        advance(single)
+
+
+@pytest.mark.parametrize("num_splits", [1, None])
+def test_decode_step_is_cuda_graph_capturable(num_splits):
+    """A captured step replays to the same result as an eager one: no host synchronisation inside, for the
+    single kernel and for split-K's launches (batch 2: the automatic choice splits)."""
     spec = POLICIES["nexus"]
-    ring, ring_ids, filled, new_pos, gen = decode_state(spec, torch.float16)
-    q = torch.randn(NUM_SEQS, NUM_KV_HEADS * GROUP, HEAD_DIM, generator=gen).half().cuda()
-    k_new = torch.randn(NUM_SEQS, NUM_KV_HEADS, HEAD_DIM, generator=gen).half().cuda()
-    v_new = torch.randn(NUM_SEQS, NUM_KV_HEADS, HEAD_DIM, generator=gen).half().cuda()
-    kwargs = dict(layer=0, seed=1, scale=HEAD_DIM**-0.5)
-    eager_ring = clone_ring(ring)
-    out_eager, written_eager = attend_score_sample_triton(q, k_new, v_new, eager_ring, ring_ids, filled, new_pos,
-                                                          spec, **kwargs)
-    warm_ring = clone_ring(ring)
-    attend_score_sample_triton(q, k_new, v_new, warm_ring, ring_ids, filled, new_pos, spec, **kwargs)  # compile
-    graph_ring = clone_ring(ring)
+    batch, gen = decode_batch(spec, torch.float16, num_seqs=2)
+    q, k_new, v_new, _ = step_inputs(spec, torch.float16, gen, num_seqs=2)
+    kwargs = dict(layer=0, seed=1, scale=HEAD_DIM**-0.5, num_splits=num_splits)
+    pristine = clone_pool(batch.pool)
+    eager = dataclasses.replace(batch, pool=clone_pool(pristine))
+    out_eager, written_eager = attend_score_sample_triton(q, k_new, v_new, *batch_args(eager), spec, **kwargs)
+    warm = dataclasses.replace(batch, pool=clone_pool(pristine))
+    attend_score_sample_triton(q, k_new, v_new, *batch_args(warm), spec, **kwargs)  # compile outside capture
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out_graph, written_graph = attend_score_sample_triton(q, k_new, v_new, graph_ring, ring_ids, filled,
-                                                              new_pos, spec, **kwargs)
-    for dst, src in zip(graph_ring, ring):  # undo the capture-time write, then replay
+        out_graph, written_graph = attend_score_sample_triton(q, k_new, v_new, *batch_args(batch), spec, **kwargs)
+    for dst, src in zip(batch.pool, pristine):  # undo whatever capture wrote, then replay
         dst.copy_(src)
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out_graph, out_eager)
     assert torch.equal(written_graph, written_eager)
-    assert_rings_match(eager_ring, graph_ring, 1e-6)
+    assert_pools_match(eager.pool, batch.pool, 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -109,15 +138,24 @@ def test_prefill_matches_reference_at_scale(dtype):
         return torch.randn(*shape, generator=gen).to(dtype).cuda()
 
     q, k, v = rand(chunk, num_heads, HEAD_DIM), rand(chunk, NUM_KV_HEADS, HEAD_DIM), rand(chunk, NUM_KV_HEADS, HEAD_DIM)
-    ring_k, ring_v = rand(NUM_KV_HEADS, filled, HEAD_DIM), rand(NUM_KV_HEADS, filled, HEAD_DIM)
-    ring_pos = torch.stack([torch.randperm(filled, generator=gen) for _ in range(NUM_KV_HEADS)]).int().cuda()
+    num_blocks = BUDGET // BLOCK_SIZE + 5
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS)
+    pool = PoolLayer(rand(*shape, HEAD_DIM), rand(*shape, HEAD_DIM), torch.full(shape, -1, dtype=torch.int32).cuda(),
+                     torch.zeros(shape).cuda(), torch.full((*shape, 1), -1, dtype=torch.int32).cuda(),
+                     torch.full((*shape, 1), -1, dtype=torch.int32).cuda(), torch.zeros(*shape, 1).cuda())
+    table = torch.randperm(num_blocks, generator=gen)[: BUDGET // BLOCK_SIZE].to(torch.int32).cuda()
+    rows = physical_rows(table, torch.arange(filled, device="cuda"), BLOCK_SIZE)
+    pool.rows("pos")[rows] = torch.stack([torch.randperm(filled, generator=gen) for _ in range(NUM_KV_HEADS)],
+                                         1).int().cuda()
     chunk_pos = torch.arange(filled, filled + chunk, dtype=torch.int32).cuda()
     kwargs = dict(scale=HEAD_DIM**-0.5, n_sink=4, top_m=8, obs_rows=32)
-    ref = reference.prefill_attention(q, k, v, ring_k, ring_v, ring_pos, chunk_pos, **kwargs)
-    tri = prefill_attention_triton(q, k, v, ring_k, ring_v, ring_pos, chunk_pos, **kwargs)
+    ref = reference.prefill_attention(q, k, v, pool, table, filled, chunk_pos, **kwargs)
+    tri = prefill_attention_triton(q, k, v, pool, table, filled, chunk_pos, **kwargs)
     torch.testing.assert_close(tri.out.float(), ref.out.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(tri.mass, ref.mass, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(tri.obs, ref.obs, rtol=1e-3, atol=1e-5)
     # near-ties may swap an edge at this size; demand agreement on almost every row
     same_rows = (tri.edge_idx == ref.edge_idx).all(dim=-1).float().mean()
     assert same_rows > 0.99
+    again = prefill_attention_triton(q, k, v, pool, table, filled, chunk_pos, **kwargs)
+    assert torch.equal(again.mass, tri.mass)  # no float atomics: the mass is bit-reproducible

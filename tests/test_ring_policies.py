@@ -8,7 +8,7 @@ import torch
 
 from helpers import load_tiny, make_tiny_checkpoint, ring_logits
 from minikv.errors import ConfigError
-from minikv.kernels.common import SCORE_ATTN, VICTIM_MIN_SCORE, VICTIM_RESERVOIR, EvictionSpec, RingLayer
+from minikv.kernels.common import SCORE_ATTN, VICTIM_MIN_SCORE, VICTIM_RESERVOIR, EvictionSpec, PoolLayer
 from minikv.kernels.reference import attend_score_sample, nexus_walk, victim_slots
 from minikv.policies import POLICIES, PrefillCandidates, make_policy
 from minikv.ring import check_ring_settings
@@ -114,19 +114,23 @@ def test_attention_policies_match_brute_force(policy, accumulate):
     steps, budget, head_dim = 60, 16, 16
     spec = make_policy(policy, n_sink=2, window=4).eviction_spec()
     qs, ks = torch.randn(steps, head_dim), torch.randn(steps, head_dim) * 2
-    ring = empty_ring(budget, head_dim, edges=1)
+    ring, table = empty_ring(budget, head_dim, edges=1, block_size=4)
     for t in range(steps):
-        attend_score_sample(qs[t].view(1, 1, -1), ks[t].view(1, 1, -1), torch.randn(1, 1, head_dim), ring,
-                            torch.tensor([0]), torch.tensor([min(t, budget)]), torch.tensor([t]), spec,
-                            layer=0, seed=0, scale=head_dim**-0.5)
-    assert set(ring.pos[0, 0].tolist()) == simulate_attention_eviction(qs, ks, budget, 2, 4, accumulate)
+        attend_score_sample(qs[t].view(1, 1, -1), ks[t].view(1, 1, -1), torch.randn(1, 1, head_dim), ring, table,
+                            torch.tensor([min(t, budget)], dtype=torch.int32), torch.tensor([budget], dtype=torch.int32),
+                            torch.tensor([t], dtype=torch.int32), spec, layer=0, seed=0, scale=head_dim**-0.5)
+    assert set(ring.pos[:, :, 0].flatten().tolist()) == simulate_attention_eviction(qs, ks, budget, 2, 4, accumulate)
 
 
-def empty_ring(budget, head_dim, edges=4, heads=1):
-    shape = (1, heads, budget)
-    return RingLayer(torch.zeros(*shape, head_dim), torch.zeros(*shape, head_dim), torch.full(shape, -1, dtype=torch.int32),
+def empty_ring(budget, head_dim, edges=4, heads=1, block_size=None):
+    """A pool holding exactly one empty ring of `budget` slots, and its block table [1, W] (blocks in
+    reverse order, so ring order and pool order differ)."""
+    block_size = block_size or budget
+    shape = (budget // block_size, block_size, heads)
+    pool = PoolLayer(torch.zeros(*shape, head_dim), torch.zeros(*shape, head_dim), torch.full(shape, -1, dtype=torch.int32),
                      torch.zeros(shape), torch.full((*shape, edges), -1, dtype=torch.int32),
                      torch.full((*shape, edges), -1, dtype=torch.int32), torch.zeros(*shape, edges))
+    return pool, torch.arange(shape[0] - 1, -1, -1, dtype=torch.int32)[None]
 
 
 # --- nexus ---------------------------------------------------------------------------------------
@@ -164,16 +168,17 @@ def bridge_ring_victim(gamma: float) -> int:
     """Run one decode step over the bridge graph through the decode kernel; return the slot written."""
     attn, edge_slot, edge_pos, edge_w, pos = bridge_graph()
     spec = EvictionSpec(SCORE_ATTN, VICTIM_MIN_SCORE, decay=0.0, gamma=gamma, hops=2, top_m=2, n_sink=0, window=0)
-    ring = empty_ring(4, 4, edges=2)
-    ring.pos[0, 0] = pos[0]
-    ring.edge_slot[0, 0], ring.edge_pos[0, 0], ring.edge_w[0, 0] = edge_slot[0], edge_pos[0], edge_w[0]
+    ring, table = empty_ring(4, 4, edges=2)  # one block: ring slot j is pool row j
+    ring.pos[0, :, 0] = pos[0]
+    ring.edge_slot[0, :, 0], ring.edge_pos[0, :, 0], ring.edge_w[0, :, 0] = edge_slot[0], edge_pos[0], edge_w[0]
     # Keys along e0 with q = e0 make the logits log(attn): the query attends exactly as `attn` says,
     # and the new token (key -30) takes next to nothing.
-    ring.k[0, 0] = torch.log(attn[0])[:, None] * torch.tensor([1.0, 0, 0, 0])
+    ring.k[0, :, 0] = torch.log(attn[0])[:, None] * torch.tensor([1.0, 0, 0, 0])
     q = torch.tensor([1.0, 0, 0, 0]).view(1, 1, 4)
     k_new = torch.tensor([-30.0, 0, 0, 0]).view(1, 1, 4)
-    _, written = attend_score_sample(q, k_new, torch.zeros(1, 1, 4), ring, torch.tensor([0]), torch.tensor([4]),
-                                     torch.tensor([20]), spec, layer=0, seed=0, scale=1.0)
+    four = torch.tensor([4], dtype=torch.int32)
+    _, written = attend_score_sample(q, k_new, torch.zeros(1, 1, 4), ring, table, four, four,
+                                     torch.tensor([20], dtype=torch.int32), spec, layer=0, seed=0, scale=1.0)
     return written.item()
 
 

@@ -1,13 +1,16 @@
-"""Time the fused decode kernel against plain decode attention over the same ring (GPU only).
+"""Time the fused decode kernel against plain decode attention over the same paged ring (GPU only).
 
-For each budget / batch / GQA ratio it times, on a full ring (so the victim path runs):
-  sdpa      torch scaled_dot_product_attention of one query over the ring's K/V (no scoring, no write);
+For each budget / batch / GQA ratio it times, on full rings (so the victim path runs), paged with 16-slot
+blocks scattered over the pool:
+  sdpa      torch scaled_dot_product_attention of one query over a dense copy of the rings' K/V (no paging,
+            no scoring, no write): the bandwidth reference;
   plain     attend_score_sample_triton with SCORE_NONE + VICTIM_OLDEST (scoring and sampling off);
-  nexus     attend_score_sample_triton with the default policy (walk of 2 hops, top-4 edges, reservoir).
+  nexus     attend_score_sample_triton with the default policy (walk of 2 hops, top-4 edges, reservoir);
+each kernel with split-K off (num_splits=1) and on (the automatic choice; "=" when that is 1 too).
 It prints the median time of CUDA-event-timed repeats, the achieved bandwidth over the bytes of K and V
 read, and each kernel's time relative to SDPA.
 
-    python tools/bench_kernels.py [--dtype bf16] [--repeats 50]
+    python tools/bench_kernels.py [--dtype bf16] [--repeats 30] [--quick]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HEAD_DIM = 128
 NUM_KV_HEADS = 8
+BLOCK_SIZE = 16
 BUDGETS = (1024, 4096, 16384)
 BATCHES = (1, 16, 64)
 GROUPS = (4, 8)
@@ -43,54 +47,61 @@ def time_ms(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def make_ring(num_seqs, budget, num_edges, dtype):
-    from minikv.kernels.common import RingLayer
+def make_pool(num_seqs, budget, num_edges, dtype):
+    """A pool of exactly the batch's rings, blocks in random order, and the block tables [N, W]."""
+    from minikv.kernels.common import PoolLayer
 
-    shape = (num_seqs, NUM_KV_HEADS, budget)
-    pos = torch.arange(budget, dtype=torch.int32, device="cuda").expand(shape).contiguous()
-    return RingLayer(
+    blocks_per_ring = budget // BLOCK_SIZE
+    num_blocks = num_seqs * blocks_per_ring
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS)
+    pool = PoolLayer(
         k=torch.randn(*shape, HEAD_DIM, device="cuda", dtype=dtype),
         v=torch.randn(*shape, HEAD_DIM, device="cuda", dtype=dtype),
-        pos=pos,
+        pos=torch.randint(0, budget, shape, dtype=torch.int32, device="cuda"),
         score=torch.rand(shape, device="cuda"),
         edge_slot=torch.randint(0, budget, (*shape, num_edges), dtype=torch.int32, device="cuda"),
         edge_pos=torch.randint(0, budget, (*shape, num_edges), dtype=torch.int32, device="cuda"),
         edge_w=torch.full((*shape, num_edges), 1.0 / num_edges, device="cuda"),
     )
+    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(num_seqs, blocks_per_ring)
+    return pool, tables
 
 
 def bench_case(budget, num_seqs, group, dtype, warmup, repeats):
-    from minikv.kernels.attend_score_sample import attend_score_sample_triton
-    from minikv.kernels.common import (SCORE_ATTN, SCORE_NONE, VICTIM_OLDEST, VICTIM_RESERVOIR,
-                                       EvictionSpec)
+    from minikv.kernels.attend_score_sample import attend_score_sample_triton, choose_num_splits
+    from minikv.kernels.common import SCORE_ATTN, VICTIM_RESERVOIR, EvictionSpec
 
     num_heads = NUM_KV_HEADS * group
     scale = HEAD_DIM**-0.5
     q = torch.randn(num_seqs, num_heads, HEAD_DIM, device="cuda", dtype=dtype)
     k_new = torch.randn(num_seqs, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=dtype)
     v_new = torch.randn_like(k_new)
-    ring_ids = torch.arange(num_seqs, dtype=torch.int32, device="cuda")
     filled = torch.full((num_seqs,), budget, dtype=torch.int32, device="cuda")
+    budgets = filled.clone()
     new_pos = torch.full((num_seqs,), budget + 100, dtype=torch.int32, device="cuda")
     plain = EvictionSpec()
     nexus = EvictionSpec(SCORE_ATTN, VICTIM_RESERVOIR, decay=0.99, gamma=0.5, hops=2, top_m=4)
-    ring_plain, ring_nexus = make_ring(num_seqs, budget, 1, dtype), make_ring(num_seqs, budget, 4, dtype)
-
+    pool_plain, tables = make_pool(num_seqs, budget, 1, dtype)
+    pool_nexus, _ = make_pool(num_seqs, budget, 4, dtype)
+    dense_k = torch.randn(num_seqs, NUM_KV_HEADS, budget, HEAD_DIM, device="cuda", dtype=dtype)
+    dense_v = torch.randn_like(dense_k)
     q4 = q[:, :, None]  # [N, Hq, 1, D]
+    auto = choose_num_splits(num_seqs, NUM_KV_HEADS, budget, 64, q.device)
 
     def sdpa():
-        torch.nn.functional.scaled_dot_product_attention(q4, ring_plain.k, ring_plain.v, scale=scale,
-                                                         enable_gqa=True)
+        torch.nn.functional.scaled_dot_product_attention(q4, dense_k, dense_v, scale=scale, enable_gqa=True)
 
-    def kernel(spec, ring):
-        return lambda: attend_score_sample_triton(q, k_new, v_new, ring, ring_ids, filled, new_pos, spec,
-                                                  layer=0, seed=0, scale=scale)
+    def kernel(spec, pool, splits):
+        return lambda: attend_score_sample_triton(q, k_new, v_new, pool, tables, filled, budgets, new_pos, spec,
+                                                  layer=0, seed=0, scale=scale, num_splits=splits)
 
     kv_bytes = 2 * num_seqs * NUM_KV_HEADS * budget * HEAD_DIM * q.element_size()
-    results = {}
-    for name, fn in (("sdpa", sdpa), ("plain", kernel(plain, ring_plain)), ("nexus", kernel(nexus, ring_nexus))):
-        results[name] = time_ms(fn, warmup, repeats)
-    return kv_bytes, results
+    results = {"sdpa": time_ms(sdpa, warmup, repeats)}
+    for name, spec, pool in (("plain", plain, pool_plain), ("nexus", nexus, pool_nexus)):
+        results[name] = time_ms(kernel(spec, pool, 1), warmup, repeats)
+        results[name + "_split"] = (time_ms(kernel(spec, pool, auto), warmup, repeats) if auto > 1
+                                    else results[name])
+    return kv_bytes, auto, results
 
 
 def main() -> int:
@@ -98,28 +109,31 @@ def main() -> int:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="budgets 1024/4096, GQA 4 only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device; this benchmark runs on a GPU only. Nothing to do.")
         return 0
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    budgets, groups = (BUDGETS[:2], GROUPS[:1]) if args.quick else (BUDGETS, GROUPS)
     print(f"device: {torch.cuda.get_device_name()}, dtype {args.dtype}, head_dim {HEAD_DIM}, "
-          f"{NUM_KV_HEADS} KV heads, full rings; times are medians of {args.repeats} runs")
-    header = (f"{'budget':>7} {'batch':>5} {'GQA':>4} | {'sdpa ms':>8} {'GB/s':>6} | {'plain ms':>8} {'GB/s':>6}"
-              f" {'x sdpa':>6} | {'nexus ms':>8} {'GB/s':>6} {'x sdpa':>6}")
-    print(header)
-    print("-" * len(header))
-    for budget in BUDGETS:
+          f"{NUM_KV_HEADS} KV heads, full paged rings (block_size {BLOCK_SIZE}); medians of {args.repeats} runs")
+    print("| budget | batch | GQA | splits | sdpa ms | GB/s | plain ms | x sdpa | plain split ms | x sdpa "
+          "| nexus ms | x sdpa | nexus split ms | x sdpa |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for budget in budgets:
         for num_seqs in BATCHES:
-            for group in GROUPS:
-                kv_bytes, t = bench_case(budget, num_seqs, group, dtype, args.warmup, args.repeats)
+            for group in groups:
+                kv_bytes, splits, t = bench_case(budget, num_seqs, group, dtype, args.warmup, args.repeats)
 
-                def gbps(ms):
-                    return kv_bytes / (ms * 1e-3) / 1e9
+                def cell(name):
+                    if name.endswith("_split") and splits == 1:
+                        return "= | ="
+                    return f"{t[name]:.3f} | {t[name] / t['sdpa']:.2f}"
 
-                print(f"{budget:>7} {num_seqs:>5} {group:>3}:1 | {t['sdpa']:8.3f} {gbps(t['sdpa']):6.0f} | "
-                      f"{t['plain']:8.3f} {gbps(t['plain']):6.0f} {t['plain'] / t['sdpa']:6.2f} | "
-                      f"{t['nexus']:8.3f} {gbps(t['nexus']):6.0f} {t['nexus'] / t['sdpa']:6.2f}")
+                print(f"| {budget} | {num_seqs} | {group}:1 | {splits} | {t['sdpa']:.3f} | "
+                      f"{kv_bytes / (t['sdpa'] * 1e-3) / 1e9:.0f} | {cell('plain')} | {cell('plain_split')} | "
+                      f"{cell('nexus')} | {cell('nexus_split')} |")
                 torch.cuda.empty_cache()
     return 0
 

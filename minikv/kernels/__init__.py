@@ -31,7 +31,8 @@ from .common import (
     VICTIM_OLDEST,
     VICTIM_RESERVOIR,
     EvictionSpec,
-    RingLayer,
+    PoolLayer,
+    physical_rows,
 )
 from . import reference
 from .reference import PrefillResult
@@ -43,7 +44,7 @@ except ImportError:  # no Triton: only the reference path is available
     _decode_triton = _prefill_triton = None
 
 __all__ = [
-    "attend_score_sample", "prefill_attention", "kernel_backend", "PrefillResult", "RingLayer",
+    "attend_score_sample", "prefill_attention", "kernel_backend", "PrefillResult", "PoolLayer", "physical_rows",
     "EvictionSpec", "SCORE_NONE", "SCORE_ATTN", "SCORE_KEYDIFF", "SCORE_EXTERNAL", "VICTIM_OLDEST",
     "VICTIM_MIN_SCORE", "VICTIM_RESERVOIR",
 ]
@@ -76,9 +77,10 @@ def attend_score_sample(
     q: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
-    ring: RingLayer,
-    ring_ids: torch.Tensor,
+    pool: PoolLayer,
+    block_tables: torch.Tensor,
     filled: torch.Tensor,
+    budget: torch.Tensor,
     new_pos: torch.Tensor,
     spec: EvictionSpec,
     *,
@@ -92,17 +94,17 @@ def attend_score_sample(
         run = _decode_triton.attend_score_sample_triton
     else:
         run = reference.attend_score_sample
-    return run(q, k_new, v_new, ring, ring_ids, filled, new_pos, spec, layer=layer, seed=seed, scale=scale,
-               new_score=new_score)
+    return run(q, k_new, v_new, pool, block_tables, filled, budget, new_pos, spec, layer=layer, seed=seed,
+               scale=scale, new_score=new_score)
 
 
 def prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
+    pool: PoolLayer,
+    block_table: torch.Tensor,
+    filled: int,
     chunk_pos: torch.Tensor,
     *,
     scale: float,
@@ -116,7 +118,7 @@ def prefill_attention(
         run = _prefill_triton.prefill_attention_triton
     else:
         run = reference.prefill_attention
-    return run(q, k, v, ring_k, ring_v, ring_pos, chunk_pos, scale=scale, n_sink=n_sink, top_m=top_m,
+    return run(q, k, v, pool, block_table, filled, chunk_pos, scale=scale, n_sink=n_sink, top_m=top_m,
                obs_rows=obs_rows)
 
 

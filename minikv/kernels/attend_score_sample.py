@@ -1,22 +1,37 @@
-"""Fused decode step in Triton: attend, score, sample, write (DESIGN 4.1).
+"""Fused decode step in Triton on paged rings: attend, score, sample, write (DESIGN 4.1, 3.1).
 
-One program per (sequence, KV head) runs the whole step of `reference.attend_score_sample`:
+One program per (sequence, KV head) runs the whole step of `reference.attend_score_sample`, looping over the
+ring's filled slots in blocks of BLOCK keys:
 
-  pass 1  logits of the group's query heads over the ring's filled slots, kept in a scratch row, with the
-          running max / sum of an online softmax (Milakov & Gimelshein 2018, "Online normalizer calculation
-          for softmax"); KeyDiff also sums the unit keys here;
-  pass 2  with the final normaliser known: the output, and a(j), each slot's probability averaged over
-          the group, into a scratch row;
+  pass 1  logits of the group's query heads over the filled slots, kept in a scratch row, with the running
+          max / sum of an online softmax (Milakov & Gimelshein 2018, "Online normalizer calculation for
+          softmax"); KeyDiff also sums the unit keys here;
+  pass 2  with the final normaliser known: the output, and a(j), each slot's probability averaged over the
+          group, into a scratch row; in the same loop the new token's running top-m out-edges;
   walk    Nexus (DESIGN 5.1): `hops` scatters of a(j) along the stored out-edges with tl.atomic_add;
-  score   S <- decay * S + n (or KeyDiff / external / none), written back, and in the same loop the
-          running argmax of the victim key over unprotected slots (ties -> lowest slot);
-  edges   the new token's top-m out-edges, one scan of a(j) per edge (ties -> lowest slot);
-  write   the new K, V, pos, score and edges into the next empty slot or the victim.
+  score   S <- decay * S + n (or KeyDiff / external / none), written back, and in the same loop the running
+          argmax of the victim key over unprotected slots;
+  write   the new K, V, pos, score and edges into slot `filled` or, when the ring is full, the victim.
 
-Everything stays on the device: no host synchronisation, so a step is capturable in a CUDA graph. The
-EvictionSpec fields are compile-time constants, so each policy compiles to its own specialised kernel.
-Values are upcast to fp32 right after every load (the Triton interpreter mishandles bf16 arithmetic) and
-the dots run in IEEE fp32, so the result matches the fp32 reference to rounding.
+Paging. A ring slot j lives in pool block `table[j // PAGE]` at offset `j % PAGE` (PAGE = the pool's
+block_size, a compile-time constant). Every load and store looks its address up per key: BLOCK is free of
+PAGE (a BLOCK of 64 keys over 16-slot pages touches 4 pool blocks, four distinct table entries), and the
+scratch rows are indexed by ring slot, so the ring math never sees physical rows. Each sequence has its own
+`budget` (the "full?" test); scratch rows have the table's capacity W * PAGE, a shape-only size.
+
+Exact ties. Victims and edges go to the lowest ring slot on ties, as in the reference. Both are running
+maxima of int64 composite keys `(order-preserving int32 of the key) * 2^32 - slot`: one tl.max per block
+gives the best key and, on ties, the lowest slot, and merging blocks (or splits) is a plain max.
+
+Split-K. When sequences x KV heads is small against the GPU's SM count, `num_splits` programs share each
+(sequence, KV head), and the passes above become a few launches (see the split-K section below): the
+victims and edges are exactly the single program's, scores and the output equal to rounding.
+
+Everything stays on the device: no host synchronisation and scratch sized from shapes only, so a step is
+capturable in a CUDA graph. The EvictionSpec fields are compile-time constants, so each policy compiles to
+its own specialised kernel. Values are upcast to fp32 right after every load (the Triton interpreter
+mishandles bf16 arithmetic) and the dots run in IEEE fp32, so the result matches the fp32 reference to
+rounding.
 """
 
 from __future__ import annotations
@@ -34,28 +49,15 @@ from .common import (
     VICTIM_OLDEST,
     VICTIM_RESERVOIR,
     EvictionSpec,
-    RingLayer,
+    PoolLayer,
+    hash_seed_layer,
 )
-
-_MASK32 = 0xFFFFFFFF
-# The same murmur3 constants as common.slot_hash_u32 (kept in sync by tests/test_kernels_decode.py).
-_MIX_SEED, _MIX_LAYER = 0x9E3779B1, 0x85EBCA77
-
-
-def _fmix32_int(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & _MASK32
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & _MASK32
-    return x ^ (x >> 16)
 
 
 def hash_base(seed: int, layer: int) -> int:
-    """The (seed, layer) part of common.slot_hash_u32, folded on the host, as a signed int32 bit pattern.
-
-    Passing it signed keeps the kernel argument an int32 whatever the seed (no recompilation per seed).
-    """
-    x = _fmix32_int(((seed * _MIX_SEED) & _MASK32) ^ ((layer * _MIX_LAYER) & _MASK32))
+    """common.hash_seed_layer as a signed int32 bit pattern, so the kernel argument stays an int32 whatever
+    the seed (no recompilation per seed)."""
+    x = hash_seed_layer(seed, layer)
     return x - (1 << 32) if x >= (1 << 31) else x
 
 
@@ -78,78 +80,65 @@ def _slot_uniform(base, head, pos):
 
 
 @triton.jit
-def _block_argmax(key, idx, big):
-    """Largest key of a block and the lowest index holding it."""
-    best = tl.max(key, axis=0)
-    return best, tl.min(tl.where(key == best, idx, big), axis=0)
+def _lookup(table, j, ok, PAGE: tl.constexpr):
+    """Ring slots j -> (pool block, offset in the block), int64; lanes not ok read table entry 0."""
+    blk = tl.load(table + tl.where(ok, j // PAGE, 0), mask=ok, other=0).to(tl.int64)
+    return blk, (j % PAGE).to(tl.int64)
 
 
-# int32's minimum: the victim key of a protected slot under VICTIM_OLDEST (keys are -pos there).
-_INT32_MIN = tl.constexpr(-2147483648)
+@triton.jit
+def _int64_min():
+    return tl.full([], -2147483648, tl.int32).to(tl.int64) << 32
 
 
-# The hash base changes with every seed: keep it a plain runtime argument (never a specialised constant).
-@triton.jit(do_not_specialize=["hash_base_i32"])
-def _attend_score_sample_kernel(
-    q_ptr, k_new_ptr, v_new_ptr, out_ptr,
-    ring_k_ptr, ring_v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr,
-    ring_ids_ptr, filled_ptr, new_pos_ptr, new_score_ptr, written_ptr,
-    logits_ptr, attn_ptr, walk_ptr,
-    stride_qn, stride_qh, stride_qd,
-    stride_kn, stride_kh, stride_kd,
-    stride_vn, stride_vh, stride_vd,
-    stride_on, stride_oh, stride_od,
-    stride_rk0, stride_rk1, stride_rk2, stride_rk3,
-    stride_rv0, stride_rv1, stride_rv2, stride_rv3,
-    num_kv_heads, budget, hash_base_i32, scale,
-    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    M: tl.constexpr, M_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    SCORE_MODE: tl.constexpr, VICTIM_MODE: tl.constexpr, DECAY: tl.constexpr, GAMMA: tl.constexpr,
-    HOPS: tl.constexpr, TAU: tl.constexpr, TOP_M: tl.constexpr, N_SINK: tl.constexpr,
-    WINDOW: tl.constexpr, EPS: tl.constexpr, HAS_NEW_SCORE: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    ring = tl.load(ring_ids_ptr + seq).to(tl.int64)
-    filled = tl.load(filled_ptr + seq).to(tl.int32)
-    new_pos = tl.load(new_pos_ptr + seq).to(tl.int32)
+@triton.jit
+def _ordered(x):
+    """fp32 -> int32 with the same order (no NaN); -0.0 and +0.0 map alike, as they compare equal."""
+    b = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
 
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
-    j_block = tl.arange(0, BLOCK)
-    g_ok = g < GROUP
-    d_ok = d < HEAD_DIM
-    meta = (ring * num_kv_heads + head) * budget  # offset of this (ring, head) in pos / score / edges
-    rk = ring_k_ptr + ring * stride_rk0 + head * stride_rk1
-    rv = ring_v_ptr + ring * stride_rv0 + head * stride_rv1
-    row = seq * num_kv_heads + head  # this program's row of the scratch buffers
-    logits_row = logits_ptr + (row * GROUP + g[:, None]).to(tl.int64) * budget  # padded heads not kept
-    attn_row = attn_ptr + row.to(tl.int64) * budget
-    walk_row = walk_ptr + row.to(tl.int64) * (HOPS + 1) * budget
 
-    q = tl.load(q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh + d[None, :] * stride_qd,
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    k_new = tl.load(k_new_ptr + seq * stride_kn + head * stride_kh + d * stride_kd, mask=d_ok,
-                    other=0.0).to(tl.float32)
-    v_new = tl.load(v_new_ptr + seq * stride_vn + head * stride_vh + d * stride_vd, mask=d_ok,
-                    other=0.0).to(tl.float32)
+@triton.jit
+def _rank(key32, j):
+    """Composite int64 key: larger key32 first, then the lower slot j."""
+    return (key32.to(tl.int64) << 32) - j.to(tl.int64)
 
-    # The walk scatters with atomics, so its buffers start from zero.
-    if SCORE_MODE == 1:
-        for hop in tl.static_range(HOPS):
-            for start in range(0, filled, BLOCK):
-                j = start + j_block
-                tl.store(walk_row + hop * budget + j, tl.zeros([BLOCK], tl.float32), mask=j < filled)
 
-    # ---- pass 1: logits into scratch, running max / sum; the new token opens the softmax -------------
-    s_new = tl.sum(q * k_new[None, :], axis=1) * scale
-    m_i = s_new
-    l_i = tl.full([G_PAD], 1.0, tl.float32)
-    unit_sum = tl.zeros([D_PAD], tl.float32)
-    for start in range(0, filled, BLOCK):
+@triton.jit
+def _rank_slot(rank):
+    """The slot of a composite key (the inverse of _rank's low half)."""
+    return ((-rank) & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _merge_top(top, cand, TOP_M: tl.constexpr, M_PAD: tl.constexpr):
+    """The TOP_M largest of `top` [M_PAD] (sorted, -1 padded) and `cand` [n] (composite edge keys, -1 =
+    none), sorted descending. Keys are unique, so each round takes the largest below the previous one."""
+    e = tl.arange(0, M_PAD)
+    merged = tl.full([M_PAD], -1, tl.int64)
+    prev = tl.full([], -1, tl.int64)
+    for r in tl.static_range(TOP_M):
+        if r == 0:
+            best = tl.maximum(tl.max(cand, axis=0), tl.max(top, axis=0))
+        else:
+            best = tl.maximum(tl.max(tl.where(cand < prev, cand, -1), axis=0),
+                              tl.max(tl.where(top < prev, top, -1), axis=0))
+        merged = tl.where(e == r, best, merged)
+        prev = best
+    return merged
+
+
+# ---- the passes, each over ring slots [lo, hi) (the whole ring here; a split's range under split-K) -------
+
+
+@triton.jit
+def _logits_pass(q, m_i, l_i, unit_sum, lo, hi, table, head, k_ptr, sk0, sk1, sk2, sk3, logits_row, scale,
+                 g_ok, d, d_ok, j_block, PAGE: tl.constexpr, BLOCK: tl.constexpr, SCORE_MODE: tl.constexpr):
+    for start in range(lo, hi, BLOCK):
         j = start + j_block
-        j_ok = j < filled
-        k = tl.load(rk + j[:, None] * stride_rk2 + d[None, :] * stride_rk3,
+        j_ok = j < hi
+        blk, off = _lookup(table, j, j_ok, PAGE)
+        k = tl.load(k_ptr + blk[:, None] * sk0 + off[:, None] * sk1 + head * sk2 + d[None, :] * sk3,
                     mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         s = tl.where(j_ok[None, :], s, float("-inf"))
@@ -160,20 +149,183 @@ def _attend_score_sample_kernel(
         if SCORE_MODE == 2:
             norm = tl.sqrt(tl.sum(k * k, axis=1))
             unit_sum += tl.sum(k / tl.maximum(norm, 1e-12)[:, None], axis=0)
-    tl.debug_barrier()
+    return m_i, l_i, unit_sum
 
-    # ---- pass 2: output and a(j) --------------------------------------------------------------------
-    inv_l = tl.where(g_ok, 1.0 / l_i, 0.0)  # padded heads weigh nothing in the group mean
+
+@triton.jit
+def _probs_pass(m_i, inv_l, top, lo, hi, table, head, num_kv_heads, v_ptr, sv0, sv1, sv2, sv3, pos_ptr,
+                logits_row, attn_row, g_ok, d, d_ok, j_block, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                PAGE: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, TOP_M: tl.constexpr,
+                M_PAD: tl.constexpr, N_SINK: tl.constexpr):
+    """Output partial sum and a(j) over [lo, hi), and the running top-m edge keys."""
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    for start in range(0, filled, BLOCK):
+    for start in range(lo, hi, BLOCK):
         j = start + j_block
-        j_ok = j < filled
+        j_ok = j < hi
+        blk, off = _lookup(table, j, j_ok, PAGE)
         s = tl.load(logits_row + j[None, :], mask=g_ok[:, None] & j_ok[None, :], other=float("-inf"))
         p = tl.exp(s - m_i[:, None]) * inv_l[:, None]
-        v = tl.load(rv + j[:, None] * stride_rv2 + d[None, :] * stride_rv3,
+        v = tl.load(v_ptr + blk[:, None] * sv0 + off[:, None] * sv1 + head * sv2 + d[None, :] * sv3,
                     mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.dot(p, v, input_precision="ieee")
-        tl.store(attn_row + j, tl.sum(p, axis=0) / GROUP, mask=j_ok)
+        a = tl.sum(p, axis=0) / GROUP
+        tl.store(attn_row + j, a, mask=j_ok)
+        if TOP_M > 0:
+            pos = tl.load(pos_ptr + (blk * PAGE + off) * num_kv_heads + head, mask=j_ok, other=0)
+            eligible = j_ok & (pos >= N_SINK) & (a > 0)
+            cand = tl.where(eligible, _rank(a.to(tl.int32, bitcast=True), j), -1)
+            top = _merge_top(top, cand, TOP_M, M_PAD)
+    return acc, top
+
+
+@triton.jit
+def _walk_hop(lo, hi, filled, src_row, dst_row, table, head, num_kv_heads, pos_ptr, edge_slot_ptr,
+              edge_pos_ptr, edge_w_ptr, j_block, M: tl.constexpr, M_PAD: tl.constexpr, PAGE: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """dst += src P over the live edges of sources [lo, hi); targets are ring slots < filled."""
+    e = tl.arange(0, M_PAD)
+    for start in range(lo, hi, BLOCK):
+        i = start + j_block
+        i_ok = i < hi
+        blk, off = _lookup(table, i, i_ok, PAGE)
+        x = tl.load(src_row + i, mask=i_ok, other=0.0, volatile=True)
+        edge = ((blk * PAGE + off) * num_kv_heads + head)[:, None] * M + e[None, :]
+        edge_ok = i_ok[:, None] & (e[None, :] < M)
+        target = tl.load(edge_slot_ptr + edge, mask=edge_ok, other=-1)
+        alive = edge_ok & (target >= 0) & (target < filled)
+        t_blk, t_off = _lookup(table, target, alive, PAGE)
+        target_pos = tl.load(pos_ptr + (t_blk * PAGE + t_off) * num_kv_heads + head, mask=alive, other=-1)
+        alive &= target_pos == tl.load(edge_pos_ptr + edge, mask=edge_ok, other=-1)
+        weight = tl.load(edge_w_ptr + edge, mask=edge_ok, other=0.0)
+        tl.atomic_add(dst_row + target, x[:, None] * weight, mask=alive)
+
+
+@triton.jit
+def _score_pass(best, lo, hi, new_pos, table, head, num_kv_heads, hash_base_i32, k_ptr, sk0, sk1, sk2, sk3,
+                pos_ptr, score_ptr, attn_row, walk_row, row_len, anchor, d, d_ok, j_block,
+                PAGE: tl.constexpr, BLOCK: tl.constexpr, SCORE_MODE: tl.constexpr, VICTIM_MODE: tl.constexpr,
+                DECAY: tl.constexpr, GAMMA: tl.constexpr, HOPS: tl.constexpr, TAU: tl.constexpr,
+                N_SINK: tl.constexpr, WINDOW: tl.constexpr, EPS: tl.constexpr):
+    """Score update over [lo, hi) written back, and the running best victim rank over the same slots."""
+    for start in range(lo, hi, BLOCK):
+        j = start + j_block
+        j_ok = j < hi
+        blk, off = _lookup(table, j, j_ok, PAGE)
+        cell = (blk * PAGE + off) * num_kv_heads + head
+        pos = tl.load(pos_ptr + cell, mask=j_ok, other=0)
+        score = tl.load(score_ptr + cell, mask=j_ok, other=0.0)
+        if SCORE_MODE == 1:
+            n = tl.load(attn_row + j, mask=j_ok, other=0.0)
+            coef = 1.0
+            for hop in tl.static_range(HOPS):
+                coef = coef * GAMMA
+                n += coef * tl.load(walk_row + hop * row_len + j, mask=j_ok, other=0.0, volatile=True)
+            score = DECAY * score + n
+            tl.store(score_ptr + cell, score, mask=j_ok)
+        if SCORE_MODE == 2:
+            k = tl.load(k_ptr + blk[:, None] * sk0 + off[:, None] * sk1 + head * sk2 + d[None, :] * sk3,
+                        mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            unit = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), 1e-12)[:, None]
+            score = -tl.sum(unit * anchor[None, :], axis=1)
+            tl.store(score_ptr + cell, score, mask=j_ok)
+        protected = (pos < N_SINK) | (pos >= new_pos - WINDOW)
+        if VICTIM_MODE == 0:
+            key = tl.where(protected, -2147483647, -pos)  # pos >= 0, so -pos > the protected key
+        else:
+            if VICTIM_MODE == 1:
+                key = -score
+            else:
+                u = _slot_uniform(hash_base_i32, head, pos)
+                key = tl.log(-tl.log(u)) - tl.log(tl.maximum(score, 0.0) + EPS) / TAU
+            key = _ordered(tl.where(protected, float("-inf"), key))
+        rank = tl.where(j_ok, _rank(key, j), _int64_min())
+        best = tl.maximum(best, tl.max(rank, axis=0))
+    return best
+
+
+@triton.jit
+def _write_new_token(slot, score_new, top, seq, head, num_kv_heads, new_pos, table, d, d_ok, k_new, v_new,
+                     k_ptr, sk0, sk1, sk2, sk3, v_ptr, sv0, sv1, sv2, sv3, pos_ptr, score_ptr, edge_slot_ptr,
+                     edge_pos_ptr, edge_w_ptr, written_ptr, M: tl.constexpr, M_PAD: tl.constexpr,
+                     PAGE: tl.constexpr, TOP_M: tl.constexpr):
+    """The new token's K, V, pos, score and out-edges (from the top-m ranks) into ring slot `slot`."""
+    blk, off = _lookup(table, slot, slot >= 0, PAGE)
+    cell = (blk * PAGE + off) * num_kv_heads + head
+    if TOP_M > 0:
+        e = tl.arange(0, M_PAD)
+        found = top > 0
+        target = tl.where(found, _rank_slot(top), -1)
+        bits = ((top + target.to(tl.int64)) >> 32).to(tl.int32)
+        weight = tl.where(found, bits.to(tl.float32, bitcast=True), 0.0)
+        weight = weight / tl.maximum(tl.sum(weight, axis=0), 1e-30)
+        t_blk, t_off = _lookup(table, target, found, PAGE)
+        target_pos = tl.load(pos_ptr + (t_blk * PAGE + t_off) * num_kv_heads + head, mask=found, other=-1)
+        # the edges were read before this point: an edge to the victim keeps the victim's old position
+        tl.debug_barrier()
+        edge = cell * M + e
+        tl.store(edge_slot_ptr + edge, target, mask=e < M)
+        tl.store(edge_pos_ptr + edge, tl.where(found, target_pos, -1), mask=e < M)
+        tl.store(edge_w_ptr + edge, weight, mask=e < M)
+    tl.debug_barrier()
+    tl.store(k_ptr + blk * sk0 + off * sk1 + head * sk2 + d * sk3, k_new.to(k_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(v_ptr + blk * sv0 + off * sv1 + head * sv2 + d * sv3, v_new.to(v_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(pos_ptr + cell, new_pos)
+    tl.store(score_ptr + cell, score_new)
+    tl.store(written_ptr + seq * num_kv_heads + head, slot)
+
+
+# The hash base changes with every seed: keep it a plain runtime argument (never a specialised constant).
+@triton.jit(do_not_specialize=["hash_base_i32"])
+def _attend_score_sample_kernel(
+    q_ptr, k_new_ptr, v_new_ptr, out_ptr,
+    k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr,
+    tables_ptr, filled_ptr, budget_ptr, new_pos_ptr, new_score_ptr, written_ptr,
+    logits_ptr, attn_ptr, walk_ptr,
+    stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+    stride_on, stride_oh, stride_od, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, stride_t,
+    num_kv_heads, row_len, hash_base_i32, scale,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr,
+    SCORE_MODE: tl.constexpr, VICTIM_MODE: tl.constexpr, DECAY: tl.constexpr, GAMMA: tl.constexpr,
+    HOPS: tl.constexpr, TAU: tl.constexpr, TOP_M: tl.constexpr, N_SINK: tl.constexpr,
+    WINDOW: tl.constexpr, EPS: tl.constexpr, HAS_NEW_SCORE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    table = tables_ptr + seq.to(tl.int64) * stride_t
+    filled = tl.load(filled_ptr + seq).to(tl.int32)
+    budget = tl.load(budget_ptr + seq).to(tl.int32)
+    new_pos = tl.load(new_pos_ptr + seq).to(tl.int32)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    j_block = tl.arange(0, BLOCK)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    row = seq * num_kv_heads + head  # this program's row of the scratch buffers (indexed by ring slot)
+    logits_row = logits_ptr + (row * GROUP + g[:, None]).to(tl.int64) * row_len  # padded heads not kept
+    attn_row = attn_ptr + row.to(tl.int64) * row_len
+    walk_row = walk_ptr + row.to(tl.int64) * HOPS * row_len
+
+    q = tl.load(q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh + d[None, :] * stride_qd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    k_new = tl.load(k_new_ptr + seq * stride_kn + head * stride_kh + d * stride_kd, mask=d_ok,
+                    other=0.0).to(tl.float32)
+    v_new = tl.load(v_new_ptr + seq * stride_vn + head * stride_vh + d * stride_vd, mask=d_ok,
+                    other=0.0).to(tl.float32)
+
+    # ---- pass 1: the new token opens the softmax ----------------------------------------------------
+    s_new = tl.sum(q * k_new[None, :], axis=1) * scale
+    m_i, l_i, unit_sum = _logits_pass(q, s_new, tl.full([G_PAD], 1.0, tl.float32), tl.zeros([D_PAD], tl.float32),
+                                      0, filled, table, head, k_ptr, sk0, sk1, sk2, sk3, logits_row, scale,
+                                      g_ok, d, d_ok, j_block, PAGE, BLOCK, SCORE_MODE)
+    tl.debug_barrier()
+
+    # ---- pass 2: output, a(j), top-m edge candidates --------------------------------------------------
+    inv_l = tl.where(g_ok, 1.0 / l_i, 0.0)  # padded heads weigh nothing in the group mean
+    acc, top = _probs_pass(m_i, inv_l, tl.full([M_PAD], -1, tl.int64), 0, filled, table, head, num_kv_heads,
+                           v_ptr, sv0, sv1, sv2, sv3, pos_ptr, logits_row, attn_row, g_ok, d, d_ok, j_block,
+                           G_PAD, D_PAD, PAGE, BLOCK, GROUP, TOP_M, M_PAD, N_SINK)
     p_new = tl.exp(s_new - m_i) * inv_l
     acc += p_new[:, None] * v_new[None, :]
     attn_new = tl.sum(p_new, axis=0) / GROUP
@@ -181,73 +333,35 @@ def _attend_score_sample_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
     tl.debug_barrier()
 
-    # ---- Nexus walk: x_hop = x_{hop-1} P, scattered along the live edges ----------------------------
+    # ---- Nexus walk: x_hop = x_{hop-1} P ----------------------------------------------------------------
     if SCORE_MODE == 1:
-        e = tl.arange(0, M_PAD)
         for hop in tl.static_range(HOPS):
             if hop == 0:
                 src_row = attn_row
             else:
-                src_row = walk_row + (hop - 1) * budget
-            dst_row = walk_row + hop * budget
-            for start in range(0, filled, BLOCK):
-                i = start + j_block
-                i_ok = i < filled
-                x = tl.load(src_row + i, mask=i_ok, other=0.0, volatile=True)
-                edge = (meta + i[:, None]) * M + e[None, :]
-                edge_ok = i_ok[:, None] & (e[None, :] < M)
-                target = tl.load(edge_slot_ptr + edge, mask=edge_ok, other=-1)
-                alive = edge_ok & (target >= 0) & (target < filled)
-                target_pos = tl.load(pos_ptr + meta + target, mask=alive, other=-1)
-                alive &= target_pos == tl.load(edge_pos_ptr + edge, mask=edge_ok, other=-1)
-                weight = tl.load(edge_w_ptr + edge, mask=edge_ok, other=0.0)
-                tl.atomic_add(dst_row + target, x[:, None] * weight, mask=alive)
+                src_row = walk_row + (hop - 1) * row_len
+            _walk_hop(0, filled, filled, src_row, walk_row + hop * row_len, table, head, num_kv_heads, pos_ptr,
+                      edge_slot_ptr, edge_pos_ptr, edge_w_ptr, j_block, M, M_PAD, PAGE, BLOCK)
             tl.debug_barrier()
 
-    # ---- KeyDiff anchor: the normalised mean of the unit keys, the new one included -----------------
+    # ---- KeyDiff anchor: the normalised mean of the unit keys, the new one included -------------------
+    anchor = tl.zeros([D_PAD], tl.float32)
+    k_new_unit = anchor
     if SCORE_MODE == 2:
         k_new_unit = k_new / tl.maximum(tl.sqrt(tl.sum(k_new * k_new, axis=0)), 1e-12)
         mean_unit = (unit_sum + k_new_unit) / (filled + 1).to(tl.float32)
         anchor = mean_unit / tl.maximum(tl.sqrt(tl.sum(mean_unit * mean_unit, axis=0)), 1e-12)
 
-    # ---- scores, and the victim among unprotected slots ---------------------------------------------
-    if VICTIM_MODE == 0:
-        best_key = tl.full([], _INT32_MIN, tl.int32)
+    # ---- scores and the victim (only scanned when needed) -------------------------------------------------
+    full = filled >= budget
+    if SCORE_MODE == 1 or SCORE_MODE == 2:
+        score_hi = filled
     else:
-        best_key = tl.full([], float("-inf"), tl.float32)
-    best_slot = tl.full([], 0, tl.int32)  # all protected -> slot 0, as torch's argmax of all -inf
-    for start in range(0, filled, BLOCK):
-        j = start + j_block
-        j_ok = j < filled
-        pos = tl.load(pos_ptr + meta + j, mask=j_ok, other=0)
-        score = tl.load(score_ptr + meta + j, mask=j_ok, other=0.0)
-        if SCORE_MODE == 1:
-            n = tl.load(attn_row + j, mask=j_ok, other=0.0)
-            coef = 1.0
-            for hop in tl.static_range(HOPS):
-                coef = coef * GAMMA
-                n += coef * tl.load(walk_row + hop * budget + j, mask=j_ok, other=0.0, volatile=True)
-            score = DECAY * score + n
-            tl.store(score_ptr + meta + j, score, mask=j_ok)
-        if SCORE_MODE == 2:
-            k = tl.load(rk + j[:, None] * stride_rk2 + d[None, :] * stride_rk3,
-                        mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            unit = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), 1e-12)[:, None]
-            score = -tl.sum(unit * anchor[None, :], axis=1)
-            tl.store(score_ptr + meta + j, score, mask=j_ok)
-        protected = (pos < N_SINK) | (pos >= new_pos - WINDOW) | (j >= filled)
-        if VICTIM_MODE == 0:
-            key = tl.where(protected, _INT32_MIN, -pos)
-        elif VICTIM_MODE == 1:
-            key = tl.where(protected, float("-inf"), -score)
-        else:
-            u = _slot_uniform(hash_base_i32, head, pos)
-            key = tl.log(-tl.log(u)) - tl.log(tl.maximum(score, 0.0) + EPS) / TAU
-            key = tl.where(protected, float("-inf"), key)
-        block_key, block_slot = _block_argmax(key, j, budget)
-        better = block_key > best_key  # strict: on ties the earlier block (lower slot) stays
-        best_slot = tl.where(better, block_slot, best_slot)
-        best_key = tl.where(better, block_key, best_key)
+        score_hi = tl.where(full, filled, 0)  # scores unchanged: the loop only looks for a victim
+    best = _score_pass(_int64_min(), 0, score_hi, new_pos, table, head, num_kv_heads, hash_base_i32,
+                       k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, attn_row, walk_row, row_len, anchor, d, d_ok,
+                       j_block, PAGE, BLOCK, SCORE_MODE, VICTIM_MODE, DECAY, GAMMA, HOPS, TAU, N_SINK, WINDOW, EPS)
+    slot = tl.where(full, _rank_slot(best), filled)
 
     if SCORE_MODE == 1:
         score_new = attn_new
@@ -257,70 +371,251 @@ def _attend_score_sample_kernel(
         score_new = tl.load(new_score_ptr + seq * num_kv_heads + head).to(tl.float32)
     else:
         score_new = 0.0
-    slot = tl.where(filled < budget, filled, best_slot)
-
-    # ---- the new token's top-m out-edges, taken before the write -------------------------------------
-    if TOP_M > 0:
-        e = tl.arange(0, M_PAD)
-        edge_slots = tl.full([M_PAD], -1, tl.int32)
-        edge_poss = tl.full([M_PAD], -1, tl.int32)
-        edge_ws = tl.zeros([M_PAD], tl.float32)
-        prev_a = float("inf")
-        prev_slot = -1
-        for rank in tl.static_range(TOP_M):
-            # the best slot ranked after the previous pick in (attention desc, slot asc) order
-            pick_a = tl.full([], -1.0, tl.float32)
-            pick_slot = tl.full([], -1, tl.int32)
-            for start in range(0, filled, BLOCK):
-                j = start + j_block
-                j_ok = j < filled
-                a = tl.load(attn_row + j, mask=j_ok, other=-1.0)
-                pos = tl.load(pos_ptr + meta + j, mask=j_ok, other=0)
-                after_prev = (a < prev_a) | ((a == prev_a) & (j > prev_slot))
-                cand = tl.where(j_ok & (pos >= N_SINK) & (a > 0) & after_prev, a, -1.0)
-                block_a, block_slot = _block_argmax(cand, j, budget)
-                better = block_a > pick_a
-                pick_slot = tl.where(better, block_slot, pick_slot)
-                pick_a = tl.where(better, block_a, pick_a)
-            found = pick_a > 0
-            pick_pos = tl.load(pos_ptr + meta + pick_slot, mask=found, other=-1)
-            edge_slots = tl.where(e == rank, tl.where(found, pick_slot, -1), edge_slots)
-            edge_poss = tl.where(e == rank, tl.where(found, pick_pos, -1), edge_poss)
-            edge_ws = tl.where(e == rank, tl.where(found, pick_a, 0.0), edge_ws)
-            prev_a = pick_a
-            prev_slot = pick_slot
-        edge_ws = edge_ws / tl.maximum(tl.sum(edge_ws, axis=0), 1e-30)
-
-    # ---- write the new token into its slot -----------------------------------------------------------
-    tl.debug_barrier()
-    tl.store(rk + slot * stride_rk2 + d * stride_rk3, k_new.to(ring_k_ptr.dtype.element_ty), mask=d_ok)
-    tl.store(rv + slot * stride_rv2 + d * stride_rv3, v_new.to(ring_v_ptr.dtype.element_ty), mask=d_ok)
-    tl.store(pos_ptr + meta + slot, new_pos)
-    tl.store(score_ptr + meta + slot, score_new)
-    if TOP_M > 0:
-        edge = (meta + slot) * M + e
-        tl.store(edge_slot_ptr + edge, edge_slots, mask=e < M)
-        tl.store(edge_pos_ptr + edge, edge_poss, mask=e < M)
-        tl.store(edge_w_ptr + edge, edge_ws, mask=e < M)
-    tl.store(written_ptr + seq * num_kv_heads + head, slot)
+    _write_new_token(slot, score_new, top, seq, head, num_kv_heads, new_pos, table, d, d_ok, k_new, v_new,
+                     k_ptr, sk0, sk1, sk2, sk3, v_ptr, sv0, sv1, sv2, sv3, pos_ptr, score_ptr, edge_slot_ptr,
+                     edge_pos_ptr, edge_w_ptr, written_ptr, M, M_PAD, PAGE, TOP_M)
 
 
-def default_block_size(budget: int, device: torch.device) -> int:
-    """Keys per block: 64 on a GPU; in the interpreter one block per ring (up to 1024), since each
+# ---- split-K (flash-decoding): several programs per (sequence, KV head) ------------------------------------
+#
+# When sequences x KV heads is small against the GPU's SM count, one program per (sequence, KV head) leaves
+# most of the GPU idle. Split-K gives each (sequence, KV head) NUM_SPLITS programs, split s owning ring slots
+# [s * per_split, (s + 1) * per_split) (per_split: ceil(filled / NUM_SPLITS) rounded up to BLOCK). The step
+# has global dependencies, so it runs as a few launches, each a barrier for the next:
+#
+#   phase 0   per split: logits into the scratch row, the split's softmax max / sum (and KeyDiff's unit-key
+#             sum) into split scratch;
+#   phase 1   per split: every program merges all splits' statistics (and the new token) into the global
+#             max / normaliser, so a(j) = exp(s_j - M) / L is the same as without splits; then its range's
+#             output partial, a(j), top-m edge candidates; then either the score update and the victim
+#             candidate of its range (when scores need nothing beyond a(j): h2o, tova, KeyDiff with the
+#             merged anchor, external, none) or the Nexus walk's first hop from its sources;
+#   phase 2   (hops >= 2) one launch per further hop: the walk scatters along edges into *any* slot of the
+#             ring, so hop h can only start once every split has finished hop h - 1;
+#   phase 3   (hops >= 1) per split: the score update (a + gamma x1 + ...) and its victim candidate;
+#   finish    one program per (sequence, KV head): sums the output partials, merges the victim candidates
+#             (a max of composite keys: ties -> the lowest slot, exactly as one program would) and the
+#             splits' top-m lists, and writes the new token.
+#
+# Victims and edges are therefore exactly those of the single-program kernel; scores and the output equal
+# it to rounding (the normaliser is summed in another order).
+
+
+@triton.jit
+def _merged_stats(stats_m_ptr, stats_l_ptr, row, s_new, g, NUM_SPLITS: tl.constexpr, G_PAD: tl.constexpr):
+    """Global softmax max and normaliser [G_PAD] of the splits' (max, sum) and the new token's logit."""
+    m = s_new
+    for sp in tl.static_range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(stats_m_ptr + (row * NUM_SPLITS + sp) * G_PAD + g))
+    total = tl.exp(s_new - m)
+    for sp in tl.static_range(NUM_SPLITS):
+        part = (row * NUM_SPLITS + sp) * G_PAD + g
+        total += tl.load(stats_l_ptr + part) * tl.exp(tl.load(stats_m_ptr + part) - m)
+    return m, total
+
+
+@triton.jit
+def _merged_anchor(unit_ptr, row, unit_new, filled, d, NUM_SPLITS: tl.constexpr, D_PAD: tl.constexpr):
+    total = unit_new
+    for sp in tl.static_range(NUM_SPLITS):
+        total += tl.load(unit_ptr + (row * NUM_SPLITS + sp) * D_PAD + d)
+    mean_unit = total / (filled + 1).to(tl.float32)
+    return mean_unit / tl.maximum(tl.sqrt(tl.sum(mean_unit * mean_unit, axis=0)), 1e-12)
+
+
+@triton.jit(do_not_specialize=["hash_base_i32"])
+def _split_kernel(
+    q_ptr, k_new_ptr, k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr,
+    tables_ptr, filled_ptr, budget_ptr, new_pos_ptr,
+    logits_ptr, attn_ptr, walk_ptr, stats_m_ptr, stats_l_ptr, unit_ptr, acc_ptr, top_ptr, best_ptr,
+    stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd,
+    sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, stride_t,
+    num_kv_heads, row_len, hash_base_i32, scale,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr,
+    SCORE_MODE: tl.constexpr, VICTIM_MODE: tl.constexpr, DECAY: tl.constexpr, GAMMA: tl.constexpr,
+    HOPS: tl.constexpr, TAU: tl.constexpr, TOP_M: tl.constexpr, N_SINK: tl.constexpr,
+    WINDOW: tl.constexpr, EPS: tl.constexpr, NUM_SPLITS: tl.constexpr, PHASE: tl.constexpr, HOP: tl.constexpr,
+    FUSE_SCORE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    table = tables_ptr + seq.to(tl.int64) * stride_t
+    filled = tl.load(filled_ptr + seq).to(tl.int32)
+    budget = tl.load(budget_ptr + seq).to(tl.int32)
+    new_pos = tl.load(new_pos_ptr + seq).to(tl.int32)
+    per_split = tl.cdiv(tl.cdiv(filled, NUM_SPLITS), BLOCK) * BLOCK
+    lo = tl.minimum(split * per_split, filled)
+    hi = tl.minimum(lo + per_split, filled)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    e = tl.arange(0, M_PAD)
+    j_block = tl.arange(0, BLOCK)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    row = seq * num_kv_heads + head
+    part = row * NUM_SPLITS + split  # this program's entry in the split scratch
+    logits_row = logits_ptr + (row * GROUP + g[:, None]).to(tl.int64) * row_len
+    attn_row = attn_ptr + row.to(tl.int64) * row_len
+    walk_row = walk_ptr + row.to(tl.int64) * HOPS * row_len
+
+    if PHASE == 0:
+        q = tl.load(q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh + d[None, :] * stride_qd,
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        m_i, l_i, unit_sum = _logits_pass(q, tl.full([G_PAD], float("-inf"), tl.float32),
+                                          tl.zeros([G_PAD], tl.float32), tl.zeros([D_PAD], tl.float32), lo, hi,
+                                          table, head, k_ptr, sk0, sk1, sk2, sk3, logits_row, scale, g_ok, d, d_ok,
+                                          j_block, PAGE, BLOCK, SCORE_MODE)
+        tl.store(stats_m_ptr + part * G_PAD + g, m_i)
+        tl.store(stats_l_ptr + part * G_PAD + g, l_i)
+        if SCORE_MODE == 2:
+            tl.store(unit_ptr + part * D_PAD + d, unit_sum)
+    elif PHASE == 1:
+        q = tl.load(q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh + d[None, :] * stride_qd,
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        k_new = tl.load(k_new_ptr + seq * stride_kn + head * stride_kh + d * stride_kd, mask=d_ok,
+                        other=0.0).to(tl.float32)
+        s_new = tl.sum(q * k_new[None, :], axis=1) * scale
+        m_i, l_i = _merged_stats(stats_m_ptr, stats_l_ptr, row, s_new, g, NUM_SPLITS, G_PAD)
+        inv_l = tl.where(g_ok, 1.0 / l_i, 0.0)
+        acc, top = _probs_pass(m_i, inv_l, tl.full([M_PAD], -1, tl.int64), lo, hi, table, head, num_kv_heads,
+                               v_ptr, sv0, sv1, sv2, sv3, pos_ptr, logits_row, attn_row, g_ok, d, d_ok, j_block,
+                               G_PAD, D_PAD, PAGE, BLOCK, GROUP, TOP_M, M_PAD, N_SINK)
+        tl.store(acc_ptr + (part * G_PAD + g[:, None]) * D_PAD + d[None, :], acc)
+        if TOP_M > 0:
+            tl.store(top_ptr + part * M_PAD + e, top)
+        tl.debug_barrier()
+        if FUSE_SCORE:
+            anchor = tl.zeros([D_PAD], tl.float32)
+            if SCORE_MODE == 2:
+                unit_new = k_new / tl.maximum(tl.sqrt(tl.sum(k_new * k_new, axis=0)), 1e-12)
+                anchor = _merged_anchor(unit_ptr, row, unit_new, filled, d, NUM_SPLITS, D_PAD)
+            if SCORE_MODE == 1 or SCORE_MODE == 2:
+                score_hi = hi
+            else:
+                score_hi = tl.where(filled >= budget, hi, lo)  # scores unchanged: only a victim to find
+            best = _score_pass(_int64_min(), lo, score_hi, new_pos, table, head, num_kv_heads, hash_base_i32,
+                               k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, attn_row, walk_row, row_len, anchor,
+                               d, d_ok, j_block, PAGE, BLOCK, SCORE_MODE, VICTIM_MODE, DECAY, GAMMA, HOPS, TAU,
+                               N_SINK, WINDOW, EPS)
+            tl.store(best_ptr + part, best)
+        else:
+            _walk_hop(lo, hi, filled, attn_row, walk_row, table, head, num_kv_heads, pos_ptr, edge_slot_ptr,
+                      edge_pos_ptr, edge_w_ptr, j_block, M, M_PAD, PAGE, BLOCK)
+    elif PHASE == 2:
+        _walk_hop(lo, hi, filled, walk_row + (HOP - 1) * row_len, walk_row + HOP * row_len, table, head,
+                  num_kv_heads, pos_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr, j_block, M, M_PAD, PAGE, BLOCK)
+    else:
+        best = _score_pass(_int64_min(), lo, hi, new_pos, table, head, num_kv_heads, hash_base_i32,
+                           k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, attn_row, walk_row, row_len,
+                           tl.zeros([D_PAD], tl.float32), d, d_ok, j_block, PAGE, BLOCK, SCORE_MODE, VICTIM_MODE,
+                           DECAY, GAMMA, HOPS, TAU, N_SINK, WINDOW, EPS)
+        tl.store(best_ptr + part, best)
+
+
+@triton.jit
+def _split_finish_kernel(
+    q_ptr, k_new_ptr, v_new_ptr, out_ptr,
+    k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr,
+    tables_ptr, filled_ptr, budget_ptr, new_pos_ptr, new_score_ptr, written_ptr,
+    stats_m_ptr, stats_l_ptr, unit_ptr, acc_ptr, top_ptr, best_ptr,
+    stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+    stride_on, stride_oh, stride_od, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, stride_t,
+    num_kv_heads, scale,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    M: tl.constexpr, M_PAD: tl.constexpr, PAGE: tl.constexpr, SCORE_MODE: tl.constexpr, TOP_M: tl.constexpr,
+    HAS_NEW_SCORE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    table = tables_ptr + seq.to(tl.int64) * stride_t
+    filled = tl.load(filled_ptr + seq).to(tl.int32)
+    budget = tl.load(budget_ptr + seq).to(tl.int32)
+    new_pos = tl.load(new_pos_ptr + seq).to(tl.int32)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    e = tl.arange(0, M_PAD)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    row = seq * num_kv_heads + head
+
+    q = tl.load(q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh + d[None, :] * stride_qd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    k_new = tl.load(k_new_ptr + seq * stride_kn + head * stride_kh + d * stride_kd, mask=d_ok,
+                    other=0.0).to(tl.float32)
+    v_new = tl.load(v_new_ptr + seq * stride_vn + head * stride_vh + d * stride_vd, mask=d_ok,
+                    other=0.0).to(tl.float32)
+    s_new = tl.sum(q * k_new[None, :], axis=1) * scale
+    m_i, l_i = _merged_stats(stats_m_ptr, stats_l_ptr, row, s_new, g, NUM_SPLITS, G_PAD)
+    inv_l = tl.where(g_ok, 1.0 / l_i, 0.0)
+    p_new = tl.exp(s_new - m_i) * inv_l
+    acc = p_new[:, None] * v_new[None, :]
+    best = _int64_min()
+    top = tl.full([M_PAD], -1, tl.int64)
+    for sp in tl.static_range(NUM_SPLITS):
+        part = row * NUM_SPLITS + sp
+        acc += tl.load(acc_ptr + (part * G_PAD + g[:, None]) * D_PAD + d[None, :])
+        best = tl.maximum(best, tl.load(best_ptr + part))
+        if TOP_M > 0:
+            top = _merge_top(top, tl.load(top_ptr + part * M_PAD + e), TOP_M, M_PAD)
+    tl.store(out_ptr + seq * stride_on + (head * GROUP + g[:, None]) * stride_oh + d[None, :] * stride_od,
+             acc.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+    if SCORE_MODE == 1:
+        score_new = tl.sum(p_new, axis=0) / GROUP
+    elif SCORE_MODE == 2:
+        unit_new = k_new / tl.maximum(tl.sqrt(tl.sum(k_new * k_new, axis=0)), 1e-12)
+        anchor = _merged_anchor(unit_ptr, row, unit_new, filled, d, NUM_SPLITS, D_PAD)
+        score_new = -tl.sum(unit_new * anchor, axis=0)
+    elif HAS_NEW_SCORE:
+        score_new = tl.load(new_score_ptr + seq * num_kv_heads + head).to(tl.float32)
+    else:
+        score_new = 0.0
+    slot = tl.where(filled >= budget, _rank_slot(best), filled)
+    _write_new_token(slot, score_new, top, seq, head, num_kv_heads, new_pos, table, d, d_ok, k_new, v_new,
+                     k_ptr, sk0, sk1, sk2, sk3, v_ptr, sv0, sv1, sv2, sv3, pos_ptr, score_ptr, edge_slot_ptr,
+                     edge_pos_ptr, edge_w_ptr, written_ptr, M, M_PAD, PAGE, TOP_M)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, row_len: int, block: int, device: torch.device) -> int:
+    """Programs per (sequence, KV head): enough to fill the GPU about twice over when sequences x KV heads
+    is small against its SM count, never a split shorter than 4 loop blocks, at most 16; 1 elsewhere (the
+    interpreter, or a batch that already fills the GPU). Depends on shapes only (CUDA-graph safe)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    programs = num_seqs * num_kv_heads
+    if programs >= _SM_COUNT[index]:
+        return 1
+    wanted = triton.cdiv(2 * _SM_COUNT[index], programs)
+    return max(1, min(16, wanted, row_len // (4 * block)))
+
+
+def default_block_keys(row_len: int, device: torch.device) -> int:
+    """Keys per loop iteration: 64 on a GPU; in the interpreter one block per ring (up to 1024), since each
     block-loop iteration costs milliseconds there."""
     if device.type == "cuda":
         return 64
-    return max(16, min(1024, triton.next_power_of_2(budget)))
+    return max(16, min(1024, triton.next_power_of_2(row_len)))
 
 
-def _check_inputs(q, k_new, ring: RingLayer, spec: EvictionSpec) -> None:
+def _check_inputs(q, k_new, pool: PoolLayer, block_tables, spec: EvictionSpec) -> None:
     if q.shape[1] % k_new.shape[1] != 0:
         raise ValueError(f"query heads {q.shape[1]} are not a multiple of KV heads {k_new.shape[1]}")
     for name in ("pos", "score", "edge_slot", "edge_pos", "edge_w"):
-        if not getattr(ring, name).is_contiguous():
-            raise ValueError(f"ring.{name} must be contiguous")
-    if spec.top_m > 0 and ring.edge_slot.shape[3] != spec.top_m:
-        raise ValueError(f"spec.top_m={spec.top_m} but the ring stores {ring.edge_slot.shape[3]} edges per slot")
+        if not getattr(pool, name).is_contiguous():
+            raise ValueError(f"pool.{name} must be contiguous")
+    if block_tables.dim() != 2 or block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be [N, W] with contiguous rows")
+    if spec.top_m > 0 and pool.edge_slot.shape[3] != spec.top_m:
+        raise ValueError(f"spec.top_m={spec.top_m} but the pool stores {pool.edge_slot.shape[3]} edges per slot")
     if spec.score_mode not in (SCORE_NONE, SCORE_ATTN, SCORE_KEYDIFF, SCORE_EXTERNAL):
         raise ValueError(f"unknown score mode {spec.score_mode}")
     if spec.victim_mode not in (VICTIM_OLDEST, VICTIM_MIN_SCORE, VICTIM_RESERVOIR):
@@ -331,9 +626,10 @@ def attend_score_sample_triton(
     q: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
-    ring: RingLayer,
-    ring_ids: torch.Tensor,
+    pool: PoolLayer,
+    block_tables: torch.Tensor,
     filled: torch.Tensor,
+    budget: torch.Tensor,
     new_pos: torch.Tensor,
     spec: EvictionSpec,
     *,
@@ -341,38 +637,82 @@ def attend_score_sample_triton(
     seed: int,
     scale: float,
     new_score: torch.Tensor | None = None,
-    block_size: int | None = None,
+    block_keys: int | None = None,
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of `reference.attend_score_sample` (same arguments, results and in-place ring
-    updates); `block_size` is the number of slots per block (default: see default_block_size)."""
-    _check_inputs(q, k_new, ring, spec)
+    """Triton version of `reference.attend_score_sample` (same arguments, results and in-place pool
+    updates). `block_keys`: ring slots per loop iteration (default: see default_block_keys). `num_splits`:
+    programs per (sequence, KV head), 1 = the single fused kernel, more = split-K (see above); None
+    chooses by choose_num_splits (1 under the interpreter)."""
+    _check_inputs(q, k_new, pool, block_tables, spec)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]
     group = num_heads // num_kv_heads
-    budget = ring.pos.shape[2]
-    num_edges = ring.edge_slot.shape[3]
+    page = pool.block_size
+    row_len = block_tables.shape[1] * page  # the table's capacity bounds every ring in the batch
+    num_edges = pool.edge_slot.shape[3]
     hops = spec.hops if (spec.score_mode == SCORE_ATTN and spec.gamma != 0.0) else 0
-    block = block_size or default_block_size(budget, q.device)
+    block = block_keys or default_block_keys(row_len, q.device)
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot wants at least 16 rows
 
     out = torch.empty_like(q)
     written = torch.empty(num_seqs, num_kv_heads, dtype=torch.int32, device=q.device)
-    logits = torch.empty(num_seqs * num_kv_heads * group * budget, dtype=torch.float32, device=q.device)
-    attn = torch.empty(num_seqs * num_kv_heads * budget, dtype=torch.float32, device=q.device)
-    walk = torch.empty(num_seqs * num_kv_heads * (hops + 1) * budget, dtype=torch.float32, device=q.device)
     if num_seqs == 0:
+        return out, written
+    f32 = dict(dtype=torch.float32, device=q.device)
+    logits = torch.empty(num_seqs * num_kv_heads * group * row_len, **f32)
+    attn = torch.empty(num_seqs * num_kv_heads * row_len, **f32)
+    walk = torch.zeros(max(1, num_seqs * num_kv_heads * hops * row_len), **f32)  # atomics add into it
+    splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, row_len, block, q.device)
+    constants = dict(
+        GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
+        M=num_edges, M_PAD=triton.next_power_of_2(num_edges), PAGE=page)
+    policy = dict(SCORE_MODE=spec.score_mode, TOP_M=spec.top_m)
+    if splits > 1:
+        rows = num_seqs * num_kv_heads * splits
+        g_pad_, d_pad, m_pad = g_pad, constants["D_PAD"], constants["M_PAD"]
+        stats_m = torch.empty(rows * g_pad_, **f32)
+        stats_l = torch.empty(rows * g_pad_, **f32)
+        unit = torch.empty(rows * d_pad if spec.score_mode == SCORE_KEYDIFF else 1, **f32)
+        acc = torch.empty(rows * g_pad_ * d_pad, **f32)
+        top = torch.empty(rows * m_pad, dtype=torch.int64, device=q.device)
+        best = torch.empty(rows, dtype=torch.int64, device=q.device)
+        # without a victim to draw (nothing full) a split's candidate is never used, but it is always written
+        fuse_score = spec.score_mode != SCORE_ATTN or hops == 0
+        common = (q, k_new, pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w,
+                  block_tables, filled, budget, new_pos, logits, attn, walk, stats_m, stats_l, unit, acc, top, best,
+                  *q.stride(), *k_new.stride(), *pool.k.stride(), *pool.v.stride(), block_tables.stride(0),
+                  num_kv_heads, row_len, hash_base(seed, layer), float(scale))
+        phase = dict(**constants, BLOCK=block, VICTIM_MODE=spec.victim_mode, DECAY=float(spec.decay),
+                     GAMMA=float(spec.gamma), HOPS=hops, TAU=float(spec.tau), N_SINK=spec.n_sink,
+                     WINDOW=spec.window, EPS=float(spec.eps), NUM_SPLITS=splits, FUSE_SCORE=fuse_score, **policy)
+        grid = (num_seqs, num_kv_heads, splits)
+        _split_kernel[grid](*common, PHASE=0, HOP=0, **phase)
+        _split_kernel[grid](*common, PHASE=1, HOP=0, **phase)
+        if not fuse_score:
+            for hop in range(1, hops):
+                _split_kernel[grid](*common, PHASE=2, HOP=hop, **phase)
+            _split_kernel[grid](*common, PHASE=3, HOP=0, **phase)
+        _split_finish_kernel[(num_seqs, num_kv_heads)](
+            q, k_new, v_new, out,
+            pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w,
+            block_tables, filled, budget, new_pos, new_score if new_score is not None else written, written,
+            stats_m, stats_l, unit, acc, top, best,
+            *q.stride(), *k_new.stride(), *v_new.stride(), *out.stride(), *pool.k.stride(), *pool.v.stride(),
+            block_tables.stride(0), num_kv_heads, float(scale),
+            **constants, **policy, HAS_NEW_SCORE=new_score is not None, NUM_SPLITS=splits)
         return out, written
 
     _attend_score_sample_kernel[(num_seqs, num_kv_heads)](
         q, k_new, v_new, out,
-        ring.k, ring.v, ring.pos, ring.score, ring.edge_slot, ring.edge_pos, ring.edge_w,
-        ring_ids, filled, new_pos, new_score if new_score is not None else written, written,
+        pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w,
+        block_tables, filled, budget, new_pos, new_score if new_score is not None else written, written,
         logits, attn, walk,
-        *q.stride(), *k_new.stride(), *v_new.stride(), *out.stride(),
-        *ring.k.stride(), *ring.v.stride(),
-        num_kv_heads, budget, hash_base(seed, layer), float(scale),
+        *q.stride(), *k_new.stride(), *v_new.stride(), *out.stride(), *pool.k.stride(), *pool.v.stride(),
+        block_tables.stride(0),
+        num_kv_heads, row_len, hash_base(seed, layer), float(scale),
         GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
-        M=num_edges, M_PAD=triton.next_power_of_2(num_edges), BLOCK=block,
+        M=num_edges, M_PAD=triton.next_power_of_2(num_edges), PAGE=page, BLOCK=block,
         SCORE_MODE=spec.score_mode, VICTIM_MODE=spec.victim_mode, DECAY=float(spec.decay),
         GAMMA=float(spec.gamma), HOPS=hops, TAU=float(spec.tau), TOP_M=spec.top_m, N_SINK=spec.n_sink,
         WINDOW=spec.window, EPS=float(spec.eps), HAS_NEW_SCORE=new_score is not None,

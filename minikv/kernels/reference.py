@@ -1,10 +1,18 @@
-"""The torch reference of minikv's kernels: plain, readable, fp32. This file is the contract.
+"""The torch reference of minikv's kernels: readable, fp32, vectorised over the batch. This file is the contract.
 
 The Triton kernels must produce the same outputs, the same scores and the same victims on the same
-inputs; tests compare them. On CPU the engine runs these functions directly.
+inputs; tests compare them. On CPU the engine runs these functions directly, so they are also the CPU
+hot path: every step is a fixed, small number of batched torch ops (no Python loop over sequences,
+tokens or edges, no per-sequence host reads).
+
+The KV store is one block pool per layer (`common.PoolLayer`, DESIGN 3.1). A sequence's ring is its
+block table: ring slot j lives at pool row `table[j // block_size] * block_size + j % block_size`, for
+every KV head. Everything below works on ring slot indices (filled counts, victims, edges, ties); only
+the gather at the start and the writes at the end go through the table.
 
 Shapes: N sequences in a decode batch, Hq query heads, Hkv KV heads (G = Hq / Hkv query heads share one
-KV head), B = budget slots per ring, D = head_dim, C = tokens in a prefill chunk, M = edges per slot.
+KV head), W entries per block table, D = head_dim, C = tokens in a prefill chunk, M = edges per slot,
+F = the widest ring filled in the batch (the padded width).
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from .common import (
     VICTIM_OLDEST,
     VICTIM_RESERVOIR,
     EvictionSpec,
-    RingLayer,
+    PoolLayer,
+    physical_rows,
     slot_uniform,
 )
 
@@ -34,9 +43,10 @@ def attend_score_sample(
     q: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
-    ring: RingLayer,
-    ring_ids: torch.Tensor,
+    pool: PoolLayer,
+    block_tables: torch.Tensor,
     filled: torch.Tensor,
+    budget: torch.Tensor,
     new_pos: torch.Tensor,
     spec: EvictionSpec,
     *,
@@ -45,161 +55,224 @@ def attend_score_sample(
     scale: float,
     new_score: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step of one layer for a batch of sequences, each in its own ring.
+    """One decode step of one layer for a batch of sequences, each with its own ring in the block pool.
 
-    q [N, Hq, D], k_new / v_new [N, Hkv, D] (after RoPE), ring_ids / filled / new_pos [N] int32:
-    the ring of each sequence, how many of its slots are filled before this step, and the new token's
-    position. new_score [N, Hkv]: the new token's score under SCORE_EXTERNAL (0 when None).
+    q [N, Hq, D], k_new / v_new [N, Hkv, D] (after RoPE).
+    block_tables [N, W] int32: row i is sequence i's block table (entries past what the ring needs may be
+        anything, e.g. a scratch block id; they are never read).
+    filled [N] int32: ring slots filled before this step; budget [N] int32: the sequence's ring size (the
+        ring is full when filled == budget; budget <= W * block_size); new_pos [N] int32: the new token's
+        position. When filled < budget the block holding ring slot `filled` must exist in the table.
+    new_score [N, Hkv]: the new token's score under SCORE_EXTERNAL (0 when None).
 
     For each (sequence, KV head):
       1. the group's query heads attend the filled slots plus the new token;
       2. a(j): the probability each slot received, averaged over the group;
-      3. the policy's score update (EvictionSpec.score_mode);
-      4. the slot for the new token: the next empty one, or (ring full) the victim among unprotected slots;
-         the new token's K, V, pos, score and out-edges are written there.
-    Returns the attention output [N, Hq, D] (q's dtype) and the slot written per KV head [N, Hkv] int32.
+      3. the policy's score update (EvictionSpec.score_mode), written back;
+      4. the ring slot for the new token: `filled` while the ring has room, else the victim among
+         unprotected slots (ties -> lowest ring slot); its K, V, pos, score and out-edges (top-m by a(j),
+         taken before the write) are written there.
+    Pool rows outside the batch's filled slots and the new tokens' slots are never written, and pool
+    content at ring slots >= filled is never trusted (it may be anything, NaN included).
+
+    Returns the attention output [N, Hq, D] (q's dtype) and `written` [N, Hkv] int32: the ring slot index
+    the new token went to.
     """
-    num_seqs, num_heads, _ = q.shape
+    num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]
-    out = torch.empty_like(q)
-    written = torch.empty(num_seqs, num_kv_heads, dtype=torch.int32, device=q.device)
-    for i in range(num_seqs):
-        out[i], written[i] = _decode_one(
-            q[i], k_new[i], v_new[i], ring, int(ring_ids[i]), int(filled[i]), int(new_pos[i]), spec,
-            layer=layer, seed=seed, scale=scale,
-            new_score=None if new_score is None else new_score[i],
-        )
-    return out, written
+    group = num_heads // num_kv_heads
+    if num_seqs == 0:
+        return torch.empty_like(q), torch.empty(0, num_kv_heads, dtype=torch.int32, device=q.device)
+    # The step's one host read (three scalars at once): the padded width, whether rings are ragged (only
+    # then do padding lanes need masking) and whether any ring is full (only then are victims drawn).
+    # On the CPU hot path this is a plain memory read; on CUDA the Triton kernel runs instead.
+    width, narrowest, any_full = torch.stack([filled.max(), filled.min(), (filled >= budget).any()]).tolist()
+    ragged = narrowest < width
 
-
-def _decode_one(q, k_new, v_new, ring: RingLayer, r: int, f: int, t: int, spec: EvictionSpec, *,
-                layer, seed, scale, new_score):
-    num_kv_heads, head_dim = k_new.shape
-    group = q.shape[0] // num_kv_heads
-    keys = torch.cat([ring.k[r, :, :f].float(), k_new.float()[:, None]], dim=1)  # [Hkv, f+1, D]
-    values = torch.cat([ring.v[r, :, :f].float(), v_new.float()[:, None]], dim=1)
-    qg = q.float().view(num_kv_heads, group, head_dim)
-
-    probs = torch.softmax(torch.einsum("hgd,hjd->hgj", qg, keys) * scale, dim=-1)  # [Hkv, G, f+1]
-    out = torch.einsum("hgj,hjd->hgd", probs, values).reshape(q.shape).to(q.dtype)
-    attn = probs.mean(dim=1)  # a(j), pooled over the GQA group
-    attn_ring, attn_new = attn[:, :f], attn[:, f]
-
-    pos = ring.pos[r, :, :f]
-    score = ring.score[r, :, :f]
-    score_new = _update_scores(spec, ring, r, f, score, attn_ring, attn_new, keys, new_score)
-
-    slot = _choose_slot(spec, ring, r, f, t, pos, score, layer, seed)
+    # ---- gather every ring in ring order, plus one lane for the new token ---------------------------
+    # cells index the pool flattened to [rows * Hkv]; padding lanes (slot >= filled) read ring slot 0,
+    # whose block exists for every running sequence, and are masked wherever their content matters.
+    lanes = torch.arange(width + 1, device=q.device)
+    valid = lanes[:width] < filled[:, None] if ragged else None  # [N, F]
+    slots = torch.where(lanes < filled[:, None], lanes, 0)  # [N, F + 1]; the new token's lane too
+    rows = physical_rows(block_tables, slots, pool.block_size)  # [N, F + 1]
     heads = torch.arange(num_kv_heads, device=q.device)
+    cells = rows[:, None, :] * num_kv_heads + heads[None, :, None]  # [N, Hkv, F + 1]
+    ring_cells = cells[:, :, :width]
+
+    keys = _gather(pool.k, cells).float()  # [N, Hkv, F + 1, D]; a fresh tensor, so lane F can be set
+    keys[:, :, width] = k_new
+    values = _gather(pool.v, cells).float()
+    values[:, :, width] = v_new
+    lane_ok = None if valid is None else torch.cat([valid, valid.new_ones(num_seqs, 1)], 1)[:, None, :]
+    if lane_ok is not None:
+        values.masked_fill_(~lane_ok[..., None], 0.0)  # padding content may be NaN: 0 * NaN is NaN
+    pos = _gather(pool.pos, ring_cells)  # [N, Hkv, F]
+
+    # ---- 1-2: attention and a(j) ---------------------------------------------------------------------
+    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float() * scale
+    logits = torch.matmul(qg, keys.transpose(-1, -2))  # [N, Hkv, G, F + 1]
+    if lane_ok is not None:
+        logits.masked_fill_(~lane_ok[:, :, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.matmul(probs, values).view(q.shape).to(q.dtype)
+    attn = probs.mean(dim=2)  # [N, Hkv, F + 1]; exactly 0 on padding lanes
+    attn_ring = attn[:, :, :width]
+
+    # ---- 3: scores -------------------------------------------------------------------------------------
+    needs_score = spec.score_mode == SCORE_ATTN or spec.victim_mode != VICTIM_OLDEST
+    score = _gather(pool.score, ring_cells) if needs_score and spec.score_mode != SCORE_KEYDIFF else None
+    updated = None  # the ring's new scores [N, Hkv, F], when the policy changes them
+    if spec.score_mode == SCORE_ATTN:
+        n = attn_ring
+        if spec.hops > 0 and spec.gamma != 0.0 and width > 0:
+            n = nexus_walk(attn_ring, _gather(pool.edge_slot, ring_cells), _gather(pool.edge_pos, ring_cells),
+                           _gather(pool.edge_w, ring_cells), pos, spec.gamma, spec.hops, filled=filled[:, None, None])
+        updated = n if spec.decay == 0.0 else (score if spec.decay == 1.0 else score * spec.decay) + n
+        score_new = attn[:, :, width]
+    elif spec.score_mode == SCORE_KEYDIFF:
+        neg_cos = keydiff_scores(keys, lane_ok)
+        updated, score_new = neg_cos[:, :, :width], neg_cos[:, :, width]
+    elif spec.score_mode == SCORE_EXTERNAL and new_score is not None:
+        score_new = new_score.float()
+    else:
+        score_new = q.new_zeros(num_seqs, num_kv_heads, dtype=torch.float32)
+    if updated is not None:
+        score = updated
+
+    # ---- 4: the slot the new token takes ----------------------------------------------------------------
+    slot = filled.long()[:, None].expand(-1, num_kv_heads)
+    if any_full:
+        protected = (pos < spec.n_sink) | (pos >= (new_pos - spec.window)[:, None, None])
+        if valid is not None:
+            protected |= ~valid[:, None, :]
+        victim = victim_slots(spec, pos, score, protected, heads[:, None], layer, seed)
+        slot = torch.where((filled < budget)[:, None], slot, victim)
+    new_cells = physical_rows(block_tables, slot, pool.block_size) * num_kv_heads + heads  # [N, Hkv]
+
+    # ---- writes: the ring's scores first, then the new token over its slot ----------------------------
+    if updated is not None:
+        # Padding lanes write into the new token's cell, which the writes below then overwrite.
+        target = ring_cells if valid is None else torch.where(valid[:, None, :], ring_cells, new_cells[..., None])
+        _scatter(pool.score, target, updated)
     if spec.top_m > 0:
-        # Edges are taken before the write: an edge to the victim must record the victim's old position,
-        # so that it is dead from the start rather than pointing at the new token.
+        # Edges are taken before the write: an edge to the victim records the victim's old position,
+        # so it is dead from the start rather than pointing at the new token.
         edge_slot, edge_pos, edge_w = top_m_edges(attn_ring, pos, spec)
-        ring.edge_slot[r, heads, slot] = edge_slot
-        ring.edge_pos[r, heads, slot] = edge_pos
-        ring.edge_w[r, heads, slot] = edge_w
-    ring.k[r, heads, slot] = k_new.to(ring.k.dtype)
-    ring.v[r, heads, slot] = v_new.to(ring.v.dtype)
-    ring.pos[r, heads, slot] = t
-    ring.score[r, heads, slot] = score_new
+        _scatter(pool.edge_slot, new_cells, edge_slot)
+        _scatter(pool.edge_pos, new_cells, edge_pos)
+        _scatter(pool.edge_w, new_cells, edge_w)
+    _scatter(pool.k, new_cells, k_new)
+    _scatter(pool.v, new_cells, v_new)
+    _scatter(pool.pos, new_cells, new_pos[:, None].expand(-1, num_kv_heads))
+    _scatter(pool.score, new_cells, score_new)
     return out, slot.to(torch.int32)
 
 
-def _update_scores(spec, ring, r, f, score, attn_ring, attn_new, keys, new_score):
-    """Update the filled slots' scores in place; return the new token's first score [Hkv]."""
-    if spec.score_mode == SCORE_ATTN:
-        n = nexus_walk(attn_ring, ring.edge_slot[r, :, :f], ring.edge_pos[r, :, :f], ring.edge_w[r, :, :f],
-                       ring.pos[r, :, :f], spec.gamma, spec.hops)
-        score.mul_(spec.decay).add_(n)
-        return attn_new
-    if spec.score_mode == SCORE_KEYDIFF:
-        neg_cos = keydiff_scores(keys)
-        score.copy_(neg_cos[:, :f])
-        return neg_cos[:, f]
-    if spec.score_mode == SCORE_EXTERNAL and new_score is not None:
-        return new_score.float()
-    return torch.zeros_like(attn_new)
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A pool tensor [blocks, block_size, Hkv, ...] as [cells, ...]: a view (writes reach the pool)."""
+    return t.view(-1, *t.shape[3:])
 
 
-def nexus_walk(attn, edge_slot, edge_pos, edge_w, pos, gamma: float, hops: int) -> torch.Tensor:
-    """n = a + gamma a P + gamma^2 a P^2 + ... (DESIGN 5.1), over the ring's live edges.
+def _gather(t: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Pool tensor entries at `cells` (any shape): [*cells.shape, ...]."""
+    flat = _flat(t)
+    return flat.index_select(0, cells.reshape(-1)).view(*cells.shape, *flat.shape[1:])
 
-    attn [H, f]; edge_* [H, f, M]; pos [H, f]. P[i, j] is the weight of edge i -> j while slot j still
-    holds the token the edge was made to (its position matches); a dead or empty edge carries nothing.
-    Each hop is a scatter over at most f * M edges, never a dense f x f matrix.
+
+def _scatter(t: torch.Tensor, cells: torch.Tensor, values: torch.Tensor) -> None:
+    flat = _flat(t)
+    flat.index_copy_(0, cells.reshape(-1), values.reshape(-1, *flat.shape[1:]).to(flat.dtype))
+
+
+def nexus_walk(attn, edge_slot, edge_pos, edge_w, pos, gamma: float, hops: int,
+               filled: torch.Tensor | None = None) -> torch.Tensor:
+    """n = a + gamma a P + gamma^2 a P^2 + ... (DESIGN 5.1), over the live edges.
+
+    attn [..., n]; edge_* [..., n, M]; pos [..., n]; `filled` (broadcastable to attn, e.g. [N, 1, 1] for
+    attn [N, Hkv, n]): entries at index >= filled are padding; None = all n count.
+    P[i, j] is the weight of edge i -> j while slot j still holds the token the edge was made to (its
+    position matches); a dead, empty or padding edge carries nothing. Each hop is one scatter_add over the
+    n * M edges, never a dense n x n matrix.
     """
-    num_heads, f = attn.shape
-    if hops == 0 or gamma == 0.0 or f == 0:
+    n = attn.shape[-1]
+    if hops == 0 or gamma == 0.0 or n == 0:
         return attn.clone()
+    lead = attn.shape[:-1]
     target = edge_slot.long()
-    alive = (target >= 0) & (target < f)
-    target = target.clamp(0, max(f - 1, 0))
-    alive &= pos.gather(1, target.view(num_heads, -1)).view_as(target) == edge_pos
-    weight = torch.where(alive, edge_w, torch.zeros_like(edge_w))
-    n, x = attn.clone(), attn
+    limit = n if filled is None else filled[..., None]
+    alive = (target >= 0) & (target < limit)
+    if filled is not None:  # padding sources: their edges may hold anything
+        alive &= (torch.arange(n, device=attn.device) < filled)[..., None]
+    target = target.clamp(0, n - 1).view(*lead, -1)
+    alive &= pos.gather(-1, target).view_as(edge_pos) == edge_pos
+    weight = torch.where(alive, edge_w, 0.0)
+    total, x = attn, attn
     for hop in range(1, hops + 1):
-        flow = (x[:, :, None] * weight).view(num_heads, -1)
-        x = torch.zeros_like(attn).scatter_add_(1, target.view(num_heads, -1), flow)
-        n += gamma**hop * x
-    return n
+        flow = (x[..., None] * weight).view(*lead, -1)
+        x = torch.zeros_like(attn).scatter_add_(-1, target, flow)
+        total = total + gamma**hop * x
+    return total
 
 
-def keydiff_scores(keys: torch.Tensor) -> torch.Tensor:
-    """-cos(k_j, anchor), anchor = mean of the L2-normalised keys [H, n, D] -> [H, n] (KeyDiff)."""
+def keydiff_scores(keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """-cos(k_j, anchor), anchor = the normalised mean of the L2-normalised keys [..., n, D] -> [..., n]
+    (KeyDiff). `valid` [..., n] (broadcastable) marks the keys that count for the anchor; None = all."""
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-    anchor = torch.nn.functional.normalize(unit.mean(dim=1, keepdim=True), dim=-1)
-    return -(unit * anchor).sum(-1)
+    counted = unit if valid is None else torch.where(valid[..., None], unit, 0.0)
+    anchor = torch.nn.functional.normalize(counted.sum(dim=-2), dim=-1)
+    return -torch.matmul(unit, anchor[..., None]).squeeze(-1)
+
+
+def edge_rank_keys(attn: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """int64 keys [..., n] whose descending order is (attention desc, index asc) over eligible entries.
+
+    attn >= 0 in fp32, so its bit patterns (as int32) order like its values; key = bits * 2^32 - index.
+    Eligible entries (attention > 0) get keys > 0, the others keys <= 0. Keys are unique, so `topk` on
+    them is exact and ties go to the lower index, the rule the Triton kernels implement with the same key.
+    """
+    bits = torch.where(eligible, attn, 0.0).view(torch.int32).long()
+    return (bits << 32) - torch.arange(attn.shape[-1], device=attn.device)
 
 
 def top_m_edges(attn: torch.Tensor, pos: torch.Tensor, spec: EvictionSpec):
     """The query's top-m attended slots, sinks excluded, with weights normalised to sum 1.
 
-    attn, pos [H, f] -> edge_slot [H, M] int32 (-1 = none), edge_pos [H, M] int32 (the target's position,
-    -1 = none), edge_w [H, M] fp32. Ties go to the lower slot index, so both kernels agree.
+    attn, pos [..., f] -> edge_slot [..., M] int32 (-1 = none), edge_pos [..., M] int32 (the target's
+    position, -1 = none), edge_w [..., M] fp32. Only slots with attention > 0 qualify (padding lanes have
+    exactly 0). Ties go to the lower slot index, so both kernels agree.
     """
-    num_heads, f = attn.shape
-    m = spec.top_m
-    slots = torch.full((num_heads, m), -1, dtype=torch.int32, device=attn.device)
-    weights = torch.zeros(num_heads, m, dtype=torch.float32, device=attn.device)
-    targets = torch.full((num_heads, m), -1, dtype=torch.int32, device=attn.device)
-    masked = torch.where((pos >= spec.n_sink) & (attn > 0), attn, torch.full_like(attn, -1.0))
+    m, f = spec.top_m, attn.shape[-1]
+    lead = attn.shape[:-1]
+    slots = torch.full((*lead, m), -1, dtype=torch.int32, device=attn.device)
+    targets = torch.full((*lead, m), -1, dtype=torch.int32, device=attn.device)
+    weights = torch.zeros(*lead, m, dtype=torch.float32, device=attn.device)
     take = min(m, f)
     if take == 0:
         return slots, targets, weights
-    # stable sort on -attn: equal attention keeps index order, i.e. lower slot first
-    order = torch.sort(-masked, dim=1, stable=True).indices[:, :take]
-    top = masked.gather(1, order)
-    valid = top >= 0
-    total = torch.where(valid, top, torch.zeros_like(top)).sum(1, keepdim=True).clamp_min(1e-30)
-    slots[:, :take] = torch.where(valid, order, torch.full_like(order, -1)).to(torch.int32)
-    targets[:, :take] = torch.where(valid, pos.gather(1, order), torch.full_like(order, -1)).to(torch.int32)
-    weights[:, :take] = torch.where(valid, top / total, torch.zeros_like(top))
+    keys = edge_rank_keys(attn, (pos >= spec.n_sink) & (attn > 0))
+    ranked, order = keys.topk(take, dim=-1)
+    found = ranked > 0
+    top = torch.where(found, attn.gather(-1, order), 0.0)
+    slots[..., :take] = torch.where(found, order, -1)
+    targets[..., :take] = torch.where(found, pos.gather(-1, order), -1)
+    weights[..., :take] = top / top.sum(-1, keepdim=True).clamp_min(1e-30)
     return slots, targets, weights
 
 
-def _choose_slot(spec, ring, r, f, t, pos, score, layer, seed) -> torch.Tensor:
-    """[Hkv] slot index for the new token: next empty slot, or the victim of a full ring."""
-    num_kv_heads = pos.shape[0]
-    budget = ring.pos.shape[2]
-    if f < budget:
-        return torch.full((num_kv_heads,), f, dtype=torch.long, device=pos.device)
-    protected = (pos < spec.n_sink) | (pos >= t - spec.window)
-    heads = torch.arange(num_kv_heads, device=pos.device)[:, None]
-    return victim_slots(spec, pos, score, protected, heads, layer, seed)
-
-
 def victim_slots(spec: EvictionSpec, pos, score, protected, heads, layer: int, seed: int) -> torch.Tensor:
-    """The victim per head among unprotected slots; ties go to the lowest slot index. [H, n] -> [H]."""
+    """The victim among unprotected slots along the last axis; ties go to the lowest slot index.
+    pos / score / protected [..., n] (score unused by VICTIM_OLDEST), heads broadcastable to them (the
+    KV head index, for the reservoir's hash) -> [...] int64. All protected -> slot 0."""
     if spec.victim_mode == VICTIM_OLDEST:
-        key = -pos.double()
+        key = torch.where(protected, torch.iinfo(torch.int32).min, -pos)
     elif spec.victim_mode == VICTIM_MIN_SCORE:
-        key = -score.double()
+        key = torch.where(protected, float("-inf"), -score)
     elif spec.victim_mode == VICTIM_RESERVOIR:
-        key = reservoir_keys(spec, score, heads, pos, layer, seed).double()
+        key = torch.where(protected, float("-inf"), reservoir_keys(spec, score, heads, pos, layer, seed))
     else:
         raise ValueError(f"unknown victim mode {spec.victim_mode}")
-    key = key.masked_fill(protected, float("-inf"))
-    return key.argmax(dim=1)  # argmax returns the first maximum: the lowest slot on ties
+    return key.argmax(dim=-1)  # argmax returns the first maximum: the lowest slot on ties
 
 
 def reservoir_keys(spec: EvictionSpec, score, heads, pos, layer: int, seed: int) -> torch.Tensor:
@@ -222,8 +295,9 @@ def reservoir_keys(spec: EvictionSpec, score, heads, pos, layer: int, seed: int)
 class PrefillResult(NamedTuple):
     """out [C, Hq, D]; mass [Hkv, f + C]: attention each key got, summed over the chunk's rows and
     averaged over the group (keys 0..f-1 are ring slots, f.. the chunk's tokens); edge_idx / edge_w
-    [C, Hkv, M]: each row's top-m keys (sinks and itself excluded) as indices into that same key axis;
-    obs [Hkv, obs_rows, f + C]: the full group-averaged probability rows of the last obs_rows rows."""
+    [C, Hkv, M]: each row's top-m keys (sinks and itself excluded, attention > 0, ties -> lower index) as
+    indices into that same key axis, -1 = none; obs [Hkv, min(obs_rows, C), f + C]: the full
+    group-averaged probability rows of the last obs_rows rows."""
 
     out: torch.Tensor
     mass: torch.Tensor
@@ -232,13 +306,19 @@ class PrefillResult(NamedTuple):
     obs: torch.Tensor | None
 
 
+def gather_ring(pool: PoolLayer, block_table: torch.Tensor, filled: int, name: str) -> torch.Tensor:
+    """Ring slots 0..filled-1 of one sequence from pool tensor `name`, in ring order: [filled, Hkv, ...]."""
+    rows = physical_rows(block_table, torch.arange(filled, device=block_table.device), pool.block_size)
+    return pool.rows(name).index_select(0, rows)
+
+
 def prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
+    pool: PoolLayer,
+    block_table: torch.Tensor,
+    filled: int,
     chunk_pos: torch.Tensor,
     *,
     scale: float,
@@ -246,49 +326,59 @@ def prefill_attention(
     top_m: int = 0,
     obs_rows: int = 0,
 ) -> PrefillResult:
-    """A chunk of C tokens of one sequence attends its ring's f filled slots and itself (causal).
+    """A chunk of C tokens of one sequence attends its ring's `filled` slots and itself (causal).
 
-    q [C, Hq, D], k / v [C, Hkv, D]; ring_k / ring_v [Hkv, f, D] and ring_pos [Hkv, f] are the filled
-    slots (every one precedes the chunk); chunk_pos [C] the chunk's positions (used to exclude sinks
-    from edges).
+    q [C, Hq, D], k / v [C, Hkv, D]; block_table [W] int32 is the sequence's table, through which ring
+    slots 0..filled-1 are read (every one precedes the chunk); chunk_pos [C] the chunk's positions (used
+    to exclude sinks from edges). Writes nothing: the caller's keep step writes the chunk into the pool.
+    The probabilities are computed once (one logits matmul, one softmax) and reused for the output, the
+    mass, the edges and the observation rows.
     """
     chunk, num_heads, head_dim = q.shape
-    num_kv_heads, f = ring_pos.shape
+    num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
-    keys = torch.cat([ring_k.float(), k.float().transpose(0, 1)], dim=1)  # [Hkv, f+C, D]
-    values = torch.cat([ring_v.float(), v.float().transpose(0, 1)], dim=1)
-    qg = q.float().view(chunk, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, C, D]
+    num_keys = filled + chunk
+    keys = torch.cat([gather_ring(pool, block_table, filled, "k").float(), k.float()]).transpose(0, 1)
+    values = torch.cat([gather_ring(pool, block_table, filled, "v").float(), v.float()]).transpose(0, 1)
+    # [Hkv, G * C, D]: the group's heads stacked along the rows, so one batched matmul covers them
+    qg = (q.float() * scale).view(chunk, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    logits = torch.matmul(qg.reshape(num_kv_heads, group * chunk, head_dim), keys.transpose(1, 2))
+    logits = logits.view(num_kv_heads, group, chunk, num_keys)
+    hidden = torch.ones(chunk, num_keys, dtype=torch.bool, device=q.device).triu_(filled + 1)  # causal
+    probs = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
+    out = torch.matmul(probs.view(num_kv_heads, group * chunk, num_keys), values)
+    out = out.view(num_kv_heads, group, chunk, head_dim).permute(2, 0, 1, 3).reshape(q.shape).to(q.dtype)
 
-    logits = torch.einsum("hgcd,hjd->hgcj", qg, keys) * scale
-    causal = torch.ones(chunk, f + chunk, dtype=torch.bool, device=q.device).tril(diagonal=f)
-    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-    out = torch.einsum("hgcj,hjd->cghd", probs, values).permute(0, 2, 1, 3).reshape(q.shape).to(q.dtype)
-
-    pooled = probs.mean(dim=1)  # [Hkv, C, f+C]
-    mass = pooled.sum(dim=1)
     edge_idx = edge_w = obs = None
+    obs_rows = min(obs_rows, chunk)
     if top_m > 0:
-        key_pos = torch.cat([ring_pos, chunk_pos[None].expand(num_kv_heads, -1).to(ring_pos.dtype)], dim=1)
-        edge_idx, edge_w = _prefill_edges(pooled, key_pos, f, n_sink, top_m)
-    if obs_rows > 0:
-        obs = pooled[:, -obs_rows:]
+        pooled = probs.mean(dim=1)  # [Hkv, C, f + C]
+        mass = pooled.sum(dim=1)
+        ring_pos = gather_ring(pool, block_table, filled, "pos").transpose(0, 1)
+        key_pos = torch.cat([ring_pos, chunk_pos.to(ring_pos.dtype).expand(num_kv_heads, -1)], dim=1)
+        edge_idx, edge_w = _prefill_edges(pooled, key_pos, filled, n_sink, top_m)
+        if obs_rows > 0:
+            obs = pooled[:, chunk - obs_rows:]
+    else:
+        mass = probs.sum(dim=(1, 2)) / group
+        if obs_rows > 0:
+            obs = probs[:, :, chunk - obs_rows:].mean(dim=1)
     return PrefillResult(out, mass, edge_idx, edge_w, obs)
 
 
-def _prefill_edges(pooled, key_pos, f, n_sink, top_m):
+def _prefill_edges(pooled, key_pos, filled, n_sink, top_m):
     """Top-m edges of every chunk row: [Hkv, C, f+C] -> ([C, Hkv, M] int32, [C, Hkv, M] fp32)."""
-    num_kv_heads, chunk, _ = pooled.shape
-    self_key = f + torch.arange(chunk, device=pooled.device)
-    eligible = (key_pos[:, None, :] >= n_sink).expand(-1, chunk, -1).clone()
-    eligible[:, torch.arange(chunk), self_key] = False  # a token's edge to itself carries nothing
-    masked = torch.where(eligible & (pooled > 0), pooled, torch.full_like(pooled, -1.0))
-    take = min(top_m, masked.shape[-1])
-    order = torch.sort(-masked, dim=-1, stable=True).indices[..., :take]
-    top = masked.gather(-1, order)
-    valid = top >= 0
-    total = torch.where(valid, top, torch.zeros_like(top)).sum(-1, keepdim=True).clamp_min(1e-30)
-    idx = torch.full((num_kv_heads, chunk, top_m), -1, dtype=torch.int32, device=pooled.device)
-    w = torch.zeros(num_kv_heads, chunk, top_m, dtype=torch.float32, device=pooled.device)
-    idx[..., :take] = torch.where(valid, order, torch.full_like(order, -1)).to(torch.int32)
-    w[..., :take] = torch.where(valid, top / total, torch.zeros_like(top))
-    return idx.transpose(0, 1).contiguous(), w.transpose(0, 1).contiguous()
+    num_kv_heads, chunk, num_keys = pooled.shape
+    rows = torch.arange(chunk, device=pooled.device)
+    itself = torch.zeros(chunk, num_keys, dtype=torch.bool, device=pooled.device)
+    itself[rows, filled + rows] = True  # a token's edge to itself carries nothing
+    eligible = (key_pos[:, None, :] >= n_sink) & ~itself & (pooled > 0)  # keys a row cannot see: pooled == 0
+    take = min(top_m, num_keys)
+    ranked, order = edge_rank_keys(pooled, eligible).topk(take, dim=-1)
+    found = ranked > 0
+    top = torch.where(found, pooled.gather(-1, order), 0.0)
+    idx = torch.full((chunk, num_kv_heads, top_m), -1, dtype=torch.int32, device=pooled.device)
+    w = torch.zeros(chunk, num_kv_heads, top_m, dtype=torch.float32, device=pooled.device)
+    idx[..., :take] = torch.where(found, order, -1).transpose(0, 1)
+    w[..., :take] = (top / top.sum(-1, keepdim=True).clamp_min(1e-30)).transpose(0, 1)
+    return idx, w
