@@ -47,8 +47,9 @@ class BenchResult:
     output_tokens: int
     ttft_s: list[float] = field(repr=False)
     tpot_s: list[float] = field(repr=False)
-    peak_kv_bytes: int
-    allocated_kv_bytes: int
+    peak_kv_bytes: int  # the most pool blocks rings held at once, in bytes
+    mean_kv_bytes: int  # pool blocks held, averaged over steps
+    allocated_kv_bytes: int  # the whole pool
     max_concurrent: int
     mean_concurrent: float
     evicted_tokens: int  # summed over requests: tokens each dropped from its ring
@@ -115,6 +116,7 @@ def run_load(engine, requests: list[SyntheticRequest], *, temperature: float = 0
     first_token: dict[str, float] = {}
     finished = {}
     concurrency: list[int] = []
+    blocks_used: list[int] = []  # pool blocks held by rings after each step
     while pending or engine.has_unfinished_requests():
         now = clock() - start
         while pending and pending[0].arrival_s <= now:
@@ -126,6 +128,7 @@ def run_load(engine, requests: list[SyntheticRequest], *, temperature: float = 0
             continue
         outputs = engine.step()
         concurrency.append(engine.scheduler.num_running)
+        blocks_used.append(engine.pool.num_used)
         stamp = clock()
         for out in outputs:
             if out.outputs[0].token_ids and out.request_id not in first_token:
@@ -133,21 +136,23 @@ def run_load(engine, requests: list[SyntheticRequest], *, temperature: float = 0
             if out.finished:
                 finished[out.request_id] = (out, stamp)
     duration = clock() - start
-    return _result(engine, label or engine.policy.name, duration, arrival, first_token, finished, concurrency)
+    return _result(engine, label or engine.policy.name, duration, arrival, first_token, finished, concurrency,
+                   blocks_used)
 
 
-def _result(engine, label, duration, arrival, first_token, finished, concurrency) -> BenchResult:
+def _result(engine, label, duration, arrival, first_token, finished, concurrency, blocks_used) -> BenchResult:
     ttft = [first_token[rid] - arrival[rid] for rid in finished if rid in first_token]
     tpot = [(stamp - first_token[rid]) / (out.metrics.num_generated_tokens - 1)
             for rid, (out, stamp) in finished.items() if out.metrics.num_generated_tokens > 1]
     outs = [out for out, _ in finished.values()]
-    store = engine.store
+    per_block = engine.pool.bytes_per_block
     return BenchResult(
         label=label, num_requests=len(finished), duration_s=duration,
         prompt_tokens=sum(len(o.prompt_token_ids) for o in outs),
         output_tokens=sum(o.metrics.num_generated_tokens for o in outs),
-        ttft_s=ttft, tpot_s=tpot, peak_kv_bytes=max(concurrency, default=0) * store.bytes_per_ring,
-        allocated_kv_bytes=store.total_bytes, max_concurrent=max(concurrency, default=0),
+        ttft_s=ttft, tpot_s=tpot, peak_kv_bytes=max(blocks_used, default=0) * per_block,
+        mean_kv_bytes=int(sum(blocks_used) / len(blocks_used) * per_block) if blocks_used else 0,
+        allocated_kv_bytes=engine.pool.total_bytes, max_concurrent=max(concurrency, default=0),
         mean_concurrent=sum(concurrency) / len(concurrency) if concurrency else 0.0,
         evicted_tokens=sum(o.metrics.num_evicted_tokens for o in outs),
         errors=sum(o.outputs[0].finish_reason == "error" for o in outs))

@@ -370,11 +370,14 @@ def _answer(engine, messages: list[dict], params) -> str:
 def _print_banner(engine) -> None:
     import torch
 
-    mb = engine.store.bytes_per_ring / 2**20
+    pool = engine.pool
+    ring_mb = pool.blocks_for(engine.budget) * pool.bytes_per_block / 2**20
     count = torch.get_num_threads()
     threads = f", {count} CPU thread{'s' if count > 1 else ''}" if engine.device.type == "cpu" else ""
+    budget = ("no eviction" if not engine.policy.evicts
+              else f"budget {engine.budget} slots (at most {ring_mb:.0f} MiB of KV per sequence)")
     print(f"minikv: {engine.config.architecture}, {engine.config.num_layers} layers, policy {engine.policy.label}, "
-          f"budget {engine.budget} slots ({mb:.0f} MiB of KV per sequence), {engine.device}{threads}", file=sys.stderr)
+          f"{budget}, KV pool {pool.total_bytes / 2**20:.0f} MiB, {engine.device}{threads}", file=sys.stderr)
 
 
 # --- entry point ---------------------------------------------------------------------------------

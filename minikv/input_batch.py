@@ -111,7 +111,7 @@ class InputBatch:
         params = [req.params for req in requests]
         steps = [len(req.output_ids) for req in requests]
         temperature, top_p, min_p, repetition, presence, frequency = self.reals[:, slot_ids].unbind(0)
-        history = {}
+        history = dict(suppressed=None, prompt_mask=None, output_counts=None)
         if needs_history(params, steps):
             history = self._gather_history(slot_ids, requests, steps)
         return SamplingBatch(

@@ -270,7 +270,7 @@ def test_api_refuses_and_the_engine_serves_on(loaded, engine, case, bad, error, 
         assert phrase in str(raised.value), str(raised.value)
     out = engine.generate(["a good request"], GOOD, use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 3
-    assert engine.store.num_free == engine.store.num_rings and engine.num_requests == 0
+    assert engine.pool.num_used == engine.pool.num_reserved == 0 and engine.num_requests == 0
 
 
 def test_the_tables_hold_at_least_40_cases():

@@ -52,7 +52,7 @@ def run_all(engine: Engine) -> dict[str, RequestOutput]:
 
 
 def all_rings_free(engine: Engine) -> bool:
-    return engine.store.num_free == engine.store.num_rings and engine.num_requests == 0
+    return engine.pool.num_used == 0 and engine.pool.num_reserved == 0 and engine.num_requests == 0
 
 
 # --- batching -----------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def test_step_plans_admit_new_requests_next_step_and_chunk_long_prompts_between_
 
     def recording_schedule():
         plan = schedule()
-        plans.append(([s.request_id for s in plan.decodes], [(c.seq.request_id, c.length) for c in plan.prefills]))
+        plans.append(([s.request_id for s in plan.decodes], [(c.req.request_id, c.length) for c in plan.prefills]))
         return plan
 
     engine.scheduler.schedule = recording_schedule
@@ -114,9 +114,11 @@ def test_abort_frees_the_ring_at_once_and_is_reported_once(loaded, where):
                                  engine.scheduler.running[0].request_id == target)
         if where == "decoding":
             outputs += run_all_until(engine, lambda: not engine.scheduler.running[0].is_prefilling)
-    assert engine.store.num_free == 0
+    assert engine.batch.num_free == 0
+    held = engine.pool.num_reserved
     engine.abort(target)
-    assert engine.store.num_free == (0 if where == "waiting" else 1)
+    assert engine.batch.num_free == (0 if where == "waiting" else 1)
+    assert engine.pool.num_reserved == (held if where == "waiting" else 0)
     outputs += [o for _ in range(20) for o in engine.step()]
     finals = [o for o in outputs if o.finished]
     assert sorted(o.request_id for o in finals) == sorted([other, target])
@@ -150,7 +152,8 @@ def test_300_random_requests_with_random_aborts_lose_nothing_and_free_every_ring
             if out.finished:
                 assert out.request_id not in final
                 final[out.request_id] = out
-        assert engine.store.num_free + engine.scheduler.num_running == engine.store.num_rings
+        assert engine.batch.num_free + engine.scheduler.num_running == engine.batch.max_num_seqs
+        assert engine.pool.num_reserved == sum(r.num_blocks_needed for r in engine.scheduler.running)
     assert set(final) == set(added)
     reasons = {o.outputs[0].finish_reason for o in final.values()}
     assert "abort" in reasons and "length" in reasons and "error" not in reasons

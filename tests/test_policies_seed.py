@@ -24,10 +24,11 @@ from minikv.policies.epikv import (
     layer_bands,
 )
 from minikv.policies.nestedkv import NestedKV, decile_spread, gated_mix, mixing_weights
-from minikv.ring import RingStore
-from minikv.sampling import SamplingParams
-from minikv.scheduler import ScheduledChunk, SchedulerOutput
+from minikv.block_pool import KVPool
+from minikv.input_batch import InputBatch
 from minikv.request import Request
+from minikv.sampling import SamplingParams
+from minikv.scheduler import Scheduler
 
 from helpers import make_tiny_checkpoint
 
@@ -252,43 +253,67 @@ def tiny(tmp_path_factory):
     return build_model(config, load_state_dict(weight_files(path)), torch.device("cpu"), torch.float32), config
 
 
+BLOCK = 8  # pool block size in these tests: rings of 24 slots span 3 blocks
+
+
+class Harness:
+    """The engine's parts (pool, persistent batch, scheduler, runner) around a bare model, greedy argmax."""
+
+    def __init__(self, model, config, policy, *, slots: int, seed: int = 0, budget: int = BUDGET):
+        self.budget = budget
+        self.pool = KVPool(config, slots * -(-budget // BLOCK), BLOCK, dtype=torch.float32, device=torch.device("cpu"),
+                           edges_per_slot=policy.top_m)
+        self.batch = InputBatch(slots, -(-budget // BLOCK), config.vocab_size, torch.device("cpu"),
+                                empty_block=self.pool.scratch_block)
+        self.scheduler = Scheduler(self.pool, self.batch, max_num_batched_tokens=CHUNK + slots, chunk=CHUNK)
+        attention = RingAttention(self.pool, policy, scale=config.head_dim**-0.5, seed=seed, num_slots=slots,
+                                  max_budget=budget)
+        self.runner = ModelRunner(model, attention, self.batch, torch.device("cpu"))
+
+    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> Request:
+        ring = min(self.budget, len(prompt) + max_tokens)
+        req = Request(request_id, prompt, SamplingParams(max_tokens=max_tokens), seed=0, eos_ids=frozenset(),
+                      tokenizer=None, kv_budget=self.budget, ring_size=ring, num_blocks_needed=self.pool.blocks_for(ring))
+        self.scheduler.add(req)
+        return req
+
+    def step(self) -> list[Request]:
+        result = self.runner.run(self.scheduler.schedule())
+        tokens = result.logits.argmax(-1)
+        self.batch.record_sampled(result.slot_ids, tokens)
+        for req, token in zip(result.requests, tokens.tolist()):
+            req.output_ids.append(token)
+        return list(self.scheduler.running)
+
+    def ring(self, name: str, req: Request) -> torch.Tensor:
+        """[L, H, filled] of what the request's ring holds, in ring order."""
+        return self.pool.ring(name, req.blocks, min(req.num_processed, req.ring_size))
+
+
 def _drive(model, config, name, seed, *, check):
-    """Three requests through two rings (the third reuses a freed ring), decodes and chunks sharing steps."""
+    """Three requests through two slots (the third waits for a freed one), decodes and chunks sharing steps."""
     policy = make_policy(name, n_sink=N_SINK, window=WINDOW, **OPTIONS.get(name, {}))
-    store = RingStore(config, 2, BUDGET, dtype=torch.float32, device=torch.device("cpu"))
-    runner = ModelRunner(model, RingAttention(store, policy, scale=config.head_dim**-0.5, seed=seed),
-                         torch.device("cpu"))
+    harness = Harness(model, config, policy, slots=2, seed=seed)
     g = torch.Generator().manual_seed(seed)
     lengths, new_tokens = (37, 9, 30), (30, 40, 25)
-    waiting = [Request(str(i), torch.randint(3, 300, (n,), generator=g).tolist(), SamplingParams(), seed=0, eos_ids=frozenset(), tokenizer=None)
-               for i, n in enumerate(lengths)]
-    running, outputs = [], {}
-    while waiting or running:
-        while waiting and store.num_free:
-            seq = waiting.pop(0)
-            seq.slot = store.allocate()
-            running.append(seq)
-        sched = SchedulerOutput(decodes=[s for s in running if not s.is_prefilling],
-                                prefills=[ScheduledChunk(s, min(CHUNK, len(s.prompt_ids) - s.num_processed))
-                                          for s in running if s.is_prefilling])
-        result = runner.run(sched)
-        for seq, token in zip(result.seqs, result.logits.argmax(-1).tolist()):
-            seq.output_ids.append(token)
-        for seq in list(running):
-            check(store, policy, seq)
-            if len(seq.output_ids) >= new_tokens[int(seq.request_id)]:
-                outputs[seq.request_id] = (list(seq.output_ids), store.pos[:, seq.slot].clone(),
-                                           store.score[:, seq.slot].clone())
-                store.free(seq.slot)
-                running.remove(seq)
+    for i, n in enumerate(lengths):
+        harness.add(str(i), torch.randint(3, 300, (n,), generator=g).tolist(), new_tokens[i])
+    outputs = {}
+    while harness.scheduler.has_unfinished():
+        for req in harness.step():
+            check(harness, policy, req)
+            if len(req.output_ids) >= new_tokens[int(req.request_id)]:
+                outputs[req.request_id] = (list(req.output_ids), harness.ring("pos", req).clone(),
+                                           harness.ring("score", req).clone())
+                harness.scheduler.finish(req, "length")
+    assert harness.pool.num_used == harness.pool.num_reserved == 0
     return outputs
 
 
-def _check_ring(store, policy, seq):
-    n = seq.num_processed
+def _check_ring(harness, policy, req):
+    n = req.num_processed
     filled = min(n, BUDGET)
-    pos = store.pos[:, seq.slot, :, :filled]  # [L, H, filled]
-    score = store.score[:, seq.slot, :, :filled]
+    pos, score = harness.ring("pos", req), harness.ring("score", req)  # [L, H, filled]
     must_keep = set(range(min(N_SINK, n))) | set(range(max(0, n - WINDOW), n))
     for layer in range(pos.shape[0]):
         for head in range(pos.shape[1]):
@@ -329,21 +354,17 @@ def test_lag_is_capped_so_pending_tokens_fit_the_ring(tiny):
     _, config = tiny
     for lag, budget, expected in ((6, 24, 6), (128, 24, 24 - N_SINK - 1), (128, 200, 128)):
         policy = make_policy("epikv-lag", n_sink=N_SINK, window=WINDOW, lag=lag)
-        RingAttention(RingStore(config, 1, budget, dtype=torch.float32, device=torch.device("cpu")), policy,
-                      scale=1.0, seed=0)
+        pool = KVPool(config, 1, 8, dtype=torch.float32, device=torch.device("cpu"))
+        RingAttention(pool, policy, scale=1.0, seed=0, num_slots=1, max_budget=budget)
         assert policy.lag_in_use == expected
 
 
 def test_epikv_rejects_an_evicting_chunk_it_cannot_hold(tiny):
     model, config = tiny
     policy = make_policy("epikv", n_sink=N_SINK, window=WINDOW)
-    store = RingStore(config, 1, BUDGET, dtype=torch.float32, device=torch.device("cpu"))
-    runner = ModelRunner(model, RingAttention(store, policy, scale=config.head_dim**-0.5, seed=0), torch.device("cpu"))
-    seq = Request("0", list(range(3, 63)), SamplingParams(), seed=0, eos_ids=frozenset(), tokenizer=None)
-    seq.slot = store.allocate()
-    runner.run(SchedulerOutput(prefills=[ScheduledChunk(seq, BUDGET)]))  # fills the ring: nothing to evict
+    policy.check_budget(N_SINK + CHUNK, CHUNK)  # a whole chunk fits beside the sinks
     with pytest.raises(ConfigError, match="n_sink \\+ chunk"):
-        runner.run(SchedulerOutput(prefills=[ScheduledChunk(seq, BUDGET - N_SINK + 1)]))
+        policy.check_budget(N_SINK + CHUNK - 1, CHUNK)
 
 
 # --- per-ring state is reset when a ring starts a new sequence ------------------------------------------
@@ -354,14 +375,17 @@ def test_ring_reallocation_resets_policy_state():
     fresh, _ = _nested(block=16, trail=8).prefill_scores(_cand(keys))
     config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=32, intermediate_size=8,
                          num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16)
-    store = RingStore(config, 2, 64, dtype=torch.float32, device=torch.device("cpu"))
+    pool = KVPool(config, 8, 16, dtype=torch.float32, device=torch.device("cpu"))
     policy = NestedKV(block=16, trail=8)
-    attention = RingAttention(store, policy, scale=1.0, seed=0)  # binds the policy to the store
+    attention = RingAttention(pool, policy, scale=1.0, seed=0, num_slots=2, max_budget=64)  # binds the policy
     policy.prefill_scores(_cand(-keys.flip(1)))  # an earlier sequence in ring 0
     dirty = policy.global_sum.clone()
-    attention.begin_step(StepPlan(prefills=[PrefillSegment(ring=1, start=0, length=4, filled=0, first_pos=4)]))
+    table = torch.zeros(4, dtype=torch.int32)
+    attention.begin_step(StepPlan(prefills=[PrefillSegment(slot=1, start=0, length=4, filled=0, first_pos=4,
+                                                           ring_size=64, table=table)]))
     assert torch.equal(policy.global_sum, dirty)  # a chunk that continues a sequence keeps its state
-    attention.begin_step(StepPlan(prefills=[PrefillSegment(ring=0, start=0, length=4, filled=0, first_pos=0)]))
+    attention.begin_step(StepPlan(prefills=[PrefillSegment(slot=0, start=0, length=4, filled=0, first_pos=0,
+                                                           ring_size=64, table=table)]))
     assert (policy.global_sum == 0).all()
     again, _ = policy.prefill_scores(_cand(keys))
     assert torch.equal(again, fresh)

@@ -11,7 +11,7 @@ from minikv.errors import ConfigError
 from minikv.kernels.common import SCORE_ATTN, VICTIM_MIN_SCORE, VICTIM_RESERVOIR, EvictionSpec, PoolLayer
 from minikv.kernels.reference import attend_score_sample, nexus_walk, victim_slots
 from minikv.policies import POLICIES, PrefillCandidates, make_policy
-from minikv.ring import check_ring_settings
+from minikv.block_pool import check_ring_settings
 
 EVICTING = [name for name, cls in POLICIES.items() if cls.evicts]
 

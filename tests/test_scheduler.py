@@ -1,4 +1,5 @@
-"""The scheduler alone: step plans, chunking, admission, FCFS and ring release (no model runs)."""
+"""The scheduler alone: step plans, chunking, admission by block reservation, FCFS, block growth and
+release (no model runs)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,32 @@ import torch
 
 from minikv.config import ModelConfig
 from minikv.errors import ConfigError
-from minikv.ring import RingStore
+from minikv.block_pool import KVPool
+from minikv.input_batch import InputBatch
+from minikv.request import Request, RequestStatus
 from minikv.sampling import SamplingParams
 from minikv.scheduler import Scheduler
-from minikv.request import Request, RequestStatus
 
 CONFIG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=8, intermediate_size=16,
                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4)
 
 
-def make_scheduler(num_rings: int = 3, max_num_batched_tokens: int = 16, chunk: int = 8) -> Scheduler:
-    store = RingStore(CONFIG, num_rings, 16, dtype=torch.float32, device=torch.device("cpu"))
-    return Scheduler(store, max_num_batched_tokens=max_num_batched_tokens, chunk=chunk)
+BLOCK, BUDGET = 4, 16
 
 
-def make_seq(name: str, prompt_len: int) -> Request:
-    return Request(name, list(range(prompt_len)), SamplingParams(max_tokens=100), seed=0, eos_ids=frozenset(),
-                   tokenizer=None)
+def make_scheduler(num_rings: int = 3, max_num_batched_tokens: int = 16, chunk: int = 8,
+                   num_blocks: int | None = None) -> Scheduler:
+    """`num_rings` batch slots; a pool of `num_blocks` blocks of 4 slots (default: num_rings full rings)."""
+    pool = KVPool(CONFIG, num_blocks or num_rings * BUDGET // BLOCK, BLOCK, dtype=torch.float32,
+                  device=torch.device("cpu"))
+    batch = InputBatch(num_rings, BUDGET // BLOCK, CONFIG.vocab_size, torch.device("cpu"), empty_block=pool.scratch_block)
+    return Scheduler(pool, batch, max_num_batched_tokens=max_num_batched_tokens, chunk=chunk)
+
+
+def make_seq(name: str, prompt_len: int, max_tokens: int = 100, budget: int = BUDGET) -> Request:
+    ring = min(budget, prompt_len + max_tokens)
+    return Request(name, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), seed=0, eos_ids=frozenset(),
+                   tokenizer=None, kv_budget=budget, ring_size=ring, num_blocks_needed=-(-ring // BLOCK))
 
 
 def run_plan(plan) -> None:
@@ -32,13 +42,13 @@ def run_plan(plan) -> None:
         seq.num_processed += 1
         seq.output_ids.append(0)
     for chunk in plan.prefills:
-        chunk.seq.num_processed += chunk.length
-        if not chunk.seq.is_prefilling:
-            chunk.seq.output_ids.append(0)
+        chunk.req.num_processed += chunk.length
+        if not chunk.req.is_prefilling:
+            chunk.req.output_ids.append(0)
 
 
 def describe(plan) -> tuple[list[str], list[tuple[str, int]]]:
-    return [s.request_id for s in plan.decodes], [(c.seq.request_id, c.length) for c in plan.prefills]
+    return [s.request_id for s in plan.decodes], [(c.req.request_id, c.length) for c in plan.prefills]
 
 
 def test_long_prompt_is_chunked_and_interleaved_with_running_decodes():
@@ -56,7 +66,7 @@ def test_long_prompt_is_chunked_and_interleaved_with_running_decodes():
     while long.is_prefilling:
         plan = sched.schedule()
         plans.append(describe(plan))
-        assert plan.num_tokens <= 10
+        assert len(plan.decodes) + sum(c.length for c in plan.prefills) <= 10
         run_plan(plan)
     # Every step both decodes run; the prompt fills the other 8 tokens, cut at multiples of chunk=8.
     assert plans == [(["a", "b"], [("long", 8)]), (["a", "b"], [("long", 8)]),
@@ -106,19 +116,24 @@ def test_admission_is_first_come_first_served_and_needs_a_free_ring():
     plan = sched.schedule()
     assert describe(plan) == ([], [("0", 3), ("1", 3)])
     assert [s.request_id for s in sched.waiting] == ["2", "3"]
-    assert sched.store.num_free == 0
+    assert sched.batch.num_free == 0
     run_plan(plan)
     sched.finish(seqs[1], "stop")
-    assert sched.store.num_free == 1
+    assert sched.batch.num_free == 1
     plan = sched.schedule()
     assert describe(plan) == (["0"], [("2", 3)])  # the oldest waiting one takes the freed ring
 
 
-def test_prefills_fill_the_room_oldest_first():
-    sched = make_scheduler(num_rings=3, max_num_batched_tokens=12, chunk=8)
+def test_prefills_fill_the_room_oldest_first_and_a_chunk_that_does_not_fit_waits_whole():
+    """A chunk is never cut short to fill a step: its eviction points (and so its result) would then depend
+    on its neighbours."""
+    sched = make_scheduler(num_rings=3, max_num_batched_tokens=20, chunk=8)
     for name, n in (("x", 20), ("y", 20), ("z", 20)):
         sched.add(make_seq(name, n))
-    assert describe(sched.schedule()) == ([], [("x", 8), ("y", 4)])
+    plan = sched.schedule()
+    assert describe(plan) == ([], [("x", 8), ("y", 8)])  # z's 8 do not fit in the 4 left: it waits
+    run_plan(plan)
+    assert describe(sched.schedule()) == ([], [("x", 8), ("y", 8)])
 
 
 @pytest.mark.parametrize("where", ["waiting", "prefilling", "decoding"])
@@ -138,14 +153,15 @@ def test_finish_frees_the_ring_at_once_wherever_the_sequence_is(where):
         while seq.is_prefilling:
             run_plan(sched.schedule())
         assert sched.schedule().decodes == [seq]
-    free_before = sched.store.num_free
+    free_before, reserved_before = sched.batch.num_free, sched.pool.num_reserved
     sched.finish(seq, "abort")
-    assert seq.is_finished and seq.finish_reason == "abort" and seq.slot is None
+    assert seq.is_finished and seq.finish_reason == "abort" and seq.slot is None and seq.blocks == []
     assert seq not in sched.running and seq not in sched.waiting
-    assert sched.store.num_free == free_before + (where != "waiting")
+    assert sched.batch.num_free == free_before + (where != "waiting")
+    assert sched.pool.num_reserved == reserved_before - (seq.num_blocks_needed if where != "waiting" else 0)
     sched.finish(seq, "abort")  # a second finish is harmless
     if blocker is not None:
-        assert sched.store.num_free == 0
+        assert sched.batch.num_free == 0
 
 
 def test_bad_settings_are_config_errors():
@@ -153,3 +169,39 @@ def test_bad_settings_are_config_errors():
         make_scheduler(num_rings=4, max_num_batched_tokens=3)
     with pytest.raises(ConfigError, match="chunk"):
         make_scheduler(chunk=0)
+
+
+# --- blocks ----------------------------------------------------------------------------------------
+
+
+def test_admission_reserves_what_a_ring_can_ever_hold_and_blocks_come_as_it_fills():
+    sched = make_scheduler(num_rings=4, max_num_batched_tokens=12, chunk=8, num_blocks=10)
+    short, long = make_seq("short", 3, max_tokens=2), make_seq("long", 30, max_tokens=5)
+    sched.add(short)
+    sched.add(long)
+    plan = sched.schedule()
+    assert short.num_blocks_needed == 2 and long.num_blocks_needed == BUDGET // BLOCK  # ceil(5/4); the budget
+    assert sched.pool.num_reserved == 6
+    assert len(short.blocks) == 1 and len(long.blocks) == 2  # 3 tokens; the first 8-token chunk
+    run_plan(plan)
+    for _ in range(3):
+        run_plan(sched.schedule())
+    assert len(long.blocks) == 4 and long.num_processed == 30  # full ring: 16 slots, no block more
+    assert sched.pool.num_used == len(short.blocks) + len(long.blocks) <= sched.pool.num_reserved
+    owners = {sched.pool.owner_of(b) for b in long.blocks}
+    assert owners == {long.slot} and not set(long.blocks) & set(short.blocks)
+    table = sched.batch.block_table[long.slot].tolist()
+    assert table == long.blocks  # the device-side table is the host's, entry by entry
+
+
+def test_the_head_of_the_queue_waits_for_blocks_and_nobody_overtakes_it():
+    sched = make_scheduler(num_rings=4, max_num_batched_tokens=64, chunk=8, num_blocks=6)
+    first, big, small = make_seq("first", 10), make_seq("big", 10), make_seq("small", 1, max_tokens=1)
+    for s in (first, big, small):
+        sched.add(s)
+    sched.schedule()
+    assert [s.request_id for s in sched.running] == ["first"]  # big needs 4 blocks, 2 are left
+    assert [s.request_id for s in sched.waiting] == ["big", "small"]  # small would fit, but waits its turn
+    sched.finish(first, "stop")
+    sched.schedule()
+    assert [s.request_id for s in sched.running] == ["big", "small"]

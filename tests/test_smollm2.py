@@ -53,7 +53,8 @@ def test_passkey_at_2000_tokens_with_budget_512(smollm2, policy):
     nexus keeps it through its novelty reserve; with reserve=0 (attention alone) it loses the key on all
     three prompts, as do h2o and tova (docs/quality.md).
     """
-    engine = Engine(smollm2, budget=512, chunk=256, policy=policy, max_num_seqs=3)
+    # full rings hold their whole request (~2,000 slots): a pool for three of them
+    engine = Engine(smollm2, budget=512, chunk=256, policy=policy, max_num_seqs=3, kv_memory="300MiB")
     prompts = [passkey_prompt(smollm2.tokenizer, seed, depth) for seed, depth in [(1, 0.4), (2, 0.2), (3, 0.6)]]
     outs = engine.generate([text for text, _ in prompts], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     for (_, key), out in zip(prompts, outs):

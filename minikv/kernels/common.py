@@ -62,9 +62,13 @@ class PoolLayer(NamedTuple):
 
 def physical_rows(block_table: torch.Tensor, slots: torch.Tensor, block_size: int) -> torch.Tensor:
     """Ring slot indices -> rows of PoolLayer.rows(...): block_table[slot // block_size] * block_size +
-    slot % block_size (int64). block_table [..., W] and slots [..., n] share their leading dimensions."""
+    slot % block_size (int64). Either one sequence's table [W] with slots of any shape, or tables [..., W]
+    and slots [..., n] that share their leading dimensions."""
     slots = slots.long()
-    blocks = block_table.long().gather(-1, slots // block_size)
+    if block_table.dim() == 1:
+        blocks = block_table.long()[slots // block_size]
+    else:
+        blocks = block_table.long().gather(-1, slots // block_size)
     return blocks * block_size + slots % block_size
 
 
