@@ -354,10 +354,11 @@ def _attend_score_sample_kernel(
 
     # ---- scores and the victim (only scanned when needed) -------------------------------------------------
     full = filled >= budget
-    if SCORE_MODE == 1 or SCORE_MODE == 2:
+    score_hi = tl.where(full, filled, 0)  # scores unchanged: the loop only looks for a victim
+    if SCORE_MODE == 1:
         score_hi = filled
-    else:
-        score_hi = tl.where(full, filled, 0)  # scores unchanged: the loop only looks for a victim
+    if SCORE_MODE == 2:
+        score_hi = filled
     best = _score_pass(_int64_min(), 0, score_hi, new_pos, table, head, num_kv_heads, hash_base_i32,
                        k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, attn_row, walk_row, row_len, anchor, d, d_ok,
                        j_block, PAGE, BLOCK, SCORE_MODE, VICTIM_MODE, DECAY, GAMMA, HOPS, TAU, N_SINK, WINDOW, EPS)
@@ -492,10 +493,11 @@ def _split_kernel(
             if SCORE_MODE == 2:
                 unit_new = k_new / tl.maximum(tl.sqrt(tl.sum(k_new * k_new, axis=0)), 1e-12)
                 anchor = _merged_anchor(unit_ptr, row, unit_new, filled, d, NUM_SPLITS, D_PAD)
-            if SCORE_MODE == 1 or SCORE_MODE == 2:
+            score_hi = tl.where(filled >= budget, hi, lo)  # scores unchanged: only a victim to find
+            if SCORE_MODE == 1:
                 score_hi = hi
-            else:
-                score_hi = tl.where(filled >= budget, hi, lo)  # scores unchanged: only a victim to find
+            if SCORE_MODE == 2:
+                score_hi = hi
             best = _score_pass(_int64_min(), lo, score_hi, new_pos, table, head, num_kv_heads, hash_base_i32,
                                k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, attn_row, walk_row, row_len, anchor,
                                d, d_ok, j_block, PAGE, BLOCK, SCORE_MODE, VICTIM_MODE, DECAY, GAMMA, HOPS, TAU,

@@ -62,12 +62,12 @@ def _prefill_kernel(
     num_kv_heads, num_ring, chunk_len, first_obs, scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PAGE: tl.constexpr, N_SINK: tl.constexpr,
-    TOP_M: tl.constexpr, M_PAD: tl.constexpr, OBS: tl.constexpr,
+    TOP_M: tl.constexpr, M_PAD: tl.constexpr, OBS: tl.constexpr, ROWS: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     num_keys = num_ring + chunk_len
-    ROWS: tl.constexpr = BLOCK_Q * G_PAD
+    # ROWS = BLOCK_Q * G_PAD
     r = tl.arange(0, ROWS)
     row = q_block * BLOCK_Q + r // G_PAD  # chunk row of each tile row
     g = r % G_PAD
@@ -222,7 +222,7 @@ def prefill_attention_triton(
         num_kv_heads, filled, chunk_len, chunk_len - obs_rows, float(scale),
         GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
         BLOCK_Q=block_q, BLOCK_K=block_k, PAGE=pool.block_size, N_SINK=n_sink,
-        TOP_M=top_m, M_PAD=triton.next_power_of_2(max(top_m, 1)), OBS=obs_rows > 0,
+        TOP_M=top_m, M_PAD=triton.next_power_of_2(max(top_m, 1)), OBS=obs_rows > 0, ROWS=block_q * g_pad,
     )
     mass = partial_mass.sum(dim=0) if num_q_blocks > 1 else partial_mass[0]
     return PrefillResult(out, mass, edge_idx, edge_w, obs)
