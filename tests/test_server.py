@@ -465,3 +465,18 @@ def test_serve_command_line():
                                       "--policy", "nexus:tau=0"])
     assert args.func is serve_cli.run
     assert (args.model, args.port, args.budget, args.max_waiting, args.host) == ("org/model", 9001, 256, 4, "127.0.0.1")
+
+
+def test_serve_command_builds_the_app_and_runs_uvicorn(loaded, monkeypatch):
+    import minikv.cli
+    from minikv.server import cli as serve_cli
+
+    ran = {}
+    monkeypatch.setattr(minikv.cli, "build_engine", lambda args, model, **kw: ran.update(model=model, **kw) or
+                        tiny_engine(loaded, max_num_seqs=kw["max_num_seqs"]))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    args = minikv.cli.build_parser().parse_args(["serve", "my/model", "--port", "9002", "--max-num-seqs", "3",
+                                                 "--served-model-name", "mine"])
+    assert args.func(args) == 0
+    assert (ran["model"], ran["max_num_seqs"], ran["port"], ran["host"]) == ("my/model", 3, 9002, "127.0.0.1")
+    assert ran["app"].state.server.model_name == "mine"

@@ -10,7 +10,7 @@ started and stopped with the app's lifespan; handlers only submit requests and a
 
 from __future__ import annotations
 
-import re
+import time
 import uuid
 from contextlib import asynccontextmanager
 
@@ -36,6 +36,7 @@ class Server:
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.config.vocab_size
+        self.started = int(time.time())
         self.engine_loop = EngineLoop(engine, max_waiting=max_waiting)
         self.metrics = ServerMetrics(self.engine_loop.stats, model_name=model_name, policy=engine.policy.label)
         self.engine_loop.observer = self.metrics
@@ -58,25 +59,13 @@ class Server:
         try:
             await handle.accepted()
         except InvalidRequestError as err:
-            raise invalid_request(err, body) from None
+            raise errors.from_invalid_request(err, body.request_field) from None
         except (EngineLoopFailure, EngineDeadError) as err:
             raise errors.engine_failure(str(err)) from None
         except BaseException:  # cancelled while waiting: the engine may take it later, so abort it now
             handle.abort()
             raise
         return handle
-
-
-def invalid_request(err: InvalidRequestError, body: SamplingFields) -> errors.APIError:
-    """minikv's InvalidRequestError as a 400 naming the field of *this* request body."""
-    engine_name = errors.engine_field(str(err))
-    message = str(err).replace("SamplingParams.", "")
-    param = body.request_field(engine_name)
-    if engine_name and param != engine_name:  # e.g. chat's max_completion_tokens for the engine's max_tokens
-        message = re.sub(rf"\b{engine_name}\b", param, message)
-    if param and param not in message:
-        message = f"{param}: {message}"
-    return errors.bad_request(message, param)
 
 
 def create_app(engine: Engine, *, model_name: str = "minikv", max_waiting: int | None = None) -> FastAPI:
@@ -107,9 +96,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError):
         return errors.from_validation_errors(list(exc.errors()), known_fields).response()
 
-    @app.exception_handler(InvalidRequestError)
+    @app.exception_handler(InvalidRequestError)  # a safety net: the handlers translate these themselves
     async def invalid(request: Request, exc: InvalidRequestError):
-        return errors.bad_request(str(exc).replace("SamplingParams.", ""), errors.engine_field(str(exc))).response()
+        return errors.from_invalid_request(exc).response()
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(request: Request, exc: ClientDisconnected):
@@ -119,24 +108,17 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request):
-        server.check_model(body.model)
-        body.check_supported()
-        params, fit = _sampling_params(body, body.to_sampling_params)
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", server.model_name)
-        return await _respond(server, request, body, body.engine_prompt(), params, fit, fmt)
+        return await _serve(server, request, body, CompletionFormat(f"cmpl-{uuid.uuid4().hex}", server.model_name))
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-        server.check_model(body.model)
-        body.check_supported()
-        params, fit = _sampling_params(body, lambda: body.to_sampling_params(server.max_model_len))
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", server.model_name, top_logprobs=body.top_logprobs or 0)
-        return await _respond(server, request, body, body.engine_prompt(), params, fit, fmt)
+        return await _serve(server, request, body, fmt)
 
     @app.get("/v1/models")
     async def list_models():
         # max_model_len and vocab_size are minikv's additions (the load generator reads vocab_size).
-        card = {"id": server.model_name, "object": "model", "created": 0, "owned_by": "minikv",
+        card = {"id": server.model_name, "object": "model", "created": server.started, "owned_by": "minikv",
                 "max_model_len": server.max_model_len, "vocab_size": server.vocab_size}
         return {"object": "list", "data": [card]}
 
@@ -152,16 +134,16 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def _sampling_params(body: SamplingFields, build):
+async def _serve(server: Server, request: Request, body: CompletionRequest | ChatCompletionRequest,
+                 fmt: ResponseFormat):
+    """One request of either endpoint: check it, hand it to the engine, then stream or answer."""
+    server.check_model(body.model)
+    body.check_supported()
     try:
-        return build()
+        params, fit_max_tokens = body.to_sampling_params(server.max_model_len)
     except InvalidRequestError as err:
-        raise invalid_request(err, body) from None
-
-
-async def _respond(server: Server, request: Request, body: SamplingFields, prompt, params, fit: bool,
-                   fmt: ResponseFormat):
-    handle = await server.submit(body, prompt, params, fit, fmt.request_id)
+        raise errors.from_invalid_request(err, body.request_field) from None
+    handle = await server.submit(body, body.engine_prompt(), params, fit_max_tokens, fmt.request_id)
     on_disconnect = server.metrics.aborted_by_disconnect.inc
     if body.stream:
         events = stream_events(handle, fmt, body.include_usage, on_disconnect)

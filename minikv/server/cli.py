@@ -49,5 +49,6 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, model_name=name, max_waiting=args.max_waiting)
     print(f"minikv serve: {name} on http://{args.host}:{args.port} (policy {engine.policy.label}, budget "
           f"{engine.budget}, {args.max_num_seqs} sequences)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # On shutdown, open streams get 5 s to finish; then they are cancelled, which aborts their requests.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

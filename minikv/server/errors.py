@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
 from fastapi.responses import JSONResponse
 
@@ -123,3 +124,17 @@ def engine_field(message: str) -> str | None:
         if match:
             return field or match.group(1)
     return None
+
+
+def from_invalid_request(err: Exception, request_field: Callable[[str | None], str | None] = lambda name: name
+                         ) -> APIError:
+    """minikv's InvalidRequestError as a 400 naming the field of the request body (`request_field` maps the
+    engine's field names to the endpoint's, e.g. chat's max_completion_tokens for max_tokens)."""
+    engine_name = engine_field(str(err))
+    message = str(err).replace("SamplingParams.", "")
+    param = request_field(engine_name)
+    if engine_name and param != engine_name:
+        message = re.sub(rf"\b{engine_name}\b", param, message)
+    if param and param not in message:
+        message = f"{param}: {message}"
+    return bad_request(message, param)

@@ -106,8 +106,8 @@ class CompletionRequest(SamplingFields):
             return self.prompt[0]
         return self.prompt
 
-    def to_sampling_params(self) -> tuple[SamplingParams, bool]:
-        """SamplingParams, and whether max_tokens is to be fitted to the prompt (never, for completions)."""
+    def to_sampling_params(self, max_model_len: int) -> tuple[SamplingParams, bool]:
+        """SamplingParams, and whether max_tokens is to be fitted to the prompt (never: OpenAI's default is 16)."""
         max_tokens = self.max_tokens if self.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
         return self.sampling_params(max_tokens=max_tokens, logprobs=self.logprobs, stream=self.stream), False
 
