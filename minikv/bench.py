@@ -15,6 +15,7 @@ at once unless `--request-rate` spreads them out (Poisson arrivals). Reported:
 side-by-side view of what the bounded ring saves.
 
     python -m minikv bench --num-requests 32 --input-len 256:1024 --output-len 64:128 --budget 512 --compare-full
+    python -m minikv bench --url http://127.0.0.1:8000 -n 32 --request-rate 4 --kv-budget 256:1024   # a server
 """
 
 from __future__ import annotations
@@ -225,12 +226,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="run the same load with the full policy too, side by side")
     load.add_argument("--json", action="store_true", help="print the results as JSON lines instead of a table")
     from .cli import add_engine_arguments
+    from .server import loadgen
 
     add_engine_arguments(parser, max_num_seqs=8)  # the same flags as `minikv run`, --policy options included
+    loadgen.add_arguments(parser)  # --url: the same load on a running server instead
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model once, run the load with each policy asked for, print the table. Returns 0."""
+    """Load the model once, run the load with each policy asked for, print the table. Returns 0.
+    With --url, send the load to that server instead (minikv.server.loadgen)."""
+    if getattr(args, "url", None):
+        from .server import loadgen
+
+        return loadgen.run(args)
     from .cli import set_threads
     from .loader import load_model
 

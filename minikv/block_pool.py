@@ -31,29 +31,38 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_kv_memory(value: int | float | str, device: torch.device) -> int:
-    """KV memory as bytes: an int of bytes, a string with a unit ("2GiB", "512MB", "1.5G"), or on CUDA a
-    fraction in (0, 1] of the device memory that is free now (after the model's weights)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"kv_memory must be bytes, a size like '2GiB', or a fraction of free CUDA memory; got {value!r}")
+def read_kv_memory(value: int | float | str) -> int | float:
+    """A KV memory setting as bytes (int) or as a fraction in (0, 1] of free CUDA memory (float): an int of
+    bytes, a float fraction, or a string with a unit ("2GiB", "512MB", "1.5G") or a fraction ("0.9")."""
     if isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
         if not match or match.group(2).lower() not in _UNITS:
-            raise ConfigError(f"cannot read kv_memory {value!r}: write a size like '2GiB', '512MB' or '1073741824'")
+            raise ConfigError(f"cannot read kv_memory {value!r}: write a size like '2GiB', '512MB' or '1073741824', "
+                              "or a fraction of free CUDA memory like '0.9'")
         number, unit = float(match.group(1)), match.group(2).lower()
         if unit == "" and "." in match.group(1) and number <= 1:
-            return parse_kv_memory(number, device)  # "0.9" on the command line: a fraction
-        return int(number * _UNITS[unit])
-    if isinstance(value, float) and 0 < value <= 1:
-        if torch.device(device).type != "cuda":
-            raise ConfigError(f"kv_memory={value} is a fraction of free CUDA memory, but the engine runs on "
-                              f"{device}; give a size instead, e.g. '2GiB'")
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * value)
-    if isinstance(value, (int, float)) and value > 1 and math.isfinite(value):
+            value = number
+        else:
+            value = int(number * _UNITS[unit])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"kv_memory must be a positive size in bytes (e.g. '2GiB') or a fraction in (0, 1] of free "
+                          f"CUDA memory; got {value!r}")
+    if isinstance(value, float) and value > 1:
         return int(value)
-    raise ConfigError(f"kv_memory must be a positive size in bytes (e.g. '2GiB') or a fraction in (0, 1] of free "
-                      f"CUDA memory; got {value!r}")
+    return value
+
+
+def parse_kv_memory(value: int | float | str, device: torch.device | str) -> int:
+    """KV memory in bytes for `device` (see read_kv_memory); a fraction is of the CUDA memory free now, after
+    the model's weights."""
+    value = read_kv_memory(value)
+    if isinstance(value, int):
+        return value
+    if torch.device(device).type != "cuda":
+        raise ConfigError(f"kv_memory={value} is a fraction of free CUDA memory, but the engine runs on {device}; "
+                          "give a size instead, e.g. '2GiB'")
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int(free * value)
 
 
 def check_ring_settings(budget: int, chunk: int, n_sink: int, window: int) -> None:

@@ -3,9 +3,10 @@
     minikv run [MODEL] [--budget N] [--policy nexus] ["prompt"]   answer one prompt, or chat interactively
     minikv bench ...                                               throughput and latency on synthetic load
     minikv eval ...                                                long-context quality vs budget and policy
+    minikv serve [MODEL] [--host H] [--port P]                     an OpenAI-compatible HTTP server
 
 Every subcommand that builds an Engine takes the same engine flags (`add_engine_arguments`), read back with
-`engine_options` and applied with `set_threads`, so a future `minikv serve` only has to call the three.
+`engine_options` and applied with `set_threads`.
 
 Errors: a bad argument, model, config or prompt prints one `minikv: error: ...` line and exits with status
 2; a request that fails while running exits with status 1; anything else is a bug and keeps its traceback.
@@ -63,7 +64,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
     g.add_argument("--window", type=non_negative_int, default=64,
                    help="most recent tokens never evicted (default %(default)s)")
     g.add_argument("--max-num-seqs", type=positive_int, default=max_num_seqs,
-                   help="sequences (rings) at once; the KV store is allocated for this many (default %(default)s)")
+                   help="the most requests running at once (default %(default)s)")
+    g.add_argument("--kv-memory", type=_kv_memory_arg, default=None, metavar="SIZE",
+                   help="memory of the one KV block pool every request draws from: bytes, or a size like 2GiB or "
+                        "512MB, or on CUDA a fraction of free memory like 0.9 (default: max-num-seqs rings of "
+                        "--budget slots). Each request reserves only what its own ring can hold, so short "
+                        "requests leave room for many more")
+    g.add_argument("--block-size", type=positive_int, default=None,
+                   help="KV slots per pool block (default 16)")
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                    help="tokens per step (default: chunk + max-num-seqs)")
     g.add_argument("--max-model-len", type=positive_int, default=None,
@@ -92,7 +100,8 @@ def engine_options(args: argparse.Namespace) -> dict:
     return dict(budget=args.budget, policy=spec.name, policy_options=dict(spec.options), chunk=args.chunk,
                 n_sink=args.n_sink, window=args.window, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                seed=args.seed, enforce_eager=args.enforce_eager)
+                seed=args.seed, enforce_eager=args.enforce_eager, kv_memory=args.kv_memory,
+                **({"block_size": args.block_size} if args.block_size else {}))
 
 
 def default_threads() -> int:
@@ -114,6 +123,17 @@ def set_threads(threads: int | None) -> int:
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     return threads
+
+
+def _kv_memory_arg(text: str) -> int | float:
+    """Read while the arguments are parsed; whether a fraction suits the device is the engine's to say."""
+    from .block_pool import read_kv_memory
+    from .errors import ConfigError
+
+    try:
+        return read_kv_memory(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive_int(text: str) -> int:
@@ -393,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_subcommands(sub) -> None:
     for name, module, help_text in (("bench", "minikv.bench", "throughput and latency on synthetic requests"),
-                                    ("eval", "minikv.eval.cli", "long-context quality by policy and budget")):
+                                    ("eval", "minikv.eval.cli", "long-context quality by policy and budget"),
+                                    ("serve", "minikv.server.cli", "an OpenAI-compatible HTTP server")):
         try:
             mod = __import__(module, fromlist=["add_arguments", "run"])
         except ImportError:

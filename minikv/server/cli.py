@@ -1,0 +1,51 @@
+"""`minikv serve`: an OpenAI-compatible server (see minikv.server.app).
+
+    minikv serve [MODEL] --host 127.0.0.1 --port 8000 --budget 1024 --max-num-seqs 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import MiniKVError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import add_engine_arguments
+
+    parser.add_argument("model", nargs="?", default=None,
+                        help="model directory, .gguf file or Hugging Face repo id (default: SmolLM2-135M-Instruct)")
+    add_engine_arguments(parser)
+    s = parser.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
+    s.add_argument("--served-model-name", help="the name clients pass as `model` (default: MODEL as given)")
+    s.add_argument("--max-waiting", type=int, default=256,
+                   help="requests that may wait for a free ring; more get 503 + Retry-After (default %(default)s)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as err:
+        raise MiniKVError(f"minikv serve needs the serve extra ({err.name} is missing): "
+                          "pip install -e \".[serve]\"") from None
+    from ..cli import build_engine, set_threads
+
+    model = args.model_flag or args.model
+    set_threads(args.threads)
+    engine = build_engine(args, model)
+    name = args.served_model_name or model or DEFAULT_MODEL_NAME
+    app = create_app(engine, model_name=name, max_waiting=args.max_waiting)
+    print(f"minikv serve: {name} on http://{args.host}:{args.port} (policy {engine.policy.label}, budget "
+          f"{engine.budget}, {args.max_num_seqs} sequences)", file=sys.stderr, flush=True)
+    # On shutdown, open streams get 5 s to finish; then they are cancelled, which aborts their requests.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

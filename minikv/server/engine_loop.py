@@ -1,0 +1,290 @@
+"""The one thread that owns the Engine, and the handles through which HTTP requests talk to it.
+
+The engine is single-threaded (it is not thread-safe, and one step serves every request in flight anyway),
+while HTTP requests arrive on asyncio's event loop. They meet through two kinds of queue:
+
+    event loop (many requests)                 engine thread (one loop)
+    EngineLoop.submit()  ── inbox (SimpleQueue) ──►  add_request / abort
+                                                     engine.step()
+    RequestHandle.queue  ◄── call_soon_threadsafe ── route each RequestOutput to its request
+
+Every iteration of the engine thread admits what arrived, applies aborts, runs one `engine.step()` (which
+batches all running requests: continuous batching across HTTP clients) and routes the outputs. Only the
+engine thread touches the Engine; the event loop reads a snapshot of `engine.stats()` the thread publishes
+after each step. An abort (a client that went away) is a message in the same inbox, so it reaches the engine
+before its next step, and `engine.abort` frees the request's KV at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from ..engine import Engine, EngineStats, Prompt
+from ..errors import InvalidRequestError
+from ..outputs import RequestOutput
+from ..sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_ACCEPTED = object()  # the engine took the request: the first message on a handle's queue
+_STOP = object()
+
+
+class QueueFullError(Exception):
+    """Too many requests are waiting: the server refuses new ones until some are admitted (HTTP 503)."""
+
+
+class EngineDeadError(Exception):
+    """The engine thread is not running (the server is shutting down, or it failed to start)."""
+
+
+class EngineLoopFailure(Exception):
+    """An engine step raised: the requests in flight were failed (see EngineLoop._fail_in_flight)."""
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request ran."""
+
+
+class Observer:
+    """What the engine thread reports as it runs (ServerMetrics implements it). Called on the engine thread."""
+
+    def on_step(self, stats: EngineStats) -> None: ...
+
+    def on_finished(self, output: RequestOutput) -> None: ...
+
+
+class RequestHandle:
+    """The HTTP side of one request: its outputs arrive on an asyncio queue that the engine thread fills."""
+
+    def __init__(self, request_id: str, engine_loop: "EngineLoop", event_loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.finished = False  # set once the final output (or a failure) has been taken from the queue
+        self._engine_loop = engine_loop
+        self._event_loop = event_loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    # --- engine thread -------------------------------------------------------------------------------
+    def deliver(self, item) -> None:
+        try:
+            self._event_loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    # --- event loop --------------------------------------------------------------------------------
+    async def accepted(self) -> None:
+        """Wait until the engine has taken the request; raise the engine's InvalidRequestError if it refused."""
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+
+    async def outputs(self, is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+                      poll_s: float = 0.5) -> AsyncIterator[RequestOutput]:
+        """The request's outputs up to its final one. With `is_disconnected`, the client is checked every
+        `poll_s` seconds of silence; if it has gone, ClientDisconnected is raised (the caller aborts)."""
+        while not self.finished:
+            item = await self._next(is_disconnected, poll_s)
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            self.finished = item.finished
+            yield item
+
+    async def _next(self, is_disconnected, poll_s: float):
+        if is_disconnected is None:
+            return await self._queue.get()
+        while True:
+            try:
+                return await asyncio.wait_for(self._queue.get(), poll_s)
+            except asyncio.TimeoutError:
+                if await is_disconnected():
+                    raise ClientDisconnected(self.request_id) from None
+
+    def abort(self) -> None:
+        """Stop the request if it still runs (its KV is freed before the engine's next step)."""
+        if not self.finished:
+            self.finished = True
+            self._engine_loop.abort(self.request_id)
+
+
+@dataclass
+class _Submission:
+    prompt: Prompt
+    params: SamplingParams
+    fit_max_tokens: bool  # set max_tokens to what max_model_len leaves after the prompt
+    handle: RequestHandle
+
+
+class EngineLoop:
+    """Runs `engine` on one background thread; `submit` and `abort` may be called from the event loop."""
+
+    def __init__(self, engine: Engine, *, max_waiting: int | None = None, observer: Observer | None = None):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.observer = observer or Observer()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._handles: dict[str, RequestHandle] = {}  # engine thread only: requests the engine holds
+        self._pending = 0  # submitted, not yet taken from the inbox (counted as waiting)
+        self._pending_lock = threading.Lock()
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="minikv-engine", daemon=True)
+
+    # --- lifetime ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort whatever still runs and end the thread."""
+        if self._thread.is_alive():
+            self._inbox.put((_STOP, None))
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        """engine.stats() as of the engine thread's last iteration."""
+        return self._stats
+
+    # --- event loop side -----------------------------------------------------------------------------
+    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str, *,
+               fit_max_tokens: bool = False) -> RequestHandle:
+        """Queue a request for the engine thread; `await handle.accepted()` says whether the engine took it.
+
+        Raises QueueFullError when `max_waiting` requests already wait, EngineDeadError when the thread is gone.
+        """
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        with self._pending_lock:
+            waiting = self._stats.num_waiting + self._pending
+            if self.max_waiting is not None and waiting >= self.max_waiting:
+                raise QueueFullError(f"{waiting} requests are waiting (the limit is {self.max_waiting})")
+            self._pending += 1
+        handle = RequestHandle(request_id, self, asyncio.get_running_loop())
+        self._inbox.put(("add", _Submission(prompt, params, fit_max_tokens, handle)))
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    # --- engine thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            try:
+                if not self._take_inbox(block=not self.engine.has_unfinished_requests()):
+                    break
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._stats = self.engine.stats()
+                self.observer.on_step(self._stats)
+            except Exception:  # a bug in this loop must not take the server down: log it and serve on
+                logger.exception("minikv engine loop: unexpected error (continuing)")
+        self._shut_down()
+
+    def _take_inbox(self, block: bool) -> bool:
+        """Apply every message waiting in the inbox (wait for one first if `block`); False on stop."""
+        try:
+            message = self._inbox.get() if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            kind, payload = message
+            if kind is _STOP:
+                return False
+            if kind == "add":
+                self._admit(payload)
+            else:
+                self.engine.abort(payload)  # unknown or finished ids are ignored by the engine
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _admit(self, sub: _Submission) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+        if sub.handle.finished:  # aborted before it reached the engine
+            return
+        try:
+            params = self._fit_max_tokens(sub.prompt, sub.params) if sub.fit_max_tokens else sub.params
+            self.engine.add_request(sub.prompt, params, sub.handle.request_id)
+        except InvalidRequestError as err:
+            sub.handle.deliver(err)
+            return
+        except Exception as err:  # a bug, but one request's: refuse it and keep serving
+            logger.exception("minikv engine loop: add_request failed")
+            sub.handle.deliver(EngineLoopFailure(f"{type(err).__name__}: {err}"))
+            return
+        self._handles[sub.handle.request_id] = sub.handle
+        sub.handle.deliver(_ACCEPTED)
+
+    def _fit_max_tokens(self, prompt: Prompt, params: SamplingParams) -> SamplingParams:
+        """params with max_tokens = what max_model_len leaves after the prompt (at least 1, so that a prompt
+        that fills the context gets the engine's own "exceeds max_model_len" error)."""
+        room = self.engine.max_model_len - self._prompt_length(prompt)
+        return dataclasses.replace(params, max_tokens=max(1, room))
+
+    def _prompt_length(self, prompt: Prompt) -> int:
+        """Tokens of `prompt` as the engine will count them (text as is; chat through the template)."""
+        tokenizer = self.engine.tokenizer
+        if isinstance(prompt, str):
+            return len(tokenizer.encode(prompt)) if prompt else 0
+        if prompt and isinstance(prompt[0], dict):
+            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            return len(tokenizer.encode(text, add_special_tokens=False))
+        return len(prompt)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as err:
+            logger.exception("minikv engine loop: engine.step() raised; failing the requests in flight")
+            self._fail_in_flight(err)
+            return
+        for output in outputs:
+            self._route(output)
+
+    def _route(self, output: RequestOutput) -> None:
+        handle = self._handles.get(output.request_id)
+        if output.finished:
+            self._handles.pop(output.request_id, None)
+            self.observer.on_finished(output)
+        if handle is not None:
+            handle.deliver(output)
+
+    def _fail_in_flight(self, err: Exception) -> None:
+        """engine.step() itself raised (the engine already fails single requests inside a step, so this is a
+        minikv bug): which requests the step touched is unknown, so every request in flight fails, is aborted
+        in the engine, and the loop goes on with new requests."""
+        failure = EngineLoopFailure(f"{type(err).__name__}: {err}")
+        for request_id, handle in list(self._handles.items()):
+            try:
+                self.engine.abort(request_id)
+            except Exception:
+                logger.exception("minikv engine loop: abort of %s failed", request_id)
+            handle.deliver(failure)
+        self._handles.clear()
+
+    def _shut_down(self) -> None:
+        """Abort what runs and answer what never reached the engine, so that no handler waits for ever."""
+        gone = EngineDeadError("the server is shutting down")
+        for request_id, handle in self._handles.items():
+            self.engine.abort(request_id)
+            handle.deliver(gone)
+        self._handles.clear()
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                payload.handle.deliver(gone)
+
