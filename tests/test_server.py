@@ -472,8 +472,8 @@ def test_serve_command_builds_the_app_and_runs_uvicorn(loaded, monkeypatch):
     from minikv.server import cli as serve_cli
 
     ran = {}
-    monkeypatch.setattr(minikv.cli, "build_engine", lambda args, model, **kw: ran.update(model=model, **kw) or
-                        tiny_engine(loaded, max_num_seqs=kw["max_num_seqs"]))
+    monkeypatch.setattr(minikv.cli, "build_engine", lambda args, model, **kw: ran.update(
+        model=model, max_num_seqs=args.max_num_seqs) or tiny_engine(loaded, max_num_seqs=args.max_num_seqs))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
     args = minikv.cli.build_parser().parse_args(["serve", "my/model", "--port", "9002", "--max-num-seqs", "3",
                                                  "--served-model-name", "mine"])
