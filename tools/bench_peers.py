@@ -132,7 +132,7 @@ def split_policies(text: str) -> list[str]:
     return entries
 
 
-def minikv_rows(text: str, budget: int, long_budget: int) -> list[Row]:
+def minikv_rows(text: str, budget: int, long_budget: int, with_long: bool = True) -> list[Row]:
     """The minikv rows of `--policies`; `budget=` / `long_budget=` are the tool's, the rest minikv's."""
     from minikv.policies import make_policy
     from minikv.policies.spec import parse_policy
@@ -151,7 +151,8 @@ def minikv_rows(text: str, budget: int, long_budget: int) -> list[Row]:
         policy = name + (":" + ",".join(rest) if rest else "")
         spec = parse_policy(policy)  # a misspelt policy or option fails here, before anything runs
         evicts = make_policy(spec.name, **spec.options).evicts
-        rows.append(Row("minikv", minikv_label(policy, own["budget"], own["long_budget"], evicts), policy,
+        at_long = own["long_budget"] if with_long else own["budget"]  # no long column: not in the label
+        rows.append(Row("minikv", minikv_label(policy, own["budget"], at_long, evicts), policy,
                         own["budget"] if evicts else None, own["long_budget"] if evicts else None))
     return rows
 
@@ -281,9 +282,11 @@ def minikv_scenario(job: dict, loaded, sc: dict) -> dict:
     # those extra tokens, so that none finishes before every sequence has decoded `new_tokens` - 1.
     head_start = len(prompts) * math.ceil(len(prompts[0]) / job["chunk"]) + 1
     max_tokens = new_tokens + head_start
-    engine = Engine(loaded, policy=job["policy"], policy_options=job["policy_options"],
-                    budget=budget or 4096,  # `full` sizes its ring to max_model_len whatever the budget
-                    chunk=job["chunk"], max_num_seqs=len(prompts), max_model_len=len(prompts[0]) + max_tokens, seed=0)
+    # `full` sizes its ring to max_model_len (whatever the budget), which must exceed n_sink + window
+    # (68 by default) even for the tiny prompts of a quick run.
+    max_model_len = max(len(prompts[0]) + max_tokens, 256)
+    engine = Engine(loaded, policy=job["policy"], policy_options=job["policy_options"], budget=budget or 4096,
+                    chunk=job["chunk"], max_num_seqs=len(prompts), max_model_len=max_model_len, seed=0)
     warm_up = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     engine.generate([prompts[0][:8]] * len(prompts), warm_up, use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
@@ -564,7 +567,8 @@ def agreement_notes(rows: list[tuple[str, dict]]) -> list[str]:
 
 def plan_rows(args: argparse.Namespace, notes: list[str]) -> tuple[list[Row], str | None, str | None]:
     """The rows to run; the F32 GGUF and llama-cpp-python version when llama.cpp runs (else a note says why)."""
-    rows = minikv_rows(args.policies, args.budget, args.long_budget) if "minikv" in args.engines else []
+    rows = (minikv_rows(args.policies, args.budget, args.long_budget, with_long=args.long_prompt_len > 0)
+            if "minikv" in args.engines else [])
     if "transformers" in args.engines:
         rows.append(Row("transformers", "transformers fp32"))
     gguf, llama_version = None, None
