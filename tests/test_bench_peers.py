@@ -1,0 +1,119 @@
+"""tools/bench_peers.py on the tiny model: its rows, prompts, minikv measurement, table and command line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_engine import tiny_loaded
+
+from minikv.errors import ConfigError
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_peers.py"
+
+
+@pytest.fixture(scope="module")
+def peers():
+    spec = importlib.util.spec_from_file_location("bench_peers", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_peers"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_peers", None)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a busy machine: threads only hurt
+    yield tiny_loaded(tmp_path_factory.mktemp("tiny"))
+    torch.set_num_threads(threads)
+
+
+def test_policies_split_and_budgets_peeled(peers):
+    assert peers.split_policies("full,nexus:budget=128,long_budget=512,tau=0,h2o") == [
+        "full", "nexus:budget=128,long_budget=512,tau=0", "h2o"]
+    full, nexus, h2o = peers.minikv_rows("full,nexus:budget=128,long_budget=512,tau=0,h2o", 256, 1024)
+    assert (full.policy, full.budget, full.long_budget, full.label) == ("full", None, None, "minikv full")
+    assert (nexus.policy, nexus.budget, nexus.long_budget) == ("nexus:tau=0", 128, 512)
+    assert nexus.label == "minikv nexus:tau=0 (budget 128; 512 at long)"
+    assert (h2o.budget, h2o.long_budget) == (256, 1024)
+    with pytest.raises(ConfigError):
+        peers.minikv_rows("nexus:no_such_option=1", 256, 512)
+
+
+def test_prompts_are_reproducible_ordinary_ids(peers, loaded):
+    vocab_size, allowed = peers.ordinary_ids(loaded.path)
+    assert vocab_size == 384 and allowed[0] == 3  # <unk>, <s>, </s> are special
+    batch = peers.make_prompts(allowed, 20, 3, seed=1)
+    assert batch == peers.make_prompts(allowed, 20, 3, seed=1) != peers.make_prompts(allowed, 20, 3, seed=2)
+    assert peers.make_prompts(allowed, 20, 1, seed=1) == batch[:1]  # batch 1 decodes the batch's first prompt
+    assert all(len(p) == 20 and min(p) >= 3 for p in batch)
+
+
+def job(peers, loaded, policy, budget, **extra):
+    _, allowed = peers.ordinary_ids(loaded.path)
+    scenarios = [("short_b1", 12, 1), ("short_batch", 12, 3), ("long", 100, 2)]
+    return dict(model_dir=str(loaded.path), threads=1, chunk=32, new_tokens=4, policy=policy, policy_options={},
+                budget=budget, long_budget=budget,
+                scenarios=[dict(key=k, prompts=peers.make_prompts(allowed, n, b, 0)) for k, n, b in scenarios],
+                **extra)
+
+
+def test_minikv_measures_decode_after_every_first_token(peers, loaded):
+    results = peers.measure_minikv(job(peers, loaded, "nexus", 72), loaded)
+    for key, batch in [("short_b1", 1), ("short_batch", 3), ("long", 2)]:
+        r = results[key]
+        assert "error" not in r, r
+        assert r["decode_tokens"] == batch * 3 and len(r["first_tokens"]) == batch
+        assert r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and r["decode_s"] > 0
+    # The same prompt leads the batch of 3 and is batch 1's: its greedy first token is the same.
+    assert results["short_b1"]["first_tokens"][0] == results["short_batch"]["first_tokens"][0]
+
+
+def test_full_cache_first_tokens_match_transformers(peers, loaded):
+    """Same ids, same weights, greedy: minikv full and transformers pick the same first tokens."""
+    spec = job(peers, loaded, "full", None)
+    ours = peers.measure_minikv(spec, loaded)
+    theirs = peers.measure_transformers(spec)
+    for key in ours:
+        assert "error" not in ours[key] and "error" not in theirs[key], (ours[key], theirs[key])
+        assert ours[key]["first_tokens"] == theirs[key]["first_tokens"]
+        assert theirs[key]["decode_tokens"] == ours[key]["decode_tokens"]
+
+
+def test_table_cells_dashes_and_errors(peers):
+    args = peers.parse_args(["--prompt-len", "64", "--batch", "2", "--long-prompt-len", "4000", "--long-batch", "4"])
+    cols = peers.columns(args)
+    assert [c[0] for c in cols] == ["decode tok/s, 64-token prompt, batch 1", "batch 2",
+                                    "4,000-token prompts, batch 4: decode tok/s", "time to first token (4,000 × 4)"]
+    ok = {"short_b1": {"decode_tok_s": 22.84, "first_tokens": [5]}, "short_batch": {"decode_tok_s": 67.8},
+          "long": {"decode_tok_s": 14.8, "ttft_s": 158.66, "first_tokens": [1]}}
+    partial = {"short_b1": {"decode_tok_s": 50.0, "first_tokens": [5]}, "short_batch": {"error": "MemoryError: "}}
+    rows = [("minikv full", ok), ("llama.cpp", partial), ("transformers", {"error": "boom"})]
+    table = peers.format_table("HEADER", cols, rows, ["a note"])
+    lines = table.splitlines()
+    assert lines[0] == "HEADER" and lines[-1] == "- a note"
+    assert "| minikv full | 22.8 | 67.8 | 14.8 | 158.7 s |" in lines
+    assert "| llama.cpp | 50.0 | error | – | – |" in lines
+    assert "| transformers | error | error | error | error |" in lines
+    assert peers.agreement_notes(rows) == ["llama.cpp: first generated tokens equal minikv full's in 1 of 1 measurements"]
+
+
+def test_command_line_runs_minikv_in_a_subprocess(peers, loaded, tmp_path, capsys):
+    out = tmp_path / "peers.json"
+    code = peers.main(["--model", str(loaded.path), "--engines", "minikv", "--policies", "nexus:budget=72",
+                       "--prompt-len", "8", "--batch", "2", "--long-prompt-len", "0", "--new-tokens", "3",
+                       "--chunk", "32", "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| minikv nexus (budget 72) |" in table and "error" not in table
+    report = json.loads(out.read_text())
+    assert report["config"]["threads"] == 1 and report["commit"]
+    (row,) = report["rows"]
+    assert row["results"]["short_batch"]["decode_tokens"] == 2 * 2
+    assert set(row["results"]) == {"short_b1", "short_batch"}
