@@ -512,12 +512,19 @@ class Sampler:
         return apply_min_p(logits, batch)
 
     def sample(self, processed_logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Argmax for greedy rows, Gumbel-max for the rest. torch.argmax returns the first maximum."""
+        """Argmax for greedy rows, Gumbel-max for the rest. torch.argmax returns the first maximum.
+
+        On CUDA the draw is one fused Triton kernel (minikv.kernels.sampling: the same noise bits, hashed in
+        place, no [N, vocab] noise tensor); elsewhere a few vectorised torch ops."""
         greedy_ids = processed_logits.argmax(dim=-1)
         if batch.all_greedy:
             return greedy_ids
-        noisy = processed_logits + self.gumbel_noise(batch, processed_logits.shape[-1], processed_logits.device)
-        return torch.where(batch.greedy, greedy_ids, noisy.argmax(dim=-1))
+        if processed_logits.is_cuda and _fused_draw is not None:
+            drawn = _fused_draw(processed_logits, batch.seed, batch.step)
+        else:
+            noise = self.gumbel_noise(batch, processed_logits.shape[-1], processed_logits.device)
+            drawn = (processed_logits + noise).argmax(dim=-1)
+        return torch.where(batch.greedy, greedy_ids, drawn)
 
     def gumbel_noise(self, batch: SamplingBatch, vocab_size: int, device: torch.device) -> torch.Tensor:
         """[N, V] Gumbel noise, G[i, v] = -log(-log(hash_uniform(seed_i, step_i, v)))."""
@@ -541,3 +548,9 @@ def _with_logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor, max_logpro
         return SamplerOutput(token_ids, chosen, None, None)
     top_logits, top_ids = raw_logits.topk(min(max_logprobs, raw_logits.shape[-1]), dim=-1)
     return SamplerOutput(token_ids, chosen, top_logits - log_normaliser[:, None], top_ids)
+
+
+try:  # the fused draw needs Triton (and runs on CUDA only); the torch path needs nothing
+    from .kernels.sampling import gumbel_argmax_triton as _fused_draw
+except ImportError:
+    _fused_draw = None
