@@ -16,7 +16,8 @@ import torch
 
 from . import kernels
 from .block_pool import KVPool
-from .kernels.common import PoolLayer, physical_rows
+from .kernels import reference
+from .kernels.common import SCORE_ATTN, SCORE_NONE, PoolLayer, physical_rows
 from .policies import Policy, PrefillCandidates
 
 
@@ -49,6 +50,14 @@ class RingAttention:
         self.pool, self.policy, self.scale, self.seed = pool, policy, scale, seed
         self.spec = policy.eviction_spec()
         self.plan = StepPlan()
+        # On the reference path, a step's decode bookkeeping (scores, walk, victims, edges, writes) runs once
+        # for all layers after the forward: no layer reads another's ring, and the per-op cost of thirty
+        # small batches is what makes a CPU step slow. Policies that score per layer (hooks) opt out.
+        self._deferrable = (self.spec.score_mode in (SCORE_ATTN, SCORE_NONE)
+                            and type(policy).after_decode is Policy.after_decode
+                            and type(policy).new_token_scores is Policy.new_token_scores)
+        self._index: reference.DecodeIndex | None = None  # the step's decode rings, shared by every layer
+        self._deferred: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per layer: a(j), k, v
         # Most KV slots one request has held at once (ring + the chunk in flight): the memory bound.
         self.peak_slots_per_seq = 0
         policy.bind(pool, num_slots=num_slots, max_budget=max_budget)
@@ -56,19 +65,35 @@ class RingAttention:
     def begin_step(self, plan: StepPlan) -> None:
         """Set the step's plan; a prefill from position 0 means its slot holds a new request."""
         self.plan = plan
+        self._index, self._deferred = None, []
         for seg in plan.prefills:
             if seg.first_pos == 0:
                 self.policy.reset_ring(seg.slot)
 
     def end_step(self, hidden_states: list[torch.Tensor] | None = None) -> None:
-        """After the forward: policies that score from the whole forward (epikv) fix their scores here."""
+        """After the forward: the deferred decode bookkeeping of every layer at once, then the policies that
+        score from the whole forward (epikv) fix their scores."""
+        if self._deferred:
+            self._update_all_layers()
         self.policy.end_step(self.pool, self.plan, hidden_states)
+
+    def _update_all_layers(self) -> None:
+        attn, k_new, v_new = (torch.cat(parts) for parts in zip(*self._deferred))  # layer-major rows
+        num_layers, plan = len(self._deferred), self.plan
+        index = self._index.for_layers(num_layers, self.pool.num_blocks + 1, self.pool.num_kv_heads,
+                                       self.pool.block_size)
+        layer = torch.arange(num_layers, device=attn.device).repeat_interleave(plan.num_decode)[:, None, None]
+        reference.decode_update(self.pool.all_layers(), index, attn, k_new, v_new, plan.decode_pos.repeat(num_layers),
+                                self.spec, layer=layer, seed=self.seed)
+        self._deferred = []
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         plan = self.plan
         out = torch.empty_like(q)
         nd = plan.num_decode
-        if nd:
+        if nd and self._defers(q):
+            out[:nd] = self._attend_only(layer, q[:nd], k[:nd], v[:nd])
+        elif nd:
             pool = self.pool.layer(layer)
             new_score = self.policy.new_token_scores(layer, plan.decode_slots, plan.decode_pos, k[:nd])
             out[:nd], written = kernels.attend_score_sample(
@@ -78,6 +103,21 @@ class RingAttention:
         for seg in plan.prefills:
             span = slice(seg.start, seg.start + seg.length)
             out[span] = self._prefill(layer, seg, q[span], k[span], v[span])
+        return out
+
+    def _defers(self, q: torch.Tensor) -> bool:
+        return self._deferrable and kernels.kernel_backend(q.device) == "reference"
+
+    def _attend_only(self, layer: int, q, k, v) -> torch.Tensor:
+        """The decode attention of one layer; its bookkeeping waits for end_step (see __init__)."""
+        plan, pool = self.plan, self.pool.layer(layer)
+        if self._index is None:
+            self._index = reference.decode_index(plan.decode_tables, plan.decode_filled, plan.decode_budget,
+                                                 pool.block_size, k.shape[1])
+        out, attn, _ = reference.decode_attend(q, k, v, pool, self._index, scale=self.scale)
+        if len(self._deferred) != layer:
+            raise RuntimeError("deferred decode layers must run in order, each once per step")
+        self._deferred.append((attn, k, v))
         return out
 
     # --- prefill: attend, then keep `budget` of ring + chunk --------------------------------------

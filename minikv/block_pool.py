@@ -117,6 +117,13 @@ class KVPool:
     def layer(self, index: int) -> PoolLayer:
         return self._layers[index]
 
+    def all_layers(self) -> PoolLayer:
+        """Every layer's pool as one PoolLayer of layers x (blocks + 1) blocks: layer l's block b is block
+        l * (blocks + 1) + b. The CPU path scores a step's decodes of every layer in one batch through it."""
+        view = lambda t: t.view(-1, *t.shape[2:])  # noqa: E731
+        return PoolLayer(view(self.k), view(self.v), view(self.pos), view(self.score), view(self.edge_slot),
+                         view(self.edge_pos), view(self.edge_w))
+
     # --- accounting ------------------------------------------------------------------------------
     @property
     def num_used(self) -> int:

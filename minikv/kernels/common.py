@@ -115,16 +115,20 @@ def _fmix32(x):
     return x ^ (x >> 16)
 
 
-def hash_seed_layer(seed: int, layer: int) -> int:
-    """The (seed, layer) rounds of slot_hash_u32, folded once on the host: a uint32 Python int."""
+def hash_seed_layer(seed: int, layer):
+    """The (seed, layer) rounds of slot_hash_u32, folded once: a uint32 Python int for an int layer, or an
+    int64 tensor of them for a tensor of layer ids (the CPU engine scores every layer in one batch)."""
+    if isinstance(layer, torch.Tensor):
+        layer = layer.long()
     return _fmix32(((seed * _MIX_SEED) & _MASK32) ^ ((layer * _MIX_LAYER) & _MASK32))
 
 
-def slot_hash_u32(seed: int, layer: int, head: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """uint32 hash (held in int64) of (seed, layer, head, pos); broadcasts head against pos.
+def slot_hash_u32(seed: int, layer, head: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """uint32 hash (held in int64) of (seed, layer, head, pos); broadcasts layer (an int, or a tensor of
+    layer ids) and head against pos.
 
-    The rounds are folded from the outside in, (seed, layer) on the host and head on head's own (small)
-    shape, so only the last round runs over the broadcast shape: the same value at a third of the cost.
+    The rounds are folded from the outside in, (seed, layer) first and head on head's own (small) shape,
+    so only the last round runs over the broadcast shape: the same value at a third of the cost.
     """
     p = torch.as_tensor(pos)
     h = torch.as_tensor(head, device=p.device).to(torch.int64)

@@ -78,51 +78,103 @@ def attend_score_sample(
     Returns the attention output [N, Hq, D] (q's dtype) and `written` [N, Hkv] int32: the ring slot index
     the new token went to.
     """
-    num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]
-    group = num_heads // num_kv_heads
-    if num_seqs == 0:
+    if q.shape[0] == 0:
         return torch.empty_like(q), torch.empty(0, num_kv_heads, dtype=torch.int32, device=q.device)
-    # The step's one host read (three scalars at once): the padded width, whether rings are ragged (only
-    # then do padding lanes need masking) and whether any ring is full (only then are victims drawn).
-    # On the CPU hot path this is a plain memory read; on CUDA the Triton kernel runs instead.
+    index = decode_index(block_tables, filled, budget, pool.block_size, num_kv_heads)
+    out, attn, keys = decode_attend(q, k_new, v_new, pool, index, scale=scale,
+                                    keep_keys=spec.score_mode == SCORE_KEYDIFF)
+    written = decode_update(pool, index, attn, k_new, v_new, new_pos, spec, layer=layer, seed=seed,
+                            new_score=new_score, keys=keys)
+    return out, written
+
+
+class DecodeIndex(NamedTuple):
+    """Where a decode batch's rings live in the pool, computed once per step and shared by every layer.
+
+    width: the widest ring filled (F); ragged: some ring is narrower (only then are padding lanes masked);
+    any_full: some ring is full (only then are victims drawn). cells [R, Hkv, F + 1] index the pool
+    flattened to [cells, ...]; lane F is the new token's (it reads ring slot 0, whose block exists for every
+    running sequence, and is never trusted), like every padding lane (slot >= filled).
+    """
+
+    width: int
+    ragged: bool
+    any_full: bool
+    cells: torch.Tensor
+    valid: torch.Tensor | None  # [R, F]: lane < filled, when ragged
+    lane_ok: torch.Tensor | None  # [R, 1, F + 1]: valid plus the new token's lane, when ragged
+    block_tables: torch.Tensor  # [R, W]
+    filled: torch.Tensor  # [R]
+    budget: torch.Tensor  # [R]
+
+    def for_layers(self, num_layers: int, blocks_per_layer: int, num_kv_heads: int, block_size: int) -> "DecodeIndex":
+        """The same rings in every layer of a pool viewed as one layer (`KVPool.all_layers`): layer l's
+        rows come l * blocks_per_layer blocks further. Rows are layer-major: [layer 0's N, layer 1's N, ...]."""
+        layer = torch.arange(num_layers, device=self.cells.device)
+        repeat = lambda t: None if t is None else t.repeat(num_layers, *([1] * (t.dim() - 1)))  # noqa: E731
+        cells = (self.cells[None] + (layer * blocks_per_layer * block_size * num_kv_heads)[:, None, None, None])
+        tables = self.block_tables[None] + (layer * blocks_per_layer)[:, None, None].to(self.block_tables.dtype)
+        return DecodeIndex(self.width, self.ragged, self.any_full, cells.flatten(0, 1), repeat(self.valid),
+                           repeat(self.lane_ok), tables.flatten(0, 1), repeat(self.filled), repeat(self.budget))
+
+
+def decode_index(block_tables: torch.Tensor, filled: torch.Tensor, budget: torch.Tensor, block_size: int,
+                 num_kv_heads: int) -> DecodeIndex:
+    """The rings of a decode batch as pool cells (see DecodeIndex)."""
+    # The step's one host read (three scalars at once): the padded width, whether rings are ragged and
+    # whether any ring is full. On the CPU hot path this is a plain memory read; on CUDA Triton runs instead.
     width, narrowest, any_full = torch.stack([filled.max(), filled.min(), (filled >= budget).any()]).tolist()
     ragged = narrowest < width
-
-    # ---- gather every ring in ring order, plus one lane for the new token ---------------------------
-    # cells index the pool flattened to [rows * Hkv]; padding lanes (slot >= filled) read ring slot 0,
-    # whose block exists for every running sequence, and are masked wherever their content matters.
-    lanes = torch.arange(width + 1, device=q.device)
+    device = filled.device
+    lanes = torch.arange(width + 1, device=device)
     valid = lanes[:width] < filled[:, None] if ragged else None  # [N, F]
     slots = torch.where(lanes < filled[:, None], lanes, 0)  # [N, F + 1]; the new token's lane too
-    rows = physical_rows(block_tables, slots, pool.block_size)  # [N, F + 1]
-    heads = torch.arange(num_kv_heads, device=q.device)
-    cells = rows[:, None, :] * num_kv_heads + heads[None, :, None]  # [N, Hkv, F + 1]
-    ring_cells = cells[:, :, :width]
+    rows = physical_rows(block_tables, slots, block_size)  # [N, F + 1]
+    cells = rows[:, None, :] * num_kv_heads + torch.arange(num_kv_heads, device=device)[None, :, None]
+    lane_ok = None if valid is None else torch.cat([valid, valid.new_ones(len(filled), 1)], 1)[:, None, :]
+    return DecodeIndex(width, ragged, bool(any_full), cells, valid, lane_ok, block_tables, filled, budget)
 
-    keys = _gather(pool.k, cells).float()  # [N, Hkv, F + 1, D]; a fresh tensor, so lane F can be set
+
+def decode_attend(q, k_new, v_new, pool: PoolLayer, index: DecodeIndex, *, scale: float, keep_keys: bool = False):
+    """Steps 1-2 of attend_score_sample: the output [N, Hq, D] and a(j) [N, Hkv, F + 1] (lane F: the new
+    token), plus the gathered keys [N, Hkv, F + 1, D] when `keep_keys` (KeyDiff scores from them)."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, width = k_new.shape[1], index.width
+    keys = _gather(pool.k, index.cells).float()  # [N, Hkv, F + 1, D]; a fresh tensor, so lane F can be set
     keys[:, :, width] = k_new
-    values = _gather(pool.v, cells).float()
+    values = _gather(pool.v, index.cells).float()
     values[:, :, width] = v_new
-    lane_ok = None if valid is None else torch.cat([valid, valid.new_ones(num_seqs, 1)], 1)[:, None, :]
-    if lane_ok is not None:
-        values.masked_fill_(~lane_ok[..., None], 0.0)  # padding content may be NaN: 0 * NaN is NaN
-    pos = _gather(pool.pos, ring_cells)  # [N, Hkv, F]
-
-    # ---- 1-2: attention and a(j) ---------------------------------------------------------------------
-    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float() * scale
+    if index.lane_ok is not None:
+        values.masked_fill_(~index.lane_ok[..., None], 0.0)  # padding content may be NaN: 0 * NaN is NaN
+    qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).float() * scale
     logits = torch.matmul(qg, keys.transpose(-1, -2))  # [N, Hkv, G, F + 1]
-    if lane_ok is not None:
-        logits.masked_fill_(~lane_ok[:, :, None, :], float("-inf"))
+    if index.lane_ok is not None:
+        logits.masked_fill_(~index.lane_ok[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     out = torch.matmul(probs, values).view(q.shape).to(q.dtype)
-    attn = probs.mean(dim=2)  # [N, Hkv, F + 1]; exactly 0 on padding lanes
+    return out, probs.mean(dim=2), (keys if keep_keys else None)  # a(j) is exactly 0 on padding lanes
+
+
+def decode_update(pool: PoolLayer, index: DecodeIndex, attn, k_new, v_new, new_pos, spec: EvictionSpec, *,
+                  layer, seed: int, new_score=None, keys=None) -> torch.Tensor:
+    """Steps 3-4 of attend_score_sample for rings whose a(j) is known: scores, the slot each new token takes
+    (`filled`, or the victim of a full ring), the writes; returns `written` [R, Hkv] (ring slots).
+
+    `layer` is the layer index, or (rows of several layers in one batch) a tensor of each row's layer
+    broadcastable to [R, 1, 1]: a step's bookkeeping then runs once for all layers, since no layer reads
+    another's ring. keys: decode_attend's keys (SCORE_KEYDIFF needs them)."""
+    num_rows, num_kv_heads = attn.shape[0], k_new.shape[1]
+    width, filled, device = index.width, index.filled, attn.device
+    heads = torch.arange(num_kv_heads, device=device)
+    ring_cells = index.cells[:, :, :width]
     attn_ring = attn[:, :, :width]
+    pos = _gather(pool.pos, ring_cells)  # [R, Hkv, F]
 
     # ---- 3: scores -------------------------------------------------------------------------------------
     needs_score = spec.score_mode == SCORE_ATTN or spec.victim_mode != VICTIM_OLDEST
     score = _gather(pool.score, ring_cells) if needs_score and spec.score_mode != SCORE_KEYDIFF else None
-    updated = None  # the ring's new scores [N, Hkv, F], when the policy changes them
+    updated = None  # the ring's new scores [R, Hkv, F], when the policy changes them
     if spec.score_mode == SCORE_ATTN:
         n = attn_ring
         if spec.hops > 0 and spec.gamma != 0.0 and width > 0:
@@ -131,29 +183,30 @@ def attend_score_sample(
         updated = n if spec.decay == 0.0 else (score if spec.decay == 1.0 else score * spec.decay) + n
         score_new = attn[:, :, width]
     elif spec.score_mode == SCORE_KEYDIFF:
-        neg_cos = keydiff_scores(keys, lane_ok)
+        neg_cos = keydiff_scores(keys, index.lane_ok)
         updated, score_new = neg_cos[:, :, :width], neg_cos[:, :, width]
     elif spec.score_mode == SCORE_EXTERNAL and new_score is not None:
         score_new = new_score.float()
     else:
-        score_new = q.new_zeros(num_seqs, num_kv_heads, dtype=torch.float32)
+        score_new = torch.zeros(num_rows, num_kv_heads, dtype=torch.float32, device=device)
     if updated is not None:
         score = updated
 
     # ---- 4: the slot the new token takes ----------------------------------------------------------------
     slot = filled.long()[:, None].expand(-1, num_kv_heads)
-    if any_full:
+    if index.any_full:
         protected = (pos < spec.n_sink) | (pos >= (new_pos - spec.window)[:, None, None])
-        if valid is not None:
-            protected |= ~valid[:, None, :]
+        if index.valid is not None:
+            protected |= ~index.valid[:, None, :]
         victim = victim_slots(spec, pos, score, protected, heads[:, None], layer, seed)
-        slot = torch.where((filled < budget)[:, None], slot, victim)
-    new_cells = physical_rows(block_tables, slot, pool.block_size) * num_kv_heads + heads  # [N, Hkv]
+        slot = torch.where((filled < index.budget)[:, None], slot, victim)
+    new_cells = physical_rows(index.block_tables, slot, pool.block_size) * num_kv_heads + heads  # [R, Hkv]
 
     # ---- writes: the ring's scores first, then the new token over its slot ----------------------------
     if updated is not None:
         # Padding lanes write into the new token's cell, which the writes below then overwrite.
-        target = ring_cells if valid is None else torch.where(valid[:, None, :], ring_cells, new_cells[..., None])
+        target = ring_cells if index.valid is None else torch.where(index.valid[:, None, :], ring_cells,
+                                                                    new_cells[..., None])
         _scatter(pool.score, target, updated)
     if spec.top_m > 0:
         # Edges are taken before the write: an edge to the victim records the victim's old position,
@@ -166,7 +219,7 @@ def attend_score_sample(
     _scatter(pool.v, new_cells, v_new)
     _scatter(pool.pos, new_cells, new_pos[:, None].expand(-1, num_kv_heads))
     _scatter(pool.score, new_cells, score_new)
-    return out, slot.to(torch.int32)
+    return slot.to(torch.int32)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
