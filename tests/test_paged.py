@@ -213,3 +213,33 @@ def test_a_request_that_can_never_fit_the_pool_says_what_it_needs(loaded):
 def test_bad_kv_memory_is_a_config_error(loaded, kv_memory, message):
     with pytest.raises(ConfigError, match=message):
         Engine(loaded, kv_memory=kv_memory)
+
+
+@pytest.mark.parametrize("policy", ["nexus", "h2o", "streaming"])
+def test_deferring_the_decode_bookkeeping_to_one_pass_over_all_layers_changes_nothing(loaded, policy, monkeypatch):
+    """The CPU path scores, evicts and writes every layer's decodes once after the forward; layer by layer
+    (the kernel contract) gives the same tokens and the same rings, bit for bit."""
+    from minikv.attention import RingAttention
+
+    rng = random.Random(9)
+    prompts = [random_prompt(rng, 30, 150) for _ in range(4)]
+    params = SamplingParams(temperature=0.9, seed=2, max_tokens=40, ignore_eos=True)
+
+    def run(deferred: bool):
+        monkeypatch.setattr(RingAttention, "_defers", lambda self, q: deferred and self._deferrable)
+        engine = Engine(loaded, policy=policy, budget=40, window=8, chunk=32, max_num_seqs=4, max_model_len=512)
+        rings = {}
+        original = engine.scheduler.finish
+
+        def finish(req, reason):  # read each ring back just before its blocks go
+            rings[req.request_id] = engine.pool.ring("pos", req.blocks, min(req.num_processed, req.ring_size))
+            original(req, reason)
+
+        engine.scheduler.finish = finish
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], rings
+
+    (tokens_deferred, rings_deferred), (tokens_per_layer, rings_per_layer) = run(True), run(False)
+    assert tokens_deferred == tokens_per_layer
+    assert rings_deferred.keys() == rings_per_layer.keys()
+    assert all(torch.equal(rings_deferred[r], rings_per_layer[r]) for r in rings_deferred)
