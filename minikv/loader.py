@@ -151,7 +151,7 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], device, dty
     # Buffers were made on the meta device; recompute them for real. (The cast below leaves RoPE's
     # frequencies fp32: RotaryEmbedding keeps them out of dtype casts.)
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype).fuse_projections().eval()
 
 
 def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], config: ModelConfig) -> None:

@@ -36,7 +36,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.fused_ops_on(x):
             return kernels.ops.rms_norm_triton(x, self.weight, self.eps)
-        # Normalise in fp32: bf16 squares lose too much precision over thousands of channels.
+        if x.dtype == torch.float32:  # one fused op (the same numbers as the lines below)
+            return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Normalise in fp32: bf16 squares lose too much precision over thousands of channels; round the
+        # normalised value before the weight, as Llama's reference code and transformers do.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -69,6 +72,15 @@ class RotaryEmbedding(nn.Module):
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], fp32
         return angles.cos(), angles.sin()
 
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, D] cos and signed sin for `rotate`, made once per step and shared by every layer."""
+        return rope_tables(*self(positions))
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-width cos / sin [T, D/2] -> the full-width tables of `rotate`: [cos, cos] and [-sin, sin]."""
+    return torch.cat([cos, cos], dim=-1)[:, None, :], torch.cat([-sin, sin], dim=-1)[:, None, :]
+
 
 def _scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
     if scaling is None:
@@ -87,13 +99,21 @@ def _scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Te
     return torch.where(is_medium, ramp, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head (the Hugging Face "rotate_half" layout). x [T, H, D].
+def rotate(x: torch.Tensor, cos2: torch.Tensor, signed_sin2: torch.Tensor) -> torch.Tensor:
+    """RoPE in the Hugging Face "rotate_half" layout, x [T, H, D] with the tables of `rope_tables`:
+    [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] = x * [cos, cos] + [x2, x1] * [-sin, sin].
 
-    The rotation runs in fp32 (cos and sin are fp32) and the result is rounded once, back to x's dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    The rotation runs in fp32 (the tables are fp32) and the result is rounded once, back to x's dtype;
+    it is bit for bit the two-halves formula, in four ops instead of ten."""
+    x32 = x.float()
+    half = x.shape[-1] // 2
+    swapped = torch.cat([x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos2 + swapped * signed_sin2).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE from half-width cos / sin [T, D/2] (RotaryEmbedding's output). x [T, H, D]."""
+    return rotate(x, *rope_tables(cos, sin))
 
 
 class Attention(nn.Module):
@@ -109,17 +129,61 @@ class Attention(nn.Module):
         if config.qk_norm:  # Qwen3 normalises each head's q and k before RoPE
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qkv = FusedLinear(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(self, x, cos, sin, backend: AttentionBackend) -> torch.Tensor:
-        tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+    def forward(self, x, cos2, sin2, backend: AttentionBackend) -> torch.Tensor:
+        tokens, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x)  # [T, (Hq + 2 Hkv) D]: one matmul for the three projections
+        v = qkv[:, (heads + kv_heads) * dim:].view(tokens, kv_heads, dim)
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = rotate(self.q_norm(qkv[:, : heads * dim].view(tokens, heads, dim)), cos2, sin2)
+            k = rotate(self.k_norm(qkv[:, heads * dim: (heads + kv_heads) * dim].view(tokens, kv_heads, dim)),
+                       cos2, sin2)
+        else:  # q and k rotate together: they are side by side in qkv
+            qk = rotate(qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim), cos2, sin2)
+            q, k = qk[:, :heads], qk[:, heads:]
         out = backend.forward(self.layer, q, k, v)
-        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(tokens, heads * dim))
+
+
+class FusedLinear(nn.Module):
+    """Several projections of the same input as one matmul (q/k/v; gate/up), the way vLLM stacks them.
+
+    The projections stay as they are (their Hugging Face names load the checkpoint); `fuse()`, called once
+    the weights are real, concatenates their weights into one tensor and makes each projection's weight a
+    view of its rows, so memory is shared, not doubled. A dtype or device cast copies parameters one by
+    one, which breaks the sharing: `_apply` fuses again afterwards. Until `fuse()` runs, the projections
+    run one by one.
+    """
+
+    def __init__(self, *projections: nn.Linear):
+        super().__init__()
+        self._parts = list(projections)  # a plain list: they are registered by their parent already
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        sizes = [p.out_features for p in self._parts]
+        weight = torch.cat([p.weight.detach() for p in self._parts])
+        for part, rows in zip(self._parts, weight.split(sizes)):
+            part.weight = nn.Parameter(rows, requires_grad=False)
+        self.weight = weight
+        if self._parts[0].bias is not None:
+            bias = torch.cat([p.bias.detach() for p in self._parts])
+            for part, rows in zip(self._parts, bias.split(sizes)):
+                part.bias = nn.Parameter(rows, requires_grad=False)
+            self.bias = bias
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.weight is not None and self._parts[0].weight.data_ptr() != self.weight.data_ptr():
+            self.fuse()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return torch.cat([p(x) for p in self._parts], dim=-1)
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 class MLP(nn.Module):
@@ -128,9 +192,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up = FusedLinear(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
         if kernels.fused_ops_on(x):  # one pass over the intermediate instead of three
             return self.down_proj(kernels.ops.silu_mul_triton(gate, up))
         return self.down_proj(nn.functional.silu(gate) * up)
@@ -159,7 +224,7 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids, positions, backend, hidden_states_out: list | None = None):
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions)
+        cos, sin = self.rotary_emb.tables(positions)
         for layer in self.layers:
             if hidden_states_out is not None:
                 hidden_states_out.append(x)
@@ -185,3 +250,10 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def fuse_projections(self) -> "LlamaForCausalLM":
+        """Run q/k/v and gate/up as one matmul each (see FusedLinear); the loader calls it once weights load."""
+        for module in self.modules():
+            if isinstance(module, FusedLinear):
+                module.fuse()
+        return self
