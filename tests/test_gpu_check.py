@@ -69,9 +69,9 @@ def test_dry_run_sections_ran_their_cpu_parts(dry_report):
     kernels = section_text(dry_report, gpu_check.SECTIONS[3].title)
     assert re.search(r"^\| 128 \| 1 \| 2:1 \| 2 \| [\d.]+ \|", kernels, re.M)  # interpreted, split-K forced on
     decode = section_text(dry_report, gpu_check.SECTIONS[4].title)
-    for model in ("qwen3-0.6b", "llama-3.2-1b"):
+    for model, policy in (("qwen3-0.6b", "nexus"), ("llama-3.2-1b", "nexus"), ("qwen3-0.6b", "full")):
         for batch in (1, 2):
-            assert re.search(rf"^\| {model} \| nexus \| {batch} \| 128 \|", decode, re.M)
+            assert re.search(rf"^\| {model} \| {policy} \| {batch} \| 128 \|", decode, re.M)
     memory = section_text(dry_report, gpu_check.SECTIONS[5].title)
     assert re.search(r"^\| full \| 6 \(0\) \|", memory, re.M) and re.search(r"^\| nexus@96 \| 6 \(0\) \|", memory, re.M)
 

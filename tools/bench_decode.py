@@ -123,9 +123,12 @@ def bench_model(name: str, loaded, *, batches, budget: int, bandwidth: float, po
     device = next(loaded.model.parameters()).device
     # the first request decodes through every later prompt's prefill and every timed stage
     max_tokens = batches[-1] * math.ceil(budget / chunk) + len(batches) * (warmup + 2 * steps + 8) + 64
-    engine = Engine(loaded, budget=budget, policy=policy, max_num_seqs=batches[-1], chunk=chunk,
-                    max_model_len=budget + max_tokens, block_size=BLOCK_SIZE, enforce_eager=enforce_eager,
-                    seed=seed)
+    max_model_len = budget + max_tokens
+    # The default pool holds max_num_seqs rings of `budget`; under full a ring is the whole request
+    # (prompt + max_tokens), so size the pool by that or the last requests would wait for blocks forever.
+    engine = Engine(loaded, budget=max_model_len if policy == "full" else budget, policy=policy,
+                    max_num_seqs=batches[-1], chunk=chunk, max_model_len=max_model_len, block_size=BLOCK_SIZE,
+                    enforce_eager=enforce_eager, seed=seed)
     driver = _Driver(engine, budget, max_tokens, seed)
     weights = weight_bytes(loaded.model)
     rows = []
@@ -155,7 +158,7 @@ def bench_model(name: str, loaded, *, batches, budget: int, bandwidth: float, po
     return rows
 
 
-TABLE_HEADER = ("| model | policy | batch | budget | weights GB | live KV GB | step ms | tok/s | GB/s | % roofline "
+TABLE_HEADER = ("| model | policy | batch | prompt | weights GB | live KV GB | step ms | tok/s | GB/s | % roofline "
                 "| graph ms | graph % roofline |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 

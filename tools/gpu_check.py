@@ -610,7 +610,8 @@ def run_decode(ctx: Context, out: Fragment) -> None:
 
     device = ctx.device()
     runs = ctx.pick(full=[("qwen3-0.6b", "nexus"), ("llama-3.2-1b", "nexus"), ("qwen3-0.6b", "full")],
-                    quick=[("qwen3-0.6b", "nexus")], dry=[("qwen3-0.6b", "nexus"), ("llama-3.2-1b", "nexus")])
+                    quick=[("qwen3-0.6b", "nexus")],
+                    dry=[("qwen3-0.6b", "nexus"), ("llama-3.2-1b", "nexus"), ("qwen3-0.6b", "full")])
     batches = ctx.pick(full=(1, 16, 64), quick=(1, 16, 64), dry=(1, 2))
     budget = ctx.pick(full=4096, quick=4096, dry=128)
     steps, warmup = ctx.pick(full=(32, 4), quick=(16, 3), dry=(2, 1))
