@@ -74,6 +74,7 @@ def test_dry_run_sections_ran_their_cpu_parts(dry_report):
             assert re.search(rf"^\| {model} \| {policy} \| {batch} \| 128 \|", decode, re.M)
     memory = section_text(dry_report, gpu_check.SECTIONS[5].title)
     assert re.search(r"^\| full \| 6 \(0\) \|", memory, re.M) and re.search(r"^\| nexus@96 \| 6 \(0\) \|", memory, re.M)
+    assert "× the mean concurrency" in memory
 
 
 def test_plain_runner_collects_what_pytest_collects(dry_report, tmp_path):
