@@ -300,11 +300,15 @@ def run_tests_with_pytest(ctx: Context, out: Fragment) -> list[tuple[str, str, s
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # conftest.py only sets it when it is unset
     out.write(f"`{' '.join(cmd[1:]).replace(str(junit), 'junit.xml')}` (TRITON_INTERPRET=0)")
     timeout = max(10.0, ctx.time_left() - 8)
+    # its own process group: at the time limit its xdist workers are stopped with it
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        output, rc = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as err:
-        output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        output, _ = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        output, _ = proc.communicate()
         out.write(f"\n**pytest stopped at the section's time limit ({timeout:.0f} s).** Its output's end:")
         out.write("```\n" + "\n".join(output.splitlines()[-40:]) + "\n```")
         raise SectionFailed("pytest ran out of time") from None
@@ -856,16 +860,17 @@ def run_child(section: Section, cmd: list[str], env: dict, limit: float, fragmen
 
 
 def _kill_group(proc) -> None:
+    """Stop a child and all it started (it leads its own process group): SIGTERM, then SIGKILL to whatever
+    of the group is left, e.g. workers that outlive their parent."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        except ProcessLookupError:  # nothing of the group is left
             return
         try:
             proc.wait(timeout=5)
-            return
         except subprocess.TimeoutExpired:
-            continue
+            pass
 
 
 def render_report(args, outcomes: list[Outcome], started: float, finished: bool) -> str:
