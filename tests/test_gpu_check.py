@@ -124,3 +124,31 @@ def test_section_limits_fit_issue_15s_eight_minutes():
     for mode in ("full", "quick"):
         assert sum(s.limits[mode] for s in gpu_check.SECTIONS) <= gpu_check.TOTAL_LIMITS[mode]
     assert gpu_check.TOTAL_LIMITS["full"] <= 8 * 60 - 15  # the wrapper's backstop is 480 s
+
+
+def test_ending_the_run_stops_the_running_section(tmp_path):
+    """The wrapper's `timeout` backstop sends SIGTERM: the section running then (in its own process group)
+    must end with the parent, and the report must say the run was stopped."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    parent = subprocess.Popen([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--dry-run", "--sections",
+                               "tests", "--out", str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    child = None
+    for line in parent.stdout:
+        found = re.search(r"section tests: process (\d+)", line)
+        if found:
+            child = int(found.group(1))
+            break
+    assert child is not None
+    time.sleep(0.5)
+    parent.send_signal(signal.SIGTERM)
+    parent.communicate(timeout=30)
+    assert parent.returncode != 0
+    with pytest.raises(ProcessLookupError):
+        os.killpg(child, 0)  # no process of the section's group is left
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "stopped: the whole run was ended" in report and "stopped early" in report

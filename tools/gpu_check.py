@@ -33,6 +33,7 @@ import importlib.metadata
 import importlib.util
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,20 +301,24 @@ def run_tests_with_pytest(ctx: Context, out: Fragment) -> list[tuple[str, str, s
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # conftest.py only sets it when it is unset
     out.write(f"`{' '.join(cmd[1:]).replace(str(junit), 'junit.xml')}` (TRITON_INTERPRET=0)")
     timeout = max(10.0, ctx.time_left() - 8)
-    # its own process group: at the time limit its xdist workers are stopped with it
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    global _RUNNING
+    # its own process group: at the time limit its xdist workers are stopped with it (and with this
+    # process, should the parent end the section: run_section's SIGTERM handler)
+    proc = _RUNNING = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, **own_process_group())
     try:
         output, _ = proc.communicate(timeout=timeout)
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         output, _ = proc.communicate()
+        shutil.rmtree(junit.parent, ignore_errors=True)
         out.write(f"\n**pytest stopped at the section's time limit ({timeout:.0f} s).** Its output's end:")
         out.write("```\n" + "\n".join(output.splitlines()[-40:]) + "\n```")
         raise SectionFailed("pytest ran out of time") from None
     print(output, flush=True)
     results = parse_junit(junit) if junit.is_file() else []
+    shutil.rmtree(junit.parent, ignore_errors=True)
     if rc not in (0, 1, 5) or (rc == 1 and not any(s in ("failed", "error") for _, s, _ in results)):
         out.write(f"\npytest exited with {rc}. Its output's end:\n```\n" + "\n".join(output.splitlines()[-40:])
                   + "\n```")
@@ -775,6 +780,7 @@ def hide_packages(names) -> None:
 
 def run_section(args) -> int:
     """Child: run one section, its Markdown into args.fragment; 0 ok, 1 failed, 3 skipped."""
+    signal.signal(signal.SIGTERM, _stop_running_child)  # the parent ends this section: end what it started
     if args.hide_packages:
         hide_packages(args.hide_packages.split(","))
     sys.path.insert(0, str(TOOLS))
@@ -790,6 +796,9 @@ def run_section(args) -> int:
     except SectionFailed as why:
         out.write(f"\n**FAILED: {why}**")
         return 1
+    except SystemExit:  # SIGTERM from the parent: the section's time limit
+        out.write("\n_Stopped here by SIGTERM (a time limit, or the whole run was ended)._")
+        raise
     except BaseException:  # noqa: BLE001 - every failure goes into the report, whatever it is
         out.write("\n**FAILED with an exception:**\n```\n" + traceback.format_exc().rstrip() + "\n```")
         return 1
@@ -841,10 +850,12 @@ def child_command(section: Section, args, limit: float, fragment: Path) -> list[
 
 def run_child(section: Section, cmd: list[str], env: dict, limit: float, fragment: Path, log_file) -> Outcome:
     """Run one section's process for at most `limit` seconds, its output streamed to stdout and the log."""
+    global _RUNNING
     start = time.monotonic()
     # its own process group, so a timeout also ends what it started (pytest and its xdist workers)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = _RUNNING = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, **own_process_group())
+    log(f"section {section.name}: process {proc.pid}")
     lines: list[str] = []
     reader = threading.Thread(target=_stream, args=(proc.stdout, log_file, lines), daemon=True)
     reader.start()
@@ -854,12 +865,33 @@ def run_child(section: Section, cmd: list[str], env: dict, limit: float, fragmen
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         status = f"timed out at {limit:.0f} s"
+    _RUNNING = None
     reader.join(timeout=5)
     body = fragment.read_text(encoding="utf-8") if fragment.is_file() else ""
     return Outcome(section, status, time.monotonic() - start, limit, body, "".join(lines[-40:]))
 
 
-def _kill_group(proc) -> None:
+def own_process_group() -> dict:
+    """Popen arguments that start a child in a process group of its own (not a new session: whoever runs
+    this check can still end everything by ending its session)."""
+    if sys.version_info >= (3, 11):
+        return dict(process_group=0)
+    return dict(preexec_fn=os.setpgrp)
+
+
+_RUNNING = None  # the process this one runs now (a section, or the section's pytest), stopped with this one
+
+
+def _stop_running_child(signum=None, frame=None) -> None:
+    """On SIGTERM (the wrapper's `timeout` backstop, or the parent ending a section), Ctrl-C or any exit:
+    stop the process running now and all it started, so nothing is left on the GPU."""
+    if _RUNNING is not None and _RUNNING.poll() is None:
+        _kill_group(_RUNNING, grace_s=1)  # quick: whoever sent the signal may SIGKILL this process in 5 s
+    if signum is not None:
+        raise SystemExit(128 + signum)
+
+
+def _kill_group(proc, grace_s: float = 5) -> None:
     """Stop a child and all it started (it leads its own process group): SIGTERM, then SIGKILL to whatever
     of the group is left, e.g. workers that outlive their parent."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -868,7 +900,7 @@ def _kill_group(proc) -> None:
         except ProcessLookupError:  # nothing of the group is left
             return
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass
 
@@ -909,6 +941,23 @@ def run_all(args) -> int:
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {[s.name for s in SECTIONS]}")
     outcomes = [Outcome(s) for s in SECTIONS if s.name in wanted]
     started, deadline = time.time(), time.monotonic() + args.total_limit
+    signal.signal(signal.SIGTERM, _stop_running_child)
+    finished = False
+    try:
+        run_sections(args, outcomes, started, deadline, out_dir, scratch)
+        finished = True
+    finally:
+        _stop_running_child()
+        report.write_text(render_report(args, outcomes, started, finished=finished), encoding="utf-8")
+        shutil.rmtree(scratch, ignore_errors=True)
+        log(f"report: {report}")
+    bad = [o for o in outcomes if o.status not in ("ok", "skipped") and not o.status.startswith("skipped")]
+    return 1 if bad else 0
+
+
+def run_sections(args, outcomes: list[Outcome], started: float, deadline: float, out_dir: Path,
+                 scratch: Path) -> None:
+    report = out_dir / REPORT_NAME
     with open(out_dir / LOG_NAME, "w", encoding="utf-8") as log_file:
         for outcome in outcomes:
             limit = min(outcome.section.limits[args.mode], deadline - time.monotonic() - 2)
@@ -917,15 +966,18 @@ def run_all(args) -> int:
             else:
                 log(f"section {outcome.section.name}: limit {limit:.0f} s")
                 fragment = scratch / f"{outcome.section.name}.md"
-                result = run_child(outcome.section, child_command(outcome.section, args, limit, fragment),
-                                   _child_env(args.mode, outcome.section), limit, fragment, log_file)
+                outcome.limit, begun = limit, time.monotonic()
+                try:
+                    result = run_child(outcome.section, child_command(outcome.section, args, limit, fragment),
+                                       _child_env(args.mode, outcome.section), limit, fragment, log_file)
+                except BaseException:  # SIGTERM or Ctrl-C: report what the section wrote so far
+                    outcome.status = "stopped: the whole run was ended while it ran"
+                    outcome.seconds = time.monotonic() - begun
+                    outcome.body = fragment.read_text(encoding="utf-8") if fragment.is_file() else ""
+                    raise
                 outcome.__dict__.update({k: v for k, v in result.__dict__.items() if k != "section"})
                 log(f"section {outcome.section.name}: {outcome.status} in {outcome.seconds:.0f} s")
             report.write_text(render_report(args, outcomes, started, finished=False), encoding="utf-8")
-    report.write_text(render_report(args, outcomes, started, finished=True), encoding="utf-8")
-    log(f"report: {report}")
-    bad = [o for o in outcomes if o.status not in ("ok", "skipped") and not o.status.startswith("skipped")]
-    return 1 if bad else 0
 
 
 def parse_args(argv):
