@@ -1,7 +1,7 @@
 """The prepared GPU check (issue 15): one run on one H100/H200, one Markdown report.
 
     bash tools/gpu_check.sh              # everything, <= 8 minutes; report in $OUT/gpu_check.md
-    bash tools/gpu_check.sh --quick      # a second, shorter run (<= 4.5 minutes)
+    bash tools/gpu_check.sh --quick      # a second, shorter run (at most 275 s)
     bash tools/gpu_check.sh --dry-run    # CPU only, tiny sizes: checks that the script itself works (CI)
 
 Sections (each in its own process, with its own time limit, so a CUDA error, a hang or a crash in one
