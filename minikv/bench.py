@@ -371,7 +371,7 @@ def _result(engine, label: str, duration: float, trace: _Trace) -> BenchResult:
         label=label, num_requests=len(finished), duration_s=duration,
         prompt_tokens=sum(len(o.prompt_token_ids) for o in outs),
         output_tokens=sum(o.metrics.num_generated_tokens for o in outs),
-        ttft_s=ttft, tpot_s=tpot, peak_kv_bytes=max(used, default=0) * pool.bytes_per_block,
+        ttft_s=ttft, tpot_s=tpot, peak_kv_bytes=pool.peak_used * pool.bytes_per_block,  # exact, not sampled
         mean_kv_bytes=int(sum(used) / len(used) * pool.bytes_per_block) if used else 0,
         allocated_kv_bytes=pool.total_bytes, max_concurrent=max(running, default=0),
         mean_concurrent=sum(running) / len(running) if running else 0.0,

@@ -113,6 +113,7 @@ class KVPool:
         self._owner = [-1] * num_blocks
         self._reserved: dict[int, int] = {}  # owner -> blocks reserved (taken or not)
         self._taken: dict[int, list[int]] = {}  # owner -> its blocks, in ring order
+        self.peak_used = 0  # the most blocks rings held at once
 
     def layer(self, index: int) -> PoolLayer:
         return self._layers[index]
@@ -172,6 +173,7 @@ class KVPool:
             self._owner[block] = owner
             taken.append(block)
             new.append(block)
+        self.peak_used = max(self.peak_used, self.num_used)
         return new
 
     def release(self, owner: int) -> None:

@@ -60,7 +60,8 @@ class EngineStats:
     Gauges: requests running / waiting now; KV blocks of the pool in use (held by running requests) and in
     all; kv_usage = used / total. Counters since the engine started: steps run, prompt tokens processed,
     tokens generated, tokens evicted (summed over finished requests), requests finished by reason;
-    peak_running: the most requests that ever ran in one step.
+    peak_running: the most requests that ever ran in one step; peak_kv_blocks_used: the most pool blocks
+    rings ever held at once.
     """
 
     num_running: int
@@ -73,6 +74,7 @@ class EngineStats:
     evicted_tokens: int
     finished: dict[str, int]
     peak_running: int
+    peak_kv_blocks_used: int
 
     @property
     def kv_usage(self) -> float:
@@ -299,6 +301,7 @@ class Engine:
         """A snapshot of the engine's gauges and counters (see EngineStats)."""
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                            kv_blocks_used=self.pool.num_used, kv_blocks_total=self.pool.num_blocks,
+                           peak_kv_blocks_used=self.pool.peak_used,
                            finished=dict(self._finished_by_reason), **self._counters)
 
     # --- the loop --------------------------------------------------------------------------------

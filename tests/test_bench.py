@@ -95,7 +95,7 @@ def test_compare_full_runs_the_same_load_side_by_side_at_the_same_pool(loaded):
     nexus, full = results
     assert nexus.output_tokens == full.output_tokens == 15 and nexus.prompt_tokens == full.prompt_tokens
     assert full.evicted_tokens == 0 < nexus.evicted_tokens
-    assert nexus.peak_kv_bytes < full.peak_kv_bytes
+    assert full.max_concurrent == 1 < nexus.max_concurrent == 2  # a full ring of ~45 slots takes 3 of the 4 blocks
     # no --kv-memory: nexus's default pool (2 rings of 24 slots, 2 blocks each), in bytes, for both rows
     assert nexus.kv_memory == full.kv_memory == 2 * 2 * nexus.bytes_per_block == nexus.allocated_kv_bytes
     assert full.bytes_per_block < nexus.bytes_per_block  # full stores no out-edges: more blocks, same bytes

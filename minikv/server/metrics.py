@@ -124,6 +124,7 @@ class _EngineStatsCollector(Collector):
         yield gauge("kv_blocks_used", "KV pool blocks held by running requests.", s.kv_blocks_used)
         yield gauge("kv_blocks_total", "KV pool blocks in all.", s.kv_blocks_total)
         yield gauge("num_requests_running_peak", "The most requests that ran in one engine step.", s.peak_running)
+        yield gauge("kv_blocks_used_peak", "The most KV pool blocks rings held at once.", s.peak_kv_blocks_used)
         yield counter("prompt_tokens", "Prompt tokens processed.", s.prompt_tokens)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens)
         yield counter("engine_steps", "Engine steps (forward passes) run.", s.num_steps)
