@@ -132,7 +132,8 @@ class RingAttention:
         cand = self._candidates(layer, pool, seg, ring_rows, k, v, chunk_pos, res)
         scores, priority = self.policy.prefill_scores(cand)
         keep = self._keep_mask(cand, priority, seg.ring_size)
-        self._write_chunk(pool, seg, ring_rows, k, v, cand, scores, keep, res)
+        held = self.policy.prefill_held(cand, priority) if self.spec.hold else None
+        self._write_chunk(pool, seg, ring_rows, k, v, cand, scores, keep, res, held)
         self.policy.after_prefill_chunk(layer, pool, seg)
         return res.out
 
@@ -160,20 +161,22 @@ class RingAttention:
         """[H, n] True for the `budget` candidates that stay: sinks and window first, then by priority."""
         if cand.pos.shape[1] <= budget:
             return torch.ones_like(cand.pos, dtype=torch.bool)
-        last_pos = cand.pos[0, -1]
-        protected = (cand.pos < self.policy.n_sink) | (cand.pos > last_pos - self.policy.window)
+        protected = cand.protected(self.policy.n_sink, self.policy.window)
         ranked = priority.float().masked_fill(protected, float("inf"))
         # topk of budget out of budget + chunk; which equal priorities win does not matter for correctness,
         # and topk is deterministic for the same input, so a request's result never depends on its batch.
         order = ranked.topk(budget, dim=1, sorted=False).indices
         return torch.zeros_like(protected).scatter_(1, order, True)
 
-    def _write_chunk(self, pool: PoolLayer, seg, ring_rows, k, v, cand, scores, keep, res) -> None:
-        """Kept chunk tokens take the dropped ring slots and the empty ones, lowest slot first."""
+    def _write_chunk(self, pool: PoolLayer, seg, ring_rows, k, v, cand, scores, keep, res, held) -> None:
+        """Kept chunk tokens take the dropped ring slots and the empty ones, lowest slot first. `held` [H, n]
+        (EvictionSpec.hold, else None): the new marks of every candidate, the ring's own included."""
         f, budget = seg.filled, seg.ring_size
         num_kv_heads, device = k.shape[1], k.device
         if f:
             pool.rows("score")[ring_rows] = scores[:, :f].transpose(0, 1)
+            if held is not None:  # a dropped slot's mark is rewritten below with the chunk token taking it
+                pool.rows("held")[ring_rows] = held[:, :f].transpose(0, 1).to(torch.int8)
         chunk_keep = keep[:, f:]
         free = torch.cat([~keep[:, :f], torch.ones(num_kv_heads, budget - f, dtype=torch.bool, device=device)], 1)
         free_slots = torch.sort((~free).to(torch.int8), dim=1, stable=True).indices  # free slots first, ascending
@@ -188,6 +191,8 @@ class RingAttention:
         pool.rows("v")[rows, hs] = v.transpose(0, 1).to(pool.v.dtype)
         pool.rows("pos")[rows, hs] = cand.pos[:, f:]
         pool.rows("score")[rows, hs] = scores[:, f:].float()
+        if held is not None:
+            pool.rows("held")[rows, hs] = held[:, f:].to(torch.int8)
         if self.policy.top_m:
             new_slot = torch.cat([torch.where(keep[:, :f], torch.arange(f, device=device).expand(num_kv_heads, -1),
                                               torch.full((num_kv_heads, f), -1, device=device)), chunk_slot], 1)

@@ -74,14 +74,14 @@ def load_tiny(path: Path, dtype=torch.float32):
 
 
 class RingState:
-    """What one ring holds after a run, read back in ring order: pos / score / k / v / edge_* as
+    """What one ring holds after a run, read back in ring order: pos / score / k / v / edge_* / held as
     [layers, kv_heads, slots, ...] (slots = the ring's budget, or fewer when it never filled)."""
 
     def __init__(self, pool, blocks: list[int], length: int):
         self.pool, self.blocks, self.length = pool, blocks, length
 
     def __getattr__(self, name):
-        if name in ("k", "v", "pos", "score", "edge_slot", "edge_pos", "edge_w"):
+        if name in ("k", "v", "pos", "score", "edge_slot", "edge_pos", "edge_w", "held"):
             return self.pool.ring(name, self.blocks, self.length)
         raise AttributeError(name)
 

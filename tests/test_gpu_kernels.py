@@ -142,7 +142,8 @@ def test_prefill_matches_reference_at_scale(dtype):
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS)
     pool = PoolLayer(rand(*shape, HEAD_DIM), rand(*shape, HEAD_DIM), torch.full(shape, -1, dtype=torch.int32).cuda(),
                      torch.zeros(shape).cuda(), torch.full((*shape, 1), -1, dtype=torch.int32).cuda(),
-                     torch.full((*shape, 1), -1, dtype=torch.int32).cuda(), torch.zeros(*shape, 1).cuda())
+                     torch.full((*shape, 1), -1, dtype=torch.int32).cuda(), torch.zeros(*shape, 1).cuda(),
+                     torch.zeros(shape, dtype=torch.int8).cuda())
     table = torch.randperm(num_blocks, generator=gen)[: BUDGET // BLOCK_SIZE].to(torch.int32).cuda()
     rows = physical_rows(table, torch.arange(filled, device="cuda"), BLOCK_SIZE)
     pool.rows("pos")[rows] = torch.stack([torch.randperm(filled, generator=gen) for _ in range(NUM_KV_HEADS)],

@@ -88,7 +88,8 @@ def random_batch(budgets, filled, *, num_kv_heads, head_dim, num_edges, dtype, b
         score=torch.full(shape, nan),
         edge_slot=torch.randint(-1, 200, (*shape, num_edges), generator=gen, dtype=torch.int32),
         edge_pos=torch.randint(-1, 200, (*shape, num_edges), generator=gen, dtype=torch.int32),
-        edge_w=torch.full((*shape, num_edges), nan))
+        edge_w=torch.full((*shape, num_edges), nan),
+        held=torch.randint(0, 2, shape, generator=gen, dtype=torch.int8))  # garbage unless a test sets marks
     order = torch.randperm(num_blocks, generator=gen)
     scratch = int(order[-1])
     width = table_width or max(need)
@@ -131,7 +132,7 @@ def assert_pools_match(ref: PoolLayer, got: PoolLayer, atol: float) -> None:
     for name in ("k", "v"):
         torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=0, atol=0, equal_nan=True,
                                    msg=lambda m, n=name: f"pool.{n}: {m}")
-    for name in ("pos", "edge_slot", "edge_pos"):
+    for name in ("pos", "edge_slot", "edge_pos", "held"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), f"pool.{name} differs"
     for name in ("score", "edge_w"):
         torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=atol, equal_nan=True,
@@ -355,7 +356,8 @@ def paging_invariance(impl, spec, dtype, budgets, filled, *, steps=3, **impl_kwa
     assert torch.equal(w16, wb)
     for a, b in zip(rings16, ringsb):
         for name in a:
-            if spec.top_m or not name.startswith("edge"):  # without edges those fields are never written
+            # without edges (hold) those fields are never written, and new slots keep the garbage there
+            if (spec.top_m or not name.startswith("edge")) and (spec.hold or name != "held"):
                 torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, equal_nan=True)
 
 
@@ -590,3 +592,88 @@ def test_split_k_ties_and_all_protected():
     spec = EvictionSpec(SCORE_ATTN, VICTIM_MIN_SCORE, n_sink=4, window=1000)
     assert run_against(attend_score_sample_triton, spec, 2, 64, torch.float32, 16, [32], [32], steps=1,
                        ref=reference.attend_score_sample, block_keys=16, num_splits=2)
+
+
+# --- held slots (EvictionSpec.hold: Nexus's novelty reserve through decode) ---------------------------
+
+HELD_SPECS = {name: dataclasses.replace(POLICIES[name], hold=True) for name in ("streaming", "h2o", "nexus")}
+
+
+def held_ring(spec, marks: list[int], budget=16, block_size=4):
+    """One full ring of one KV head, slot j holding position j (sinks 0..3, window = the last 8), scores
+    rising with the slot (slot 4 is the cheapest to drop, then 5, ...) and the given slots marked held."""
+    gen = torch.Generator().manual_seed(3)
+    batch = random_batch([budget], [budget], num_kv_heads=1, head_dim=64, num_edges=max(spec.top_m, 1),
+                         dtype=torch.float32, block_size=block_size, gen=gen)
+    rows = physical_rows(batch.block_tables[0], torch.arange(budget), block_size)
+    batch.pool.rows("pos")[rows] = torch.arange(budget, dtype=torch.int32)[:, None]
+    batch.pool.rows("score")[rows] = torch.linspace(1e-3, 1.0, budget)[:, None]
+    batch.pool.rows("held")[rows] = 0
+    batch.pool.rows("held")[rows[marks]] = 1
+    batch.new_pos[0] = budget + 4  # window 8 protects positions 12..19: slots 4..11 are the candidates
+    return batch, rows
+
+
+@pytest.mark.parametrize("policy", sorted(HELD_SPECS))
+def test_reference_victim_is_never_held(policy):
+    """The cheapest unprotected slots (4, 5, 6) are held: the victim is the cheapest unheld one (slot 7, or
+    with the reservoir some unheld candidate), and the same ring without hold drops a held slot."""
+    spec, gen = HELD_SPECS[policy], torch.Generator().manual_seed(0)
+    args = tie_inputs(gen)
+    kwargs = dict(layer=0, seed=0, scale=0.125)
+    batch, rows = held_ring(spec, marks=[4, 5, 6])
+    _, written = reference.attend_score_sample(*args, *batch_args(batch), spec, **kwargs)
+    victim = int(written)
+    assert 7 <= victim <= 11
+    if spec.victim_mode != VICTIM_RESERVOIR:
+        assert victim == 7
+    assert int(batch.pool.rows("held")[rows[victim], 0]) == 0  # the new token is nobody's reserve pick
+    assert batch.pool.rows("held")[rows[[4, 5, 6]], 0].tolist() == [1, 1, 1]
+    batch, _ = held_ring(spec, marks=[4, 5, 6])
+    _, unheld = reference.attend_score_sample(*args, *batch_args(batch), dataclasses.replace(spec, hold=False),
+                                              **kwargs)
+    assert int(unheld) in (4, 5, 6)
+
+
+@pytest.mark.parametrize("policy", sorted(HELD_SPECS))
+def test_reference_held_fallback_when_every_candidate_is_held(policy):
+    """Every unprotected slot held: the ring still takes the token, into the lowest held slot, never a
+    sink or a window slot; the written slot's mark is cleared."""
+    spec, gen = HELD_SPECS[policy], torch.Generator().manual_seed(0)
+    batch, rows = held_ring(spec, marks=list(range(16)))
+    _, written = reference.attend_score_sample(*tie_inputs(gen), *batch_args(batch), spec, layer=0, seed=0,
+                                               scale=0.125)
+    assert int(written) == 4
+    assert int(batch.pool.rows("held")[rows[4], 0]) == 0
+
+
+@pytest.mark.parametrize("policy", sorted(HELD_SPECS))
+@pytest.mark.parametrize("shape", range(len(SHAPES)))
+def test_triton_matches_reference_with_held_slots(policy, shape):
+    """Random marks (about half the slots, so some rings fall back to a held victim) on ragged block tables,
+    GQA groups, fp16 and fp32: the same victims, marks and pools as the reference."""
+    group, head_dim, dtype, block_size, budgets, filled = SHAPES[shape]
+    assert run_against(attend_score_sample_triton, HELD_SPECS[policy], group, head_dim, dtype, block_size, budgets,
+                       filled, ref=reference.attend_score_sample)
+
+
+def test_triton_held_fallback_and_split_k():
+    for spec in HELD_SPECS.values():
+        gen = torch.Generator().manual_seed(0)
+        args = tie_inputs(gen)
+        for marks in ([4, 5, 6], list(range(16))):
+            ref, _ = held_ring(spec, marks)
+            got, _ = held_ring(spec, marks)
+            kwargs = dict(layer=0, seed=0, scale=0.125)
+            _, expected = reference.attend_score_sample(*args, *batch_args(ref), spec, **kwargs)
+            _, written = attend_score_sample_triton(*args, *batch_args(got), spec, block_keys=4, num_splits=2,
+                                                    **kwargs)
+            assert torch.equal(written, expected)
+            assert_pools_match(ref.pool, got.pool, 1e-6)
+    assert run_against(attend_score_sample_triton, HELD_SPECS["nexus"], 4, 64, torch.float32, 8, [64, 48, 24],
+                       [64, 40, 0], steps=2, ref=reference.attend_score_sample, block_keys=16, num_splits=3)
+
+
+@pytest.mark.parametrize("impl", [reference.attend_score_sample, attend_score_sample_triton])
+def test_held_marks_do_not_depend_on_block_size(impl):
+    paging_invariance(impl, HELD_SPECS["nexus"], torch.float32, [48, 40], [48, 37])

@@ -44,7 +44,7 @@ def make_inputs(chunk, filled, group, head_dim, dtype, block_size, num_kv_heads=
     pool = PoolLayer(torch.full((*shape, head_dim), nan).to(dtype), torch.full((*shape, head_dim), nan).to(dtype),
                      torch.randint(-3, 10_000, shape, generator=gen, dtype=torch.int32), torch.full(shape, nan),
                      torch.full((*shape, 1), -1, dtype=torch.int32), torch.full((*shape, 1), -1, dtype=torch.int32),
-                     torch.full((*shape, 1), nan))
+                     torch.full((*shape, 1), nan), torch.zeros(shape, dtype=torch.int8))
     order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
     block_table = torch.cat([order[:need], order[-1:].expand(2)])  # two trailing scratch entries
     rows = physical_rows(block_table, torch.arange(filled), block_size)

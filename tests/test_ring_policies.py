@@ -11,6 +11,7 @@ from minikv.errors import ConfigError
 from minikv.kernels.common import SCORE_ATTN, VICTIM_MIN_SCORE, VICTIM_RESERVOIR, EvictionSpec, PoolLayer
 from minikv.kernels.reference import attend_score_sample, nexus_walk, victim_slots
 from minikv.policies import POLICIES, PrefillCandidates, make_policy
+from minikv.policies.spec import parse_policy
 from minikv.block_pool import check_ring_settings
 
 EVICTING = [name for name, cls in POLICIES.items() if cls.evicts]
@@ -129,7 +130,8 @@ def empty_ring(budget, head_dim, edges=4, heads=1, block_size=None):
     shape = (budget // block_size, block_size, heads)
     pool = PoolLayer(torch.zeros(*shape, head_dim), torch.zeros(*shape, head_dim), torch.full(shape, -1, dtype=torch.int32),
                      torch.zeros(shape), torch.full((*shape, edges), -1, dtype=torch.int32),
-                     torch.full((*shape, edges), -1, dtype=torch.int32), torch.zeros(*shape, edges))
+                     torch.full((*shape, edges), -1, dtype=torch.int32), torch.zeros(*shape, edges),
+                     torch.zeros(shape, dtype=torch.int8))
     return pool, torch.arange(shape[0] - 1, -1, -1, dtype=torch.int32)[None]
 
 
@@ -219,6 +221,77 @@ def test_nexus_novelty_reserve_keeps_the_unattended_outlier_key(tau):
 def test_nexus_reserve_must_be_a_share():
     with pytest.raises(ConfigError, match="0 <= reserve <= 1"):
         make_policy("nexus", reserve=1.5)
+
+
+def test_nexus_reserve_skips_sinks_and_window():
+    """The most novel keys are a sink (0) and window tokens (37, 38): they are kept anyway, so the reserve
+    takes the most novel unprotected keys (10, 20, 30) instead, and still exactly its share of them."""
+    cand = reserve_candidates()
+    for outlier in (0, 20, 30, 37, 38):
+        cand.keys[0, outlier] = cand.keys[0, 10]
+        cand.mass[0, outlier] = 0.0
+    chosen = cand.budget - 2 - 4
+    policy = make_policy("nexus", n_sink=2, window=4, reserve=0.5)
+    _, priority = policy.prefill_scores(cand)
+    held = policy.prefill_held(cand, priority)
+    assert int(held.sum()) == chosen // 2
+    assert held[0, [10, 20, 30]].all()
+    assert not held[0, cand.protected(2, 4)[0]].any()
+
+
+def test_nexus_reserve_with_fewer_unprotected_candidates_than_its_share():
+    """A first chunk shorter than the budget: the reserve holds every unprotected candidate, no protected one."""
+    cand = reserve_candidates(n=12)
+    policy = make_policy("nexus", n_sink=2, window=4, reserve=1.0)
+    _, priority = policy.prefill_scores(cand)
+    assert policy.prefill_held(cand, priority)[0].tolist() == [False] * 2 + [True] * 6 + [False] * 4
+
+
+def test_nexus_hold_option():
+    assert make_policy("nexus").eviction_spec().hold
+    assert not make_policy("nexus", hold=False).eviction_spec().hold
+    assert not make_policy("nexus", reserve=0.0).eviction_spec().hold  # no reserve, nothing to hold
+    assert make_policy("nexus", hold=False).label == "nexus:hold=False"
+    assert parse_policy("nexus:hold=false").options == {"hold": False}
+    with pytest.raises(ConfigError, match="hold=1 is invalid: it must be true/false"):
+        make_policy("nexus", hold=1)
+    for name in POLICIES:
+        if name != "nexus":
+            assert not make_policy(name).eviction_spec().hold
+
+
+def held_positions(ring) -> list[list[set[int]]]:
+    """Per (layer, KV head): the positions of the ring's held slots."""
+    pos, held = ring.pos, ring.held.bool()
+    return [[set(pos[l, h][held[l, h]].tolist()) for h in range(pos.shape[1])] for l in range(pos.shape[0])]
+
+
+def test_nexus_hold_keeps_the_reserve_through_a_long_generation(tiny):
+    """Prefill 256 tokens into a ring of 96 (reserve: 38 slots per layer and head), then decode 300 tokens:
+    with hold every position the reserve held at the end of prefill is still in the ring; without it
+    the decode victims take some."""
+    model, config = tiny
+    ids, prompt = random_ids(556, seed=5), [128, 128]
+    after_prefill = {}
+
+    def capture(done, ring):
+        if done == sum(prompt):
+            after_prefill["held"] = held_positions(ring)
+
+    options = dict(n_sink=4, window=16, budget=96, prefill=prompt)
+    _, ring, _ = ring_logits(model, config, ids, policy="nexus", on_step=capture, **options)
+    reserved = after_prefill["held"]
+    assert all(len(per_head) == int(0.5 * (96 - 4 - 16)) for per_layer in reserved for per_head in per_layer)
+    final = ring.pos
+    for layer, per_layer in enumerate(reserved):
+        for head, positions in enumerate(per_layer):
+            assert positions <= set(final[layer, head].tolist())
+    assert held_positions(ring) == reserved  # decode marks nothing new and clears nothing it kept
+    _, unheld, _ = ring_logits(model, config, ids, policy="nexus", hold=False, **options)
+    lost = sum(len(positions - set(unheld.pos[layer, head].tolist()))
+               for layer, per_layer in enumerate(reserved) for head, positions in enumerate(per_layer))
+    assert lost > 0
+    assert not unheld.held.any()  # without hold the marks are never written
 
 
 # --- reservoir sampling --------------------------------------------------------------------------

@@ -73,6 +73,7 @@ def make_pool(num_seqs, budget, num_edges, dtype, device, head_dim=HEAD_DIM, num
         edge_slot=torch.randint(0, budget, (*shape, num_edges), dtype=torch.int32, device=device),
         edge_pos=torch.randint(0, budget, (*shape, num_edges), dtype=torch.int32, device=device),
         edge_w=torch.full((*shape, num_edges), 1.0 / num_edges, device=device),
+        held=torch.zeros(shape, dtype=torch.int8, device=device),
     )
     tables = torch.randperm(num_blocks, device=device).to(torch.int32).view(num_seqs, blocks_per_ring)
     return pool, tables

@@ -69,7 +69,7 @@ def pool_and_tables(num_seqs, blocks_per_seq, block_size, num_kv_heads, head_dim
     pool = PoolLayer(torch.zeros(*shape, head_dim, dtype=dtype), torch.zeros(*shape, head_dim, dtype=dtype),
                      torch.zeros(shape, dtype=torch.int32), torch.zeros(shape),
                      torch.zeros(*shape, num_edges, dtype=torch.int32), torch.zeros(*shape, num_edges, dtype=torch.int32),
-                     torch.zeros(*shape, num_edges))
+                     torch.zeros(*shape, num_edges), torch.zeros(shape, dtype=torch.int8))
     tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32).view(num_seqs, blocks_per_seq)
     return pool, tables
 

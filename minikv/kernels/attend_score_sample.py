@@ -201,12 +201,18 @@ def _walk_hop(lo, hi, filled, src_row, dst_row, table, head, num_kv_heads, pos_p
 
 
 @triton.jit
+def _is_held(held_ptr, cell, ok):
+    return tl.load(held_ptr + cell, mask=ok, other=0) != 0
+
+
+@triton.jit
 def _score_pass(best, lo, hi, new_pos, table, head, num_kv_heads, hash_base_i32, k_ptr, sk0, sk1, sk2, sk3,
-                pos_ptr, score_ptr, attn_row, walk_row, row_len, anchor, d, d_ok, j_block,
+                pos_ptr, score_ptr, held_ptr, attn_row, walk_row, row_len, anchor, d, d_ok, j_block,
                 PAGE: tl.constexpr, BLOCK: tl.constexpr, SCORE_MODE: tl.constexpr, VICTIM_MODE: tl.constexpr,
                 DECAY: tl.constexpr, GAMMA: tl.constexpr, HOPS: tl.constexpr, TAU: tl.constexpr,
-                N_SINK: tl.constexpr, WINDOW: tl.constexpr, EPS: tl.constexpr):
-    """Score update over [lo, hi) written back, and the running best victim rank over the same slots."""
+                N_SINK: tl.constexpr, WINDOW: tl.constexpr, EPS: tl.constexpr, HOLD: tl.constexpr):
+    """Score update over [lo, hi) written back, and the running best victim rank over the same slots.
+    Under HOLD a marked slot's key sits between the protected key and every real key (reference.victim_slots)."""
     for start in range(lo, hi, BLOCK):
         j = start + j_block
         j_ok = j < hi
@@ -230,13 +236,18 @@ def _score_pass(best, lo, hi, new_pos, table, head, num_kv_heads, hash_base_i32,
             tl.store(score_ptr + cell, score, mask=j_ok)
         protected = (pos < N_SINK) | (pos >= new_pos - WINDOW)
         if VICTIM_MODE == 0:
-            key = tl.where(protected, -2147483647, -pos)  # pos >= 0, so -pos > the protected key
+            key = -pos  # pos >= 0, so -pos > the held key > the protected key
+            if HOLD:
+                key = tl.where(_is_held(held_ptr, cell, j_ok), -2147483646, key)
+            key = tl.where(protected, -2147483647, key)
         else:
             if VICTIM_MODE == 1:
                 key = -score
             else:
                 u = _slot_uniform(hash_base_i32, head, pos)
                 key = tl.log(-tl.log(u)) - tl.log(tl.maximum(score, 0.0) + EPS) / TAU
+            if HOLD:
+                key = tl.where(_is_held(held_ptr, cell, j_ok), -3.4028234663852886e38, key)  # lowest finite fp32
             key = _ordered(tl.where(protected, float("-inf"), key))
         rank = tl.where(j_ok, _rank(key, j), _int64_min())
         best = tl.maximum(best, tl.max(rank, axis=0))
@@ -246,9 +257,10 @@ def _score_pass(best, lo, hi, new_pos, table, head, num_kv_heads, hash_base_i32,
 @triton.jit
 def _write_new_token(slot, score_new, top, seq, head, num_kv_heads, new_pos, table, d, d_ok, k_new, v_new,
                      k_ptr, sk0, sk1, sk2, sk3, v_ptr, sv0, sv1, sv2, sv3, pos_ptr, score_ptr, edge_slot_ptr,
-                     edge_pos_ptr, edge_w_ptr, written_ptr, M: tl.constexpr, M_PAD: tl.constexpr,
-                     PAGE: tl.constexpr, TOP_M: tl.constexpr):
-    """The new token's K, V, pos, score and out-edges (from the top-m ranks) into ring slot `slot`."""
+                     edge_pos_ptr, edge_w_ptr, held_ptr, written_ptr, M: tl.constexpr, M_PAD: tl.constexpr,
+                     PAGE: tl.constexpr, TOP_M: tl.constexpr, HOLD: tl.constexpr):
+    """The new token's K, V, pos, score and out-edges (from the top-m ranks) into ring slot `slot`; under
+    HOLD its mark is cleared."""
     blk, off = _lookup(table, slot, slot >= 0, PAGE)
     cell = (blk * PAGE + off) * num_kv_heads + head
     if TOP_M > 0:
@@ -271,6 +283,8 @@ def _write_new_token(slot, score_new, top, seq, head, num_kv_heads, new_pos, tab
     tl.store(v_ptr + blk * sv0 + off * sv1 + head * sv2 + d * sv3, v_new.to(v_ptr.dtype.element_ty), mask=d_ok)
     tl.store(pos_ptr + cell, new_pos)
     tl.store(score_ptr + cell, score_new)
+    if HOLD:
+        tl.store(held_ptr + cell, 0)
     tl.store(written_ptr + seq * num_kv_heads + head, slot)
 
 
@@ -278,7 +292,7 @@ def _write_new_token(slot, score_new, top, seq, head, num_kv_heads, new_pos, tab
 @triton.jit(do_not_specialize=["hash_base_i32"])
 def _attend_score_sample_kernel(
     q_ptr, k_new_ptr, v_new_ptr, out_ptr,
-    k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr,
+    k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr, held_ptr,
     tables_ptr, filled_ptr, budget_ptr, new_pos_ptr, new_score_ptr, written_ptr,
     logits_ptr, attn_ptr, walk_ptr,
     stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
@@ -288,7 +302,7 @@ def _attend_score_sample_kernel(
     M: tl.constexpr, M_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr,
     SCORE_MODE: tl.constexpr, VICTIM_MODE: tl.constexpr, DECAY: tl.constexpr, GAMMA: tl.constexpr,
     HOPS: tl.constexpr, TAU: tl.constexpr, TOP_M: tl.constexpr, N_SINK: tl.constexpr,
-    WINDOW: tl.constexpr, EPS: tl.constexpr, HAS_NEW_SCORE: tl.constexpr,
+    WINDOW: tl.constexpr, EPS: tl.constexpr, HAS_NEW_SCORE: tl.constexpr, HOLD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -360,8 +374,9 @@ def _attend_score_sample_kernel(
     if SCORE_MODE == 2:
         score_hi = filled
     best = _score_pass(_int64_min(), 0, score_hi, new_pos, table, head, num_kv_heads, hash_base_i32,
-                       k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, attn_row, walk_row, row_len, anchor, d, d_ok,
-                       j_block, PAGE, BLOCK, SCORE_MODE, VICTIM_MODE, DECAY, GAMMA, HOPS, TAU, N_SINK, WINDOW, EPS)
+                       k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, held_ptr, attn_row, walk_row, row_len, anchor, d,
+                       d_ok, j_block, PAGE, BLOCK, SCORE_MODE, VICTIM_MODE, DECAY, GAMMA, HOPS, TAU, N_SINK, WINDOW,
+                       EPS, HOLD)
     slot = tl.where(full, _rank_slot(best), filled)
 
     if SCORE_MODE == 1:
@@ -374,7 +389,7 @@ def _attend_score_sample_kernel(
         score_new = 0.0
     _write_new_token(slot, score_new, top, seq, head, num_kv_heads, new_pos, table, d, d_ok, k_new, v_new,
                      k_ptr, sk0, sk1, sk2, sk3, v_ptr, sv0, sv1, sv2, sv3, pos_ptr, score_ptr, edge_slot_ptr,
-                     edge_pos_ptr, edge_w_ptr, written_ptr, M, M_PAD, PAGE, TOP_M)
+                     edge_pos_ptr, edge_w_ptr, held_ptr, written_ptr, M, M_PAD, PAGE, TOP_M, HOLD)
 
 
 # ---- split-K (flash-decoding): several programs per (sequence, KV head) ------------------------------------
@@ -426,7 +441,7 @@ def _merged_anchor(unit_ptr, row, unit_new, filled, d, NUM_SPLITS: tl.constexpr,
 
 @triton.jit(do_not_specialize=["hash_base_i32"])
 def _split_kernel(
-    q_ptr, k_new_ptr, k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr,
+    q_ptr, k_new_ptr, k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr, held_ptr,
     tables_ptr, filled_ptr, budget_ptr, new_pos_ptr,
     logits_ptr, attn_ptr, walk_ptr, stats_m_ptr, stats_l_ptr, unit_ptr, acc_ptr, top_ptr, best_ptr,
     stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd,
@@ -437,7 +452,7 @@ def _split_kernel(
     SCORE_MODE: tl.constexpr, VICTIM_MODE: tl.constexpr, DECAY: tl.constexpr, GAMMA: tl.constexpr,
     HOPS: tl.constexpr, TAU: tl.constexpr, TOP_M: tl.constexpr, N_SINK: tl.constexpr,
     WINDOW: tl.constexpr, EPS: tl.constexpr, NUM_SPLITS: tl.constexpr, PHASE: tl.constexpr, HOP: tl.constexpr,
-    FUSE_SCORE: tl.constexpr,
+    FUSE_SCORE: tl.constexpr, HOLD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -499,9 +514,9 @@ def _split_kernel(
             if SCORE_MODE == 2:
                 score_hi = hi
             best = _score_pass(_int64_min(), lo, score_hi, new_pos, table, head, num_kv_heads, hash_base_i32,
-                               k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, attn_row, walk_row, row_len, anchor,
-                               d, d_ok, j_block, PAGE, BLOCK, SCORE_MODE, VICTIM_MODE, DECAY, GAMMA, HOPS, TAU,
-                               N_SINK, WINDOW, EPS)
+                               k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, held_ptr, attn_row, walk_row,
+                               row_len, anchor, d, d_ok, j_block, PAGE, BLOCK, SCORE_MODE, VICTIM_MODE, DECAY,
+                               GAMMA, HOPS, TAU, N_SINK, WINDOW, EPS, HOLD)
             tl.store(best_ptr + part, best)
         else:
             _walk_hop(lo, hi, filled, attn_row, walk_row, table, head, num_kv_heads, pos_ptr, edge_slot_ptr,
@@ -511,16 +526,16 @@ def _split_kernel(
                   num_kv_heads, pos_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr, j_block, M, M_PAD, PAGE, BLOCK)
     else:
         best = _score_pass(_int64_min(), lo, hi, new_pos, table, head, num_kv_heads, hash_base_i32,
-                           k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, attn_row, walk_row, row_len,
+                           k_ptr, sk0, sk1, sk2, sk3, pos_ptr, score_ptr, held_ptr, attn_row, walk_row, row_len,
                            tl.zeros([D_PAD], tl.float32), d, d_ok, j_block, PAGE, BLOCK, SCORE_MODE, VICTIM_MODE,
-                           DECAY, GAMMA, HOPS, TAU, N_SINK, WINDOW, EPS)
+                           DECAY, GAMMA, HOPS, TAU, N_SINK, WINDOW, EPS, HOLD)
         tl.store(best_ptr + part, best)
 
 
 @triton.jit
 def _split_finish_kernel(
     q_ptr, k_new_ptr, v_new_ptr, out_ptr,
-    k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr,
+    k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr, held_ptr,
     tables_ptr, filled_ptr, budget_ptr, new_pos_ptr, new_score_ptr, written_ptr,
     stats_m_ptr, stats_l_ptr, unit_ptr, acc_ptr, top_ptr, best_ptr,
     stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
@@ -528,7 +543,7 @@ def _split_finish_kernel(
     num_kv_heads, scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     M: tl.constexpr, M_PAD: tl.constexpr, PAGE: tl.constexpr, SCORE_MODE: tl.constexpr, TOP_M: tl.constexpr,
-    HAS_NEW_SCORE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HAS_NEW_SCORE: tl.constexpr, NUM_SPLITS: tl.constexpr, HOLD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -578,7 +593,7 @@ def _split_finish_kernel(
     slot = tl.where(filled >= budget, _rank_slot(best), filled)
     _write_new_token(slot, score_new, top, seq, head, num_kv_heads, new_pos, table, d, d_ok, k_new, v_new,
                      k_ptr, sk0, sk1, sk2, sk3, v_ptr, sv0, sv1, sv2, sv3, pos_ptr, score_ptr, edge_slot_ptr,
-                     edge_pos_ptr, edge_w_ptr, written_ptr, M, M_PAD, PAGE, TOP_M)
+                     edge_pos_ptr, edge_w_ptr, held_ptr, written_ptr, M, M_PAD, PAGE, TOP_M, HOLD)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -611,7 +626,7 @@ def default_block_keys(row_len: int, device: torch.device) -> int:
 def _check_inputs(q, k_new, pool: PoolLayer, block_tables, spec: EvictionSpec) -> None:
     if q.shape[1] % k_new.shape[1] != 0:
         raise ValueError(f"query heads {q.shape[1]} are not a multiple of KV heads {k_new.shape[1]}")
-    for name in ("pos", "score", "edge_slot", "edge_pos", "edge_w"):
+    for name in ("pos", "score", "edge_slot", "edge_pos", "edge_w", "held"):
         if not getattr(pool, name).is_contiguous():
             raise ValueError(f"pool.{name} must be contiguous")
     if block_tables.dim() != 2 or block_tables.stride(1) != 1:
@@ -669,7 +684,7 @@ def attend_score_sample_triton(
     constants = dict(
         GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
         M=num_edges, M_PAD=triton.next_power_of_2(num_edges), PAGE=page)
-    policy = dict(SCORE_MODE=spec.score_mode, TOP_M=spec.top_m)
+    policy = dict(SCORE_MODE=spec.score_mode, TOP_M=spec.top_m, HOLD=spec.hold)
     if splits > 1:
         rows = num_seqs * num_kv_heads * splits
         g_pad_, d_pad, m_pad = g_pad, constants["D_PAD"], constants["M_PAD"]
@@ -682,7 +697,8 @@ def attend_score_sample_triton(
         # without a victim to draw (nothing full) a split's candidate is never used, but it is always written
         fuse_score = spec.score_mode != SCORE_ATTN or hops == 0
         common = (q, k_new, pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w,
-                  block_tables, filled, budget, new_pos, logits, attn, walk, stats_m, stats_l, unit, acc, top, best,
+                  pool.held, block_tables, filled, budget, new_pos, logits, attn, walk, stats_m, stats_l, unit, acc,
+                  top, best,
                   *q.stride(), *k_new.stride(), *pool.k.stride(), *pool.v.stride(), block_tables.stride(0),
                   num_kv_heads, row_len, hash_base(seed, layer), float(scale))
         phase = dict(**constants, BLOCK=block, VICTIM_MODE=spec.victim_mode, DECAY=float(spec.decay),
@@ -697,7 +713,7 @@ def attend_score_sample_triton(
             _split_kernel[grid](*common, PHASE=3, HOP=0, **phase)
         _split_finish_kernel[(num_seqs, num_kv_heads)](
             q, k_new, v_new, out,
-            pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w,
+            pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w, pool.held,
             block_tables, filled, budget, new_pos, new_score if new_score is not None else written, written,
             stats_m, stats_l, unit, acc, top, best,
             *q.stride(), *k_new.stride(), *v_new.stride(), *out.stride(), *pool.k.stride(), *pool.v.stride(),
@@ -707,7 +723,7 @@ def attend_score_sample_triton(
 
     _attend_score_sample_kernel[(num_seqs, num_kv_heads)](
         q, k_new, v_new, out,
-        pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w,
+        pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w, pool.held,
         block_tables, filled, budget, new_pos, new_score if new_score is not None else written, written,
         logits, attn, walk,
         *q.stride(), *k_new.stride(), *v_new.stride(), *out.stride(), *pool.k.stride(), *pool.v.stride(),
@@ -717,6 +733,6 @@ def attend_score_sample_triton(
         M=num_edges, M_PAD=triton.next_power_of_2(num_edges), PAGE=page, BLOCK=block,
         SCORE_MODE=spec.score_mode, VICTIM_MODE=spec.victim_mode, DECAY=float(spec.decay),
         GAMMA=float(spec.gamma), HOPS=hops, TAU=float(spec.tau), TOP_M=spec.top_m, N_SINK=spec.n_sink,
-        WINDOW=spec.window, EPS=float(spec.eps), HAS_NEW_SCORE=new_score is not None,
+        WINDOW=spec.window, EPS=float(spec.eps), HAS_NEW_SCORE=new_score is not None, HOLD=spec.hold,
     )
     return out, written

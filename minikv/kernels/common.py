@@ -37,9 +37,12 @@ class PoolLayer(NamedTuple):
     edge_pos:   [num_blocks, block_size, num_kv_heads, M] int32   target's position when the edge was made;
                                                                   an edge is dead once pos[target] differs.
     edge_w:     [num_blocks, block_size, num_kv_heads, M] fp32    normalised edge weight.
+    held:       [num_blocks, block_size, num_kv_heads] int8       1 = a decode victim only when nothing else
+                                                                  is (Nexus's reserve, EvictionSpec.hold).
 
     Slots at ring index >= filled are empty whatever the pool holds there, so freeing a sequence's blocks is
-    O(1) and nothing is zeroed. Policies without edges use M = 1 and never read them.
+    O(1) and nothing is zeroed. Policies without edges use M = 1 and never read them; policies without
+    `hold` never read or write `held` (it stays all zero).
     """
 
     k: torch.Tensor
@@ -49,6 +52,7 @@ class PoolLayer(NamedTuple):
     edge_slot: torch.Tensor
     edge_pos: torch.Tensor
     edge_w: torch.Tensor
+    held: torch.Tensor
 
     @property
     def block_size(self) -> int:
@@ -83,6 +87,8 @@ class EvictionSpec:
     top_m:  out-edges a query token records (0 = none).
     n_sink, window: the first n_sink positions and the `window` positions before the new token are
             never victims.
+    hold:   slots marked in PoolLayer.held are victims only when a ring has no other unprotected slot, and
+            the new token's mark is cleared when it is written (Nexus's novelty reserve survives decode).
     """
 
     score_mode: int = SCORE_NONE
@@ -95,6 +101,7 @@ class EvictionSpec:
     n_sink: int = 4
     window: int = 64
     eps: float = 1e-6
+    hold: bool = False
 
 
 # --- the slot hash -------------------------------------------------------------------------------

@@ -198,7 +198,8 @@ def decode_update(pool: PoolLayer, index: DecodeIndex, attn, k_new, v_new, new_p
         protected = (pos < spec.n_sink) | (pos >= (new_pos - spec.window)[:, None, None])
         if index.valid is not None:
             protected |= ~index.valid[:, None, :]
-        victim = victim_slots(spec, pos, score, protected, heads[:, None], layer, seed)
+        held = _gather(pool.held, ring_cells) != 0 if spec.hold else None
+        victim = victim_slots(spec, pos, score, protected, heads[:, None], layer, seed, held=held)
         slot = torch.where((filled < index.budget)[:, None], slot, victim)
     new_cells = physical_rows(index.block_tables, slot, pool.block_size) * num_kv_heads + heads  # [R, Hkv]
 
@@ -219,6 +220,8 @@ def decode_update(pool: PoolLayer, index: DecodeIndex, attn, k_new, v_new, new_p
     _scatter(pool.v, new_cells, v_new)
     _scatter(pool.pos, new_cells, new_pos[:, None].expand(-1, num_kv_heads))
     _scatter(pool.score, new_cells, score_new)
+    if spec.hold:  # the new token is nobody's reserve pick (and may have overwritten one in the fallback)
+        _scatter(pool.held, new_cells, torch.zeros_like(slot, dtype=torch.int8))
     return slot.to(torch.int32)
 
 
@@ -313,18 +316,27 @@ def top_m_edges(attn: torch.Tensor, pos: torch.Tensor, spec: EvictionSpec):
     return slots, targets, weights
 
 
-def victim_slots(spec: EvictionSpec, pos, score, protected, heads, layer: int, seed: int) -> torch.Tensor:
+def victim_slots(spec: EvictionSpec, pos, score, protected, heads, layer: int, seed: int,
+                 held: torch.Tensor | None = None) -> torch.Tensor:
     """The victim among unprotected slots along the last axis; ties go to the lowest slot index.
     pos / score / protected [..., n] (score unused by VICTIM_OLDEST), heads broadcastable to them (the
-    KV head index, for the reservoir's hash) -> [...] int64. All protected -> slot 0."""
+    KV head index, for the reservoir's hash) -> [...] int64. All protected -> slot 0.
+
+    held [..., n] (EvictionSpec.hold): marked slots rank below every unmarked unprotected slot, so one is the
+    victim only in a ring with no other candidate; then the lowest marked slot goes (the fallback: a ring
+    whose marks fill every unprotected slot still takes its new token)."""
     if spec.victim_mode == VICTIM_OLDEST:
-        key = torch.where(protected, torch.iinfo(torch.int32).min, -pos)
+        key, held_key, protected_key = -pos, torch.iinfo(torch.int32).min + 1, torch.iinfo(torch.int32).min
     elif spec.victim_mode == VICTIM_MIN_SCORE:
-        key = torch.where(protected, float("-inf"), -score)
+        key, held_key, protected_key = -score, -torch.finfo(torch.float32).max, float("-inf")
     elif spec.victim_mode == VICTIM_RESERVOIR:
-        key = torch.where(protected, float("-inf"), reservoir_keys(spec, score, heads, pos, layer, seed))
+        key = reservoir_keys(spec, score, heads, pos, layer, seed)
+        held_key, protected_key = -torch.finfo(torch.float32).max, float("-inf")
     else:
         raise ValueError(f"unknown victim mode {spec.victim_mode}")
+    if held is not None:
+        key = torch.where(held, held_key, key)
+    key = torch.where(protected, protected_key, key)
     return key.argmax(dim=-1)  # argmax returns the first maximum: the lowest slot on ties
 
 

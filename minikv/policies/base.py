@@ -50,6 +50,12 @@ class PrefillCandidates:
     def chunk_len(self) -> int:
         return self.pos.shape[1] - self.filled
 
+    def protected(self, n_sink: int, window: int) -> torch.Tensor:
+        """[H, n] True for the candidates kept whatever their priority: the first n_sink positions and the
+        `window` positions ending at the chunk's last token."""
+        last_pos = self.pos[0, -1]
+        return (self.pos < n_sink) | (self.pos > last_pos - window)
+
 
 def _has_type(value: Any, hint: Any) -> bool:
     """Whether an option value fits its annotation. Floats must be finite: a NaN or infinite score
@@ -171,6 +177,11 @@ class Policy:
     def prefill_scores(self, cand: PrefillCandidates) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores to store [H, n], keep priority [H, n]); a higher priority is kept first."""
         raise NotImplementedError
+
+    def prefill_held(self, cand: PrefillCandidates, priority: torch.Tensor) -> torch.Tensor:
+        """Under EvictionSpec.hold: [H, n] True for the candidates whose ring slots decode must not evict
+        (PoolLayer.held), given prefill_scores' priority. Called for every chunk: it replaces the marks."""
+        raise NotImplementedError(f"{self.name} has no held slots")
 
     # --- optional hooks for policies with their own state (epikv, nestedkv); the defaults do nothing ----
     # They are called by RingAttention (bind, reset_ring, new_token_scores, after_decode, after_prefill_chunk,

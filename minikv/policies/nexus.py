@@ -8,7 +8,8 @@ The seed paper (arXiv 2606.23961) gives the idea; the concrete method here is DE
 - the victim is drawn by Efraimidis-Spirakis A-Res (weights S^(1/tau)) rather than cut at a fixed rank,
   so a token that falls just below the cut-off once is not erased with certainty;
 - while a prompt streams through, a *novelty reserve* keeps the keys least like the rest (KeyDiff's rule,
-  arXiv 2504.15364) whatever their attention: minikv's addition, see `reserve` below.
+  arXiv 2504.15364) whatever their attention, and (`hold`) decode never evicts what it kept: minikv's
+  addition, see `_novelty_reserve` below.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from ..kernels.common import SCORE_ATTN, VICTIM_MIN_SCORE, VICTIM_RESERVOIR
 from ..kernels.reference import keydiff_scores, nexus_walk, reservoir_keys
 from .base import Policy, PrefillCandidates
 
+# The priority the reserve lifts its picks to: above every score-based priority, below the +inf that protects
+# sinks and window, and the mark by which prefill_held finds them again.
+RESERVED = torch.finfo(torch.float32).max
+
 
 @dataclass
 class Nexus(Policy):
@@ -33,6 +38,8 @@ class Nexus(Policy):
     tau: float = 1.0  # 0 = deterministic top-K (sampling off)
     # Share of the policy-chosen prefill slots (budget - n_sink - window) kept for the most novel keys.
     reserve: float = 0.5
+    # Decode never evicts the reserve's picks (PoolLayer.held); False: they become ordinary slots at decode.
+    hold: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -49,7 +56,12 @@ class Nexus(Policy):
     def eviction_spec(self):
         return self._spec(score_mode=SCORE_ATTN, decay=self.decay, gamma=self.gamma, hops=self.hops,
                           victim_mode=VICTIM_RESERVOIR if self.sampling else VICTIM_MIN_SCORE,
-                          tau=self.tau if self.sampling else 1.0)
+                          tau=self.tau if self.sampling else 1.0, hold=self.holds)
+
+    @property
+    def holds(self) -> bool:
+        """Whether decode honours held marks: only a reserve makes any (so reserve=0 costs the kernel nothing)."""
+        return self.hold and self.reserve > 0
 
     def prefill_scores(self, cand: PrefillCandidates):
         """A chunk of C rows counts as C decode steps, each giving the chunk's *average* attention.
@@ -87,21 +99,36 @@ class Nexus(Policy):
         A key far from the mean key direction carries what the others do not; keeping a share of those
         costs little when the haystack is redundant.
 
-        Decode has no reserve: once generation starts the query attends what it needs, and the kernel's
-        attention scores take over. The score floor is the hand-over: stored with their near-zero attention
-        EMA, the reserved slots would be the first victims of the first decode steps, before the question's
-        attention has lifted the ones it needs (on a 7-digit needle the last digit went that way). With the
-        candidates' mean score they start as ordinary slots and decay like any other unless attended.
+        Only unprotected candidates compete: sinks and the window are kept anyway, and a sink's key is often
+        the most novel of all, so ranking them too would spend the share on slots that need none. The
+        reserve holds `reserve * (budget - n_sink - window)` candidates, or every unprotected one if fewer.
+
+        The same question can come after a long generation. With `hold` the picks are marked in the pool
+        (prefill_held) and the decode kernel never evicts a marked slot, so the fact is still there when
+        the answer needs it; each chunk's pick replaces the last one's marks, and at most the reserve share
+        is marked, so with reserve < 1 every full ring keeps an unmarked slot to evict. Without `hold` the
+        score floor is the hand-over: stored with their near-zero attention EMA, the reserved slots would be
+        the first victims of the first decode steps, before the question's attention has lifted the ones it
+        needs (on a 7-digit needle the last digit went that way); with the candidates' mean score they start
+        as ordinary slots and decay like any other unless attended.
         """
         chosen = cand.budget - self.n_sink - self.window
         count = min(int(self.reserve * max(chosen, 0)), cand.pos.shape[1])
         if count == 0:
             return scores, priority
-        novel = keydiff_scores(cand.keys).topk(count, dim=-1).indices
+        protected = cand.protected(self.n_sink, self.window)
+        novelty = keydiff_scores(cand.keys).masked_fill(protected, float("-inf"))
+        novel = novelty.topk(count, dim=-1).indices
+        picked = ~protected.gather(1, novel)  # False only where fewer than `count` candidates are unprotected
         floor = scores.mean(dim=-1, keepdim=True).expand_as(novel)
-        scores = scores.scatter(1, novel, torch.maximum(scores.gather(1, novel), floor))
-        lifted = torch.finfo(torch.float32).max  # below the +inf that protects sinks and window
-        return scores, priority.float().scatter(1, novel, lifted)
+        lifted_scores = torch.where(picked, torch.maximum(scores.gather(1, novel), floor), scores.gather(1, novel))
+        priority = priority.float()
+        lifted_priority = torch.where(picked, RESERVED, priority.gather(1, novel))
+        return scores.scatter(1, novel, lifted_scores), priority.scatter(1, novel, lifted_priority)
+
+    def prefill_held(self, cand: PrefillCandidates, priority: torch.Tensor) -> torch.Tensor:
+        """The reserve's picks: the candidates _novelty_reserve lifted to RESERVED."""
+        return priority == RESERVED
 
     def _ema_steps(self, steps: torch.Tensor) -> torch.Tensor:
         """sum_{k<steps} decay^k: what `steps` decode steps of constant attention 1 add to S."""
