@@ -297,6 +297,22 @@ class Engine:
         """Requests in the engine, waiting or running."""
         return self.scheduler.num_waiting + self.scheduler.num_running
 
+    def kv_positions(self, request_id: str) -> torch.Tensor:
+        """What a running request's rings hold now: the original token position in every filled slot,
+        [layers, kv_heads, n] int32 on the CPU, n = min(tokens read, ring size), in ring-slot order (which
+        carries no meaning: sort a row to read it). Each (layer, KV head) evicts on its own, so rows differ;
+        this is the view tools/kv_heatmap.py draws. It reads the pool (a host sync): for inspection, not
+        for a serving loop. Raises InvalidRequestError unless the request is running (its ring exists only
+        from admission to finish; read it before the step that finishes it)."""
+        req = self._requests.get(request_id)
+        if req is None or req.is_finished:
+            raise InvalidRequestError(f"request {request_id!r} is not in the engine (unknown, or finished and "
+                                      "its ring freed): read kv_positions while it runs")
+        if req.status is not RequestStatus.RUNNING:
+            raise InvalidRequestError(f"request {request_id!r} is still waiting for admission and holds no ring "
+                                      "yet: step the engine first")
+        return self.pool.ring("pos", req.blocks, min(req.num_processed, req.ring_size)).cpu()
+
     def stats(self) -> EngineStats:
         """A snapshot of the engine's gauges and counters (see EngineStats)."""
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,

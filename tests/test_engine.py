@@ -638,3 +638,38 @@ def test_logits_processors_see_the_raw_logits_and_can_force_tokens(loaded):
 def test_a_non_callable_logits_processor_is_refused():
     with pytest.raises(InvalidRequestError, match="logits_processors"):
         SamplingParams(logits_processors=[1])
+
+
+# --- what the rings hold ----------------------------------------------------------------------------
+
+
+def test_kv_positions_full_cache_is_every_position(loaded):
+    engine = make_engine(loaded)
+    rid = engine.add_request([1] + list(range(3, 43)), GREEDY)
+    with pytest.raises(InvalidRequestError, match="waiting for admission"):
+        engine.kv_positions(rid)
+    for _ in range(5):
+        engine.step()
+    pos = engine.kv_positions(rid)
+    layers, kv_heads = loaded.config.num_layers, loaded.config.num_kv_heads
+    # 3 prefill steps read the 41 prompt tokens (chunk 16) and sample one; 2 decode steps read 2 more
+    assert pos.shape == (layers, kv_heads, 43) and pos.dtype == torch.int32
+    assert torch.equal(pos.sort(-1).values, torch.arange(43, dtype=torch.int32).expand(layers, kv_heads, -1))
+    run_all(engine)
+    with pytest.raises(InvalidRequestError, match="not in the engine"):
+        engine.kv_positions(rid)
+
+
+@pytest.mark.parametrize("policy", ["nexus", "h2o"])
+def test_kv_positions_under_eviction_hold_budget_distinct_past_positions(loaded, policy):
+    engine = make_engine(loaded, policy=policy, budget=32, n_sink=2, window=8)
+    rid = engine.add_request(random_prompt(random.Random(3), 100, 101), GREEDY)
+    for _ in range(12):
+        engine.step()
+    pos = engine.kv_positions(rid)
+    read = int(engine._requests[rid].num_processed)
+    assert read > 32 and pos.shape[-1] == 32
+    assert ((pos >= 0) & (pos < read)).all()
+    assert all(len(set(row.tolist())) == 32 for row in pos.flatten(0, 1))
+    assert (pos[..., None] == torch.arange(2)).any(-2).all()  # the sinks and the window are there
+    assert (pos[..., None] == torch.arange(read - 8, read)).any(-2).all()
