@@ -53,4 +53,4 @@ def test_tool_runs_end_to_end(tmp_path):
     start, end = data["needle_span"]
     assert 0 < start < end < data["prompt_tokens"]
     assert data["rings_holding_whole_needle"] <= data["rings"] == positions.shape[0] * positions.shape[1]
-    assert 0 < data["prompt_share_kept"] < 1 and result["policy"] == "nexus"
+    assert 0 < data["prompt_share_kept"] < 1 and 0 <= data["needle_share_kept"] <= 1 and result["policy"] == "nexus"

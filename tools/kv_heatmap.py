@@ -89,10 +89,13 @@ def binned(held: torch.Tensor, columns: int) -> tuple[torch.Tensor, int]:
 
 
 def summary(held: torch.Tensor, span: tuple[int, int] | None) -> dict:
-    """The share of (ring, prompt position) pairs still held, and the rings holding the whole needle."""
+    """The share of (ring, prompt position) pairs still held; for the needle, the same share over its span
+    and the rings holding all of it."""
     result = {"prompt_share_kept": held.float().mean().item(), "rings": held.shape[0]}
     if span is not None:
-        result["rings_holding_whole_needle"] = int(held[:, span[0]:span[1]].all(1).sum())
+        needle = held[:, span[0]:span[1]]
+        result["needle_share_kept"] = needle.float().mean().item()
+        result["rings_holding_whole_needle"] = int(needle.all(1).sum())
     return result
 
 
@@ -127,7 +130,7 @@ def draw(held: torch.Tensor, kv_heads: int, span: tuple[int, int] | None, column
     ax.set_yticks([layer * kv_heads + kv_heads / 2 for layer in range(0, layers, step)],
                   [str(layer) for layer in range(0, layers, step)])
     ax.set_ylabel(f"layer ({kv_heads} KV heads each)")
-    ax.set_xlabel(f"prompt position (bins of {width})" if width > 1 else "prompt position")
+    ax.set_xlabel(f"prompt position (a column = {width} tokens)" if width > 1 else "prompt position")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01, label="share of the bin held")
     fig.tight_layout()
@@ -186,7 +189,8 @@ def main(argv=None) -> dict:
     result = {"policy": engine.policy.label, "budget": args.budget, "prompt_tokens": len(ids), "generated": args.gen,
               "needle_span": list(span) if span else None, **summary(held, span), "answer": text,
               "seconds": round(time.time() - started, 1)}
-    needle_note = f"; needle whole in {result['rings_holding_whole_needle']}/{held.shape[0]} rings" if span else ""
+    needle_note = (f"; needle {result['needle_share_kept']:.0%}, whole in {result['rings_holding_whole_needle']}/"
+                   f"{held.shape[0]} rings" if span else "")
     title = (f"{result['policy']}, budget {args.budget}, {len(ids)}-token prompt + {args.gen} generated: "
              f"{result['prompt_share_kept']:.0%} of the prompt kept{needle_note}")
     draw(held, loaded.config.num_kv_heads, span, args.columns, title, args.output)

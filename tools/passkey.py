@@ -23,13 +23,11 @@ from minikv.loader import load_model
 DEPTHS = [0.4, 0.2, 0.6, 0.8, 0.5]
 
 
-def key_rings(engine: Engine, request_id: str, key_ids: list[int]) -> tuple[int, int]:
-    """(rings holding every token of the key, rings in all) for a request whose prompt has been read."""
-    req = engine._requests[request_id]
-    ids = req.prompt_ids
+def key_rings(engine: Engine, request_id: str, ids: list[int], key_ids: list[int]) -> tuple[int, int]:
+    """(rings holding every token of the key, rings in all) for a running request with prompt `ids`."""
     start = next(i for i in range(len(ids)) if ids[i:i + len(key_ids)] == key_ids)
     key_pos = torch.arange(start, start + len(key_ids), dtype=torch.int32)
-    pos = engine.store.pos[:, req.slot]  # [layers, kv heads, budget]
+    pos = engine.kv_positions(request_id)  # [layers, kv heads, budget]
     held = (pos[..., None] == key_pos).any(-2).all(-1)
     return int(held.sum()), held.numel()
 
@@ -45,7 +43,7 @@ def probe(loaded, spec, prompt: str, key: str, args) -> tuple[bool, str, int, in
     first = prompt.index(key)
     key_ids = loaded.tokenizer.encode(prompt[:first + len(key)], add_special_tokens=False)
     key_ids = key_ids[len(loaded.tokenizer.encode(prompt[:first], add_special_tokens=False)):]
-    held, rings = key_rings(engine, rid, key_ids)
+    held, rings = key_rings(engine, rid, req.prompt_ids, key_ids)
     while not req.is_finished:
         engine.step()
     text = req.make_output().outputs[0].text
