@@ -38,7 +38,8 @@ def teacher_forcer(targets: list[int], nll: list[float]):
 
 def decode_nll(loaded, spec, ids: list[int], prompt_len: int, args) -> float:
     """Mean NLL of ids[prompt_len:] read through decode steps after ids[:prompt_len] was prefilled."""
-    engine = Engine(loaded, budget=args.budget, chunk=args.chunk, policy=spec.name, policy_options=spec.options,
+    budget = len(ids) if spec.name == "full" else args.budget  # full holds everything: size its pool for it
+    engine = Engine(loaded, budget=budget, chunk=args.chunk, policy=spec.name, policy_options=spec.options,
                     max_num_seqs=1)
     nll: list[float] = []
     targets = ids[prompt_len:]
@@ -69,7 +70,8 @@ def main() -> None:
     for spec in parse_policies(args.policies):
         started = time.time()
         nll = decode_nll(loaded, spec, ids, args.prompt, args)
-        print(f"| {spec.label} | {args.budget} | {math.exp(nll):.3f} | {time.time() - started:.0f} |", flush=True)
+        budget = "all" if spec.name == "full" else args.budget
+        print(f"| {spec.label} | {budget} | {math.exp(nll):.3f} | {time.time() - started:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

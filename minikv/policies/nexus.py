@@ -99,8 +99,8 @@ class Nexus(Policy):
         A key far from the mean key direction carries what the others do not; keeping a share of those
         costs little when the haystack is redundant.
 
-        Only unprotected candidates compete: sinks and the window are kept anyway, and a sink's key is often
-        the most novel of all, so ranking them too would spend the share on slots that need none. The
+        Only unprotected candidates compete: sinks and the window are kept anyway (and sink keys are typically
+        outliers), so ranking them too would spend the share on slots that need none. The
         reserve holds `reserve * (budget - n_sink - window)` candidates, or every unprotected one if fewer.
 
         The same question can come after a long generation. With `hold` the picks are marked in the pool
