@@ -70,8 +70,9 @@ def attend_score_sample(
       2. a(j): the probability each slot received, averaged over the group;
       3. the policy's score update (EvictionSpec.score_mode), written back;
       4. the ring slot for the new token: `filled` while the ring has room, else the victim among
-         unprotected slots (ties -> lowest ring slot); its K, V, pos, score and out-edges (top-m by a(j),
-         taken before the write) are written there.
+         unprotected slots (ties -> lowest ring slot; under spec.hold a slot marked in pool.held only when
+         no unmarked one is left); its K, V, pos, score and out-edges (top-m by a(j), taken before the
+         write) are written there, and under spec.hold its mark is cleared.
     Pool rows outside the batch's filled slots and the new tokens' slots are never written, and pool
     content at ring slots >= filled is never trusted (it may be anything, NaN included).
 
