@@ -54,3 +54,9 @@ def test_tool_runs_end_to_end(tmp_path):
     assert 0 < start < end < data["prompt_tokens"]
     assert data["rings_holding_whole_needle"] <= data["rings"] == positions.shape[0] * positions.shape[1]
     assert 0 < data["prompt_share_kept"] < 1 and 0 <= data["needle_share_kept"] <= 1 and result["policy"] == "nexus"
+
+
+def test_without_matplotlib_the_error_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with pytest.raises(kv_heatmap.ConfigError, match=r"pip install minikv\[plot\]"):
+        kv_heatmap.draw(torch.ones(2, 8, dtype=torch.bool), 1, None, 4, "t", tmp_path / "x.png")

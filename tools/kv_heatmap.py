@@ -65,6 +65,8 @@ def final_positions(engine: Engine, ids: list[int], gen: int) -> tuple[torch.Ten
     rid = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=gen + 2, ignore_eos=True))
     while True:
         mine = [out for out in engine.step() if out.request_id == rid]
+        if mine and mine[-1].finished:  # only an error ends it before max_tokens (ignore_eos)
+            raise RuntimeError(f"the request failed before its rings were read: {mine[-1].error}")
         if mine and len(mine[-1].outputs[0].token_ids) == gen + 1:
             positions, text = engine.kv_positions(rid), mine[-1].outputs[0].text
             engine.abort(rid)
