@@ -21,7 +21,16 @@ from minikv.kernels import reference
 from minikv.kernels.attend_score_sample import attend_score_sample_triton, choose_num_splits
 from minikv.kernels.common import SCORE_EXTERNAL, PoolLayer, physical_rows
 from minikv.kernels.prefill import prefill_attention_triton
-from test_kernels_decode import POLICIES, Batch, advance, assert_pools_match, batch_args, clone_pool, random_batch
+from test_kernels_decode import (
+    HELD_SPECS,
+    POLICIES,
+    Batch,
+    advance,
+    assert_pools_match,
+    batch_args,
+    clone_pool,
+    random_batch,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,6 +40,8 @@ pytestmark = [
 ]
 
 BUDGET, NUM_SEQS, NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE = 4096, 16, 8, 4, 128, 16
+# every decode policy, and Nexus with held marks (random_batch marks about half the slots)
+DECODE_SPECS = {**POLICIES, "nexus-hold": HELD_SPECS["nexus"]}
 
 
 def to_cuda(batch: Batch) -> Batch:
@@ -62,9 +73,9 @@ def step_inputs(spec, dtype, gen, num_seqs=NUM_SEQS):
 
 @pytest.mark.parametrize("num_splits", [1, None])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("policy", sorted(DECODE_SPECS))
 def test_decode_matches_reference_at_scale(policy, dtype, num_splits):
-    spec = POLICIES[policy]
+    spec = DECODE_SPECS[policy]
     batch, gen = decode_batch(spec, dtype)
     ref = dataclasses.replace(batch, pool=clone_pool(batch.pool))
     for step in range(3):
