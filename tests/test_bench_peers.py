@@ -46,6 +46,14 @@ def test_policies_split_and_budgets_peeled(peers):
         peers.minikv_rows("nexus:no_such_option=1", 256, 512)
 
 
+def test_dtype_is_a_row_option_of_the_tool(peers):
+    fp32, bf16 = peers.minikv_rows("nexus,nexus:dtype=bfloat16,tau=0", 256, 512)
+    assert (fp32.dtype, bf16.dtype, bf16.policy) == ("float32", "bfloat16", "nexus:tau=0")
+    assert bf16.label == "minikv nexus:tau=0 (budget 256; 512 at long) bfloat16"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        peers.minikv_rows("nexus:dtype=int8", 256, 512)
+
+
 def test_prompts_are_reproducible_ordinary_ids(peers, loaded):
     vocab_size, allowed = peers.ordinary_ids(loaded.path)
     assert vocab_size == 384 and allowed[0] == 3  # <unk>, <s>, </s> are special

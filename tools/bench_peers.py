@@ -49,6 +49,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINES = ("minikv", "transformers", "llama.cpp")
+DTYPES = ("float32", "bfloat16", "float16")
 DASH = "–"
 
 
@@ -68,6 +69,7 @@ class Row:
     policy: str | None = None  # minikv policy string without budget options, e.g. "nexus:tau=0"
     budget: int | None = None
     long_budget: int | None = None
+    dtype: str = "float32"  # minikv's weights and KV; the peers always run fp32
 
 
 # --- the command line -----------------------------------------------------------------------------
@@ -133,27 +135,39 @@ def split_policies(text: str) -> list[str]:
 
 
 def minikv_rows(text: str, budget: int, long_budget: int, with_long: bool = True) -> list[Row]:
-    """The minikv rows of `--policies`; `budget=` / `long_budget=` are the tool's, the rest minikv's."""
+    """The minikv rows of `--policies`; `budget=` / `long_budget=` / `dtype=` are the tool's, the rest minikv's.
+
+    `dtype=bfloat16` runs that row's weights and KV in bf16 (the CPU choice docs/benchmarks.md measures);
+    the row is labelled with it, and its first tokens may differ from the fp32 rows'.
+    """
     from minikv.policies import make_policy
     from minikv.policies.spec import parse_policy
 
     rows = []
     for entry in split_policies(text):
         name, _, option_text = entry.partition(":")
-        own = {"budget": budget, "long_budget": long_budget}
+        own = {"budget": budget, "long_budget": long_budget, "dtype": "float32"}
         rest = []
         for item in filter(None, (o.strip() for o in option_text.split(","))):
             key, _, value = item.partition("=")
-            if key.strip() in own:
-                own[key.strip()] = int(value)
+            key, value = key.strip(), value.strip()
+            if key == "dtype":
+                if value not in DTYPES:
+                    raise ValueError(f"{entry!r}: dtype must be one of {', '.join(DTYPES)}, not {value!r}")
+                own["dtype"] = value
+            elif key in own:
+                own[key] = int(value)
             else:
                 rest.append(item)
         policy = name + (":" + ",".join(rest) if rest else "")
         spec = parse_policy(policy)  # a misspelt policy or option fails here, before anything runs
         evicts = make_policy(spec.name, **spec.options).evicts
         at_long = own["long_budget"] if with_long else own["budget"]  # no long column: not in the label
-        rows.append(Row("minikv", minikv_label(policy, own["budget"], at_long, evicts), policy,
-                        own["budget"] if evicts else None, own["long_budget"] if evicts else None))
+        label = minikv_label(policy, own["budget"], at_long, evicts)
+        if own["dtype"] != "float32":
+            label += f" {own['dtype']}"
+        rows.append(Row("minikv", label, policy, own["budget"] if evicts else None,
+                        own["long_budget"] if evicts else None, own["dtype"]))
     return rows
 
 
@@ -269,7 +283,7 @@ def measure_minikv(job: dict, loaded=None) -> dict:
     """minikv through its public API only: Engine, add_request / step / abort, RequestOutput.metrics."""
     from minikv.loader import load_model
 
-    loaded = loaded or load_model(job["model_dir"], device="cpu", dtype="float32")
+    loaded = loaded or load_model(job["model_dir"], device="cpu", dtype=job.get("dtype", "float32"))
     return each_scenario(job, lambda sc: minikv_scenario(job, loaded, sc))
 
 
@@ -456,7 +470,7 @@ def run_row(row: Row, args: argparse.Namespace, shared: dict, python: str) -> di
             spec = parse_policy(row.policy)
             policy, options = spec.name, spec.options
         job = dict(shared, engine=row.engine, policy=policy, policy_options=options, budget=row.budget,
-                   long_budget=row.long_budget, out=str(Path(tmp) / "out.json"))
+                   long_budget=row.long_budget, dtype=row.dtype, out=str(Path(tmp) / "out.json"))
         job_path = Path(tmp) / "job.json"
         job_path.write_text(json.dumps(job))
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
