@@ -125,3 +125,14 @@ def test_command_line_runs_minikv_in_a_subprocess(peers, loaded, tmp_path, capsy
     (row,) = report["rows"]
     assert row["results"]["short_batch"]["decode_tokens"] == 2 * 2
     assert set(row["results"]) == {"short_b1", "short_batch"}
+
+
+def test_full_long_rows_decode_together_past_the_default_budget(peers, loaded):
+    """`full` at prompts longer than the engine's default budget (4096): every sequence still runs at once
+    (its pool holds whole requests), so the long column measures them decoding together."""
+    _, allowed = peers.ordinary_ids(loaded.path)
+    long_job = dict(job(peers, loaded, "full", None), chunk=512,
+                    scenarios=[dict(key="long", prompts=peers.make_prompts(allowed, 4100, 2, 0))])
+    r = peers.measure_minikv(long_job, loaded)["long"]
+    assert "error" not in r, r
+    assert r["decode_tokens"] == 2 * 3 and len(r["first_tokens"]) == 2

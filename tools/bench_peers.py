@@ -299,7 +299,9 @@ def minikv_scenario(job: dict, loaded, sc: dict) -> dict:
     # `full` sizes its ring to max_model_len (whatever the budget), which must exceed n_sink + window
     # (68 by default) even for the tiny prompts of a quick run.
     max_model_len = max(len(prompts[0]) + max_tokens, 256)
-    engine = Engine(loaded, policy=job["policy"], policy_options=job["policy_options"], budget=budget or 4096,
+    # `full` has no budget; its default pool holds max_num_seqs rings of `budget` slots, so give it whole
+    # requests: all of them must decode together.
+    engine = Engine(loaded, policy=job["policy"], policy_options=job["policy_options"], budget=budget or max_model_len,
                     chunk=job["chunk"], max_num_seqs=len(prompts), max_model_len=max_model_len, seed=0)
     warm_up = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     engine.generate([prompts[0][:8]] * len(prompts), warm_up, use_tqdm=False)
@@ -315,6 +317,9 @@ def run_minikv_scenario(engine, prompts: list[list[int]], params, new_tokens: in
     all_first = None  # the first-token time of the last sequence to get one (RequestMetrics clock)
     while all_first is None or min(after.values()) < new_tokens - 1:
         for o in engine.step():
+            if o.finished and all_first is None:  # it can never count its tokens: fail, do not spin
+                raise RuntimeError(f"request {o.request_id} finished ({o.outputs[0].finish_reason}) before "
+                                   "every sequence had its first token: they did not all run together")
             tokens = o.outputs[0].token_ids
             metrics[o.request_id] = o.metrics
             if tokens and o.request_id not in first_tokens:
