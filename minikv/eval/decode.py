@@ -140,6 +140,10 @@ def _fit_first_turn(tokenizer, build_user: Callable[[int], str], rest: list[dict
     def prompt_length(text: str) -> int:
         return len(split_conversation(tokenizer, [{"role": "user", "content": text}] + rest[:1])[0])
 
+    fixed = prompt_length(build_user(0))
+    if fixed > prompt_tokens:
+        raise ConfigError(f"--decode-prompt {prompt_tokens} is too short: the first turn's instructions and fact "
+                          f"alone take {fixed} tokens with this tokenizer; use a longer --decode-prompt")
     _, words, _ = fit_length(build_user, prompt_length, prompt_tokens, max_units=prompt_tokens)
     return conversation(words)
 
