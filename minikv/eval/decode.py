@@ -114,9 +114,8 @@ def split_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[list[
     marked = [dict(m) for m in messages]
     marked[first]["content"] = _FORCED_MARK + marked[first]["content"]
     text = tokenizer.apply_chat_template(marked, add_generation_prompt=True)
-    at = text.index(_FORCED_MARK)
-    encode = lambda part: tokenizer.encode(part, add_special_tokens=False)  # noqa: E731
-    return encode(text[:at]), encode(text[at + len(_FORCED_MARK):])
+    prompt, forced = text.split(_FORCED_MARK)
+    return tokenizer.encode(prompt, add_special_tokens=False), tokenizer.encode(forced, add_special_tokens=False)
 
 
 def _fact(seed: int, task: str) -> tuple[str, str, str]:
@@ -133,19 +132,17 @@ def _question(key: str) -> str:
 
 def _fit_first_turn(tokenizer, build_user: Callable[[int], str], rest: list[dict[str, str]],
                     prompt_tokens: int) -> list[dict[str, str]]:
-    """The conversation whose first user message, template included, is about ``prompt_tokens`` tokens."""
-    def conversation(words: int) -> list[dict[str, str]]:
-        return [{"role": "user", "content": build_user(words)}] + rest
-
-    def prompt_length(text: str) -> int:
-        return len(split_conversation(tokenizer, [{"role": "user", "content": text}] + rest[:1])[0])
+    """The conversation ``[user] + rest`` whose prompt (the first user message ``build_user(words)`` in the
+    chat template, up to the assistant's first token) is about ``prompt_tokens`` tokens."""
+    def prompt_length(user_text: str) -> int:
+        return len(split_conversation(tokenizer, [{"role": "user", "content": user_text}] + rest)[0])
 
     fixed = prompt_length(build_user(0))
     if fixed > prompt_tokens:
         raise ConfigError(f"--decode-prompt {prompt_tokens} is too short: the first turn's instructions and fact "
                           f"alone take {fixed} tokens with this tokenizer; use a longer --decode-prompt")
-    _, words, _ = fit_length(build_user, prompt_length, prompt_tokens, max_units=prompt_tokens)
-    return conversation(words)
+    user_text, _, _ = fit_length(build_user, prompt_length, prompt_tokens, max_units=prompt_tokens)
+    return [{"role": "user", "content": user_text}] + rest
 
 
 # --- the three tasks ---------------------------------------------------------------------------------
