@@ -282,3 +282,21 @@ def test_plot_draws_decode_panels_with_error_bars(tmp_path):
     pytest.importorskip("matplotlib")
     png = plot.plot_results(data, tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_smollm2_fidelity_at_tiny_sizes_and_chat_samples_through_its_template(smollm2, tmp_path):
+    """The real model: full reproduces its own reference and a tight ring departs from it; the chat tasks'
+    samples are built with SmolLM2's template (system prompt, <|im_start|> turns)."""
+    settings = _settings(model="smollm2", tasks=["decode_fidelity"], samples=2, chunk=64, decode_prompt=64,
+                         decode_gen=32)
+    work = _work(smollm2, settings, tmp_path)
+    (full,) = runner.run_config(smollm2, settings, _config("full", 0.5, settings), work)
+    (tight,) = runner.run_config(smollm2, settings, _config("streaming", 40, settings), work)
+    assert full["kl"]["mean"] < 1e-4 and full["top1"]["mean"] == 1.0
+    assert tight["kl"]["mean"] > full["kl"]["mean"]
+    for task in ("needle_after_gen", "multiturn"):
+        sample = decode.generate_decode_sample(task, smollm2.tokenizer, 256, 1024, 0)
+        forced = smollm2.tokenizer.decode(sample.forced_ids, skip_special_tokens=False)
+        assert abs(len(sample.prompt_ids) - 256) <= 8 and 1024 <= len(sample.forced_ids) <= 1200
+        assert forced.endswith(" is<|im_end|>\n<|im_start|>assistant\n")

@@ -98,7 +98,9 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         if decode_run:
-            _draw_panel(ax, decode_series(data, panel), panel, ylabel=DECODE_PANELS[panel][2])
+            task, metric, ylabel, _ = DECODE_PANELS[panel]
+            _draw_panel(ax, decode_series(data, panel), panel, ylabel=ylabel,
+                        title=f"{task}: {metric}" if metric != "accuracy" else task)
         else:
             _draw_panel(ax, series(data, panel), panel)
     for ax in list(axes.flat)[len(panels):]:
@@ -116,7 +118,8 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
     return path
 
 
-def _draw_panel(ax, points: dict[str, list[tuple[float, ...]]], panel: str, ylabel: str | None = None) -> None:
+def _draw_panel(ax, points: dict[str, list[tuple[float, ...]]], panel: str, ylabel: str | None = None,
+                title: str | None = None) -> None:
     """One line per policy; points of four values (x, y, low, high) get error bars from low to high."""
     import matplotlib
 
@@ -150,5 +153,5 @@ def _draw_panel(ax, points: dict[str, list[tuple[float, ...]]], panel: str, ylab
     else:
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-5, 105)
-    ax.set_title(panel)
+    ax.set_title(title or panel)
     ax.grid(True, alpha=0.3)
