@@ -144,8 +144,10 @@ def _run_configs(args, settings: runner.EvalSettings, todo: list[runner.RunConfi
     work = runner.build_workload(settings, loaded.tokenizer)
     if settings.is_decode:
         runner.check_decode_context(work, runner.context_limit(loaded, settings))
-        print("minikv eval: decode_fidelity reference (the full cache's continuations) ...", file=sys.stderr, flush=True)
-        runner.add_reference(loaded, settings, work, args.output)
+        if "decode_fidelity" in settings.tasks:
+            print("minikv eval: decode_fidelity reference (the full cache's continuations; reused when its file "
+                  "is there) ...", file=sys.stderr, flush=True)
+            runner.add_reference(loaded, settings, work, args.output)
     else:
         runner.check_context(settings.length, runner.context_limit(loaded, settings), settings.tasks)
     per_config = settings.samples * len(settings.tasks) + int(settings.perplexity)
