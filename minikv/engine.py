@@ -214,10 +214,11 @@ class Engine:
         # A private copy, validated again by its __post_init__: the caller may have changed fields since
         # construction, and may change them again while the request runs.
         params = dataclasses.replace(params)
-        out_of_vocab = [t for t in params.stop_token_ids if t >= self.config.vocab_size]
-        if out_of_vocab:
-            raise InvalidRequestError(f"stop_token_ids {out_of_vocab[:5]} are outside the vocabulary "
-                                      f"[0, {self.config.vocab_size})")
+        for name in ("stop_token_ids", "forced_token_ids"):
+            out_of_vocab = [t for t in getattr(params, name) if t >= self.config.vocab_size]
+            if out_of_vocab:
+                raise InvalidRequestError(f"{name} {out_of_vocab[:5]} are outside the vocabulary "
+                                          f"[0, {self.config.vocab_size})")
         return params
 
     def _request_budget(self, params: SamplingParams, prompt_len: int) -> int:

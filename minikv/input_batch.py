@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from .request import Request
-from .sampling import SamplingBatch, fold_seed, needs_history, row_flags, suppressed_ids, uses_penalties
+from .sampling import (SamplingBatch, fold_seed, forced_tokens, needs_history, row_flags, suppressed_ids,
+                       uses_penalties)
 
 
 class InputBatch:
@@ -119,7 +120,8 @@ class InputBatch:
             min_p=min_p, repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency,
             seed=self.seed[slot_ids], step=self.num_generated[slot_ids], **history, **row_flags(params),
             processors=tuple((i, tuple(req.params.logits_processors), req.output_ids)
-                             for i, req in enumerate(requests) if req.params.logits_processors))
+                             for i, req in enumerate(requests) if req.params.logits_processors),
+            forced=forced_tokens(params, steps, self.device))
 
     def _gather_history(self, slot_ids, requests, steps) -> dict[str, torch.Tensor | None]:
         """Rows without a penalty read zeros (r = 1 and presence = frequency = 0 leave them as they are); a

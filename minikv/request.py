@@ -86,6 +86,11 @@ class Request:
 
     def _stop_rule(self, token: int) -> str | None:
         params, generated = self.params, len(self.output_ids)
+        if generated <= len(params.forced_token_ids):
+            # A forced token is never a stop (SamplingParams.forced_token_ids); only max_tokens ends the
+            # request here, when every output is forced.
+            self._stop_checked = len(self._detokenizer.text)
+            return "length" if generated >= params.max_tokens else None
         if generated < params.min_tokens:
             # vLLM's rule: nothing generated before min_tokens can stop the request, stop strings included;
             # the text so far is never searched again (only an overlap across the seam, for a string that

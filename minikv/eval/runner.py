@@ -8,6 +8,11 @@ the prompt while it streams in chunk by chunk and the policy evicts (``SamplingP
 Results go to a JSON file after every config, so a long run can stop at any time and resume where it
 stopped: configs already in the file are skipped. RULER (Hsieh et al., 2024, arXiv 2404.06654) is the
 model for the tasks and their exact-match scoring.
+
+The decode-phase tasks (minikv.eval.decode) run in a run of their own: their budgets are fractions of the
+prompt + forced tokens (--decode-prompt + --decode-gen), not of --length, and every sample of a config runs
+in one batch. decode_fidelity's reference (the `full` cache's continuations and distributions) is computed
+once and kept in a file next to the results (decode.reference_path), so a resumed run reuses it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from minikv.errors import ConfigError
+from minikv.eval import decode
+from minikv.eval.stats import paired_difference
 from minikv.eval.tasks import Sample, generate, get_task, perplexity_text, score
 from minikv.policies.spec import PolicySpec, parse_policy
 
@@ -147,10 +154,34 @@ class EvalSettings:
     max_num_seqs: int = 4
     dtype: str | None = None
     max_model_len: int | None = None  # --max-model-len; None: the model's trained context
+    # Decode-phase runs only (None otherwise, so that files of prefill runs keep their settings)
+    decode_prompt: int | None = None  # --decode-prompt: tokens prefilled
+    decode_gen: int | None = None  # --decode-gen: tokens forced through decode
+
+    @property
+    def is_decode(self) -> bool:
+        """A run of decode-phase tasks (they do not mix with the prefill tasks, see the module doc)."""
+        return bool(self.tasks) and decode.is_decode_task(self.tasks[0])
+
+    @property
+    def budget_context(self) -> int:
+        """What a budget fraction is a fraction of: --length, or prompt + forced tokens of a decode run."""
+        return decode.context_tokens(self.decode_prompt, self.decode_gen) if self.is_decode else self.length
 
     def check(self) -> None:
+        kinds = {decode.is_decode_task(task) for task in self.tasks}
+        if len(kinds) > 1:
+            raise ConfigError(f"--tasks mixes decode-phase tasks ({', '.join(decode.DECODE_TASKS)}) with prefill "
+                              "tasks: their budgets are fractions of different contexts, so run them in two runs "
+                              "with two --output files")
         for task in self.tasks:
-            get_task(task)  # unknown task -> ConfigError listing the known ones
+            if not decode.is_decode_task(task):
+                get_task(task)  # unknown task -> ConfigError listing the known ones
+        if self.is_decode:
+            decode.check_lengths(self.decode_prompt, self.decode_gen)
+            if self.perplexity:
+                raise ConfigError("perplexity is a prefill measure; a decode-phase run has none (its decode "
+                                  "counterpart is decode_fidelity's NLL): set perplexity=False")
         if not self.tasks and not self.perplexity:
             raise ConfigError("nothing to measure: give at least one task or leave perplexity on")
         if self.samples < 1:
@@ -177,9 +208,23 @@ class Workload:
 
     samples: dict[str, list[Sample]]
     perplexity_ids: list[int] | None
+    decode_samples: dict[str, list[decode.DecodeSample]] | None = None
+    reference: decode.FidelityReference | None = None
+
+    @property
+    def longest_decode_request(self) -> int:
+        """Prompt + forced + answer tokens of the longest decode sample: what a `full` ring must hold."""
+        return max(len(s.prompt_ids) + len(s.forced_ids) + s.answer_tokens
+                   for samples in self.decode_samples.values() for s in samples)
 
 
 def build_workload(settings: EvalSettings, tokenizer) -> Workload:
+    """The prompts of a prefill run, or the samples of a decode run (decode_fidelity's still without their
+    forced continuation: ``add_reference`` brings it)."""
+    if settings.is_decode:
+        return Workload({}, None, {task: [decode.generate_decode_sample(task, tokenizer, settings.decode_prompt,
+                                                                         settings.decode_gen, settings.seed + i)
+                                          for i in range(settings.samples)] for task in settings.tasks})
     samples = {task: [generate(task, tokenizer, settings.length, settings.seed + i, settings.haystack)
                       for i in range(settings.samples)] for task in settings.tasks}
     ppl_ids = None
@@ -189,17 +234,50 @@ def build_workload(settings: EvalSettings, tokenizer) -> Workload:
     return Workload(samples, ppl_ids)
 
 
+def add_reference(loaded, settings: EvalSettings, work: Workload, results_path: Path) -> None:
+    """decode_fidelity's reference: read from its file next to ``results_path`` when it was made with these
+    settings, computed with the `full` policy (all samples in one batch) and saved there otherwise."""
+    if "decode_fidelity" not in (work.decode_samples or {}):
+        return
+    from minikv.engine import Engine
+
+    samples = work.decode_samples["decode_fidelity"]
+    key = {name: getattr(settings, name) for name in ("model", "seed", "samples", "dtype", "decode_prompt",
+                                                      "decode_gen", "chunk")}
+    key.update(top_k=decode.REFERENCE_TOP_K, no_repeat_ngram=decode.NO_REPEAT_NGRAM)
+
+    def compute() -> decode.FidelityReference:
+        engine = Engine(loaded, policy="full", chunk=settings.chunk, max_num_seqs=len(samples),
+                        max_model_len=min(context_limit(loaded, settings), settings.decode_prompt + settings.decode_gen),
+                        seed=settings.seed)
+        return decode.compute_reference(engine, samples, settings.decode_gen, key=key)
+
+    work.reference = decode.load_or_compute_reference(decode.reference_path(results_path), key, compute)
+    work.decode_samples["decode_fidelity"] = decode.with_reference(samples, work.reference)
+
+
+def _engine(loaded, settings: EvalSettings, config: RunConfig, work: Workload):
+    from minikv.engine import Engine
+
+    max_num_seqs = settings.max_num_seqs
+    if settings.is_decode:  # every sample of the config in one batch: batching is what makes decode affordable
+        max_num_seqs = max(max_num_seqs, sum(len(s) for s in work.decode_samples.values()))
+    return Engine(loaded, budget=config.budget, policy=config.policy.name, chunk=settings.chunk,
+                  n_sink=settings.n_sink, window=settings.window, max_num_seqs=max_num_seqs,
+                  max_model_len=_max_model_len(loaded, settings, work), seed=settings.seed,
+                  policy_options=dict(config.policy.options))
+
+
 def run_config(loaded, settings: EvalSettings, config: RunConfig, work: Workload,
                on_request_done: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
-    """Run one config; returns one record per task (accuracy) and one for perplexity."""
-    from minikv.engine import Engine
+    """Run one config; returns one record per task (accuracy, or decode_fidelity's metrics) and one for
+    perplexity."""
     from minikv.sampling import SamplingParams
 
     started = time.perf_counter()
-    engine = Engine(loaded, budget=config.budget, policy=config.policy.name, chunk=settings.chunk,
-                    n_sink=settings.n_sink, window=settings.window, max_num_seqs=settings.max_num_seqs,
-                    max_model_len=_max_model_len(loaded, settings), seed=settings.seed,
-                    policy_options=dict(config.policy.options))
+    engine = _engine(loaded, settings, config, work)
+    if settings.is_decode:
+        return _run_decode_config(engine, config, work, on_request_done, started)
     requests: dict[str, tuple[str, Sample | None]] = {}
     for task, samples in work.samples.items():
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS.get(task, 64))
@@ -225,10 +303,30 @@ def context_limit(loaded, settings: EvalSettings) -> int:
     return settings.max_model_len or loaded.config.max_position_embeddings
 
 
-def _max_model_len(loaded, settings: EvalSettings) -> int:
+def _max_model_len(loaded, settings: EvalSettings, work: Workload) -> int:
     """Only as much context as the run needs: `full` rings are allocated at this size."""
-    needed = int(settings.length * 1.05) + TEMPLATE_MARGIN + max(MAX_TOKENS.values())
+    if settings.is_decode:
+        needed = work.longest_decode_request
+    else:
+        needed = int(settings.length * 1.05) + TEMPLATE_MARGIN + max(MAX_TOKENS.values())
     return min(context_limit(loaded, settings), needed)
+
+
+def check_decode_context(work: Workload, max_context: int) -> None:
+    """Every decode sample (prompt, forced tokens and answer) must fit the model's context window."""
+    needed = work.longest_decode_request
+    if needed > max_context:
+        raise ConfigError(f"--decode-prompt + --decode-gen are beyond the model's context: the longest sample "
+                          f"needs {needed} tokens (chat template and answer included), the model has "
+                          f"{max_context}; lower --decode-gen or --decode-prompt")
+
+
+def _run_decode_config(engine, config: RunConfig, work: Workload, on_request_done, started: float):
+    requests = decode.add_decode_requests(engine, work.decode_samples, work.reference)
+    finished = _drain(engine, set(requests), on_request_done)
+    seconds = time.perf_counter() - started
+    records = decode.decode_records(requests, finished, work.reference, engine.tokenizer)
+    return [{**_base_record(config, task, seconds), **records[task]} for task in work.decode_samples]
 
 
 def _drain(engine, request_ids: set[str], on_request_done: Callable[[], None]) -> dict[str, Any]:
@@ -299,8 +397,11 @@ def done_keys(data: dict[str, Any]) -> set[str]:
 
 
 def markdown_table(data: dict[str, Any]) -> str:
-    """One row per config: accuracy per task (in %), their mean, and the perplexity."""
+    """One row per config: accuracy per task (in %), their mean, and the perplexity; for a decode run, the
+    decode metrics with their bootstrap intervals (``decode_table``)."""
     runs = data.get("runs", [])
+    if any(decode.is_decode_task(run["task"]) for run in runs):
+        return decode_table(data)
     tasks = list(dict.fromkeys(r["task"] for r in runs if r["task"] != PERPLEXITY_TASK))
     has_ppl = any(r["task"] == PERPLEXITY_TASK for r in runs)
     header = ["policy", "budget"] + tasks + (["mean"] if tasks else []) + (["perplexity"] if has_ppl else [])
@@ -324,3 +425,52 @@ def _group_by_key(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
     for run in runs:
         grouped.setdefault(run["key"], {})[run["task"]] = run
     return grouped
+
+
+# Decode-run columns: (header, task, metric, scale, decimals); decode_fidelity's metrics, then accuracies.
+DECODE_COLUMNS = (("KL(full‖policy)", "decode_fidelity", "kl", 1, 4), ("top-1 agree %", "decode_fidelity", "top1", 100, 1),
+                  ("NLL", "decode_fidelity", "nll", 1, 3), ("needle_after_gen %", "needle_after_gen", "accuracy", 100, 0),
+                  ("multiturn %", "multiturn", "accuracy", 100, 0))
+
+
+def decode_metric(run: dict[str, Any], metric: str) -> tuple[float, float, float]:
+    """(mean, low, high) of one metric of a decode record: decode_fidelity keeps {"mean", "ci"} per metric,
+    the answer tasks "accuracy" and "accuracy_ci"."""
+    if metric == "accuracy":
+        return run["accuracy"], *run["accuracy_ci"]
+    return run[metric]["mean"], *run[metric]["ci"]
+
+
+def decode_table(data: dict[str, Any], baseline: str = "full") -> str:
+    """One row per config: each decode metric as ``mean [low, high]`` (95% bootstrap interval over samples),
+    and, when the ``baseline`` policy ran, decode_fidelity's NLL increase over it, paired by sample."""
+    runs = data.get("runs", [])
+    grouped = _group_by_key(runs)
+    present = {run["task"] for run in runs}
+    columns = [c for c in DECODE_COLUMNS if c[1] in present]
+    base = next((rows for rows in grouped.values() if next(iter(rows.values()))["policy"] == baseline), None)
+    paired = base is not None and "decode_fidelity" in base
+    header = ["policy", "budget"] + [c[0] for c in columns] + ([f"ΔNLL vs {baseline} (paired)"] if paired else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rows in grouped.values():
+        first = next(iter(rows.values()))
+        budget = "full" if first["budget_label"] == "full" else f"{first['budget_label']} ({first['budget']})"
+        cells = [first["policy"], budget]
+        for _, task, metric, scale, decimals in columns:
+            if task not in rows:
+                cells.append("–")
+                continue
+            value, low, high = (scale * x for x in decode_metric(rows[task], metric))
+            cells.append(f"{value:.{decimals}f} [{low:.{decimals}f}, {high:.{decimals}f}]")
+        if paired:
+            cells.append(_paired_nll(rows.get("decode_fidelity"), base["decode_fidelity"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _paired_nll(run: dict[str, Any] | None, base: dict[str, Any]) -> str:
+    if run is None:
+        return "–"
+    difference = paired_difference(run["per_sample"]["nll"], base["per_sample"]["nll"])
+    low, high = difference["ci"]
+    return f"{difference['mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
