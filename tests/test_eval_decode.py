@@ -182,6 +182,17 @@ def test_full_matches_its_own_reference_and_eviction_moves_away_from_it(tiny, tm
         assert low <= tight[metric]["mean"] <= high and len(tight["per_sample"][metric]) == 3
 
 
+def test_full_runs_every_sample_at_once(tiny, tmp_path):
+    """A `full` ring is its whole request (prompt + forced + answer, beyond the budget label's context):
+    the config's pool must hold all of them, or the samples would run in waves."""
+    settings = _settings(tasks=["needle_after_gen", "multiturn"], samples=3)
+    work = runner.build_workload(settings, tiny.tokenizer)
+    engine = runner._engine(tiny, settings, _config("full", 0.5, settings), work)
+    requests = decode.add_decode_requests(engine, work.decode_samples, None)
+    engine.step()
+    assert engine.stats().num_running == len(requests) and engine.stats().num_waiting == 0
+
+
 def test_a_config_scores_the_same_twice(tiny, tmp_path):
     settings = _settings(samples=2)
     work = _work(tiny, settings, tmp_path)

@@ -262,10 +262,13 @@ def _engine(loaded, settings: EvalSettings, config: RunConfig, work: Workload):
     max_num_seqs = settings.max_num_seqs
     if settings.is_decode:  # every sample of the config in one batch: batching is what makes decode affordable
         max_num_seqs = max(max_num_seqs, sum(len(s) for s in work.decode_samples.values()))
-    return Engine(loaded, budget=config.budget, policy=config.policy.name, chunk=settings.chunk,
+    max_model_len = _max_model_len(loaded, settings, work)
+    # The default pool holds max_num_seqs rings of `budget` slots; a `full` ring is its whole request, so
+    # give full a budget of whole requests, or the samples would run in waves.
+    budget = config.budget if config.budget_label != "full" else max(config.budget, max_model_len)
+    return Engine(loaded, budget=budget, policy=config.policy.name, chunk=settings.chunk,
                   n_sink=settings.n_sink, window=settings.window, max_num_seqs=max_num_seqs,
-                  max_model_len=_max_model_len(loaded, settings, work), seed=settings.seed,
-                  policy_options=dict(config.policy.options))
+                  max_model_len=max_model_len, seed=settings.seed, policy_options=dict(config.policy.options))
 
 
 def run_config(loaded, settings: EvalSettings, config: RunConfig, work: Workload,
