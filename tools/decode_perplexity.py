@@ -2,8 +2,8 @@
 
 `minikv eval`'s perplexity reads its whole text as a prompt, so only the prefill keep step evicts. Here the
 first --prompt tokens of a prose text are the prompt and the next --forced tokens are fed one decode step
-at a time (a logits processor records the model's log-probability of the true next token, then forces
-it), so every one of them goes through the decode kernel's victim choice, as generated text would.
+at a time (`SamplingParams.forced_token_ids`; a logits processor records the model's log-probability of
+the true next token), so every one of them goes through the decode kernel's victim choice, as generated text would.
 
     PYTHONPATH=. python tools/decode_perplexity.py --policies nexus,nexus:hold=false,h2o \\
         [--budget 256] [--prompt 1024] [--forced 1024] [--chunk 256] [--model PATH] [--threads 1]
@@ -23,17 +23,15 @@ from minikv.eval.runner import parse_policies
 from minikv.loader import load_model
 
 
-def teacher_forcer(targets: list[int], nll: list[float]):
-    """A logits processor that appends -log p(true next token) to `nll` and forces that token."""
+def nll_recorder(targets: list[int], nll: list[float]):
+    """A logits processor that appends -log p(true next token) to `nll`; it sees the raw logits, and
+    `forced_token_ids` then emits the true token (forcing is applied after the processors)."""
 
-    def force(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        target = targets[len(output_ids)]
-        nll.append(-torch.log_softmax(logits.float(), -1)[target].item())
-        forced = torch.full_like(logits, float("-inf"))
-        forced[target] = 0.0
-        return forced
+    def record(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        nll.append(-torch.log_softmax(logits.float(), -1)[targets[len(output_ids)]].item())
+        return logits
 
-    return force
+    return record
 
 
 def decode_nll(loaded, spec, ids: list[int], prompt_len: int, args) -> float:
@@ -43,8 +41,8 @@ def decode_nll(loaded, spec, ids: list[int], prompt_len: int, args) -> float:
                     max_num_seqs=1)
     nll: list[float] = []
     targets = ids[prompt_len:]
-    params = SamplingParams(temperature=0, max_tokens=len(targets), ignore_eos=True,
-                            logits_processors=[teacher_forcer(targets, nll)])
+    params = SamplingParams(temperature=0, max_tokens=len(targets), ignore_eos=True, forced_token_ids=targets,
+                            logits_processors=[nll_recorder(targets, nll)])
     engine.generate([ids[:prompt_len]], params, use_tqdm=False)
     return sum(nll) / len(nll)
 
