@@ -28,3 +28,23 @@ def smollm2():
     from minikv.loader import load_model
 
     return load_model(None, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's engine runs: a tiny model gains nothing from threads, and on a busy
+    2-core machine OpenMP threads spinning against other processes made runs up to 50x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory, one_torch_thread):
+    """The tiny random Llama (tests/tiny_engine.py, built once per process), run with one torch thread."""
+    from tiny_engine import tiny_loaded
+
+    return tiny_loaded(tmp_path_factory.mktemp("tiny"))

@@ -29,7 +29,7 @@ from minikv.errors import ConfigError, InvalidRequestError, MiniKVError, ModelLo
 from minikv.policies import POLICIES, make_policy
 from minikv.sampling import SamplingParams
 
-from tiny_engine import tiny_checkpoint, tiny_loaded
+from tiny_engine import tiny_checkpoint
 
 REPO_ROOT = Path(minikv.__file__).resolve().parents[1]
 GOOD = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
@@ -144,14 +144,6 @@ def test_cli_good_request_on_the_same_checkpoint(models):
 
 
 # --- the Python API ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on a busy machine: threads only hurt
-    yield tiny_loaded(tmp_path_factory.mktemp("tiny"))
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

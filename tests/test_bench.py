@@ -8,21 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_engine import tiny_checkpoint, tiny_loaded
+from tiny_engine import tiny_checkpoint
 
 from minikv import bench
 from minikv.block_pool import bytes_per_block
 from minikv.engine import Engine
 from minikv.errors import ConfigError
 from minikv.sampling import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on a busy 2-core machine: threads only hurt
-    yield tiny_loaded(tmp_path_factory.mktemp("tiny"))
-    torch.set_num_threads(threads)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

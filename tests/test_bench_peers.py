@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from tiny_engine import tiny_loaded
 
 from minikv.errors import ConfigError
 
@@ -24,14 +22,6 @@ def peers():
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop("bench_peers", None)
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on a busy machine: threads only hurt
-    yield tiny_loaded(tmp_path_factory.mktemp("tiny"))
-    torch.set_num_threads(threads)
 
 
 def test_policies_split_and_budgets_peeled(peers):

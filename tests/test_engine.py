@@ -17,18 +17,8 @@ from minikv.loader import LoadedModel
 from minikv.sampling import RequestOutputKind, SamplingParams, fold_seed
 
 from helpers import hf_logits
-from tiny_engine import tiny_loaded
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory) -> LoadedModel:
-    # A tiny model gains nothing from threads, and on a busy 2-core machine they make it 50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_loaded(tmp_path_factory.mktemp("tiny"))
-    torch.set_num_threads(threads)
 
 
 def make_engine(loaded, **kwargs) -> Engine:

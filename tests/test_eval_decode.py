@@ -20,12 +20,7 @@ TASKS = list(decode.DECODE_TASKS)
 PROMPT, GEN = 256, 96  # the tiny model's tokenizer is byte-level: the instructions alone take ~220 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,8 @@ from minikv.eval import cli as eval_cli
 from minikv.eval import runner
 from minikv.eval.runner import EvalSettings, PolicySpec, RunConfig
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Engine runs here are tiny: one thread avoids OpenMP threads spinning against other test processes."""
-    import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- parsing and errors (no model) -------------------------------------------------------------------

@@ -7,18 +7,9 @@ import torch
 
 from minikv import Engine, SamplingParams
 from minikv.errors import InvalidRequestError
-from tiny_engine import tiny_loaded
 
 PROMPT = [5, 17, 200, 33, 90, 12, 250, 7]
 FORCED = [7, 300, 42, 42, 99, 2, 150]  # 2 is the tiny model's EOS: forced, it must not stop the request
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_loaded(tmp_path_factory.mktemp("tiny"))
-    torch.set_num_threads(threads)
 
 
 def _engine(loaded, policy="full", **kwargs):

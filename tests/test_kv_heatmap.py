@@ -34,8 +34,7 @@ def test_held_by_ring_and_bins():
     assert width == 2 and shares.tolist() == [[0.5, 0.5, 0.5], [0.5, 1.0, 0.0]]
 
 
-def test_tool_runs_end_to_end(tmp_path):
-    torch.set_num_threads(1)
+def test_tool_runs_end_to_end(tmp_path, one_torch_thread):
     model = tiny_checkpoint(tmp_path / "tiny")
     needle = "The secret number is 8141."
     prompt = "The cat sat on the mat. " * 6 + needle + " Dogs run in the park. " * 6

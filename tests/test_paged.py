@@ -12,17 +12,9 @@ from helpers import load_tiny, make_tiny_checkpoint, ring_logits
 from minikv.engine import Engine
 from minikv.errors import ConfigError, InvalidRequestError
 from minikv.sampling import SamplingParams
-from tiny_engine import tiny_checkpoint, tiny_loaded
+from tiny_engine import tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model gains nothing from threads, and a shared machine punishes them
-    yield tiny_loaded(tmp_path_factory.mktemp("tiny"))
-    torch.set_num_threads(threads)
 
 
 def random_prompt(rng: random.Random, lo: int, hi: int) -> list[int]:

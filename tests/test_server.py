@@ -16,8 +16,6 @@ import threading
 import time
 
 import pytest
-import torch
-from tiny_engine import tiny_loaded
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -71,14 +69,6 @@ def tiny_engine(loaded, **overrides) -> Engine:
     options = dict(budget=BUDGET, policy="nexus", chunk=32, n_sink=N_SINK, window=WINDOW, max_num_seqs=32,
                    max_model_len=MAX_MODEL_LEN, seed=0)
     return Engine(loaded, **(options | overrides))
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on a shared machine: threads only hurt
-    yield tiny_loaded(tmp_path_factory.mktemp("tiny"))
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -469,7 +459,6 @@ def test_serve_command_line():
 
 def test_serve_command_builds_the_app_and_runs_uvicorn(loaded, monkeypatch):
     import minikv.cli
-    from minikv.server import cli as serve_cli
 
     ran = {}
     monkeypatch.setattr(minikv.cli, "build_engine", lambda args, model, **kw: ran.update(

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-_C1, _C2, _ROUND_ADD = 0xCC9E2D51, 0x1B873593, 0xE6546B64
+from .attend_score_sample import _fmix32
 
 
 @triton.jit
@@ -34,12 +34,8 @@ def _absorb(h, k):
 
 @triton.jit
 def _finalize(h, num_words: tl.constexpr):
-    h = h ^ (4 * num_words)
-    h = h ^ (h >> 16)
-    h = h * 0x85EBCA6B
-    h = h ^ (h >> 13)
-    h = h * 0xC2B2AE35
-    return h ^ (h >> 16)
+    # murmur3 folds in the input's length in bytes, then applies the same fmix32 as the slot hash.
+    return _fmix32(h ^ (4 * num_words))
 
 
 @triton.jit

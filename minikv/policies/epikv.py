@@ -267,7 +267,7 @@ class EpiKVLag(Policy):
 
     def prefill_scores(self, cand: PrefillCandidates):
         """Ring scores stay; every candidate of the last lag (ring tail) + chunk whose lag is complete is scored."""
-        lag, f = self.lag_in_use, cand.filled
+        lag = self.lag_in_use
         num_heads, n = cand.pos.shape
         pending = torch.full((num_heads, cand.chunk_len), PENDING, device=cand.pos.device)
         scores = torch.cat([cand.ring_score.float(), pending], dim=1)
