@@ -151,9 +151,8 @@ PRESETS = {
     # Prompts end at 8064 so that prompt + output stays within SmolLM2's 8192 trained positions. The pool
     # holds 2 full requests of 8192 tokens: full, at ~5k tokens a request, runs ~3 at once, while a 512-slot
     # ring is 1/16 of one, so nexus@512 could run ~29 (h2o and streaming, without edges, ~32). 24 requests
-    # are enough for that gap to show in the mean and few enough for a 1-thread CPU run. The estimate: ~12 s
-    # per 4k-token prefill on one thread (~3 ms a prompt token), ~5k prompt tokens a request, so ~15 s of
-    # prefill plus ~2 s of decode per request and row; 24 requests x 4 rows ~ 30 min.
+    # are enough for that gap to show in the mean and few enough for a 1-thread CPU run (86 min for the four
+    # rows, measured; docs/benchmarks.md).
     "long": Preset(
         num_requests=24, input_len=(2048, 8064), output_len=(64, 128), budget=512,
         policies="full,nexus,h2o,streaming", pool_full_requests=2,
@@ -161,8 +160,8 @@ PRESETS = {
                     "h2o and streaming at budget 512; one pool for every row holding 2 full requests of 8192 tokens "
                     "(750 MiB on SmolLM2-135M fp32); max-num-seqs = the number of requests, so memory, not the cap, "
                     "bounds concurrency. "
-                    "Estimated ~30 min on SmolLM2-135M fp32 with one CPU thread (from ~12 s per 4k-token "
-                    "prefill; not measured); add -n 4 for a check of a few minutes"),
+                    "Measured 86 min on SmolLM2-135M fp32 with one thread of a 2-core AMD EPYC (full alone "
+                    "46 min); add -n 4 for a check of a few minutes"),
 }
 
 # The load without a preset (what -n, --input-len and --output-len default to).
