@@ -30,6 +30,7 @@ class PrefillSegment:
     first_pos: int  # position of the chunk's first token
     ring_size: int  # the request's budget: ring slots it may hold
     table: torch.Tensor  # [W] int32: the request's block table (a view of the persistent batch's row)
+    ends_prompt: bool = False  # the chunk holds the prompt's last token: decode follows
 
 
 @dataclass
@@ -144,7 +145,8 @@ class RingAttention:
         pos = torch.cat([ring("pos"), chunk_pos[None].expand(num_kv_heads, -1)], dim=1)
         keys = torch.cat([ring("k"), k.transpose(0, 1).to(pool.k.dtype)], dim=1)
         cand = PrefillCandidates(layer=layer, seed=self.seed, filled=f, budget=seg.ring_size, pos=pos, keys=keys,
-                                 mass=res.mass, ring_score=ring("score"), obs=res.obs, ring=seg.slot)
+                                 mass=res.mass, ring_score=ring("score"), obs=res.obs, ring=seg.slot,
+                                 ends_prompt=seg.ends_prompt)
         if self.policy.needs_values:
             cand.values = torch.cat([ring("v"), v.transpose(0, 1).to(pool.v.dtype)], dim=1)
         if self.policy.top_m:

@@ -55,7 +55,8 @@ class ModelRunner:
             req = chunk.req
             plan.prefills.append(PrefillSegment(
                 slot=req.slot, start=start, length=chunk.length, filled=min(req.ring_size, req.num_processed),
-                first_pos=req.num_processed, ring_size=req.ring_size, table=self.batch.block_table[req.slot]))
+                first_pos=req.num_processed, ring_size=req.ring_size, table=self.batch.block_table[req.slot],
+                ends_prompt=req.num_processed + chunk.length == len(req.prompt_ids)))
             start += chunk.length
         return plan
 

@@ -109,7 +109,8 @@ def ring_logits(model, config, ids: list[int], *, prefill: list[int], budget: in
     logits, done = [], 0
     with torch.inference_mode():
         for length in prefill:
-            plan = StepPlan(prefills=[PrefillSegment(0, 0, length, min(done, budget), done, budget, table)])
+            plan = StepPlan(prefills=[PrefillSegment(0, 0, length, min(done, budget), done, budget, table,
+                                                     ends_prompt=done + length == sum(prefill))])
             hidden = _forward(model, attention, plan, ids[done:done + length], range(done, done + length))
             if last is not None:  # keep the rows at positions >= len(ids) - last
                 hidden = hidden[max(0, len(ids) - last - done):]

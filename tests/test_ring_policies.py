@@ -239,6 +239,43 @@ def test_nexus_reserve_skips_sinks_and_window():
     assert not held[0, cand.protected(2, 4)[0]].any()
 
 
+def test_nexus_reserve_ranks_the_window_of_the_chunk_that_ends_the_prompt():
+    """At the prompt's last chunk the window's tokens will leave it during decode and no later chunk ranks
+    them, so there the window competes for the reserve (the sink still does not), within the same share."""
+    cand = reserve_candidates()
+    for outlier in (0, 20, 37, 38):
+        cand.keys[0, outlier] = cand.keys[0, 10]
+        cand.mass[0, outlier] = 0.0
+    cand.ends_prompt = True
+    policy = make_policy("nexus", n_sink=2, window=4, reserve=0.5)
+    _, priority = policy.prefill_scores(cand)
+    held = policy.prefill_held(cand, priority)
+    assert int(held.sum()) == (cand.budget - 2 - 4) // 2
+    assert held[0, [10, 20, 37, 38]].all() and not held[0, :2].any()
+
+
+def test_nexus_holds_the_prompts_last_window_through_decode(tiny):
+    """A 24-token prompt in chunks of 16 and 8, reserve=1 (every competing token is reserved), then 40
+    decode steps through a 48-slot ring. The first chunk's window (8..15) is not marked, the last chunk's
+    (16..23) is, and every prompt token is still in every (layer, KV head) after decode evicted 16 times."""
+    model, config = tiny
+    marked = {}
+
+    def after(done, ring):
+        if done in (16, 24):
+            held, pos = ring.held.bool(), ring.pos
+            marked[done] = [sorted(pos[layer, head][held[layer, head]].tolist())
+                            for layer in range(pos.shape[0]) for head in range(pos.shape[1])]
+
+    _, ring, _ = ring_logits(model, config, random_ids(64, seed=5), prefill=[16, 8], budget=48, policy="nexus",
+                             n_sink=4, window=8, reserve=1.0, on_step=after)
+    assert all(m == list(range(4, 8)) for m in marked[16])  # a mid-prompt window is ranked by the next chunk
+    assert all(m == list(range(4, 24)) for m in marked[24])
+    pos = ring.pos
+    assert all(set(range(24)) <= set(pos[layer, head].tolist())
+               for layer in range(pos.shape[0]) for head in range(pos.shape[1]))
+
+
 def test_nexus_reserve_with_fewer_unprotected_candidates_than_its_share():
     """A first chunk shorter than the budget: the reserve holds every unprotected candidate, no protected one."""
     cand = reserve_candidates(n=12)

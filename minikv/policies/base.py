@@ -45,6 +45,7 @@ class PrefillCandidates:
     edge_target: torch.Tensor | None = None  # [H, n, M] out-edges as indices into the candidate axis, -1 none
     edge_pos: torch.Tensor | None = None  # [H, n, M] each target's position when the edge was made (dead if changed)
     edge_w: torch.Tensor | None = None  # [H, n, M]
+    ends_prompt: bool = False  # the chunk ends the prompt: after it the window's tokens leave it, one per decode step
 
     @property
     def chunk_len(self) -> int:
@@ -53,8 +54,11 @@ class PrefillCandidates:
     def protected(self, n_sink: int, window: int) -> torch.Tensor:
         """[H, n] True for the candidates kept whatever their priority: the first n_sink positions and the
         `window` positions ending at the chunk's last token."""
-        last_pos = self.pos[0, -1]
-        return (self.pos < n_sink) | (self.pos > last_pos - window)
+        return self.sinks(n_sink) | (self.pos > self.pos[0, -1] - window)
+
+    def sinks(self, n_sink: int) -> torch.Tensor:
+        """[H, n] True for the first n_sink positions: protected at every step, decode's included."""
+        return self.pos < n_sink
 
 
 def _has_type(value: Any, hint: Any) -> bool:

@@ -99,9 +99,14 @@ class Nexus(Policy):
         A key far from the mean key direction carries what the others do not; keeping a share of those
         costs little when the haystack is redundant.
 
-        Only unprotected candidates compete: sinks and the window are kept anyway (and sink keys are typically
-        outliers), so ranking them too would spend the share on slots that need none. The
-        reserve holds `reserve * (budget - n_sink - window)` candidates, or every unprotected one if fewer.
+        Sinks never compete: they are kept at every step (and sink keys are typically outliers), so ranking
+        them would spend the share on slots that need none. Nor does a mid-prompt chunk's window: it is kept
+        through this chunk, and the next chunk ranks its tokens as ordinary candidates. The chunk that ends
+        the prompt is different: decode follows, the window's tokens leave it one per step, and no later
+        chunk will rank them, so there they compete too. (Without that, a fact in the prompt's last `window`
+        tokens was never reserved: on needle_after_gen the five samples nexus missed at every budget were
+        the five whose needle lay there, docs/quality.md.) The reserve holds
+        `reserve * (budget - n_sink - window)` candidates, or every competing one if fewer.
 
         The same question can come after a long generation. With `hold` the picks are marked in the pool
         (prefill_held) and the decode kernel never evicts a marked slot, so the fact is still there when
@@ -116,10 +121,10 @@ class Nexus(Policy):
         count = min(int(self.reserve * max(chosen, 0)), cand.pos.shape[1])
         if count == 0:
             return scores, priority
-        protected = cand.protected(self.n_sink, self.window)
-        novelty = keydiff_scores(cand.keys).masked_fill(protected, float("-inf"))
+        excluded = cand.sinks(self.n_sink) if cand.ends_prompt else cand.protected(self.n_sink, self.window)
+        novelty = keydiff_scores(cand.keys).masked_fill(excluded, float("-inf"))
         novel = novelty.topk(count, dim=-1).indices
-        picked = ~protected.gather(1, novel)  # False only where fewer than `count` candidates are unprotected
+        picked = ~excluded.gather(1, novel)  # False only where fewer than `count` candidates compete
         floor = scores.mean(dim=-1, keepdim=True).expand_as(novel)
         lifted_scores = torch.where(picked, torch.maximum(scores.gather(1, novel), floor), scores.gather(1, novel))
         priority = priority.float()
