@@ -663,3 +663,17 @@ def test_kv_positions_under_eviction_hold_budget_distinct_past_positions(loaded,
     assert all(len(set(row.tolist())) == 32 for row in pos.flatten(0, 1))
     assert (pos[..., None] == torch.arange(2)).any(-2).all()  # the sinks and the window are there
     assert (pos[..., None] == torch.arange(read - 8, read)).any(-2).all()
+
+
+def test_nexus_reserve_marks_the_prompts_last_window_through_the_engine(loaded):
+    """The model runner tells the policy which chunk ends the prompt: with reserve=1 every non-sink prompt
+    token is held once the prompt is read, the last chunk's window (16..23) included."""
+    engine = make_engine(loaded, policy="nexus", policy_options={"reserve": 1.0}, budget=48, n_sink=4, window=8)
+    rid = engine.add_request(random_prompt(random.Random(5), 23, 24), GREEDY)
+    req = engine._requests[rid]
+    while req.num_processed < 24:
+        engine.step()
+    held = engine.pool.ring("held", req.blocks, 24).bool()
+    pos = engine.kv_positions(rid)
+    assert all(sorted(p[h].tolist()) == list(range(4, 24)) for p, h in zip(pos.flatten(0, 1), held.flatten(0, 1)))
+    run_all(engine)
