@@ -155,6 +155,17 @@ def test_markdown_table_rows_and_means():
     assert table[5] == "| full | full | 100 | 75 | 88 | 6.00 |"
 
 
+def test_markdown_table_gives_a_bootstrap_interval_over_the_samples_scores():
+    runs = _fake_runs()
+    runs[0]["scores"] = [1.0, 0.0, 1.0, 0.0]  # nexus@0.1 niah_single: 50%, resampled it ranges 0..100%
+    runs[3]["scores"] = [1.0, 1.0, 1.0]  # nexus@0.5: every resample is 100%
+    table = runner.markdown_table({"settings": {}, "runs": runs}).splitlines()
+    cell = table[2].split(" | ")[2]
+    low, high = (int(x) for x in cell.removeprefix("50 [").removesuffix("]").split(", "))
+    assert 0 <= low < 50 < high <= 100
+    assert table[3].startswith("| nexus | 0.5 (500) | 100 [100, 100] | 50 |")
+
+
 def test_plot_series_and_png(tmp_path):
     data = {"settings": _settings().__dict__, "runs": _fake_runs()}
     from minikv.eval import plot

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from minikv.errors import ConfigError
 from minikv.eval import decode
-from minikv.eval.stats import paired_difference
+from minikv.eval.stats import bootstrap_ci, paired_difference
 from minikv.eval.tasks import Sample, generate, get_task, perplexity_text, score
 from minikv.policies.spec import PolicySpec, parse_policy
 
@@ -400,8 +400,8 @@ def done_keys(data: dict[str, Any]) -> set[str]:
 
 
 def markdown_table(data: dict[str, Any]) -> str:
-    """One row per config: accuracy per task (in %), their mean, and the perplexity; for a decode run, the
-    decode metrics with their bootstrap intervals (``decode_table``)."""
+    """One row per config: accuracy per task (in %, with its bootstrap interval over samples), their mean,
+    and the perplexity; for a decode run, the decode metrics with their intervals (``decode_table``)."""
     runs = data.get("runs", [])
     if any(decode.is_decode_task(run["task"]) for run in runs):
         return decode_table(data)
@@ -414,13 +414,23 @@ def markdown_table(data: dict[str, Any]) -> str:
         budget = "full" if first["budget_label"] == "full" else f"{first['budget_label']} ({first['budget']})"
         cells = [first["policy"], budget]
         accuracies = [rows[t]["accuracy"] for t in tasks if t in rows]
-        cells += [f"{100 * rows[t]['accuracy']:.0f}" if t in rows else "–" for t in tasks]
+        cells += [_accuracy_cell(rows[t]) if t in rows else "–" for t in tasks]
         if tasks:
             cells.append(f"{100 * sum(accuracies) / len(accuracies):.0f}" if len(accuracies) == len(tasks) else "–")
         if has_ppl:
             cells.append(f"{rows[PERPLEXITY_TASK]['perplexity']:.2f}" if PERPLEXITY_TASK in rows else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _accuracy_cell(run: dict[str, Any]) -> str:
+    """Accuracy in %, with the 95% bootstrap interval over the samples' scores when there are several."""
+    cell = f"{100 * run['accuracy']:.0f}"
+    scores = run.get("scores", [])
+    if len(scores) > 1:
+        low, high = bootstrap_ci(scores)
+        cell += f" [{100 * low:.0f}, {100 * high:.0f}]"
+    return cell
 
 
 def _group_by_key(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
