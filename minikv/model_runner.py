@@ -81,7 +81,7 @@ class ModelRunner:
             if req.params.prompt_logprobs is not None:
                 self._record_prompt_logprobs(req, hidden[seg.start: seg.start + seg.length], seg.first_pos)
             req.num_processed += chunk.length
-            if not req.is_prefilling:  # the chunk that ends the prompt samples the first output token
+            if seg.ends_prompt:  # the chunk that ends the prompt samples the first output token
                 sample_rows.append(seg.start + seg.length - 1)
                 sampling.append(req)
         for req in sched.decodes:
