@@ -178,6 +178,22 @@ def test_plot_series_and_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_prefill_plot_points_carry_the_tables_bootstrap_interval(tmp_path):
+    from minikv.eval import plot
+    from minikv.eval.stats import bootstrap_ci
+
+    runs = _fake_runs()
+    runs[0]["scores"] = [1.0, 0.0, 1.0, 0.0]  # nexus@0.1 niah_single: 50%, an interval around it
+    data = {"settings": _settings().__dict__, "runs": runs}
+    low, high = bootstrap_ci(runs[0]["scores"])
+    (x, y, bar_low, bar_high), unscored = plot.series(data, "niah_single")["nexus"]
+    assert (x, y) == (0.1, 50.0) and (bar_low, bar_high) == (100 * low, 100 * high) and bar_low < y < bar_high
+    assert unscored == (0.5, 100.0)  # a cell without per-sample scores has no bar
+    assert plot.series(data, "mean")["nexus"][0] == (0.1, 37.5)  # the mean panel stays bare
+    pytest.importorskip("matplotlib")
+    assert plot.plot_results(data, tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
     from minikv.eval import plot
 

@@ -1,7 +1,8 @@
 """Accuracy vs budget, one line per policy, from the JSON that ``minikv eval`` writes.
 
-A decode-phase run draws its own panels (KL, top-1 agreement, NLL, and the answer tasks' accuracy), each
-point with its 95% bootstrap interval as an error bar.
+Every point measured over several samples carries its 95% bootstrap interval as an error bar: a prefill
+task's accuracy (from the per-sample scores), and a decode-phase run's own panels (KL, top-1 agreement, NLL,
+and the answer tasks' accuracy). The mean-over-tasks and perplexity panels are drawn without bars.
 
 matplotlib is an optional extra (``pip install matplotlib`` or ``pip install minikv[plot]``); without it
 ``plot_results`` raises a ConfigError that says so, and the rest of the evaluation is unaffected.
@@ -15,6 +16,7 @@ from typing import Any
 from minikv.errors import ConfigError
 from minikv.eval import decode
 from minikv.eval.runner import PERPLEXITY_TASK, decode_metric
+from minikv.eval.stats import bootstrap_ci
 
 MEAN_PANEL = "mean"
 # A decode run's panels: decode_fidelity's three metrics, then the answer tasks; (task, metric, y label, scale)
@@ -23,6 +25,7 @@ DECODE_PANELS = {"kl": ("decode_fidelity", "kl", "KL(full ‖ policy) per step (
                  "nll": ("decode_fidelity", "nll", "NLL of the reference token (lower is better)", 1),
                  "needle_after_gen": ("needle_after_gen", "accuracy", "accuracy (%)", 100),
                  "multiturn": ("multiturn", "accuracy", "accuracy (%)", 100)}
+DODGE = 1.012  # per policy, a factor on the (log-scaled) budget axis, so error bars at one budget sit apart
 
 
 def _pyplot():
@@ -37,8 +40,9 @@ def _pyplot():
     return plt
 
 
-def series(data: dict[str, Any], task: str) -> dict[str, list[tuple[float, float]]]:
-    """Per policy, the (budget fraction, value) points of one panel, sorted by budget.
+def series(data: dict[str, Any], task: str) -> dict[str, list[tuple[float, ...]]]:
+    """Per policy, the points of one panel sorted by budget: (budget fraction, value), or (budget fraction,
+    value, low, high) for a task whose cells hold several per-sample scores.
 
     ``task`` is a task name, ``"mean"`` (mean accuracy over the tasks a config has all of) or
     ``"perplexity"``. Accuracies are in %. The `full` policy is one point at budget 1.0.
@@ -48,13 +52,13 @@ def series(data: dict[str, Any], task: str) -> dict[str, list[tuple[float, float
     by_config: dict[str, dict[str, dict[str, Any]]] = {}
     for run in data.get("runs", []):
         by_config.setdefault(run["key"], {})[run["task"]] = run
-    points: dict[str, list[tuple[float, float]]] = {}
+    points: dict[str, list[tuple[float, ...]]] = {}
     for rows in by_config.values():
         first = next(iter(rows.values()))
         x = 1.0 if first["budget_label"] == "full" else first["budget"] / length
         value = _panel_value(rows, task, tasks)
         if value is not None:
-            points.setdefault(first["policy"], []).append((x, value))
+            points.setdefault(first["policy"], []).append((x, *value))
     return {policy: sorted(p) for policy, p in points.items()}
 
 
@@ -72,14 +76,21 @@ def decode_series(data: dict[str, Any], panel: str) -> dict[str, list[tuple[floa
     return {policy: sorted(p) for policy, p in points.items()}
 
 
-def _panel_value(rows: dict[str, dict[str, Any]], task: str, tasks: list[str]) -> float | None:
+def _panel_value(rows: dict[str, dict[str, Any]], task: str, tasks: list[str]) -> tuple[float, ...] | None:
     if task == PERPLEXITY_TASK:
-        return rows[task]["perplexity"] if task in rows else None
+        return (rows[task]["perplexity"],) if task in rows else None
     if task == MEAN_PANEL:
         if not tasks or any(t not in rows for t in tasks):
             return None
-        return 100 * sum(rows[t]["accuracy"] for t in tasks) / len(tasks)
-    return 100 * rows[task]["accuracy"] if task in rows else None
+        return (100 * sum(rows[t]["accuracy"] for t in tasks) / len(tasks),)
+    if task not in rows:
+        return None
+    run = rows[task]
+    scores = run.get("scores", [])
+    if len(scores) < 2:
+        return (100 * run["accuracy"],)
+    low, high = bootstrap_ci(scores)  # the interval the Markdown table prints beside this accuracy
+    return 100 * run["accuracy"], 100 * low, 100 * high
 
 
 def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> Path:
@@ -95,7 +106,8 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
         panels.append(PERPLEXITY_TASK)
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+    # a one-panel figure still needs the width of its title and legend
+    fig, axes = plt.subplots(rows, columns, figsize=(max(5 * columns, 9), 3.8 * rows + 0.6), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         if decode_run:
             task, metric, ylabel, _ = DECODE_PANELS[panel]
@@ -108,9 +120,12 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), frameon=False)
     settings = data["settings"]
-    length = (f"{settings['decode_prompt']} prompt + {settings['decode_gen']} decoded tokens, 95% bootstrap bars"
+    length = (f"{settings['decode_prompt']} prompt + {settings['decode_gen']} decoded tokens"
               if decode_run else f"{settings['length']} tokens")
-    fig.suptitle(title or f"{Path(settings['model']).name}: {length}, {settings['samples']} samples per task")
+    if settings["samples"] > 1:
+        length += ", 95% bootstrap bars"
+    fig.suptitle(title or f"{Path(settings['model']).name}: {length}, {settings['samples']} samples per task",
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -128,14 +143,17 @@ def _draw_panel(ax, points: dict[str, list[tuple[float, ...]]], panel: str, ylab
     for index, (policy, xy) in enumerate(points.items()):
         xs, ys = [p[0] for p in xy], [p[1] for p in xy]
         bars = None
-        if len(xy[0]) == 4:
-            bars = [[y - p[2] for y, p in zip(ys, xy)], [p[3] - y for y, p in zip(ys, xy)]]
+        if any(len(p) == 4 for p in xy):  # a point without an interval (one sample) gets a zero-length bar
+            lows, highs = [p[2] if len(p) == 4 else p[1] for p in xy], [p[3] if len(p) == 4 else p[1] for p in xy]
+            bars = [[y - low for y, low in zip(ys, lows)], [high - y for y, high in zip(ys, highs)]]
         if policy == "full" or len(xs) == 1 and xs[0] == 1.0:
             ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label=policy)
-            if bars:
+            if len(xy[0]) == 4:
                 ax.axhspan(xy[0][2], xy[0][3], color="black", alpha=0.08)
             continue
         style = ":" if ":" in policy else "-"  # ablations dotted
+        if bars:  # dodge: policies measured at one budget would stack their bars on one vertical line
+            xs = [x * DODGE ** (index - (len(points) - 1) / 2) for x in xs]
         ax.errorbar(xs, ys, yerr=bars, marker="o", linestyle=style, label=policy, capsize=3,
                     color=palette[(2 * index) % 20 + index // 10 % 2])
     ax.set_xscale("log")
