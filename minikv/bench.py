@@ -274,7 +274,7 @@ def pool_bytes(loaded, args: argparse.Namespace) -> int:
     memory read once, so every row gets the same bytes), else the preset's pool, else the first row's
     default pool (max-num-seqs rings of its budget)."""
     from .block_pool import parse_kv_memory
-    from .policies import POLICIES
+    from .policies import POLICIES, make_policy
 
     if args.kv_memory is not None:
         return parse_kv_memory(args.kv_memory, next(loaded.model.parameters()).device)
@@ -286,7 +286,7 @@ def pool_bytes(loaded, args: argparse.Namespace) -> int:
         per_block = _bytes_per_block(loaded, block_size, POLICIES["full"].top_m)
         return PRESETS[args.preset].pool_full_requests * blocks(min(longest, max_len)) * per_block
     first = args.policies[0]
-    per_block = _bytes_per_block(loaded, block_size, POLICIES[first.spec.name].top_m)
+    per_block = _bytes_per_block(loaded, block_size, make_policy(first.spec.name, **first.spec.options).top_m)
     return args.max_num_seqs * blocks(min(first.budget or args.budget, max_len)) * per_block
 
 

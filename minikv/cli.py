@@ -55,7 +55,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
     g.add_argument("--budget", type=positive_int, default=DEFAULT_BUDGET,
                    help="KV slots per sequence, layer and KV head: the memory bound (default %(default)s)")
     g.add_argument("--policy", type=_policy_arg, default="nexus", metavar="NAME[:K=V,...]",
-                   help=f"eviction policy: {', '.join(POLICIES)}, optionally with options, e.g. nexus:tau=0 or "
+                   help=f"eviction policy: {', '.join(POLICIES)}, optionally with options, e.g. nexus:tau=1 or "
                         "nexus:reserve=0 (default %(default)s; a wrong option lists the policy's options)")
     g.add_argument("--chunk", type=positive_int, default=512,
                    help="prefill chunk in tokens; peak KV per sequence is budget + chunk (default %(default)s)")

@@ -88,9 +88,9 @@ def test_bad_ring_settings(capsys, tiny_dir):
 
 def test_policy_options_on_the_command_line(capsys, tiny_dir):
     code, out, err = run_cli(capsys, tiny_dir, "hello", "--temperature", 0, "--budget", 80, "--window", 8,
-                             "--max-tokens", 4, "--policy", "nexus:reserve=0,tau=0")
+                             "--max-tokens", 4, "--policy", "nexus:reserve=0,tau=1")
     assert code == 0, err
-    assert "policy nexus:tau=0,reserve=0," in err  # the banner names the options that took effect
+    assert "policy nexus:tau=1,reserve=0," in err  # the banner names the options that took effect
     code, _, err = run_cli(capsys, tiny_dir, "hi", "--policy", "nexus:reserve=2")
     assert_clean_error(code, err, "0 <= reserve <= 1")
     code, _, err = run_cli(capsys, tiny_dir, "hi", "--policy", "nexus:walk=off")

@@ -64,8 +64,8 @@ def test_dry_run_sections_ran_their_cpu_parts(dry_report):
     tests = section_text(dry_report, gpu_check.SECTIONS[1].title)
     assert "TRITON_INTERPRET=0" in tests and collected(tests) > 20 and "0 failed" in tests
     engine = section_text(dry_report, gpu_check.SECTIONS[2].title)
-    for policy in ("full", "nexus"):  # the CPU engine against itself: every request's tokens equal
-        assert re.search(rf"\| {policy} \| float32 \| 3/3 \| 0 \|", engine)
+    for policy in ("full", "nexus", "nexus:gamma=0.5,tau=1"):  # the CPU engine against itself: tokens equal
+        assert re.search(rf"\| {re.escape(policy)} \| float32 \| 3/3 \| 0 \|", engine)
     kernels = section_text(dry_report, gpu_check.SECTIONS[3].title)
     assert re.search(r"^\| 128 \| 1 \| 2:1 \| 2 \| [\d.]+ \|", kernels, re.M)  # interpreted, split-K forced on
     decode = section_text(dry_report, gpu_check.SECTIONS[4].title)

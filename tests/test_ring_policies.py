@@ -11,6 +11,7 @@ from minikv.errors import ConfigError
 from minikv.kernels.common import SCORE_ATTN, VICTIM_MIN_SCORE, VICTIM_RESERVOIR, EvictionSpec, PoolLayer
 from minikv.kernels.reference import attend_score_sample, nexus_walk, victim_slots
 from minikv.policies import POLICIES, PrefillCandidates, make_policy
+from minikv.policies.nexus import Nexus
 from minikv.policies.spec import parse_policy
 from minikv.block_pool import check_ring_settings
 
@@ -375,13 +376,40 @@ def test_reservoir_with_tau_to_zero_is_deterministic_top_k():
         assert reservoir_survivors(spec, WEIGHTS, 3, seed) == {3, 4, 5}
 
 
-def test_slot_just_below_the_cut_off_survives_sometimes_under_nexus_never_under_h2o():
+def test_slot_just_below_the_cut_off_survives_sometimes_under_sampling_nexus_never_under_h2o():
     weights = torch.tensor([[10.0, 10.0, 10.0, 9.5]])  # slot 3 is just below the cut-off
-    nexus = make_policy("nexus").eviction_spec()
+    nexus = make_policy("nexus", tau=1.0).eviction_spec()
     h2o = make_policy("h2o").eviction_spec()
     survived = [3 in reservoir_survivors(nexus, weights, 1, seed) for seed in range(200)]
     assert 0 < sum(survived) < 200
     assert not any(3 in reservoir_survivors(h2o, weights, 1, seed) for seed in range(20))
+
+
+class _NexusRecordingEdges(Nexus):
+    """Walk off, yet the pool stores and the kernels write every token's edges (as round 1's pool did)."""
+
+    @property
+    def top_m(self) -> int:
+        return self.edges_per_token
+
+
+def test_nexus_records_edges_only_when_it_walks():
+    assert make_policy("nexus").top_m == 0 and make_policy("nexus").eviction_spec().hops == 0
+    assert make_policy("nexus", gamma=0.5).top_m == Nexus.edges_per_token == 4
+    assert make_policy("nexus", gamma=0.5, hops=0).top_m == 0  # no hops: nothing would read the edges
+    assert make_policy("nexus", gamma=0.5).eviction_spec().hops == 2
+
+
+def test_nexus_without_the_walk_evicts_exactly_as_with_unread_edges(tiny):
+    model, config = tiny
+    ids = random_ids(120, seed=5)
+    plain = ring_logits(model, config, ids, prefill=[32, 32], budget=40, policy="nexus", window=8)
+    recording = ring_logits(model, config, ids, prefill=[32, 32], budget=40, window=8,
+                            policy=_NexusRecordingEdges(window=8))
+    assert plain[2].pool.edge_slot.shape[-1] == 1 and recording[2].pool.edge_slot.shape[-1] == 4  # 1: unused
+    assert torch.equal(plain[0], recording[0]) and torch.equal(plain[1].pos, recording[1].pos)
+    walked = ring_logits(model, config, ids, prefill=[32, 32], budget=40, policy="nexus", window=8, gamma=0.5)
+    assert not torch.equal(plain[1].pos, walked[1].pos)  # the walk, when on, does change what is kept
 
 
 # --- seeds ---------------------------------------------------------------------------------------
@@ -390,11 +418,15 @@ def test_slot_just_below_the_cut_off_survives_sometimes_under_nexus_never_under_
 def test_same_seed_same_ring_different_seed_different_victims(tiny):
     model, config = tiny
     ids = random_ids(120, seed=5)
-    runs = [ring_logits(model, config, ids, prefill=[32, 32], budget=40, policy="nexus", seed=s, window=8)[:2]
-            for s in (7, 7, 8)]
+    runs = [ring_logits(model, config, ids, prefill=[32, 32], budget=40, policy="nexus", seed=s, window=8,
+                        tau=1.0)[:2] for s in (7, 7, 8)]  # sampling on: the seed draws the victims
     (l0, s0), (l1, s1), (_, s2) = runs
     assert torch.equal(l0, l1) and torch.equal(s0.pos, s1.pos)
     assert not torch.equal(s0.pos, s2.pos)
+    # the default nexus does not sample: its victims are the same whatever the seed
+    top_k = [ring_logits(model, config, ids, prefill=[32, 32], budget=40, policy="nexus", seed=s, window=8)[1]
+             for s in (7, 8)]
+    assert torch.equal(top_k[0].pos, top_k[1].pos)
 
 
 # --- bad settings --------------------------------------------------------------------------------

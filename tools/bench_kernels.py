@@ -5,7 +5,8 @@ blocks scattered over the pool:
   sdpa      torch scaled_dot_product_attention of one query over a dense copy of the rings' K/V (no paging,
             no scoring, no write): the bandwidth reference;
   plain     attend_score_sample_triton with SCORE_NONE + VICTIM_OLDEST (scoring and sampling off);
-  nexus     attend_score_sample_triton with the engine's nexus policy (walk of 2 hops, top-4 edges, reservoir);
+  nexus     attend_score_sample_triton with nexus's heaviest path, `nexus:gamma=0.5,tau=1` (walk of 2 hops
+            over top-4 edges, reservoir keys); the default nexus (walk and sampling off) costs less;
 each kernel with split-K off (num_splits=1) and on (the automatic choice; "=" when that is 1 too).
 It prints the median time of CUDA-event-timed repeats, the achieved bandwidth over the bytes of K and V
 read, and each kernel's time relative to SDPA.
@@ -97,7 +98,7 @@ def bench_case(budget, num_seqs, group, dtype, warmup, repeats, *, device="cuda"
     budgets = filled.clone()
     new_pos = torch.full((num_seqs,), budget + 100, dtype=torch.int32, device=device)
     plain = EvictionSpec()
-    nexus = make_policy("nexus").eviction_spec()  # exactly what the engine's default policy launches
+    nexus = make_policy("nexus", gamma=0.5, tau=1.0).eviction_spec()  # the walk and the reservoir: the most work
     pool_plain, tables = make_pool(num_seqs, budget, 1, dtype, device, head_dim, num_kv_heads)
     pool_nexus, _ = make_pool(num_seqs, budget, nexus.top_m, dtype, device, head_dim, num_kv_heads)
     dense_k = torch.randn(num_seqs, num_kv_heads, budget, head_dim, device=device, dtype=dtype)

@@ -511,6 +511,7 @@ def run_engine(ctx: Context, out: Fragment) -> None:
 
     from minikv.config import ModelConfig
     from minikv.engine import Engine
+    from minikv.policies.spec import parse_policy
     from random_model import random_loaded_model, random_state
 
     device = ctx.device()
@@ -533,16 +534,19 @@ def run_engine(ctx: Context, out: Fragment) -> None:
     for label, shape in shapes.items():
         state = random_state(ModelConfig.from_hf(shape), seed=1, std=0.06)
         ref_model = random_loaded_model(shape, device="cpu", dtype=torch.float32, state=state)
-        for policy in ("full", "nexus"):
+        # nexus as it runs by default, and with the walk and reservoir sampling on (the kernel's heaviest path)
+        for policy in ("full", "nexus", "nexus:gamma=0.5,tau=1"):
             if not enough_time(ctx, out, 8, f"{label} / {policy}"):
                 raise SectionFailed("ran out of time before every comparison ran")
-            ref = generate_all(Engine(ref_model, policy=policy, **settings), prompts, max_tokens)
+            spec = parse_policy(policy)
+            engine_policy = dict(policy=spec.name, policy_options=spec.options)
+            ref = generate_all(Engine(ref_model, **engine_policy, **settings), prompts, max_tokens)
             # bf16 once, for information (every Triton variant compiled costs seconds of the section's limit)
             bf16 = ctx.mode != "quick" and policy == "nexus" and label.startswith("qwen3")
             for dtype in [torch.float32] + [torch.bfloat16] * bf16:
                 on_device = random_loaded_model(shape, device=device, dtype=dtype,
                                                 state={k: v.to(device) for k, v in state.items()})
-                got = generate_all(Engine(on_device, policy=policy, **settings), prompts, max_tokens)
+                got = generate_all(Engine(on_device, **engine_policy, **settings), prompts, max_tokens)
                 c = compare_outputs(ref, got)
                 partings = ", ".join(f"{i} ({gap:.2g})" for i, gap in c["partings"]) or "–"
                 out.write(f"| {label} | {policy} | {str(dtype).removeprefix('torch.')} | {c['equal']}/{c['n']} | "

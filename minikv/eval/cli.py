@@ -34,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _drop_options(parser, ("--budget", "--policy", "--max-num-batched-tokens", "--enforce-eager"))
     e = parser.add_argument_group("evaluation")
     e.add_argument("--policies", default=DEFAULT_POLICIES, metavar="LIST",
-                   help="comma-separated policies; options after a colon make a variant, e.g. nexus:gamma=0 "
-                        "(walk off) or nexus:tau=0 (sampling off), nexus:gamma=0,tau=0 for both "
-                        "(default %(default)s)")
+                   help="comma-separated policies; options after a colon make a variant, e.g. nexus:gamma=0.5 "
+                        "(walk on) or nexus:tau=1 (sampling on), nexus:gamma=0.5,tau=1 for both, "
+                        "nexus:reserve=0 (no novelty reserve) (default %(default)s)")
     e.add_argument("--budgets", default="0.1,0.2,0.5", metavar="LIST",
                    help="comma-separated KV budgets: a value <= 1 is a fraction of --length (of --decode-prompt "
                         "+ --decode-gen for decode-phase tasks), a value > 1 a number of tokens; must stay below "

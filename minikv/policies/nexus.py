@@ -1,15 +1,23 @@
-"""Nexus: attention-graph scoring with weighted reservoir sampling (minikv's default policy).
+"""Nexus: attention scoring with a held novelty reserve, and optional graph walk and reservoir sampling
+(minikv's default policy).
 
 The seed paper (arXiv 2606.23961) gives the idea; the concrete method here is DESIGN 5.1:
-- every token, when it is the query, records its top-m attended slots as out-edges;
-- a slot's importance n = a + gamma a P + gamma^2 a P^2 walks those edges from the current attention a,
-  so a *bridge token* that the query barely attends, but that the tokens it attends did attend, is seen;
-- S <- decay * S + n keeps a memory of past importance;
-- the victim is drawn by Efraimidis-Spirakis A-Res (weights S^(1/tau)) rather than cut at a fixed rank,
-  so a token that falls just below the cut-off once is not erased with certainty;
+- every slot's score S <- decay * S + n keeps a memory of past importance, where n is the attention the
+  slot receives now;
 - while a prompt streams through, a *novelty reserve* keeps the keys least like the rest (KeyDiff's rule,
   arXiv 2504.15364) whatever their attention, and (`hold`) decode never evicts what it kept: minikv's
-  addition, see `_novelty_reserve` below.
+  addition, see `_novelty_reserve` below;
+- the walk (`gamma` > 0): every token, when it is the query, records its top-m attended slots as
+  out-edges, and n = a + gamma a P + gamma^2 a P^2 walks them from the current attention a, so a *bridge
+  token* that the query barely attends, but that the tokens it attends did attend, is seen;
+- sampling (`tau` > 0): the victim is drawn by Efraimidis-Spirakis A-Res (weights S^(1/tau)) rather than
+  cut at a fixed rank, so a token that falls just below the cut-off once is not erased with certainty.
+
+The walk and the sampling are off by default (gamma=0, tau=0): on every decode-phase task measured
+(docs/quality.md, issue 14) neither kept a needle that nexus without them lost, and each cost next-token
+fidelity (sampling by 0.001-0.025 KL, the walk by up to 0.002), while the reserve is what keeps a fact
+through a long generation. The walk also costs memory: `top_m` edges per slot, recorded only when it is on.
+`nexus:gamma=0.5,tau=1` is the seed paper's full scoring, round 1's default.
 """
 
 from __future__ import annotations
@@ -31,11 +39,11 @@ RESERVED = torch.finfo(torch.float32).max
 @dataclass
 class Nexus(Policy):
     name: ClassVar[str] = "nexus"
-    top_m: ClassVar[int] = 4
+    edges_per_token: ClassVar[int] = 4  # the walk's out-edges per query token (top_m when the walk is on)
     decay: float = 0.99
-    gamma: float = 0.5
+    gamma: float = 0.0  # 0 = the walk is off (and no edges are recorded); the seed paper's is 0.5
     hops: int = 2
-    tau: float = 1.0  # 0 = deterministic top-K (sampling off)
+    tau: float = 0.0  # 0 = deterministic top-K (sampling off); the seed paper's is 1
     # Share of the policy-chosen prefill slots (budget - n_sink - window) kept for the most novel keys.
     reserve: float = 0.5
     # Decode never evicts the reserve's picks (PoolLayer.held); False: they become ordinary slots at decode.
@@ -53,8 +61,18 @@ class Nexus(Policy):
     def sampling(self) -> bool:
         return self.tau > 0
 
+    @property
+    def walks(self) -> bool:
+        return self.gamma > 0 and self.hops > 0
+
+    @property
+    def top_m(self) -> int:  # type: ignore[override]  # a ClassVar elsewhere: only nexus's depends on options
+        """Edges each token records: none unless the walk is on, so gamma=0 saves their pool memory."""
+        return self.edges_per_token if self.walks else 0
+
     def eviction_spec(self):
-        return self._spec(score_mode=SCORE_ATTN, decay=self.decay, gamma=self.gamma, hops=self.hops,
+        walk = dict(gamma=self.gamma, hops=self.hops) if self.walks else dict(gamma=0.0, hops=0)
+        return self._spec(score_mode=SCORE_ATTN, decay=self.decay, **walk,
                           victim_mode=VICTIM_RESERVOIR if self.sampling else VICTIM_MIN_SCORE,
                           tau=self.tau if self.sampling else 1.0, hold=self.holds)
 
@@ -76,8 +94,10 @@ class Nexus(Policy):
         exposure = torch.cat([torch.full((f,), float(chunk)), torch.arange(chunk, 0, -1, dtype=torch.float32)])
         exposure = exposure.to(cand.mass.device)
         mean_attention = cand.mass / exposure
-        walked = nexus_walk(mean_attention, cand.edge_target, cand.edge_pos, cand.edge_w, cand.pos,
-                            self.gamma, self.hops)
+        walked = mean_attention
+        if self.walks:
+            walked = nexus_walk(mean_attention, cand.edge_target, cand.edge_pos, cand.edge_w, cand.pos,
+                                self.gamma, self.hops)
         scores = walked * self._ema_steps(exposure)
         scores[:, :f] += cand.ring_score * self.decay**chunk
         if self.sampling:
