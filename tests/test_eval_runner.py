@@ -194,6 +194,32 @@ def test_prefill_plot_points_carry_the_tables_bootstrap_interval(tmp_path):
     assert plot.plot_results(data, tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_legend_of_an_ablation_grid_fits_inside_the_figure(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from minikv.eval import plot
+
+    base = _fake_runs()[0]
+    names = [f"nexus:gamma=0.5,tau=1,reserve={i / 16:g}" for i in range(16)]
+    runs = [dict(base, key=f"{name}@0.1", policy=name) for name in names]
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)  # keep the figure plot_results would close
+    plot.plot_results({"settings": _settings().__dict__, "runs": runs}, tmp_path / "many.png")
+    plot.plot_results({"settings": _settings().__dict__, "runs": runs[:2]}, tmp_path / "two.png")
+    many, two = kept
+    many.canvas.draw()
+    legend, figure = many.legends[0].get_window_extent(), many.bbox
+    assert len(many.legends[0].get_texts()) == 16
+    assert figure.x0 <= legend.x0 and legend.x1 <= figure.x1 and figure.y0 <= legend.y0
+    panel = many.axes[0].get_tightbbox()
+    assert legend.y1 <= panel.y0  # under the panel and its axis label, not over them
+    assert many.get_figheight() > two.get_figheight()  # the figure grows by the legend's rows
+    monkeypatch.undo()
+    for fig in (many, two):
+        plt.close(fig)
+
+
 def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
     from minikv.eval import plot
 

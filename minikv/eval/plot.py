@@ -107,7 +107,8 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     # a one-panel figure still needs the width of its title and legend
-    fig, axes = plt.subplots(rows, columns, figsize=(max(5 * columns, 9), 3.8 * rows + 0.6), squeeze=False)
+    width, panels_height = max(5 * columns, 9), 3.8 * rows + 0.6
+    fig, axes = plt.subplots(rows, columns, figsize=(width, panels_height), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         if decode_run:
             task, metric, ylabel, _ = DECODE_PANELS[panel]
@@ -118,7 +119,13 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), frameon=False)
+    # The legend goes under the panels, as many columns as its longest label allows, and the figure grows
+    # by its rows: an ablation grid has 15 policies or more, and a fixed strip would cut them off.
+    longest = max((len(label) for label in labels), default=1)
+    ncol = max(1, min(len(labels), int(width / (0.075 * longest + 0.5))))
+    legend_height = 0.2 * -(-len(labels) // ncol) + 0.15
+    fig.set_size_inches(width, panels_height + legend_height)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     settings = data["settings"]
     length = (f"{settings['decode_prompt']} prompt + {settings['decode_gen']} decoded tokens"
               if decode_run else f"{settings['length']} tokens")
@@ -126,7 +133,8 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
         length += ", 95% bootstrap bars"
     fig.suptitle(title or f"{Path(settings['model']).name}: {length}, {settings['samples']} samples per task",
                  fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    height = panels_height + legend_height
+    fig.tight_layout(rect=(0, legend_height / height, 1, 1 - 0.35 / height))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
