@@ -124,7 +124,8 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
     longest = max((len(label) for label in labels), default=1)
     ncol = max(1, min(len(labels), int(width / (0.075 * longest + 0.5))))
     legend_height = 0.2 * -(-len(labels) // ncol) + 0.15
-    fig.set_size_inches(width, panels_height + legend_height)
+    height = panels_height + legend_height
+    fig.set_size_inches(width, height)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     settings = data["settings"]
     length = (f"{settings['decode_prompt']} prompt + {settings['decode_gen']} decoded tokens"
@@ -133,7 +134,6 @@ def plot_results(data: dict[str, Any], path: Path, title: str | None = None) -> 
         length += ", 95% bootstrap bars"
     fig.suptitle(title or f"{Path(settings['model']).name}: {length}, {settings['samples']} samples per task",
                  fontsize=10)
-    height = panels_height + legend_height
     fig.tight_layout(rect=(0, legend_height / height, 1, 1 - 0.35 / height))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
