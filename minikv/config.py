@@ -77,6 +77,10 @@ class ModelConfig:
             raise ModelLoadError(
                 f"num_attention_heads ({cfg.num_heads}) must be a multiple of num_key_value_heads ({cfg.num_kv_heads})"
             )
+        factors = (cfg.rope_scaling or {}).get("long_factor")
+        if factors is not None and len(factors) != cfg.head_dim // 2:
+            raise ModelLoadError(f"rope_scaling's long_factor has {len(factors)} factors but head_dim {cfg.head_dim} "
+                                 f"has {cfg.head_dim // 2} rotary frequencies")
         if cfg.head_dim % 2:
             raise ModelLoadError(f"head_dim ({cfg.head_dim}) must be even (RoPE rotates pairs of channels); "
                                  "check head_dim, hidden_size and num_attention_heads in config.json")
@@ -112,9 +116,26 @@ def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind == "default":
         return None
-    if kind not in ("llama3", "linear"):
-        raise ModelLoadError(f"rope_scaling type {kind!r} is not supported; minikv supports 'llama3' and 'linear'")
+    if kind == "longrope":
+        _check_per_frequency_factors(scaling)
+    elif kind not in ("llama3", "linear"):
+        raise ModelLoadError(f"rope_scaling type {kind!r} is not supported; minikv supports 'llama3', 'linear' "
+                             "and 'longrope' with one set of factors")
     return {**scaling, "rope_type": kind}
+
+
+def _check_per_frequency_factors(scaling: dict[str, Any]) -> None:
+    """`longrope` as minikv reads it: one divisor per rotary frequency, the same at every length, and no
+    attention scaling (what a Llama 3.1 GGUF's rope_freqs tensor means; see minikv.gguf). Phi-3's
+    length-dependent short/long factors are refused."""
+    short, long = scaling.get("short_factor"), scaling.get("long_factor")
+    numbers_ok = isinstance(long, list) and long and all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < float("inf") for f in long)
+    if not numbers_ok:
+        raise ModelLoadError(f"rope_scaling 'longrope' needs long_factor, a list of positive numbers; got {long!r}")
+    if short != long or scaling.get("attention_factor", 1.0) != 1.0:
+        raise ModelLoadError("rope_scaling 'longrope' is supported only with short_factor equal to long_factor "
+                             "and attention_factor 1.0 (per-frequency factors, as Llama 3.1 GGUF files store them)")
 
 
 def check_engine_settings(*, budget: Any, chunk: Any, n_sink: Any, window: Any, max_num_seqs: Any,

@@ -32,19 +32,20 @@ class LoadedModel:
     path: Path
 
 
-def resolve_model_dir(model: str | os.PathLike | None) -> Path:
-    """The local directory holding config.json, the weights and the tokenizer for MODEL."""
+def resolve_model_dir(model: str | os.PathLike | None, dtype: torch.dtype = torch.float32) -> Path:
+    """The local directory holding config.json, the weights and the tokenizer for MODEL (a GGUF file is
+    converted, once, with its weights in `dtype`, the dtype the model will run in)."""
     if model is None:
         from .gguf import default_model_dir
 
-        return default_model_dir()
+        return default_model_dir(dtype)
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {str(path)!r} does not exist")
         from .gguf import convert_gguf_cached
 
-        return convert_gguf_cached(path)
+        return convert_gguf_cached(path, dtype=dtype)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{str(path)!r} has no config.json: is it a Hugging Face model directory?")
@@ -196,7 +197,7 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
 
     device = parse_device(device)
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
-    model_dir = resolve_model_dir(model)
+    model_dir = resolve_model_dir(model, dtype)
     with conversion_in_use(model_dir):  # a converted GGUF is not deleted as superseded while we read it
         config = read_config(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)

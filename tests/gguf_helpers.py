@@ -32,33 +32,82 @@ def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, token_types, merges
 
 
+# A Llama-2-style SentencePiece vocabulary: <unk>, <s>, </s>, a control token mid-vocabulary like Mistral's
+# [INST], the 256 <0xNN> byte tokens, merged pieces best first, then single characters (the worst scores).
+SPM_PIECES = [
+    "▁t", "he", "▁the", "in", "▁a", "er", "on", "▁s", "▁w", "at", "▁o", "en", "re", "is", "▁i", "▁c", "ing",
+    "▁b", "or", "an", "▁f", "ou", "▁h", "it", "▁d", "▁is", "▁▁", "▁▁▁▁", "ll", "▁he", "llo", "▁hello", "▁q",
+    "ui", "▁qu", "ck", "ick", "▁quick", "ro", "▁bro", "wn", "▁brown", "ox", "▁fox", "▁an", "▁and", "▁of", "ed",
+    "es", "▁j", "um", "ps", "▁jum", "▁jumps", "▁l", "az", "▁laz", "▁lazy", "▁do", "▁dog", "▁▁▁", "'s", "▁it",
+]
+SPM_CHARS = list("▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,'!?:;-()=*<>[]{}#/\\\"_+é")
+
+
+def tiny_spm_vocab() -> tuple[list[str], list[int], list[float]]:
+    """Tokens, llama.cpp token types and scores of a SentencePiece ("llama") vocabulary.
+
+    Every merged piece can be cut into two earlier tokens, as a trained vocabulary's can.
+    """
+    tokens = ["<unk>", "<s>", "</s>", "[INST]"] + [f"<0x{b:02X}>" for b in range(256)]
+    token_types = [2, 3, 3, 3] + [6] * 256
+    scores = [0.0] * len(tokens)
+    for rank, piece in enumerate(SPM_PIECES + SPM_CHARS):
+        tokens.append(piece)
+        token_types.append(1)
+        scores.append(-float(rank))
+    known = set(tokens)
+    for piece in SPM_PIECES:
+        assert any(piece[:cut] in known and piece[cut:] in known for cut in range(1, len(piece))), piece
+    assert len(set(tokens)) == len(tokens)
+    return tokens, token_types, scores
+
+
+def llama_cpp_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
+                           original_context: int) -> np.ndarray:
+    """The `rope_freqs` tensor llama.cpp's convert_hf_to_gguf.py writes for Llama 3.1 rope scaling: per
+    frequency, the divisor of its inverse frequency (1 for short wavelengths, `factor` for long ones)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factors = []
+    for freq in inv_freq:
+        wavelength = 2 * np.pi / freq
+        if wavelength < original_context / high:
+            factors.append(1.0)
+        elif wavelength > original_context / low:
+            factors.append(factor)
+        else:
+            smooth = (original_context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """The permutation llama.cpp's convert_hf_to_gguf.py applies to Llama Q/K rows (forward direction)."""
     rows = weight.shape[0]
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def tiny_hf_weights(seed: int = 0) -> dict[str, np.ndarray]:
-    """Random fp32 weights for a 2-layer Llama in Hugging Face names and layout."""
+def tiny_hf_weights(seed: int = 0, vocab: int | None = None, hidden: int = TINY_HIDDEN) -> dict[str, np.ndarray]:
+    """Random fp32 weights for a 2-layer Llama in Hugging Face names and layout (the byte-level vocabulary's
+    size unless `vocab` is given; TINY_HEADS heads of hidden / TINY_HEADS channels)."""
     rng = np.random.default_rng(seed)
-    vocab = len(tiny_vocab()[0])
-    kv_rows = TINY_KV_HEADS * TINY_HEAD_DIM
+    vocab = len(tiny_vocab()[0]) if vocab is None else vocab
+    kv_rows = TINY_KV_HEADS * (hidden // TINY_HEADS)
 
     def rand(*shape):
         return rng.standard_normal(shape).astype(np.float32)
 
-    weights = {"model.embed_tokens.weight": rand(vocab, TINY_HIDDEN), "model.norm.weight": rand(TINY_HIDDEN)}
+    weights = {"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": rand(hidden)}
     for i in range(TINY_LAYERS):
         prefix = f"model.layers.{i}."
-        weights[prefix + "input_layernorm.weight"] = rand(TINY_HIDDEN)
-        weights[prefix + "post_attention_layernorm.weight"] = rand(TINY_HIDDEN)
-        weights[prefix + "self_attn.q_proj.weight"] = rand(TINY_HIDDEN, TINY_HIDDEN)
-        weights[prefix + "self_attn.k_proj.weight"] = rand(kv_rows, TINY_HIDDEN)
-        weights[prefix + "self_attn.v_proj.weight"] = rand(kv_rows, TINY_HIDDEN)
-        weights[prefix + "self_attn.o_proj.weight"] = rand(TINY_HIDDEN, TINY_HIDDEN)
-        weights[prefix + "mlp.gate_proj.weight"] = rand(TINY_FFN, TINY_HIDDEN)
-        weights[prefix + "mlp.up_proj.weight"] = rand(TINY_FFN, TINY_HIDDEN)
-        weights[prefix + "mlp.down_proj.weight"] = rand(TINY_HIDDEN, TINY_FFN)
+        weights[prefix + "input_layernorm.weight"] = rand(hidden)
+        weights[prefix + "post_attention_layernorm.weight"] = rand(hidden)
+        weights[prefix + "self_attn.q_proj.weight"] = rand(hidden, hidden)
+        weights[prefix + "self_attn.k_proj.weight"] = rand(kv_rows, hidden)
+        weights[prefix + "self_attn.v_proj.weight"] = rand(kv_rows, hidden)
+        weights[prefix + "self_attn.o_proj.weight"] = rand(hidden, hidden)
+        weights[prefix + "mlp.gate_proj.weight"] = rand(TINY_FFN, hidden)
+        weights[prefix + "mlp.up_proj.weight"] = rand(TINY_FFN, hidden)
+        weights[prefix + "mlp.down_proj.weight"] = rand(hidden, TINY_FFN)
     return weights
 
 
@@ -92,32 +141,50 @@ def write_tiny_gguf(
     tokenizer_pre: str = "smollm",
     int32_tensor: str | None = None,
     chat_template: str | None = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}",
+    rope_freqs: np.ndarray | None = None,
+    name: str | None = None,
+    sliding_window: int | None = None,
 ) -> pathlib.Path:
     """Write a 2-layer Llama GGUF the way llama.cpp's converter would (Q/K rows permuted, F32 tensors).
 
-    `int32_tensor` stores that Hugging Face tensor as I32, a type minikv refuses to dequantise.
+    `tokenizer_model="llama"` writes the SentencePiece vocabulary of `tiny_spm_vocab` (the weights must
+    then have its size), else the byte-level one of `tiny_vocab`. `int32_tensor` stores that Hugging Face
+    tensor as I32, a type minikv refuses to dequantise. `rope_freqs` is written as Llama 3.1's per-frequency
+    rope factors tensor.
     """
     import gguf
 
     weights = tiny_hf_weights() if weights is None else weights
-    tokens, token_types, merges = tiny_vocab()
     writer = gguf.GGUFWriter(str(path), arch)
+    if name is not None:
+        writer.add_name(name)
+    if sliding_window is not None:
+        writer.add_sliding_window(sliding_window)
     writer.add_block_count(TINY_LAYERS)
     writer.add_context_length(256)
-    writer.add_embedding_length(TINY_HIDDEN)
+    writer.add_embedding_length(weights["model.embed_tokens.weight"].shape[1])
     writer.add_feed_forward_length(TINY_FFN)
     writer.add_head_count(TINY_HEADS)
     writer.add_head_count_kv(TINY_KV_HEADS)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_tokenizer_model(tokenizer_model)
-    writer.add_tokenizer_pre(tokenizer_pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    writer.add_token_merges(merges)
+    if tokenizer_model == "llama":
+        tokens, token_types, scores = tiny_spm_vocab()
+        writer.add_token_list(tokens)
+        writer.add_token_types(token_types)
+        writer.add_token_scores(scores)
+        writer.add_unk_token_id(0)
+        writer.add_add_bos_token(True)
+    else:
+        tokens, token_types, merges = tiny_vocab()
+        writer.add_tokenizer_pre(tokenizer_pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(token_types)
+        writer.add_token_merges(merges)
+        writer.add_add_bos_token(False)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    writer.add_add_bos_token(False)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
     for hf_name, value in weights.items():
@@ -128,6 +195,8 @@ def write_tiny_gguf(
         if hf_name == int32_tensor:
             value = value.astype(np.int32)
         writer.add_tensor(gguf_name(hf_name), np.ascontiguousarray(value))
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", np.ascontiguousarray(rope_freqs, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

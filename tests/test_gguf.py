@@ -13,17 +13,21 @@ from safetensors.torch import load_file
 import minikv.gguf as mgguf
 from minikv.errors import ModelLoadError
 from minikv.gguf import convert_gguf_to_dir, default_model_dir, load_gguf
+from minikv.gguf_tokenizer import build_tokenizer_json
 from minikv.tokenizer import Tokenizer
 
 from gguf_helpers import (
     TINY_HEADS,
+    llama_cpp_rope_factors,
     smollm_checkpoint_without_weights,
     smollm_gguf_path,
     smollm_tokenizer,
     tiny_hf_weights,
+    tiny_spm_vocab,
     transformers_gguf_tokenizer,
     write_tiny_gguf,
 )
+from helpers import ring_logits
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. It's 5 o'clock, isn't it?",
@@ -162,6 +166,247 @@ def test_a_new_conversion_removes_the_superseded_ones_and_nothing_else(tiny_gguf
 
 
 # ----------------------------------------------------------------------------------------------------
+# SentencePiece ("llama") vocabularies: Llama 2, Mistral, TinyLlama
+
+
+SPM_TEXTS = {
+    "english": "The quick brown fox jumps over the lazy dog.",
+    "spaces": "hello  world\n\tit's    four  spaces and trailing  ",
+    "byte_fallback": "emoji 🎉, 日本語 and é",  # é is a token; the rest is spelt in <0xNN> byte tokens
+    "empty": "",
+}
+
+
+@pytest.fixture(scope="module")
+def spm_gguf(tmp_path_factory) -> pathlib.Path:
+    weights = tiny_hf_weights(seed=2, vocab=len(tiny_spm_vocab()[0]))
+    return write_tiny_gguf(tmp_path_factory.mktemp("spm") / "spm.gguf", weights, tokenizer_model="llama",
+                           chat_template=None)
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer(spm_gguf) -> Tokenizer:
+    checkpoint = load_gguf(spm_gguf, with_weights=False)
+    return Tokenizer.from_files(checkpoint.tokenizer_json, checkpoint.tokenizer_config,
+                                checkpoint.generation_config, checkpoint.config)
+
+
+@pytest.fixture(scope="module")
+def transformers_spm(spm_gguf):
+    """transformers' own GGUF loader on the same file: its tokenizer and its model (the oracle)."""
+    import transformers.modeling_utils
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(spm_gguf.parent), gguf_file=spm_gguf.name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformers.modeling_utils, "is_accelerate_available", lambda: True)  # see below
+        model = AutoModelForCausalLM.from_pretrained(str(spm_gguf.parent), gguf_file=spm_gguf.name,
+                                                     dtype=torch.float32)
+    return tokenizer, model.eval()
+
+
+@pytest.mark.parametrize("kind", sorted(SPM_TEXTS))
+def test_sentencepiece_ids_match_transformers(spm_tokenizer, transformers_spm, kind):
+    text = SPM_TEXTS[kind]
+    expected = transformers_spm[0](text).input_ids
+    assert spm_tokenizer.encode(text) == expected
+    assert expected[0] == 1, "BOS is added, as llama.cpp does for a SentencePiece vocabulary"
+    assert spm_tokenizer.decode(expected) == text
+
+
+def test_sentencepiece_pieces(spm_tokenizer):
+    """The best-scoring pieces win, a space is `▁` with one before the text, unknown characters fall back
+    to their UTF-8 bytes, and decoding restores the text exactly."""
+    pieces = [spm_tokenizer.id_to_token(i) for i in spm_tokenizer.encode("the lazy dog 🎉", add_special_tokens=False)]
+    assert pieces == ["▁the", "▁lazy", "▁dog", "▁", "<0xF0>", "<0x9F>", "<0x8E>", "<0x89>"]
+    assert spm_tokenizer.decode(spm_tokenizer.encode("the lazy dog 🎉")) == "the lazy dog 🎉"
+
+
+def test_sentencepiece_prefix_space_follows_llama_cpp(spm_tokenizer):
+    """llama.cpp (like sentencepiece itself and Llama 2's own tokenizer.json) puts a `▁` before the text
+    and before the text after each special token, even where the text starts with a space;
+    transformers' GGUF tokenizer adds it only at the very start and not before a space, so these inputs
+    are checked against llama.cpp's rule and not against transformers."""
+    def pieces(text):
+        return [spm_tokenizer.id_to_token(i) for i in spm_tokenizer.encode(text)]
+
+    assert pieces(" the") == ["<s>", "▁", "▁the"]  # "▁▁the": ▁t, then he, then ▁the outrank ▁▁
+    # "▁▁hello▁": he (rank 1) first, then ▁▁ (26) before ▁he (29), so ▁hello can no longer form.
+    assert pieces("[INST] hello [INST]the") == ["<s>", "[INST]", "▁▁", "he", "llo", "▁", "[INST]", "▁the"]
+    assert spm_tokenizer.decode(spm_tokenizer.encode(" leading space")) == " leading space"
+
+
+def test_sentencepiece_tokenizer_config(spm_gguf):
+    checkpoint = load_gguf(spm_gguf, with_weights=False)
+    config = checkpoint.tokenizer_config
+    assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
+    assert config["add_bos_token"] is True
+    tokenizer = Tokenizer.from_files(checkpoint.tokenizer_json, config, checkpoint.generation_config,
+                                     checkpoint.config)
+    assert tokenizer.decode([1, 3, 2]) == "", "<s>, [INST] and </s> are special: skipped in decode"
+    assert tokenizer.encode("[INST]", add_special_tokens=False) == [3], "a control token is matched whole"
+
+
+def test_sentencepiece_logits_match_transformers_gguf_loader(spm_gguf, transformers_spm, tmp_path, monkeypatch):
+    """The whole file through minikv's loader (conversion cache included) against transformers' GGUF loader."""
+    from minikv.loader import load_model
+
+    monkeypatch.setenv("MINIKV_CACHE", str(tmp_path))
+    loaded = load_model(spm_gguf, device="cpu", dtype="float32")
+    ids = loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)
+    got, _, _ = ring_logits(loaded.model, loaded.config, ids, prefill=[len(ids) - 8, 4], budget=128)
+    with torch.no_grad():
+        expected = transformers_spm[1](torch.tensor([ids])).logits[0]
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_sentencepiece_scores_must_match_tokens(tmp_path):
+    import gguf
+
+    path = write_tiny_gguf(tmp_path / "spm.gguf", tiny_hf_weights(vocab=len(tiny_spm_vocab()[0])),
+                           tokenizer_model="llama")
+    metadata = mgguf._read_metadata(gguf.GGUFReader(path), path)
+    metadata["tokenizer.ggml.scores"] = metadata["tokenizer.ggml.scores"][:-1]  # damaged in memory only
+    with pytest.raises(ModelLoadError, match="scores"):
+        build_tokenizer_json(metadata, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# rope_freqs: Llama 3.1+ rope scaling stored as per-frequency factors
+
+ROPE_HIDDEN, ROPE_HEAD_DIM = 64, 16  # 8 rotary frequencies: short, ramp and long wavelengths all occur
+LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+
+
+def _rope_factors() -> np.ndarray:
+    return llama_cpp_rope_factors(ROPE_HEAD_DIM, 10000.0, LLAMA3["factor"], LLAMA3["low_freq_factor"],
+                                  LLAMA3["high_freq_factor"], LLAMA3["original_max_position_embeddings"])
+
+
+def _transformers_llama(weights, **config) -> torch.nn.Module:
+    import transformers
+
+    hf_config = transformers.LlamaConfig(
+        vocab_size=weights["model.embed_tokens.weight"].shape[0], hidden_size=ROPE_HIDDEN, intermediate_size=24,
+        num_hidden_layers=2, num_attention_heads=TINY_HEADS, num_key_value_heads=2, rms_norm_eps=1e-6,
+        rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=True, **config)
+    model = transformers.LlamaForCausalLM(hf_config).eval()
+    state = {name: torch.from_numpy(value) for name, value in weights.items()}
+    model.load_state_dict({**state, "lm_head.weight": state["model.embed_tokens.weight"]})
+    return model
+
+
+def test_rope_freqs_logits_match_transformers_llama3(tmp_path, monkeypatch):
+    """transformers' GGUF loader ignores rope_freqs (it runs such a file unscaled), so the oracle is a
+    transformers Llama with the `llama3` rope_scaling the factors were computed from (llama.cpp's formula,
+    tests/gguf_helpers.py), compared past the original context where the scaling matters."""
+    from minikv.loader import load_model
+
+    factors = _rope_factors()
+    assert factors[0] == 1 and factors[-1] == 8 and ((factors > 1) & (factors < 8)).any()
+    weights = tiny_hf_weights(seed=3, hidden=ROPE_HIDDEN)
+    path = write_tiny_gguf(tmp_path / "rope.gguf", weights, rope_freqs=factors)
+    monkeypatch.setenv("MINIKV_CACHE", str(tmp_path / "cache"))
+    loaded = load_model(path, device="cpu", dtype="float32")
+    assert loaded.config.rope_scaling["rope_type"] == "longrope"
+    ids = torch.randint(3, loaded.config.vocab_size, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    got, _, _ = ring_logits(loaded.model, loaded.config, ids, prefill=[150, 40], budget=256)
+    with torch.no_grad():
+        expected = _transformers_llama(weights, rope_scaling=dict(rope_type="llama3", **LLAMA3))(
+            torch.tensor([ids])).logits[0]
+        unscaled = _transformers_llama(weights)(torch.tensor([ids])).logits[0]
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() <= 1e-4 * scale
+    assert (unscaled - expected).abs().max() > 1e-2 * scale, "the factors must matter at these positions"
+
+
+def test_rope_freqs_converted_dir_reads_the_same_in_transformers(tmp_path):
+    """The converted config.json says `longrope` with equal factors: transformers reads it as minikv does."""
+    import transformers
+
+    weights = tiny_hf_weights(seed=3, hidden=ROPE_HIDDEN)
+    path = write_tiny_gguf(tmp_path / "rope.gguf", weights, rope_freqs=_rope_factors())
+    out = convert_gguf_to_dir(path, tmp_path / "converted")
+    scaling = json.loads((out / "config.json").read_text())["rope_scaling"]
+    assert scaling["long_factor"] == scaling["short_factor"] == [float(f) for f in _rope_factors()]
+    ids = torch.arange(3, 203) % 200 + 3
+    with torch.no_grad():
+        converted = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        got = converted(ids[None]).logits[0]
+        expected = _transformers_llama(weights, rope_scaling=dict(rope_type="llama3", **LLAMA3))(ids[None]).logits[0]
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("factors, match", [(np.ones(3, np.float32), "must hold 8 positive factors"),
+                                            (np.zeros(8, np.float32), "must hold 8 positive factors")])
+def test_bad_rope_freqs_are_refused(tmp_path, factors, match):
+    path = write_tiny_gguf(tmp_path / "bad.gguf", tiny_hf_weights(hidden=ROPE_HIDDEN), rope_freqs=factors)
+    with pytest.raises(ModelLoadError, match=match):
+        load_gguf(path, with_weights=False)
+
+
+def test_only_single_set_longrope_is_read():
+    """minikv reads `longrope` only as rope_freqs means it; Phi-3's length-dependent pair is refused."""
+    from minikv.config import ModelConfig
+
+    base = dict(vocab_size=8, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                architectures=["LlamaForCausalLM"])
+    good = dict(rope_type="longrope", short_factor=[1.0, 2.0, 4.0, 8.0], long_factor=[1.0, 2.0, 4.0, 8.0],
+                attention_factor=1.0)
+    assert ModelConfig.from_hf({**base, "rope_scaling": good}).rope_scaling["long_factor"] == [1.0, 2.0, 4.0, 8.0]
+    for bad, match in [(dict(short_factor=[1.0] * 4), "short_factor equal to long_factor"),
+                       (dict(attention_factor=1.2), "attention_factor 1.0"),
+                       (dict(short_factor=[1.0] * 3, long_factor=[1.0] * 3), "3 factors but head_dim 8"),
+                       (dict(long_factor="x"), "list of positive numbers")]:
+        with pytest.raises(ModelLoadError, match=match):
+            ModelConfig.from_hf({**base, "rope_scaling": {**good, **bad}})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dequantising to the run dtype; the cache
+
+
+def test_load_gguf_dequantises_to_the_requested_dtype(tiny_gguf):
+    state = load_gguf(tiny_gguf, dtype=torch.bfloat16).state_dict
+    exact = torch.from_numpy(tiny_hf_weights()["model.layers.1.mlp.down_proj.weight"])
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    assert torch.equal(state["model.layers.1.mlp.down_proj.weight"], exact.to(torch.bfloat16))
+
+
+def test_cache_holds_one_conversion_per_dtype_and_says_its_size_first(tiny_gguf, tmp_path, monkeypatch, capsys):
+    from minikv.loader import load_model
+
+    monkeypatch.setenv("MINIKV_CACHE", str(tmp_path / "cache"))
+    bf16 = load_model(tiny_gguf, device="cpu", dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert bf16.path.parent == tmp_path / "cache" and bf16.path.name.endswith("-bfloat16")
+    assert json.loads((bf16.path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(bf16.path / "model.safetensors").values()} == {torch.bfloat16}
+    size = mgguf.converted_size(tiny_gguf, torch.bfloat16)
+    assert size == sum(v.size * 2 for v in tiny_hf_weights().values())
+    err = capsys.readouterr().err
+    assert f"in {bf16.path} ({mgguf.human_size(size)}; set MINIKV_CACHE" in err
+    assert err.index("set MINIKV_CACHE") < err.index("Dequantising"), "the size is said before the work starts"
+
+    fp32 = load_model(tiny_gguf, device="cpu", dtype="float32")
+    assert fp32.path.name.endswith("-float32") and bf16.path.is_dir(), "both dtypes stay cached"
+    capsys.readouterr()
+    assert load_model(tiny_gguf, device="cpu", dtype="bfloat16").path == bf16.path
+    assert "converting" not in capsys.readouterr().err, "a second bf16 load converts nothing"
+
+
+def test_conversion_refused_when_the_disk_is_full(tiny_gguf, tmp_path, monkeypatch):
+    import collections
+
+    monkeypatch.setenv("MINIKV_CACHE", str(tmp_path / "cache"))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(mgguf.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
+    with pytest.raises(ModelLoadError, match=r"needs .* but only 100 B are free\. Set MINIKV_CACHE"):
+        mgguf.convert_gguf_cached(tiny_gguf, progress=False)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -193,8 +438,8 @@ def test_unsupported_tensor_type(tmp_path):
 
 
 def test_unsupported_tokenizer_model(tmp_path):
-    path = write_tiny_gguf(tmp_path / "spm.gguf", tokenizer_model="llama")
-    with pytest.raises(ModelLoadError, match="'llama' tokenizer"):
+    path = write_tiny_gguf(tmp_path / "t5.gguf", tokenizer_model="t5")
+    with pytest.raises(ModelLoadError, match="'t5' tokenizer"):
         load_gguf(path, with_weights=False)
 
 

@@ -85,6 +85,8 @@ def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
 def _scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
     if scaling is None:
         return inv_freq
+    if scaling["rope_type"] == "longrope":  # one divisor per frequency (a Llama 3.1 GGUF's rope_freqs)
+        return inv_freq / torch.tensor(scaling["long_factor"], dtype=inv_freq.dtype)
     factor = float(scaling["factor"])
     if scaling["rope_type"] == "linear":
         return inv_freq / factor
