@@ -21,7 +21,8 @@ from .config import ModelConfig
 from .errors import ModelLoadError
 from .models import MODEL_CLASSES
 
-_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+_HUB_METADATA = ["*.json", "tokenizer.model"]  # config, tokenizer and index files
+_HUB_PATTERNS = [*_HUB_METADATA, "*.safetensors"]
 
 
 @dataclass
@@ -76,12 +77,27 @@ def _download_from_hub(repo_id: str) -> Path:
                 "download it once with network access, or pass a local directory or .gguf file"
             ) from None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=_download_patterns(repo_id)))
     except Exception as err:
         raise ModelLoadError(
             f"could not download {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}); "
             "check the repo id and your network, or pass a local directory or .gguf file"
         ) from None
+
+
+def _download_patterns(repo_id: str) -> list[str]:
+    """What to fetch from a Hub repo: its JSON files, tokenizer and ONE weight layout. Repos often hold two
+    (Mistral's: consolidated.safetensors for mistral-inference beside the Hugging Face shards), and
+    minikv reads the Hugging Face one: the shards its index names, else model.safetensors."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    files = set(HfApi().list_repo_files(repo_id))
+    index = "model.safetensors.index.json"
+    if index in files:
+        return [*_HUB_METADATA, *_shards_in_index(Path(hf_hub_download(repo_id, index)))]
+    if "model.safetensors" in files:
+        return [*_HUB_METADATA, "model.safetensors"]
+    return _HUB_PATTERNS
 
 
 def read_config(model_dir: Path) -> ModelConfig:
