@@ -36,6 +36,7 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    sliding_window: int | None = None  # Mistral v0.1: each token attends to the last `sliding_window` only
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
@@ -72,6 +73,7 @@ class ModelConfig:
             qk_norm=arch == "Qwen3ForCausalLM",
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            sliding_window=_sliding_window(hf),
         )
         if cfg.num_heads % cfg.num_kv_heads:
             raise ModelLoadError(
@@ -107,6 +109,14 @@ def _positive_number(hf: dict[str, Any], key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ModelLoadError(f"config.json's {key} must be a positive number, got {value!r}")
     return float(value)
+
+
+def _sliding_window(hf: dict[str, Any]) -> int | None:
+    """The attention window the model was trained with, or None for full attention. Qwen configs carry a
+    `sliding_window` they do not use (`use_sliding_window: false`)."""
+    if hf.get("sliding_window") is None or hf.get("use_sliding_window") is False:
+        return None
+    return _count(hf, "sliding_window")
 
 
 def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:

@@ -124,7 +124,7 @@ class Engine:
         loaded = _loaded_model(model, device, dtype)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.device = next(self.model.parameters()).device
-        self.max_model_len = max_model_len or self.config.max_position_embeddings
+        self.max_model_len = self._max_model_len(max_model_len)
         self.budget = self._check_budget(budget, chunk)
         self.chunk, self.seed, self.block_size = chunk, seed, block_size
         # Room for every running decode plus one whole prefill chunk: prompts are then always cut at
@@ -151,6 +151,21 @@ class Engine:
         self._seeds = itertools.count()
         self._counters = dict(num_steps=0, prompt_tokens=0, generation_tokens=0, evicted_tokens=0, peak_running=0)
         self._finished_by_reason: dict[str, int] = {}
+
+    def _max_model_len(self, requested: int | None) -> int:
+        """The longest request (prompt + max_tokens): as asked, else the model's trained context. Under `full`
+        a model trained with a sliding window (Mistral v0.1) is held to that window, because minikv's
+        attention has no window: a longer request would attend further back than the model ever did.
+        (The evicting policies bound attention with the ring instead.)"""
+        window = self.config.sliding_window
+        if self.policy.evicts or window is None:
+            return requested or self.config.max_position_embeddings
+        if requested is not None and requested > window:
+            raise ConfigError(
+                f"max_model_len={requested} is longer than the model's sliding_window ({window}), which policy "
+                f"'full' does not implement (it attends to the whole request): use max_model_len <= {window}, or "
+                f"an evicting policy (e.g. streaming with budget <= {window})")
+        return min(requested or self.config.max_position_embeddings, window)
 
     def _check_budget(self, budget: int, chunk: int) -> int:
         if not self.policy.evicts:

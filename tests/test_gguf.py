@@ -363,6 +363,51 @@ def test_only_single_set_longrope_is_read():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Mistral's sliding window
+
+
+@pytest.fixture(scope="module")
+def windowed_mistral(tmp_path_factory) -> pathlib.Path:
+    from helpers import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("mistral"), "MistralForCausalLM", sliding_window=48,
+                                max_position_embeddings=256)
+
+
+def test_full_policy_is_held_to_the_sliding_window(windowed_mistral):
+    """minikv has no windowed attention: under `full` a request may not outgrow the window the model was
+    trained with; an evicting policy bounds attention with its ring and keeps the whole context."""
+    from minikv import Engine, SamplingParams
+    from minikv.errors import ConfigError, InvalidRequestError
+
+    engine = Engine(str(windowed_mistral), policy="full", device="cpu", dtype="float32")
+    assert engine.config.sliding_window == 48 and engine.max_model_len == 48
+    assert len(engine.generate([list(range(3, 40))], SamplingParams(max_tokens=8))[0].outputs[0].token_ids) == 8
+    with pytest.raises(InvalidRequestError, match=r"exceeds max_model_len \(48\)"):
+        engine.add_request(list(range(3, 50)), SamplingParams(max_tokens=2))
+    with pytest.raises(ConfigError, match=r"max_model_len=64 .* sliding_window \(48\).*'full'"):
+        Engine(str(windowed_mistral), policy="full", max_model_len=64, device="cpu", dtype="float32")
+    evicting = Engine(str(windowed_mistral), policy="streaming", budget=32, chunk=16, n_sink=4, window=8,
+                      device="cpu", dtype="float32")
+    assert evicting.max_model_len == 256
+
+
+def test_unused_sliding_window_is_ignored():
+    from minikv.config import ModelConfig
+
+    base = dict(vocab_size=8, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
+    qwen = ModelConfig.from_hf({**base, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096,
+                                "use_sliding_window": False})
+    mistral_v02 = ModelConfig.from_hf({**base, "architectures": ["MistralForCausalLM"], "sliding_window": None})
+    assert qwen.sliding_window is None and mistral_v02.sliding_window is None
+
+
+def test_gguf_sliding_window_reaches_the_config(tmp_path):
+    path = write_tiny_gguf(tmp_path / "w.gguf", sliding_window=4096)
+    assert load_gguf(path, with_weights=False).config["sliding_window"] == 4096
+
+
+# ----------------------------------------------------------------------------------------------------
 # Dequantising to the run dtype; the cache
 
 

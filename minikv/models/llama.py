@@ -235,7 +235,8 @@ class DecoderModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Also serves SmolLM and Mistral (Mistral's sliding window is moot: the ring bounds attention)."""
+    """Also serves SmolLM and Mistral (Mistral v0.1's sliding window has no kernel: the ring bounds attention
+    under the evicting policies, and under `full` the Engine caps max_model_len at the window)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
