@@ -62,6 +62,54 @@ def tiny_spm_vocab() -> tuple[list[str], list[int], list[float]]:
     return tokens, token_types, scores
 
 
+def train_sentencepiece(text_lines: list[str], vocab_size: int = 800, add_dummy_prefix: bool = True):
+    """A SentencePiece BPE model trained on `text_lines` with Llama 2's settings (byte fallback, identity
+    normalisation, whitespace kept, digits split); returns the `sentencepiece` processor."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(text_lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=add_dummy_prefix, split_digits=True, allow_whitespace_only_pieces=True,
+        character_coverage=0.99, unk_id=0, bos_id=1, eos_id=2, minloglevel=2, num_threads=1)
+    return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def write_sentencepiece_gguf(path: pathlib.Path, processor, add_space_prefix: bool = True) -> pathlib.Path:
+    """A GGUF holding `processor`'s vocabulary as llama.cpp's convert_hf_to_gguf.py writes one (pieces,
+    scores, token types, special ids), with a one-layer model: enough to build the tokenizer."""
+    import gguf
+
+    tokens, scores, types = [], [], []
+    for i in range(processor.get_piece_size()):
+        tokens.append(processor.id_to_piece(i))
+        scores.append(processor.get_score(i))
+        types.append(2 if processor.is_unknown(i) else 3 if processor.is_control(i) else
+                     5 if processor.is_unused(i) else 6 if processor.is_byte(i) else 1)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(TINY_HIDDEN)
+    writer.add_feed_forward_length(TINY_FFN)
+    writer.add_head_count(TINY_HEADS)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_space_prefix(add_space_prefix)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def llama_cpp_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
                            original_context: int) -> np.ndarray:
     """The `rope_freqs` tensor llama.cpp's convert_hf_to_gguf.py writes for Llama 3.1 rope scaling: per

@@ -24,7 +24,9 @@ from gguf_helpers import (
     smollm_tokenizer,
     tiny_hf_weights,
     tiny_spm_vocab,
+    train_sentencepiece,
     transformers_gguf_tokenizer,
+    write_sentencepiece_gguf,
     write_tiny_gguf,
 )
 from helpers import ring_logits
@@ -234,6 +236,35 @@ def test_sentencepiece_prefix_space_follows_llama_cpp(spm_tokenizer):
     # "▁▁hello▁": he (rank 1) first, then ▁▁ (26) before ▁he (29), so ▁hello can no longer form.
     assert pieces("[INST] hello [INST]the") == ["<s>", "[INST]", "▁▁", "he", "llo", "▁", "[INST]", "▁the"]
     assert spm_tokenizer.decode(spm_tokenizer.encode(" leading space")) == " leading space"
+
+
+@pytest.mark.parametrize("add_dummy_prefix", [True, False])
+def test_sentencepiece_ids_match_sentencepiece_itself(tmp_path, add_dummy_prefix):
+    """The strongest oracle: a SentencePiece BPE model trained with Llama 2's settings, its vocabulary written
+    to a GGUF as llama.cpp's converter does, and minikv's tokenizer from that file against `sentencepiece`'s
+    own encode and decode, on whole lines, cut-off pieces of them and whitespace edge cases."""
+    import random
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    lines = [line for doc in ("README.md", "docs/design.md") for line in (root / doc).read_text().splitlines()
+             if line.strip()]
+    processor = train_sentencepiece(lines, add_dummy_prefix=add_dummy_prefix)
+    path = write_sentencepiece_gguf(tmp_path / "sp.gguf", processor, add_space_prefix=add_dummy_prefix)
+    checkpoint = load_gguf(path, with_weights=False)
+    tokenizer = Tokenizer.from_files(checkpoint.tokenizer_json, checkpoint.tokenizer_config,
+                                     checkpoint.generation_config, checkpoint.config)
+    rng = random.Random(0)
+    texts = [" leading", "  two", "trailing ", "a\n\nb", "x  1234  y", "emoji 🎉 日本", "tabs\tand\ttabs", ""]
+    texts += rng.sample(lines, 100)
+    for _ in range(200):
+        line = rng.choice(lines)
+        start = rng.randrange(len(line))
+        texts.append(line[start:start + rng.randrange(1, 60)])
+    for text in texts:
+        expected = processor.encode(text)
+        assert tokenizer.encode(text, add_special_tokens=False) == expected, text
+        assert tokenizer.decode(expected) == processor.decode(expected), text
+    assert tokenizer.encode("x")[0] == 1, "BOS first, as llama.cpp adds it"
 
 
 def test_sentencepiece_tokenizer_config(spm_gguf):
