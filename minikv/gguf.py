@@ -567,8 +567,8 @@ def remove_superseded_conversions(gguf_path: str | os.PathLike[str], keep: pathl
         match = name.fullmatch(folder.name)
         if folder == keep or not match or folder.is_symlink() or not folder.is_dir():
             continue
-        if f"{gguf_path.stem}-{match.group(1)}" == current:
-            continue
+        if f"{gguf_path.stem}-{match.group(1)}" == current and match.group(2):
+            continue  # this version in another dtype (a folder without one is an older minikv's: it goes)
         try:
             if _is_conversion_of(folder, gguf_path) and _remove_unless_in_use(folder):
                 removed.append(folder)

@@ -157,10 +157,14 @@ def test_a_new_conversion_removes_the_superseded_ones_and_nothing_else(tiny_gguf
     in_use = folder("tiny-7-8", ["config.json", "model.safetensors"], marker=gguf)
 
     os.utime(gguf, ns=(old.stat().st_mtime_ns, old.stat().st_mtime_ns + 10**9))  # the file "changed"
+    stamp = mgguf.cached_conversion_dir(gguf).name.removesuffix("-float32")  # the new version's stamp
+    same_version_bf16 = folder(f"{stamp}-bfloat16", ["config.json", "model.safetensors"], marker=gguf)
+    same_version_no_dtype = folder(stamp, ["config.json", "model.safetensors"], marker=gguf)  # an older minikv's
     with mgguf.conversion_in_use(in_use):  # another process is loading this one
         new = mgguf.convert_gguf_cached(gguf, progress=False)
     assert new != old and (new / "config.json").is_file()
-    assert not old.exists() and not unmarked.exists()
+    assert not old.exists() and not unmarked.exists() and not same_version_no_dtype.exists()
+    assert same_version_bf16.exists(), "the same version in another dtype stays"
     assert not_ours.exists() and other_gguf.exists() and other_stem.exists() and in_use.exists()
     assert not [p.name for p in cache.iterdir() if p.name.startswith(".")], "no retired folder left behind"
     assert mgguf.remove_superseded_conversions(gguf, keep=new) == [in_use]  # once free, it goes too
