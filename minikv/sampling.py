@@ -129,7 +129,7 @@ class SamplingBatch:
                    output_counts=history.get("output_counts"), **row_flags(params),
                    processors=tuple((i, tuple(row.params.logits_processors), row.output_token_ids)
                                     for i, row in enumerate(rows) if row.params.logits_processors),
-                   forced=forced_tokens(params, [row.step for row in rows], device))
+                   forced=_as_tensor(forced_tokens(params, [row.step for row in rows]), device))
 
 
 def row_scalars(params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int],
@@ -161,13 +161,11 @@ def row_flags(params: Sequence[SamplingParams]) -> dict:
                 max_logprobs=max(p.logprobs or 0 for p in params), num_rows=len(params))
 
 
-def forced_tokens(params: Sequence[SamplingParams], steps: Sequence[int],
-                  device: torch.device | str) -> torch.Tensor | None:
-    """[N] int64: each row's forced token at its step (-1 where it samples), or None if no row is forced."""
+def forced_tokens(params: Sequence[SamplingParams], steps: Sequence[int]) -> list[int] | None:
+    """Each row's forced token at its step (-1 where it samples), or None if no row is forced."""
     if not any(step < len(p.forced_token_ids) for p, step in zip(params, steps)):
         return None
-    return torch.tensor([p.forced_token_ids[step] if step < len(p.forced_token_ids) else -1
-                         for p, step in zip(params, steps)], dtype=torch.int64, device=device)
+    return [p.forced_token_ids[step] if step < len(p.forced_token_ids) else -1 for p, step in zip(params, steps)]
 
 
 def uses_penalties(p: SamplingParams) -> bool:
@@ -196,6 +194,10 @@ def _history_from_lists(rows: Sequence[SamplingRow], vocab_size: int, device) ->
         out = torch.as_tensor(list(row.output_token_ids), dtype=torch.long, device=device)
         counts[i].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
     return dict(suppressed=suppressed, prompt_mask=prompt_mask, output_counts=counts)
+
+
+def _as_tensor(ids: list[int] | None, device) -> torch.Tensor | None:
+    return None if ids is None else torch.tensor(ids, dtype=torch.int64, device=device)
 
 
 def fold_seed(seed: int) -> int:
