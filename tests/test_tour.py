@@ -12,8 +12,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 import tour_links  # noqa: E402
 
 
-def test_every_tour_link_points_at_the_definition_it_names():
-    assert tour_links.check() == [], "run: python tools/tour_links.py --fix (or fix a renamed function by hand)"
+def test_every_tour_link_names_a_definition_that_exists():
+    # Lines drift as code changes elsewhere; names must not. Refresh the anchors: tools/tour_links.py --fix.
+    assert tour_links.check(exact=False) == [], "a linked function was renamed or removed: fix docs/tour.md"
+    assert len(list(tour_links.LINK.finditer(tour_links.TOUR.read_text()))) >= 40
 
 
 def test_the_tour_stops_at_every_layer_and_the_readme_links_it():
@@ -37,3 +39,5 @@ def test_fix_rewrites_drifted_anchors_and_check_reports_unknown_names(tmp_path):
     assert tour_links.fix(tour) == 2
     assert tour.read_text() == "[`A.f`](../minikv/m.py#L4) and [`m.g`](../minikv/m.py#L8) and [`h`](../minikv/m.py#L2)\n"
     assert tour_links.check(tour) == ["`h` is not defined in ../minikv/m.py"]
+    tour.write_text("[`A.f`](../minikv/m.py#L2)\n")  # drifted, but a line of the file: only exact checks fail
+    assert tour_links.check(tour, exact=False) == [] and len(tour_links.check(tour)) == 1

@@ -2,9 +2,10 @@
 
 A stop of the tour links a function as [`Engine.stream`](../minikv/engine.py#L529): the link text names a
 function or class of that file (its qualified name; leading module names such as `reference.` are allowed),
-the anchor is the line of its `def`. Code moves, so the anchors drift: `--check` (what the test runs) lists
-every link whose name no longer exists or whose line is not its definition's, and `--fix` rewrites the line
-numbers from the names (a renamed function still needs a human).
+the anchor is the line of its `def`. Code moves, so the anchors drift: `--check` lists every link whose name
+no longer exists or whose line is not its definition's, and `--fix` rewrites the line numbers from the names
+(a renamed function still needs a human). The test fails only on names that no longer exist, so a merge that
+moves lines does not break the suite; run `--fix` after one.
 
     python tools/tour_links.py --check
     python tools/tour_links.py --fix
@@ -48,8 +49,9 @@ def resolve(name: str, defs: dict[str, int]) -> int | None:
     return None
 
 
-def links(text: str, base: Path):
-    """(match, expected line or None, problem or None) for every code link of the text."""
+def links(text: str, base: Path, exact: bool = True):
+    """(match, expected line or None, problem or None) for every code link of the text. Not `exact`: a link
+    whose name exists and whose anchor is any line of its file passes (line drift is not a problem)."""
     cache: dict[Path, dict[str, int]] = {}
     for match in LINK.finditer(text):
         path = (base / match["path"]).resolve()
@@ -60,14 +62,15 @@ def links(text: str, base: Path):
         line = resolve(match["name"], defs)
         if line is None:
             yield match, None, f"`{match['name']}` is not defined in {match['path']}"
-        elif match["line"] is None or int(match["line"]) != line:
+        elif match["line"] is None or not (int(match["line"]) == line or not exact and
+                                           1 <= int(match["line"]) <= len(path.read_text().splitlines())):
             yield match, line, f"`{match['name']}` is at {match['path']}#L{line}, the link says #L{match['line']}"
         else:
             yield match, line, None
 
 
-def check(tour: Path = TOUR) -> list[str]:
-    return [problem for _, _, problem in links(tour.read_text(), tour.parent) if problem]
+def check(tour: Path = TOUR, exact: bool = True) -> list[str]:
+    return [problem for _, _, problem in links(tour.read_text(), tour.parent, exact) if problem]
 
 
 def fix(tour: Path = TOUR) -> int:
