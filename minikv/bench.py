@@ -34,7 +34,6 @@ import argparse
 import copy
 import gc
 import json
-import random
 import sys
 import time
 from collections import deque
@@ -42,19 +41,12 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError, InvalidRequestError, MiniKVError
 from .policies.spec import PolicySpec, parse_policy
+from .workload import PERCENTILES, SyntheticRequest, make_requests, parse_range, percentile  # noqa: F401
 
-PERCENTILES = (50, 90, 99)
 # Issue 11's target: at the same KV memory, nexus runs >= 4x the concurrent sequences of full and >= 3x
 # its output tok/s.
 TARGET_CONCURRENCY_VS_FULL = 4.0
 TARGET_OUTPUT_TOK_S_VS_FULL = 3.0
-
-
-@dataclass
-class SyntheticRequest:
-    prompt_ids: list[int]
-    max_tokens: int
-    arrival_s: float  # seconds after the start of the run
 
 
 @dataclass
@@ -100,36 +92,7 @@ class BenchResult:
         return out
 
 
-# --- the load ------------------------------------------------------------------------------------
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    """`"128:512"` -> (128, 512) inclusive; `"256"` -> (256, 256)."""
-    try:
-        lo, _, hi = text.partition(":")
-        low, high = int(lo), int(hi or lo)
-    except ValueError:
-        raise ConfigError(f"a length range is MIN:MAX or N (e.g. 128:512), got {text!r}") from None
-    if not 1 <= low <= high:
-        raise ConfigError(f"a length range needs 1 <= MIN <= MAX, got {text!r}")
-    return low, high
-
-
-def make_requests(num_requests: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab_size: int,
-                  *, seed: int = 0, request_rate: float = float("inf"), avoid: set[int] = frozenset()) -> list[SyntheticRequest]:
-    """Random prompts (token ids outside `avoid`, e.g. special tokens) with random lengths and arrivals."""
-    if num_requests < 1:
-        raise ConfigError(f"--num-requests must be >= 1, got {num_requests}")
-    if not request_rate > 0:
-        raise ConfigError(f"--request-rate must be > 0 requests/s (or inf), got {request_rate}")
-    rng = random.Random(seed)
-    allowed = [t for t in range(vocab_size) if t not in avoid]
-    requests, clock = [], 0.0
-    for _ in range(num_requests):
-        prompt = rng.choices(allowed, k=rng.randint(*input_len))
-        requests.append(SyntheticRequest(prompt, rng.randint(*output_len), clock))
-        clock += rng.expovariate(request_rate) if request_rate != float("inf") else 0.0
-    return requests
+# --- the load (its requests: minikv.workload) -------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -379,17 +342,6 @@ def _result(engine, label: str, duration: float, trace: _Trace) -> BenchResult:
         policy=engine.policy.name, budget=engine.budget if engine.policy.evicts else None,
         kv_blocks=pool.num_blocks, bytes_per_block=pool.bytes_per_block, max_num_seqs=engine.batch.max_num_seqs,
         first_refusal=trace.first_refusal)
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Linear-interpolated percentile (numpy's default); 0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def _range_arg(text: str) -> tuple[int, int]:

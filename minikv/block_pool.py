@@ -13,7 +13,7 @@ Admission reserves every block a sequence can ever hold, ceil(min(budget, prompt
 so a running sequence never waits for memory and nothing is ever preempted; blocks are then taken from the
 reservation as the ring fills, so the pool's usage is what the rings really hold. A prefill chunk in flight
 needs nothing from the pool: its K/V stay in the step's activations until the keep step writes the kept
-tokens into ring slots (DESIGN 4.2).
+tokens into ring slots (docs/design.md, section 4).
 """
 
 from __future__ import annotations

@@ -88,8 +88,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
                    help=f"torch CPU threads (default: $OMP_NUM_THREADS if set, else half the CPUs this process "
                         f"may use, at least 1: {default_threads()} here). OpenMP threads wait for each other at "
                         "every operation, so where other jobs share the cores one preempted thread stalls all "
-                        "of them (a bench run took 284 s with torch's default threads and 6.5 s with 1 on a "
-                        "shared 2-core machine); on a machine of your own, raise it")
+                        "of them (docs/benchmarks.md); on a machine of your own, raise it")
     g.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, run the decode step eagerly instead of replaying captured CUDA graphs")
 

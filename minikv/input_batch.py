@@ -6,15 +6,36 @@ parameters, seed and step, and the token history its penalties read (prompt mask
 written when something changes — admit, a new block, a sampled token, finish — never rebuilt from Python
 lists each step; a step's inputs are gathers of the rows it runs (`slot_ids`), the same gathers a CUDA graph
 replays.
+
+What a step does build from host lists (slot ids, chunk tokens, new block-table entries) reaches the device
+through `host_to_device`: one pinned buffer and one non-blocking copy, never a blocking `torch.tensor(list,
+device=...)`; nothing here reads a device value back.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain
 
 import torch
 
 from .request import Request
 from .sampling import (SamplingBatch, fold_seed, forced_tokens, needs_history, row_flags, suppressed_ids,
                        uses_penalties)
+
+
+def host_to_device(lists: Sequence[Sequence[int | float]], device: torch.device,
+                   dtype: torch.dtype = torch.int64) -> list[torch.Tensor]:
+    """One device tensor per host list, from one copy that does not block the host.
+
+    `torch.tensor(list, device="cuda")` copies from pageable memory, so the host waits for the copy, and the
+    copy waits for every kernel already queued. Written into pinned memory instead, the lists go in one
+    non-blocking copy that the stream orders before the kernels that read it; the caching host allocator
+    keeps the pinned block from reuse until the copy is done. On CPU the lists become one tensor.
+    """
+    on_cuda = torch.device(device).type == "cuda"
+    flat = torch.tensor(list(chain.from_iterable(lists)), dtype=dtype, pin_memory=on_cuda)
+    return list(flat.to(device, non_blocking=True).split([len(x) for x in lists]))
 
 
 class InputBatch:
@@ -37,6 +58,8 @@ class InputBatch:
         self.reals = torch.ones(6, rows, **f32)  # temperature, top_p, min_p, repetition, presence, frequency
         self.top_k = torch.zeros(rows, **i64)
         self.greedy = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.penalised = torch.zeros(rows, dtype=torch.bool, device=device)  # repetition/presence/frequency
+        self.min_tokens = torch.zeros(rows, **i64)
         # Token history, allocated when a request first needs it (a [rows, vocab] tensor each).
         self.prompt_mask: torch.Tensor | None = None
         self.output_counts: torch.Tensor | None = None
@@ -59,20 +82,29 @@ class InputBatch:
         self.kv_budget[slot] = ring_size
         self.block_table[slot] = self.empty_block
         self.seed[slot] = fold_seed(req.seed)
-        self.reals[:, slot] = torch.tensor([1.0 if p.is_greedy else p.temperature, p.top_p, p.min_p,
-                                            p.repetition_penalty, p.presence_penalty, p.frequency_penalty])
+        (reals,) = host_to_device([[1.0 if p.is_greedy else p.temperature, p.top_p, p.min_p, p.repetition_penalty,
+                                    p.presence_penalty, p.frequency_penalty]], self.device, torch.float32)
+        self.reals[:, slot] = reals
         self.top_k[slot] = max(p.top_k, 0)
         self.greedy[slot] = p.is_greedy
+        self.penalised[slot] = uses_penalties(p)
+        self.min_tokens[slot] = p.min_tokens
+        if uses_penalties(p) or p.min_tokens > 0:
+            self._write_history(slot, req)
+        return slot
+
+    def _write_history(self, slot: int, req: Request) -> None:
+        """The row's prompt-token mask and zeroed output counts (penalties), and its stop tokens (min_tokens)."""
+        p = req.params
+        stop_ids = suppressed_ids(p, sorted(req.eos_ids)) if p.min_tokens > 0 else []
+        prompt_ids, stop_ids = host_to_device([req.prompt_ids if uses_penalties(p) else [], stop_ids], self.device)
         if uses_penalties(p):
             self._history("prompt_mask", torch.bool)[slot] = False
-            self.prompt_mask[slot, torch.tensor(req.prompt_ids, device=self.device)] = True
+            self.prompt_mask[slot, prompt_ids] = True
             self._history("output_counts", torch.int32)[slot] = 0
         if p.min_tokens > 0:
             self._history("stop_mask", torch.bool)[slot] = False
-            stop_ids = suppressed_ids(p, sorted(req.eos_ids))
-            if stop_ids:
-                self.stop_mask[slot, torch.tensor(stop_ids, device=self.device)] = True
-        return slot
+            self.stop_mask[slot, stop_ids] = True
 
     def release(self, slot: int) -> None:
         """The row is free for the next admission; nothing is zeroed (admit overwrites what it reads)."""
@@ -90,9 +122,8 @@ class InputBatch:
     def write_blocks(self, slots: list[int], indices: list[int], blocks: list[int]) -> None:
         """New blocks of some rings: block_table[slot, index] = block, in one write."""
         if slots:
-            rows = torch.tensor(slots, device=self.device)
-            cols = torch.tensor(indices, device=self.device)
-            self.block_table[rows, cols] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
+            rows, cols, blocks = host_to_device([slots, indices, blocks], self.device)
+            self.block_table[rows, cols] = blocks.to(torch.int32)
 
     def advance(self, slot_ids: torch.Tensor, num_tokens: torch.Tensor) -> None:
         """These rows processed `num_tokens` more tokens each (their K/V went through the ring)."""
@@ -114,25 +145,26 @@ class InputBatch:
         temperature, top_p, min_p, repetition, presence, frequency = self.reals[:, slot_ids].unbind(0)
         history = dict(suppressed=None, prompt_mask=None, output_counts=None)
         if needs_history(params, steps):
-            history = self._gather_history(slot_ids, requests, steps)
+            history = self._gather_history(slot_ids, params, steps)
+        forced = forced_tokens(params, steps)
         return SamplingBatch(
             temperature=temperature, greedy=self.greedy[slot_ids], top_k=self.top_k[slot_ids], top_p=top_p,
             min_p=min_p, repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency,
             seed=self.seed[slot_ids], step=self.num_generated[slot_ids], **history, **row_flags(params),
             processors=tuple((i, tuple(req.params.logits_processors), req.output_ids)
                              for i, req in enumerate(requests) if req.params.logits_processors),
-            forced=forced_tokens(params, steps, self.device))
+            forced=host_to_device([forced], self.device)[0] if forced is not None else None)
 
-    def _gather_history(self, slot_ids, requests, steps) -> dict[str, torch.Tensor | None]:
+    def _gather_history(self, slot_ids, params, steps) -> dict[str, torch.Tensor | None]:
         """Rows without a penalty read zeros (r = 1 and presence = frequency = 0 leave them as they are); a
-        row's stop tokens are suppressed only while it is under min_tokens."""
-        penalised = [uses_penalties(r.params) for r in requests]
-        under_min = [step < r.params.min_tokens for step, r in zip(steps, requests)]
+        row's stop tokens are suppressed only while it is under min_tokens. Which rows those are is read
+        from the rows themselves, so no per-step mask is built on the host."""
         out: dict[str, torch.Tensor | None] = dict(suppressed=None, prompt_mask=None, output_counts=None)
-        if any(penalised):
-            keep = torch.tensor(penalised, device=self.device)[:, None]
+        if any(uses_penalties(p) for p in params):
+            keep = self.penalised[slot_ids][:, None]
             out["prompt_mask"] = self.prompt_mask[slot_ids] & keep
             out["output_counts"] = self.output_counts[slot_ids] * keep
-        if any(under_min):
-            out["suppressed"] = self.stop_mask[slot_ids] & torch.tensor(under_min, device=self.device)[:, None]
+        if any(step < p.min_tokens for p, step in zip(params, steps)):
+            under_min = self.num_generated[slot_ids] < self.min_tokens[slot_ids]
+            out["suppressed"] = self.stop_mask[slot_ids] & under_min[:, None]
         return out

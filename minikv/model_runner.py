@@ -5,6 +5,11 @@ tokens side by side (decodes first, then prefill chunks), reading the decode inp
 persistent batch (each decoding request's last sampled token and position live in its row), tells the
 attention call point which ring and block table each segment uses, runs the model once, and returns the
 logits of the rows that sample a token. After the step, the rows' positions advance on the device.
+
+Everything a step needs from the host (slot ids, chunk tokens and positions, which rows sample) is known
+before the forward pass and reaches the device in one non-blocking copy (`input_batch.host_to_device`).
+The runner reads nothing back but prompt logprobs (one read per chunk that asks for them); the engine's
+read of the sampled ids is then a decode step's one synchronisation (tests/test_step_sync.py).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import PrefillSegment, RingAttention, StepPlan
-from .input_batch import InputBatch
+from .input_batch import InputBatch, host_to_device
 from .request import Request, position_logprobs
 from .scheduler import SchedulerOutput
 
@@ -36,17 +41,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> StepResult:
-        decode_slots = torch.tensor([r.slot for r in sched.decodes], dtype=torch.long, device=self.device)
-        plan = self._plan(sched, decode_slots)
+        inputs = StepInputs.stage(sched, self.device)
+        plan = self._plan(sched, inputs.decode_slots)
         self.attention.begin_step(plan)
         layer_inputs = [] if self.attention.policy.needs_hidden_states else None
         if self.graphs is not None and not plan.prefills:
-            hidden = self.graphs.replay(decode_slots)
+            hidden = self.graphs.replay(inputs.decode_slots)
         else:
-            input_ids, positions = self._inputs(sched, decode_slots)
+            input_ids = torch.cat([self.batch.token[inputs.decode_slots], inputs.chunk_ids])
+            positions = torch.cat([self.batch.position[inputs.decode_slots].long(), inputs.chunk_positions])
             hidden = self.model(input_ids, positions, self.attention, layer_inputs)
         self.attention.end_step(layer_inputs)
-        return self._finish_step(sched, plan, decode_slots, hidden)
+        return self._finish_step(sched, plan, inputs, hidden)
 
     def _plan(self, sched: SchedulerOutput, decode_slots: torch.Tensor) -> StepPlan:
         plan = decode_plan(self.batch, decode_slots)
@@ -56,57 +62,79 @@ class ModelRunner:
             plan.prefills.append(PrefillSegment(
                 slot=req.slot, start=start, length=chunk.length, filled=min(req.ring_size, req.num_processed),
                 first_pos=req.num_processed, ring_size=req.ring_size, table=self.batch.block_table[req.slot],
-                ends_prompt=req.num_processed + chunk.length == len(req.prompt_ids)))
+                ends_prompt=ends_prompt(chunk)))
             start += chunk.length
         return plan
 
-    def _inputs(self, sched: SchedulerOutput, decode_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and positions of the flat batch: decodes from the persistent batch, then the chunks."""
-        ids = [self.batch.token[decode_slots]]
-        positions = [self.batch.position[decode_slots].long()]
-        if sched.prefills:
-            chunk_ids, chunk_positions = [], []
-            for chunk in sched.prefills:
-                start = chunk.req.num_processed
-                chunk_ids += chunk.req.prompt_ids[start: start + chunk.length]
-                chunk_positions += range(start, start + chunk.length)
-            ids.append(torch.tensor(chunk_ids, dtype=torch.long, device=self.device))
-            positions.append(torch.tensor(chunk_positions, dtype=torch.long, device=self.device))
-        return torch.cat(ids), torch.cat(positions)
-
-    def _finish_step(self, sched, plan: StepPlan, decode_slots, hidden) -> StepResult:
-        sample_rows, sampling = list(range(plan.num_decode)), list(sched.decodes)
+    def _finish_step(self, sched, plan: StepPlan, inputs: StepInputs, hidden) -> StepResult:
         for seg, chunk in zip(plan.prefills, sched.prefills):
             req = chunk.req
             if req.params.prompt_logprobs is not None:
                 self._record_prompt_logprobs(req, hidden[seg.start: seg.start + seg.length], seg.first_pos)
             req.num_processed += chunk.length
-            if seg.ends_prompt:  # the chunk that ends the prompt samples the first output token
-                sample_rows.append(seg.start + seg.length - 1)
-                sampling.append(req)
         for req in sched.decodes:
             req.num_processed += 1
-        advanced = torch.tensor([c.req.slot for c in sched.prefills], dtype=torch.long, device=self.device)
-        counts = torch.tensor([c.length for c in sched.prefills], dtype=torch.int32, device=self.device)
-        self.batch.advance(torch.cat([decode_slots, advanced]),
-                           torch.cat([torch.ones_like(decode_slots, dtype=torch.int32), counts]))
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        slot_ids = torch.tensor([r.slot for r in sampling], dtype=torch.long, device=self.device)
-        return StepResult(sampling, slot_ids, self.model.compute_logits(hidden.index_select(0, rows)))
+        self.batch.advance(inputs.advanced_slots, inputs.advanced_counts)
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
+        return StepResult(inputs.sampling, inputs.sample_slots, logits)
 
     def _record_prompt_logprobs(self, req: Request, hidden: torch.Tensor, first_pos: int) -> None:
         """log p(prompt[i+1] | prompt[:i+1]) for the chunk's rows, with the top `prompt_logprobs` tokens:
-        under an evicting policy this is the eviction-aware next-token loss."""
+        under an evicting policy this is the eviction-aware next-token loss. The chunk's numbers come back
+        in one read, not one per row."""
         targets = req.prompt_ids[first_pos + 1: first_pos + 1 + hidden.shape[0]]
         if not targets:
             return
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[: len(targets)]).float(), dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
+        (target_ids,) = host_to_device([targets], logprobs.device)
         n = req.params.prompt_logprobs
-        top_vals, top_ids = logprobs.topk(n, dim=-1) if n else (None, None)
-        for i, token in enumerate(targets):
-            ids, vals = (top_ids[i].tolist(), top_vals[i].tolist()) if n else ([], [])
-            req.prompt_logprobs.append(position_logprobs(token, chosen[i], ids, vals, lambda t: None))
+        columns = [logprobs.gather(1, target_ids[:, None])]
+        if n:
+            top_vals, top_ids = logprobs.topk(n, dim=-1)
+            columns += [top_vals, top_ids]  # ids < 2^53: exact as float64
+        rows = torch.cat([c.double() for c in columns], dim=1).tolist()
+        for token, row in zip(targets, rows):
+            ids, vals = [int(i) for i in row[1 + n:]], row[1: 1 + n]
+            req.prompt_logprobs.append(position_logprobs(token, row[0], ids, vals, lambda t: None))
+
+
+def ends_prompt(chunk) -> bool:
+    """Whether this chunk ends its request's prompt (and so samples the first output token)."""
+    return chunk.req.num_processed + chunk.length == len(chunk.req.prompt_ids)
+
+
+@dataclass
+class StepInputs:
+    """A step's host-side lists on the device, from one copy: made before the forward pass, read after it."""
+
+    decode_slots: torch.Tensor  # int64 [num_decode]
+    chunk_ids: torch.Tensor  # int64: the prefill chunks' token ids, side by side
+    chunk_positions: torch.Tensor  # int64
+    advanced_slots: torch.Tensor  # int64: every row that processed tokens this step...
+    advanced_counts: torch.Tensor  # int32: ...and how many
+    sample_rows: torch.Tensor  # int64: the rows of the flat batch whose next token is sampled...
+    sample_slots: torch.Tensor  # int64: ...their batch slots
+    sampling: list[Request]  # ...and their requests
+
+    @classmethod
+    def stage(cls, sched: SchedulerOutput, device: torch.device) -> StepInputs:
+        decode_slots = [r.slot for r in sched.decodes]
+        chunk_ids, chunk_positions, sample_rows, sampling = [], [], list(range(len(decode_slots))), list(sched.decodes)
+        start = len(decode_slots)
+        for chunk in sched.prefills:
+            first = chunk.req.num_processed
+            chunk_ids += chunk.req.prompt_ids[first: first + chunk.length]
+            chunk_positions += range(first, first + chunk.length)
+            start += chunk.length
+            if ends_prompt(chunk):
+                sample_rows.append(start - 1)
+                sampling.append(chunk.req)
+        advanced = decode_slots + [c.req.slot for c in sched.prefills]
+        counts = [1] * len(decode_slots) + [c.length for c in sched.prefills]
+        tensors = host_to_device([decode_slots, chunk_ids, chunk_positions, advanced, counts, sample_rows,
+                                  [r.slot for r in sampling]], device)
+        tensors[4] = tensors[4].to(torch.int32)
+        return cls(*tensors, sampling=sampling)
 
 
 def decode_plan(batch: InputBatch, slots: torch.Tensor) -> StepPlan:

@@ -1,14 +1,15 @@
-"""Sampling: per-request parameters and a batched sampler that turns logits into next tokens.
+"""The sampler: turns a batch of logits into next tokens, one row per request, all rows at once.
 
-Users describe how a request samples with `SamplingParams` (the names and meanings of vLLM's). Each
-engine step, the engine gathers its running requests into one `SamplingBatch` (a few small tensors built
-from Python lists once per step) and calls `Sampler` on the logits of the whole batch. The sampler then
-runs on the device end to end: no per-request loop, no `.item()`, no host synchronisation.
+Each engine step gathers its sampling rows into a `SamplingBatch` (per-row parameters as device tensors,
+plus host-side flags saying which stages any row uses) and calls `Sampler` on the batch's logits. Stages no
+row uses are skipped on the host's knowledge alone, and the sampler never reads a tensor value on the host;
+the only Python loop over rows is for requests that bring their own logits processors.
 
 Order of operations (as in vLLM):
 
-    raw logits ──► logprobs (log_softmax of the raw logits, see below)
+    raw logits ──► logprobs (log_softmax of the raw logits, computed only when read)
         │
+        ├─ logits processors (per request, on a copy)
         ├─ min_tokens: stop tokens get -inf until the request has min_tokens outputs
         ├─ repetition penalty (prompt and output tokens)
         ├─ presence and frequency penalties (output tokens)
@@ -28,213 +29,17 @@ its logits, never on which other requests share the batch or where it sits in it
 
 from __future__ import annotations
 
-import enum
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from minikv.errors import InvalidRequestError
 from minikv.hashing import MASK32, absorb, absorb_mixed, finalize, mix_word, uniform_from_hash
-
-# Temperatures below this are greedy (vLLM uses the same threshold): dividing by them would overflow.
-GREEDY_TEMPERATURE_EPS = 1e-5
-MAX_STOP_STRINGS = 32
-MAX_LOGPROBS = 20
-# OpenAI's and vLLM's range for presence and frequency penalties.
-MAX_ABS_PRESENCE_FREQUENCY_PENALTY = 2.0
-
-
-# --------------------------------------------------------------------------------------------------
-# Parameters
-# --------------------------------------------------------------------------------------------------
-
-
-class RequestOutputKind(enum.Enum):
-    """How much each RequestOutput of a request carries (vLLM's names)."""
-
-    CUMULATIVE = 0  # all text and tokens so far, every time
-    DELTA = 1  # only what is new since the request's previous output (streams, servers)
-    FINAL_ONLY = 2  # one output, when the request finishes
-
-
-@dataclass
-class SamplingParams:
-    """How one request chooses its tokens and when it stops (vLLM's names and meanings).
-
-    temperature: 0 means greedy (argmax); higher flattens the distribution.
-    top_k: keep the k most likely tokens; 0 or -1 turns it off.
-    top_p: keep the smallest set of most likely tokens whose probability reaches top_p (nucleus
-        sampling, Holtzman et al. 2020); 1 turns it off.
-    min_p: drop tokens whose probability is below min_p times the most likely one's (Nguyen et al.
-        2024, "Turning up the heat: min-p sampling"); 0 turns it off.
-    repetition_penalty: > 1 discourages tokens already in the prompt or output (Keskar et al. 2019,
-        CTRL): positive logits are divided by it, negative ones multiplied.
-    presence_penalty / frequency_penalty: subtracted from the logit of each token already in the output,
-        once / once per occurrence (OpenAI's definition); in [-2, 2].
-    stop: strings that end the output when generated (normalised to a list); at most 32, none empty.
-    stop_token_ids: token ids that end the output.
-    include_stop_str_in_output: keep the matched stop string in the returned text.
-    max_tokens: most tokens to generate (>= 1).
-    min_tokens: EOS and stop_token_ids cannot be sampled before this many tokens are generated.
-    seed: makes this request's samples reproducible; with None the engine picks one.
-    ignore_eos: keep generating after EOS (EOS is then an ordinary token).
-    logprobs: return this many top logprobs per generated token, plus the chosen token's (0 to 20).
-    prompt_logprobs: the same for every prompt token after the first (0 to 20; 0 = the token's own only).
-    skip_special_tokens: leave special tokens out of the decoded text.
-    output_kind: what each RequestOutput carries: everything so far (CUMULATIVE), what is new (DELTA), or
-        one output at the end (FINAL_ONLY).
-    kv_budget: minikv's own: the most KV slots per layer and KV head this request may hold (None = the
-        engine's budget); the engine refuses values outside [n_sink + window + 1, its budget].
-    logits_processors: functions `fn(output_token_ids: list[int], logits: Tensor[vocab]) -> Tensor[vocab]`
-        applied in order to this request's fp32 logits at every step, before penalties, temperature and the
-        filters (vLLM's per-request logits processors). They see the raw logits, so they can record the
-        model's distribution, and may constrain it (e.g. force a token: -inf everywhere else). They cost a
-        Python call per step for the requests that have them; logprobs stay those of the raw logits.
-    forced_token_ids: teacher forcing through the decode path. The first len(forced_token_ids) output
-        tokens are these ids, whatever the model would have picked; after them the request samples as
-        usual. Every forced token is one decode step: the model computes its logits, logits processors see
-        them (processors run first; forcing replaces the sampled token last), and logprobs are those of the
-        raw distribution at the forced token, so `logprobs=0` gives each forced token's log-likelihood.
-        Forced tokens count towards max_tokens (which must be at least their number) and cannot end the
-        request: EOS, stop_token_ids and stop strings inside the forced part are ignored (as under
-        min_tokens), and the first sampled token is checked as usual. Use it to measure a cache on a known
-        continuation, or to replay a conversation's earlier turns token by token.
-    """
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
-    max_tokens: int = 256
-    min_tokens: int = 0
-    seed: int | None = None
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-    skip_special_tokens: bool = True
-    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
-    kv_budget: int | None = None
-    logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] | None = None
-    forced_token_ids: list[int] | None = None
-
-    def __post_init__(self) -> None:
-        self.logits_processors = _normalise_processors(self.logits_processors)
-        self.forced_token_ids = _normalise_token_ids("forced_token_ids", self.forced_token_ids)
-        self.stop = _normalise_stop(self.stop)
-        self.stop_token_ids = _normalise_token_ids("stop_token_ids", self.stop_token_ids)
-        self._validate_numbers()
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature < GREEDY_TEMPERATURE_EPS
-
-    def _validate_numbers(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty",
-                     "presence_penalty", "frequency_penalty"):
-            _require_real(name, getattr(self, name))
-        for name in ("top_k", "max_tokens", "min_tokens"):
-            _require_int(name, getattr(self, name))
-        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
-            if not isinstance(getattr(self, name), bool):  # "false" would be truthy
-                _bad(name, getattr(self, name), "must be True or False")
-
-        if not self.temperature >= 0:
-            _bad("temperature", self.temperature, "must be >= 0 (use 0 for greedy decoding)")
-        if not 0 < self.top_p <= 1:
-            _bad("top_p", self.top_p, "must be in (0, 1] (use 1 to turn nucleus sampling off)")
-        if self.top_k < -1:
-            _bad("top_k", self.top_k, "must be >= 1, or 0 or -1 to turn top-k off")
-        if not 0 <= self.min_p <= 1:
-            _bad("min_p", self.min_p, "must be in [0, 1] (use 0 to turn min-p off)")
-        if not self.repetition_penalty > 0:
-            _bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means no penalty)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not abs(getattr(self, name)) <= MAX_ABS_PRESENCE_FREQUENCY_PENALTY:
-                _bad(name, getattr(self, name), "must be in [-2, 2] (0 means no penalty)")
-        if self.max_tokens < 1:
-            _bad("max_tokens", self.max_tokens, "must be >= 1")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            _bad("min_tokens", self.min_tokens, f"must be in [0, max_tokens={self.max_tokens}]")
-        if len(self.forced_token_ids) > self.max_tokens:
-            _bad("forced_token_ids", f"<{len(self.forced_token_ids)} ids>",
-                 f"must hold at most max_tokens={self.max_tokens} ids (forced tokens count towards max_tokens)")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None:
-                _require_int(name, value)
-                if not 0 <= value <= MAX_LOGPROBS:
-                    _bad(name, value, f"must be in [0, {MAX_LOGPROBS}], or None for no logprobs")
-        if not isinstance(self.output_kind, RequestOutputKind):
-            _bad("output_kind", self.output_kind, "must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY)")
-        if self.kv_budget is not None:
-            _require_int("kv_budget", self.kv_budget)
-            if self.kv_budget < 1:
-                _bad("kv_budget", self.kv_budget, "must be a positive number of KV slots, or None for the engine's")
-            self.kv_budget = int(self.kv_budget)
-        if self.seed is not None:
-            _require_int("seed", self.seed)
-            self.seed = int(self.seed)
-
-
-def _bad(name: str, value: object, rule: str) -> None:
-    raise InvalidRequestError(f"SamplingParams.{name}={value!r} is invalid: it {rule}.")
-
-
-def _require_real(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-        _bad(name, value, "must be a number")
-
-
-def _require_int(name: str, value: object) -> None:
-    # bool is an int subclass, but seed=True is surely a mistake.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        _bad(name, value, "must be an integer")
-
-
-def _normalise_processors(processors) -> list:
-    if processors is None:
-        return []
-    processors = [processors] if callable(processors) else list(processors)
-    for fn in processors:
-        if not callable(fn):
-            _bad("logits_processors", processors, "must hold callables fn(output_token_ids, logits) -> logits")
-    return processors
-
-
-def _normalise_stop(stop: str | Sequence[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    if not isinstance(stop, (str, list, tuple)):
-        _bad("stop", stop, "must be a string or a list of strings")
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if len(stops) > MAX_STOP_STRINGS:
-        _bad("stop", f"<{len(stops)} strings>", f"must hold at most {MAX_STOP_STRINGS} stop strings")
-    for s in stops:
-        if not isinstance(s, str) or not s:
-            _bad("stop", stop, "must hold non-empty strings only")
-    return stops
-
-
-def _normalise_token_ids(name: str, ids: Sequence[int] | None) -> list[int]:
-    if ids is None:
-        return []
-    if not isinstance(ids, (list, tuple)):
-        _bad(name, ids, "must be a list of token ids")
-    ids = list(ids)
-    for token_id in ids:
-        if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral) or token_id < 0:
-            _bad(name, ids[:8], "must hold non-negative integer token ids")
-    return [int(t) for t in ids]
-
+from minikv.sampling_params import RequestOutputKind, SamplingParams  # noqa: F401  (re-exported)
 
 # --------------------------------------------------------------------------------------------------
 # The batch the sampler sees
@@ -273,7 +78,7 @@ class SamplingBatch:
 
     The engine builds it from its persistent batch (`InputBatch.sampling_batch`: a gather of the running
     requests' rows, with token counts kept up to date incrementally); `SamplingBatch.from_rows` builds the
-    same thing from Python lists (tests, one-off use). The boolean `uses_*` flags are known on the host from
+    same thing from Python lists (tests, one-off use). The flags below the tensors are known on the host from
     the Python parameters, so the sampler skips unused stages without looking at tensor values.
     """
 
@@ -291,9 +96,13 @@ class SamplingBatch:
     prompt_mask: torch.Tensor | None  # [N, V] bool: prompt tokens (None: no row has a repetition penalty)
     output_counts: torch.Tensor | None  # [N, V] int32: output token counts (None: no row has a penalty)
     all_greedy: bool
+    uses_temperature: bool  # some sampling row has a temperature other than 1
     uses_top_k: bool
     uses_top_p: bool
     uses_min_p: bool
+    # When every sampling row that filters has a top_k, the largest of them: the filters then need only each
+    # row's top `top_k_bound` tokens instead of a sort of the whole vocabulary (0: some row needs the sort).
+    top_k_bound: int
     max_logprobs: int  # the most top logprobs any row asked for; 0 = none
     num_rows: int
     # (row, its logits processors, its output token ids so far) for the rows that have processors
@@ -320,7 +129,7 @@ class SamplingBatch:
                    output_counts=history.get("output_counts"), **row_flags(params),
                    processors=tuple((i, tuple(row.params.logits_processors), row.output_token_ids)
                                     for i, row in enumerate(rows) if row.params.logits_processors),
-                   forced=forced_tokens(params, [row.step for row in rows], device))
+                   forced=_as_tensor(forced_tokens(params, [row.step for row in rows]), device))
 
 
 def row_scalars(params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int],
@@ -341,22 +150,22 @@ def row_scalars(params: Sequence[SamplingParams], seeds: Sequence[int], steps: S
 
 
 def row_flags(params: Sequence[SamplingParams]) -> dict:
-    """What the batch uses, known on the host without reading a tensor."""
-    greedy = [p.is_greedy for p in params]
-    return dict(all_greedy=all(greedy),
-                uses_top_k=any(p.top_k > 0 and not g for p, g in zip(params, greedy)),
-                uses_top_p=any(p.top_p < 1 and not g for p, g in zip(params, greedy)),
-                uses_min_p=any(p.min_p > 0 and not g for p, g in zip(params, greedy)),
+    """What the batch uses, known on the host without reading a tensor. Greedy rows use no stage after the
+    penalties: their argmax is the same with or without temperature and filters."""
+    sampling = [p for p in params if not p.is_greedy]
+    filtering = [p for p in sampling if p.top_k > 0 or p.top_p < 1]
+    return dict(all_greedy=not sampling, uses_temperature=any(p.temperature != 1.0 for p in sampling),
+                uses_top_k=any(p.top_k > 0 for p in sampling), uses_top_p=any(p.top_p < 1 for p in sampling),
+                uses_min_p=any(p.min_p > 0 for p in sampling),
+                top_k_bound=max((p.top_k for p in filtering), default=0) if all(p.top_k > 0 for p in filtering) else 0,
                 max_logprobs=max(p.logprobs or 0 for p in params), num_rows=len(params))
 
 
-def forced_tokens(params: Sequence[SamplingParams], steps: Sequence[int],
-                  device: torch.device | str) -> torch.Tensor | None:
-    """[N] int64: each row's forced token at its step (-1 where it samples), or None if no row is forced."""
+def forced_tokens(params: Sequence[SamplingParams], steps: Sequence[int]) -> list[int] | None:
+    """Each row's forced token at its step (-1 where it samples), or None if no row is forced."""
     if not any(step < len(p.forced_token_ids) for p, step in zip(params, steps)):
         return None
-    return torch.tensor([p.forced_token_ids[step] if step < len(p.forced_token_ids) else -1
-                         for p, step in zip(params, steps)], dtype=torch.int64, device=device)
+    return [p.forced_token_ids[step] if step < len(p.forced_token_ids) else -1 for p, step in zip(params, steps)]
 
 
 def uses_penalties(p: SamplingParams) -> bool:
@@ -385,6 +194,10 @@ def _history_from_lists(rows: Sequence[SamplingRow], vocab_size: int, device) ->
         out = torch.as_tensor(list(row.output_token_ids), dtype=torch.long, device=device)
         counts[i].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
     return dict(suppressed=suppressed, prompt_mask=prompt_mask, output_counts=counts)
+
+
+def _as_tensor(ids: list[int] | None, device) -> torch.Tensor | None:
+    return None if ids is None else torch.tensor(ids, dtype=torch.int64, device=device)
 
 
 def fold_seed(seed: int) -> int:
@@ -426,35 +239,64 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def apply_temperature(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Divide each row by its temperature (greedy rows carry 1.0 and are left as they are)."""
+    """Divide each row by its temperature (greedy rows carry 1.0 and are left as they are); skipped when
+    every sampling row's temperature is 1, since dividing by 1 changes nothing."""
+    if not batch.uses_temperature:
+        return logits
     return logits / batch.temperature[:, None]
 
 
 def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Keep each row's top_k tokens, then the nucleus of top_p mass among those; the rest get -inf.
 
-    Works on the row sorted in descending order with a stable sort, so equal logits keep ascending id
-    order: top_k keeps exactly k tokens, and top_k=1 keeps the lowest-id argmax, like greedy.
-    The nucleus keeps every token whose preceding mass is below top_p, so the most likely token
-    always stays (Holtzman et al. 2020, "The curious case of neural text degeneration").
+    Tokens are ranked as by a stable descending sort, so equal logits keep ascending id order: top_k
+    keeps exactly k tokens, and top_k=1 keeps the lowest-id argmax, like greedy. The nucleus keeps every
+    token whose preceding mass is below top_p, so the most likely token always stays (Holtzman et al.
+    2020, "The curious case of neural text degeneration"). When every filtering row has a small top_k,
+    only each row's top `batch.top_k_bound` tokens are ranked (`top_ids`), not the whole vocabulary.
     """
     if not (batch.uses_top_k or batch.uses_top_p):
         return logits
-    vocab_size = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    if 0 < batch.top_k_bound <= logits.shape[-1] // 4:
+        ids = top_ids(logits, batch.top_k_bound)
+        candidates = torch.full_like(logits, -math.inf).scatter_(-1, ids, _filter_ranked(logits.gather(-1, ids), batch))
+        # Rows that filter nothing keep the whole vocabulary (greedy rows: their argmax is a candidate anyway).
+        filters = ~batch.greedy & ((batch.top_k > 0) | (batch.top_p < 1))
+        return torch.where(filters[:, None], candidates, logits)
+    ranked, order = logits.sort(dim=-1, descending=True, stable=True)
+    return torch.empty_like(logits).scatter_(-1, order, _filter_ranked(ranked, batch))
+
+
+def _filter_ranked(ranked: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """top_k then top_p on logits in rank order (each row's first columns are its most likely tokens)."""
+    width = ranked.shape[-1]
     if batch.uses_top_k:
-        rank = torch.arange(vocab_size, device=logits.device)
-        k = torch.where(batch.top_k > 0, batch.top_k, vocab_size)
-        sorted_logits = sorted_logits.masked_fill(rank[None, :] >= k[:, None], -math.inf)
+        rank = torch.arange(width, device=ranked.device)
+        k = torch.where(batch.top_k > 0, batch.top_k, width)
+        ranked = ranked.masked_fill(rank[None, :] >= k[:, None], -math.inf)
     if batch.uses_top_p:
-        probs = sorted_logits.softmax(dim=-1)
+        probs = ranked.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
         outside_nucleus = mass_before >= batch.top_p[:, None]
         # Rows with top_p = 1 must lose nothing, even where rounding pushes the cumulative sum past 1.
         outside_nucleus &= (batch.top_p < 1)[:, None]
         outside_nucleus[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(outside_nucleus, -math.inf)
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+        ranked = ranked.masked_fill(outside_nucleus, -math.inf)
+    return ranked
+
+
+def top_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] int64: the ids of each row's k largest fp32 logits in the order of a stable descending sort
+    (equal logits in ascending id order), found by a partial selection instead of a sort of the row.
+
+    torch.topk does not say how it orders ties, so it runs on int64 keys that are unique per token: the
+    logit's bits mapped to an integer of the same order in the high half, the id reversed in the low half.
+    """
+    bits = (logits.float() + 0.0).view(torch.int32)  # + 0.0 makes -0.0 into +0.0: they compare equal
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip all but the sign bit
+    low = MASK32 - torch.arange(logits.shape[-1], device=logits.device)
+    keys = ordered.to(torch.int64).mul_(1 << 32).add_(low)
+    return MASK32 - (keys.topk(k, dim=-1).values & MASK32)
 
 
 def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -496,9 +338,9 @@ def apply_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class SamplerOutput:
-    """The sampled tokens of a step, with logprobs of the model's raw distribution.
+    """The sampled tokens of a step, with logprobs of the model's raw distribution computed when first read,
+    so a step whose requests asked for no logprobs never pays for a full-vocabulary logsumexp.
 
     token_ids: [N] int64.
     logprobs: [N] fp32, log_softmax(raw logits) at the chosen token.
@@ -506,10 +348,33 @@ class SamplerOutput:
         most likely first; None when no row asked for any. Rows that asked for fewer ignore the extras.
     """
 
-    token_ids: torch.Tensor
-    logprobs: torch.Tensor
-    top_logprobs: torch.Tensor | None
-    top_token_ids: torch.Tensor | None
+    def __init__(self, token_ids: torch.Tensor, raw_logits: torch.Tensor, max_logprobs: int):
+        self.token_ids = token_ids
+        self._raw_logits = raw_logits
+        self._num_top = min(max_logprobs, raw_logits.shape[-1])
+
+    @cached_property
+    def logprobs(self) -> torch.Tensor:
+        return self._raw_logits.gather(1, self.token_ids[:, None]).squeeze(1) - self._log_normaliser
+
+    @property
+    def top_logprobs(self) -> torch.Tensor | None:
+        return self._top[0]
+
+    @property
+    def top_token_ids(self) -> torch.Tensor | None:
+        return self._top[1]
+
+    @cached_property
+    def _log_normaliser(self) -> torch.Tensor:  # logit - logsumexp, without materialising log_softmax
+        return self._raw_logits.logsumexp(dim=-1)
+
+    @cached_property
+    def _top(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self._num_top:
+            return None, None
+        top_logits, top_ids = self._raw_logits.topk(self._num_top, dim=-1)
+        return top_logits - self._log_normaliser[:, None], top_ids
 
 
 class Sampler:
@@ -536,7 +401,7 @@ class Sampler:
         raw = logits.float()
         processed = self.process_logits(apply_logits_processors(raw, batch), batch)
         token_ids = apply_forced_tokens(self.sample(processed, batch), batch)
-        return _with_logprobs(raw, token_ids, batch.max_logprobs)
+        return SamplerOutput(token_ids, raw, batch.max_logprobs)
 
     @staticmethod
     def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -574,16 +439,6 @@ class Sampler:
         if key not in self._mixed_vocab_ids:
             self._mixed_vocab_ids[key] = mix_word(torch.arange(vocab_size, dtype=torch.int64, device=device))
         return self._mixed_vocab_ids[key]
-
-
-def _with_logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor, max_logprobs: int) -> SamplerOutput:
-    """Logprobs of the raw model distribution: logit - logsumexp, without materialising log_softmax."""
-    log_normaliser = raw_logits.logsumexp(dim=-1)
-    chosen = raw_logits.gather(1, token_ids[:, None]).squeeze(1) - log_normaliser
-    if max_logprobs == 0:
-        return SamplerOutput(token_ids, chosen, None, None)
-    top_logits, top_ids = raw_logits.topk(min(max_logprobs, raw_logits.shape[-1]), dim=-1)
-    return SamplerOutput(token_ids, chosen, top_logits - log_normaliser[:, None], top_ids)
 
 
 try:  # the fused draw needs Triton (and runs on CUDA only); the torch path needs nothing

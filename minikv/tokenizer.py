@@ -272,7 +272,8 @@ class IncrementalDetokenizer:
         # ids[prefix_offset:read_offset] is the context window already emitted; ids[read_offset:] is pending.
         self._read_offset = len(self._ids)
         self._prefix_offset = max(self._read_offset - self.CONTEXT_TOKENS, 0)
-        self._pieces: list[str] = []
+        self._text = ""  # the deltas joined so far
+        self._unjoined: list[str] = []  # deltas emitted since `text` was last read
 
     def push(self, token_id: int) -> str:
         """Add one generated id; return the text it completes ("" while a character is still partial)."""
@@ -285,8 +286,12 @@ class IncrementalDetokenizer:
 
     @property
     def text(self) -> str:
-        """All text emitted so far."""
-        return "".join(self._pieces)
+        """All text emitted so far. Each delta is joined once, on the first read after it: a read with nothing
+        new returns the same string, so reading every step stays linear in the text, not quadratic."""
+        if self._unjoined:
+            self._text += "".join(self._unjoined)
+            self._unjoined.clear()
+        return self._text
 
     @property
     def token_ids(self) -> list[int]:
@@ -308,5 +313,5 @@ class IncrementalDetokenizer:
         delta = full_text[len(window_text):]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        self._pieces.append(delta)
+        self._unjoined.append(delta)
         return delta

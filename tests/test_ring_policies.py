@@ -1,4 +1,4 @@
-"""The ring store and its policies on the reference path (DESIGN 3, 4.3, 5)."""
+"""The ring store and its policies on the reference path (docs/design.md, sections 2-4)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""minikv's kernels and the choice between their two implementations (DESIGN 4.3).
+"""minikv's kernels and the choice between their two implementations (docs/design.md, section 3).
 
 `attend_score_sample` and `prefill_attention` take the reference's arguments and run the Triton kernel on
 CUDA tensors, the torch reference on CPU tensors. The environment variable MINIKV_KERNELS overrides it:

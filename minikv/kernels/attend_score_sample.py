@@ -1,4 +1,4 @@
-"""Fused decode step in Triton on paged rings: attend, score, sample, write (DESIGN 4.1, 3.1).
+"""Fused decode step in Triton on paged rings: attend, score, sample, write (docs/design.md, sections 3 and 2).
 
 One program per (sequence, KV head) runs the whole step of `reference.attend_score_sample`, looping over the
 ring's filled slots in blocks of BLOCK keys:
@@ -8,7 +8,7 @@ ring's filled slots in blocks of BLOCK keys:
           softmax"); KeyDiff also sums the unit keys here;
   pass 2  with the final normaliser known: the output, and a(j), each slot's probability averaged over the
           group, into a scratch row; in the same loop the new token's running top-m out-edges;
-  walk    Nexus (DESIGN 5.1): `hops` scatters of a(j) along the stored out-edges with tl.atomic_add;
+  walk    Nexus (docs/design.md, section 3): `hops` scatters of a(j) along the stored out-edges with tl.atomic_add;
   score   S <- decay * S + n (or KeyDiff / external / none), written back, and in the same loop the running
           argmax of the victim key over unprotected slots;
   write   the new K, V, pos, score and edges into slot `filled` or, when the ring is full, the victim.

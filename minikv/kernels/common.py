@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-# How a slot's score S changes when a token attends the ring (DESIGN 5).
+# How a slot's score S changes when a token attends the ring (docs/design.md, section 3).
 SCORE_NONE = 0  # scores unused (streaming, full, snapkv's decode phase)
 SCORE_ATTN = 1  # S <- decay * S + walk(a): h2o (decay 1), tova (decay 0), nexus (decay 0.99 + walk)
 SCORE_KEYDIFF = 2  # S = -cos(k, mean of normalised keys), recomputed every step
@@ -24,7 +24,7 @@ VICTIM_RESERVOIR = 2  # Efraimidis-Spirakis A-Res: weighted sampling without rep
 
 
 class PoolLayer(NamedTuple):
-    """One layer's view of the block pool (DESIGN 3.1): every tensor is indexed by block first.
+    """One layer's view of the block pool (docs/design.md, section 2): every tensor is indexed by block first.
 
     A block holds `block_size` consecutive ring slots for every KV head of the layer. Slot j of a
     sequence's ring lives in block `block_table[j // block_size]` at offset `j % block_size`, for every
@@ -41,7 +41,7 @@ class PoolLayer(NamedTuple):
                                                                   is (Nexus's reserve, EvictionSpec.hold).
 
     Slots at ring index >= filled are empty whatever the pool holds there, so freeing a sequence's blocks is
-    O(1) and nothing is zeroed. Policies without edges use M = 1 and never read them; policies without
+    O(blocks) and nothing is zeroed. Policies without edges use M = 1 and never read them; policies without
     `hold` never read or write `held` (it stays all zero).
     """
 

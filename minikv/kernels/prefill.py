@@ -1,4 +1,4 @@
-"""Chunked prefill attention with column scores in Triton, in one kernel (DESIGN 4.2).
+"""Chunked prefill attention with column scores in Triton, in one kernel (docs/design.md, section 4).
 
 A chunk of C tokens of one sequence attends its ring's f filled slots and itself (causal). Keys live on one
 axis of length f + C: indices < f are ring slots (read through the sequence's block table: slot j is in

@@ -5,7 +5,7 @@ inputs; tests compare them. On CPU the engine runs these functions directly, so 
 hot path: every step is a fixed, small number of batched torch ops (no Python loop over sequences,
 tokens or edges, no per-sequence host reads).
 
-The KV store is one block pool per layer (`common.PoolLayer`, DESIGN 3.1). A sequence's ring is its
+The KV store is one block pool per layer (`common.PoolLayer`, docs/design.md section 2). A sequence's ring is its
 block table: ring slot j lives at pool row `table[j // block_size] * block_size + j % block_size`, for
 every KV head. Everything below works on ring slot indices (filled counts, victims, edges, ties); only
 the gather at the start and the writes at the end go through the table.
@@ -35,7 +35,7 @@ from .common import (
 )
 
 # ---------------------------------------------------------------------------------------------------
-# Decode: attend, score, sample (DESIGN 4.1)
+# Decode: attend, score, sample (docs/design.md, section 3)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -244,7 +244,7 @@ def _scatter(t: torch.Tensor, cells: torch.Tensor, values: torch.Tensor) -> None
 
 def nexus_walk(attn, edge_slot, edge_pos, edge_w, pos, gamma: float, hops: int,
                filled: torch.Tensor | None = None) -> torch.Tensor:
-    """n = a + gamma a P + gamma^2 a P^2 + ... (DESIGN 5.1), over the live edges.
+    """n = a + gamma a P + gamma^2 a P^2 + ... (docs/design.md, section 3), over the live edges.
 
     attn [..., n]; edge_* [..., n, M]; pos [..., n]; `filled` (broadcastable to attn, e.g. [N, 1, 1] for
     attn [N, Hkv, n]): entries at index >= filled are padding; None = all n count.
@@ -354,7 +354,7 @@ def reservoir_keys(spec: EvictionSpec, score, heads, pos, layer: int, seed: int)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Prefill: causal attention of a chunk over ring + chunk, with column scores (DESIGN 4.2)
+# Prefill: causal attention of a chunk over ring + chunk, with column scores (docs/design.md, section 4)
 # ---------------------------------------------------------------------------------------------------
 
 

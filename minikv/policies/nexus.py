@@ -1,7 +1,8 @@
 """Nexus: attention scoring with a held novelty reserve, and optional graph walk and reservoir sampling
 (minikv's default policy).
 
-The seed paper (arXiv 2606.23961) gives the idea; the concrete method here is DESIGN 5.1:
+The seed paper (arXiv 2606.23961) gives the idea; the concrete method is in docs/design.md (section 3, the
+score update; section 4, the prefill ranking and the novelty reserve):
 - every slot's score S <- decay * S + n keeps a memory of past importance, where n is the attention the
   slot receives now;
 - while a prompt streams through, a *novelty reserve* keeps the keys least like the rest (KeyDiff's rule,
@@ -13,11 +14,11 @@ The seed paper (arXiv 2606.23961) gives the idea; the concrete method here is DE
 - sampling (`tau` > 0): the victim is drawn by Efraimidis-Spirakis A-Res (weights S^(1/tau)) rather than
   cut at a fixed rank, so a token that falls just below the cut-off once is not erased with certainty.
 
-The walk and the sampling are off by default (gamma=0, tau=0): on every decode-phase task measured
-(docs/quality.md, issue 14) neither kept a needle that nexus without them lost, and each cost next-token
-fidelity (sampling by 0.001-0.025 KL, the walk by up to 0.002), while the reserve is what keeps a fact
-through a long generation. The walk also costs memory: `top_m` edges per slot, recorded only when it is on.
-`nexus:gamma=0.5,tau=1` is the seed paper's full scoring, round 1's default.
+The walk and the sampling are off by default (gamma=0, tau=0): on the decode-phase tasks measured neither
+kept a fact that nexus without them lost, and each cost next-token fidelity (docs/quality.md, the
+ablations); the reserve is what keeps a fact through a long generation. The walk also costs memory:
+`top_m` edges per slot, recorded only when it is on. `nexus:gamma=0.5,tau=1` is the seed paper's full
+scoring, round 1's default.
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ class Nexus(Policy):
         a * (1 - decay^e) / (1 - decay). Old tokens and fresh ones are then compared on one scale, which is
         what a decode step does. (Summing raw mass instead wipes the ring every chunk: decay^512 ~ 0.6%.)
         """
-        chunk, f = cand.chunk_len, cand.filled
-        exposure = torch.cat([torch.full((f,), float(chunk)), torch.arange(chunk, 0, -1, dtype=torch.float32)])
-        exposure = exposure.to(cand.mass.device)
+        chunk, f, device = cand.chunk_len, cand.filled, cand.mass.device
+        exposure = torch.cat([torch.full((f,), float(chunk), device=device),  # made on the device: no copy
+                              torch.arange(chunk, 0, -1, dtype=torch.float32, device=device)])
         mean_attention = cand.mass / exposure
         walked = mean_attention
         if self.walks:
@@ -109,33 +110,18 @@ class Nexus(Policy):
 
     def _novelty_reserve(self, cand: PrefillCandidates, scores: torch.Tensor,
                          priority: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Lift the `reserve` share of the chosen slots with the most novel keys above every other priority,
-        and store each with at least the mean score of the candidates.
+        """Lift the `reserve` share of the chosen slots with the most novel keys (farthest from the mean key
+        direction, KeyDiff's rule) above every other priority, and store each with at least the candidates'
+        mean score.
 
-        Attention scores measure what the text read so far needed. A prompt's facts (a number, a name, a
-        passkey) are often what nothing has attended *yet*: the question that needs them comes at the end,
-        chunks after they were written, so every attention-scored policy lets them go (docs/quality.md:
-        on SmolLM2, nexus without it, h2o and tova lose a 2,000-token passkey at budget 512; keydiff keeps it).
-        A key far from the mean key direction carries what the others do not; keeping a share of those
-        costs little when the haystack is redundant.
-
-        Sinks never compete: they are kept at every step (and sink keys are typically outliers), so ranking
-        them would spend the share on slots that need none. Nor does a mid-prompt chunk's window: it is kept
-        through this chunk, and the next chunk ranks its tokens as ordinary candidates. The chunk that ends
-        the prompt is different: decode follows, the window's tokens leave it one per step, and no later
-        chunk will rank them, so there they compete too. (Without that, a fact in the prompt's last `window`
-        tokens was never reserved: on needle_after_gen the five samples nexus missed at every budget were
-        the five whose needle lay there, docs/quality.md.) The reserve holds
-        `reserve * (budget - n_sink - window)` candidates, or every competing one if fewer.
-
-        The same question can come after a long generation. With `hold` the picks are marked in the pool
-        (prefill_held) and the decode kernel never evicts a marked slot, so the fact is still there when
-        the answer needs it; each chunk's pick replaces the last one's marks, and at most the reserve share
-        is marked, so with reserve < 1 every full ring keeps an unmarked slot to evict. Without `hold` the
-        score floor is the hand-over: stored with their near-zero attention EMA, the reserved slots would be
-        the first victims of the first decode steps, before the question's attention has lifted the ones it
-        needs (on a 7-digit needle the last digit went that way); with the candidates' mean score they start
-        as ordinary slots and decay like any other unless attended.
+        Why: attention measures what the text read so far needed, and a prompt's facts are often what
+        nothing has attended yet, because the question that needs them comes later (docs/design.md,
+        section 4, "novelty reserve"; the measurements are in docs/quality.md). Sinks never compete (they
+        are always kept). A mid-prompt chunk's window does not either, since the next chunk ranks it; in the
+        chunk that ends the prompt it does, because no later chunk will. The reserve holds
+        `reserve * (budget - n_sink - window)` candidates, or every competing one if fewer. With `hold`
+        prefill_held marks the picks and decode never evicts them while an unmarked slot is left; the score
+        floor keeps them from being decode's first victims when they are not held.
         """
         chosen = cand.budget - self.n_sink - self.window
         count = min(int(self.reserve * max(chosen, 0)), cand.pos.shape[1])

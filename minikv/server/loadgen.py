@@ -22,8 +22,8 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from ..bench import PERCENTILES, SyntheticRequest, make_requests, percentile
 from ..errors import ConfigError
+from ..workload import PERCENTILES, SyntheticRequest, make_requests, parse_range, percentile
 
 
 @dataclass
@@ -163,8 +163,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..bench import parse_range
-
     vocab_size = asyncio.run(_vocab_size(args.url))
     requests = make_requests(args.num_requests, args.input_len, args.output_len, vocab_size,
                              seed=args.seed, request_rate=args.request_rate)
