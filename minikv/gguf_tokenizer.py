@@ -140,6 +140,7 @@ def _added_token(token_id: int, token: str, special: bool) -> dict[str, Any]:
 
 
 def _document(metadata, tokens, added_tokens, normalizer, pre_tokenizer, decoder, model) -> dict[str, Any]:
+    """A tokenizer.json from its parts, with the post-processor that adds BOS/EOS as llama.cpp does."""
     bos_id = _optional_int(metadata.get("tokenizer.ggml.bos_token_id"))
     eos_id = _optional_int(metadata.get("tokenizer.ggml.eos_token_id"))
     return {
@@ -151,14 +152,14 @@ def _document(metadata, tokens, added_tokens, normalizer, pre_tokenizer, decoder
         "pre_tokenizer": pre_tokenizer,
         "post_processor": _post_processor(
             _token_text(tokens, bos_id), _token_text(tokens, eos_id), bos_id, eos_id,
-            adds_bos_token(metadata), bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+            _adds_bos_token(metadata), bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
         ),
         "decoder": decoder,
         "model": model,
     }
 
 
-def adds_bos_token(metadata: dict[str, Any]) -> bool:
+def _adds_bos_token(metadata: dict[str, Any]) -> bool:
     """Whether llama.cpp prepends BOS: the file's flag, else yes for SentencePiece vocabularies (older
     Llama-2 files have no flag and llama.cpp adds BOS to them) and no for byte-level BPE."""
     default = metadata.get("tokenizer.ggml.model") == "llama"
@@ -300,7 +301,7 @@ def build_tokenizer_config(metadata: dict[str, Any]) -> dict[str, Any]:
         "eos_token": special("eos_token_id"),
         "unk_token": special("unknown_token_id"),
         "pad_token": special("padding_token_id"),
-        "add_bos_token": adds_bos_token(metadata),
+        "add_bos_token": _adds_bos_token(metadata),
         "add_eos_token": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
         "clean_up_tokenization_spaces": False,
         "model_max_length": int(metadata.get(f"{metadata.get('general.architecture')}.context_length", 2048)),
