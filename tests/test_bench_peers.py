@@ -126,3 +126,104 @@ def test_full_long_rows_decode_together_past_the_default_budget(peers, loaded):
     r = peers.measure_minikv(long_job, loaded)["long"]
     assert "error" not in r, r
     assert r["decode_tokens"] == 2 * 3 and len(r["first_tokens"]) == 2
+
+
+# --- OpenVINO GenAI, with a fake module (the real one lives in a venv of its own) ----------------------
+
+
+class FakeOpenVINOGenAI:
+    """What bench_peers uses of openvino_genai: plain records of the configs, and a pipeline that emits one
+    token per request per step (the first after a prefill step), as the continuous-batching pipeline does."""
+
+    class SchedulerConfig:
+        pass
+
+    class GenerationConfig:
+        pass
+
+    class AggregationMode:
+        NORM_SUM = "NORM_SUM"
+
+    class CacheEvictionConfig:
+        def __init__(self, start_size, recent_size, max_cache_size, aggregation_mode):
+            self.sizes = (start_size, recent_size, max_cache_size, aggregation_mode)
+
+    class ContinuousBatchingPipeline:
+        def __init__(self, ir_dir, scheduler_config, device, properties):
+            self.args = (ir_dir, scheduler_config, device, properties)
+            self.requests = []
+
+        def add_request(self, request_id, input_ids, config):
+            handle = FakeHandle(config.max_new_tokens, len(input_ids.ids[0]))
+            self.requests.append(handle)
+            return handle
+
+        def has_non_finished_requests(self):
+            return any(not h.done for h in self.requests)
+
+        def step(self):
+            for h in self.requests:
+                h.advance()
+
+
+class FakeHandle:
+    def __init__(self, max_new_tokens, prompt_len):
+        self.max_new_tokens, self.token, self.pending, self.made, self.done = max_new_tokens, prompt_len, [], 0, False
+
+    def advance(self):
+        if not self.done:
+            self.pending.append(self.token)
+            self.token, self.made = self.token + 1, self.made + 1
+            self.done = self.made >= self.max_new_tokens
+
+    def can_read(self):
+        return bool(self.pending)
+
+    def read(self):
+        out, self.pending = self.pending, []
+        return {0: type("Out", (), {"generated_ids": out})()}
+
+    def cancel(self):
+        self.done = True
+
+
+def test_openvino_configs_force_fp32_and_size_eviction_in_whole_blocks(peers):
+    ovg = FakeOpenVINOGenAI
+    assert peers.openvino_properties(1) == {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32",
+                                            "INFERENCE_NUM_THREADS": 1}
+    plain = peers.openvino_scheduler_config(ovg, 8, 700, 512, None)
+    assert (plain.max_num_seqs, plain.max_num_batched_tokens, plain.use_cache_eviction) == (8, 520, False)
+    assert plain.num_kv_blocks == 8 * (22 + 1) and not hasattr(plain, "cache_eviction_config")
+    evicting = peers.openvino_scheduler_config(ovg, 8, 700, 512, 250, n_sink=4, window=64)
+    assert evicting.use_cache_eviction
+    assert evicting.cache_eviction_config.sizes == (32, 64, 224, "NORM_SUM")  # blocks of 32, budget rounded down
+    with pytest.raises(ValueError, match="no evictable block"):
+        peers.openvino_scheduler_config(ovg, 1, 100, 512, 96)
+    config = peers.openvino_generation_config(ovg, 7)
+    assert (config.max_new_tokens, config.min_new_tokens, config.ignore_eos, config.do_sample) == (7, 7, True, False)
+
+
+def test_openvino_worker_counts_decode_after_every_first_token(peers, monkeypatch):
+    import types
+
+    fake_ov = types.SimpleNamespace(Tensor=lambda array: types.SimpleNamespace(ids=array.tolist()))
+    monkeypatch.setitem(sys.modules, "openvino", fake_ov)
+    monkeypatch.setitem(sys.modules, "openvino_genai", FakeOpenVINOGenAI)
+    job = dict(ir_dir="IR", threads=1, chunk=32, new_tokens=4, budget=256, long_budget=512,
+               scenarios=[dict(key="short_b1", prompts=[[5] * 10]), dict(key="long", prompts=[[5] * 40] * 3)])
+    results = peers.measure_openvino(job)
+    for key, batch in (("short_b1", 1), ("long", 3)):
+        r = results[key]
+        assert "error" not in r, r
+        assert r["decode_tokens"] == batch * 3 and r["decode_s"] >= 0 and r["ttft_s"] >= 0
+    assert results["short_b1"]["first_tokens"] == [10] and results["long"]["first_tokens"] == [40] * 3
+
+
+def test_openvino_rows_are_skipped_with_a_note_where_it_cannot_be_imported(peers, tmp_path):
+    no_openvino = tmp_path / "python"  # a "Python" whose every import fails
+    no_openvino.write_text("#!/bin/sh\nexit 1\n")
+    no_openvino.chmod(0o755)
+    args = peers.parse_args(["--engines", "openvino", "--openvino-python", str(no_openvino)])
+    notes = []
+    assert peers.plan_openvino_rows(args, notes) == ([], None)
+    assert notes and notes[0].startswith("OpenVINO GenAI skipped")

@@ -26,6 +26,12 @@ Rows:
   - llama.cpp through llama-cpp-python on an F32 GGUF (every tensor of the GGUF dequantised, written once
     into minikv's cache), F32 KV cache, several sequences in one `llama_batch`. Optional: the row is
     skipped with a note when `--llama-python` cannot import llama_cpp.
+  - OpenVINO GenAI, the production CPU engine with continuous batching and cache eviction: its
+    ContinuousBatchingPipeline on an IR exported once from the same weights (optimum-cli, fp32), f32
+    inference precision and f32 KV cache forced (its CPU defaults are bf16 arithmetic and a u8 cache where
+    the CPU has them), one row without eviction and one evicting at `--budget` (NORM_SUM, whole 32-token
+    blocks). Optional: skipped with a note when `--openvino-python` cannot import openvino_genai (install it
+    in a venv of its own, as /work/shared/ENVIRONMENT.md's recipe does: it pins its own torch and transformers).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from pathlib import Path
 # llama_cpp and numpy but neither torch nor minikv.
 
 REPO = Path(__file__).resolve().parent.parent
-ENGINES = ("minikv", "transformers", "llama.cpp")
+ENGINES = ("minikv", "transformers", "llama.cpp", "openvino")
 DTYPES = ("float32", "bfloat16", "float16")
 DASH = "–"
 
@@ -100,6 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids (default %(default)s)")
     p.add_argument("--llama-python", default=os.environ.get("MINIKV_LLAMA_PYTHON", sys.executable),
                    help="Python that has llama_cpp (llama-cpp-python) installed (default $MINIKV_LLAMA_PYTHON or this one)")
+    p.add_argument("--openvino-python", default=os.environ.get("MINIKV_OPENVINO_PYTHON", sys.executable),
+                   help="Python that has openvino_genai and optimum-intel installed (default $MINIKV_OPENVINO_PYTHON "
+                        "or this one)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE")
     p.add_argument("--worker", metavar="JOB", default=None, help=argparse.SUPPRESS)  # internal: run one engine
     args = p.parse_args(argv)
@@ -447,16 +456,125 @@ def llama_decode(ll, ctx, batch, items) -> None:
         raise RuntimeError(f"llama_decode returned {code}")
 
 
+OPENVINO_BLOCK = 32  # OpenVINO's KV block on CPU, in tokens: eviction keeps and drops whole blocks
+
+
+def openvino_properties(threads: int) -> dict:
+    """Compile properties: fp32 arithmetic and an fp32 KV cache (as every other row), `threads` threads."""
+    return {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "INFERENCE_NUM_THREADS": threads}
+
+
+def openvino_scheduler_config(ovg, n_seqs: int, seq_len: int, chunk: int, budget: int | None,
+                              n_sink: int = 4, window: int = 64):
+    """A SchedulerConfig running `n_seqs` sequences of up to `seq_len` tokens together, prompts `chunk`
+    tokens per step as minikv's, and with a `budget`, cache eviction sized like minikv's ring in whole blocks:
+    the sinks and the window rounded up to blocks, at most `budget` tokens (rounded down) per sequence."""
+    config = ovg.SchedulerConfig()
+    config.max_num_seqs = n_seqs
+    config.max_num_batched_tokens = chunk + n_seqs
+    config.num_kv_blocks = n_seqs * (math.ceil(seq_len / OPENVINO_BLOCK) + 1)
+    config.dynamic_split_fuse = True
+    config.enable_prefix_caching = False
+    config.use_cache_eviction = budget is not None
+    if budget is not None:
+        blocks = lambda n: math.ceil(n / OPENVINO_BLOCK) * OPENVINO_BLOCK  # noqa: E731
+        start, recent = blocks(max(n_sink, 1)), blocks(max(window, 1))
+        size = budget // OPENVINO_BLOCK * OPENVINO_BLOCK
+        if size <= start + recent:
+            raise ValueError(f"an OpenVINO eviction budget of {budget} tokens leaves no evictable block after "
+                             f"{start} start and {recent} recent tokens (blocks of {OPENVINO_BLOCK})")
+        config.cache_eviction_config = ovg.CacheEvictionConfig(start, recent, size, ovg.AggregationMode.NORM_SUM)
+    return config
+
+
+def openvino_generation_config(ovg, max_new_tokens: int):
+    """Greedy, exactly `max_new_tokens` tokens (EOS ignored), as every other row."""
+    config = ovg.GenerationConfig()
+    config.max_new_tokens = config.min_new_tokens = max_new_tokens
+    config.ignore_eos = True
+    config.do_sample = False
+    return config
+
+
+def measure_openvino(job: dict) -> dict:
+    """OpenVINO GenAI's ContinuousBatchingPipeline, driven step by step through add_request / step."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as ovg
+
+    def measure(sc: dict) -> dict:
+        prompts = sc["prompts"]
+        budget = (job["long_budget"] if sc["key"] == "long" else job["budget"]) if job["budget"] else None
+        head_start = len(prompts) * math.ceil(len(prompts[0]) / job["chunk"]) + 1  # as minikv_scenario
+        seq_len = len(prompts[0]) + job["new_tokens"] + head_start
+        pipe = ovg.ContinuousBatchingPipeline(
+            job["ir_dir"], openvino_scheduler_config(ovg, len(prompts), seq_len, job["chunk"], budget), "CPU",
+            openvino_properties(job["threads"]))
+        as_tensor = lambda ids: ov.Tensor(np.array([ids], dtype=np.int64))  # noqa: E731
+        openvino_greedy(pipe, [as_tensor(prompts[0][:8])] * len(prompts), 2, openvino_generation_config(ovg, 2))
+        config = openvino_generation_config(ovg, job["new_tokens"] + head_start)
+        return openvino_greedy(pipe, [as_tensor(p) for p in prompts], job["new_tokens"], config)
+
+    return each_scenario(job, measure)
+
+
+def openvino_greedy(pipe, prompts: list, new_tokens: int, config) -> dict:
+    """Step until every sequence has its first token and then `new_tokens` - 1 more (as run_minikv_scenario
+    counts them), then cancel the requests and let the pipeline drop them."""
+    start = time.perf_counter()
+    handles = [pipe.add_request(i, ids, config) for i, ids in enumerate(prompts)]
+    first, after, all_first = {}, [0] * len(handles), None
+    while all_first is None or min(after) < new_tokens - 1:
+        if not pipe.has_non_finished_requests():
+            raise RuntimeError("OpenVINO finished a request before every sequence decoded its tokens")
+        pipe.step()
+        now = time.perf_counter()
+        for i, handle in enumerate(handles):
+            if not handle.can_read():
+                continue
+            tokens = [t for out in handle.read().values() for t in out.generated_ids]
+            if tokens and i not in first:
+                first[i] = tokens[0]
+            if all_first is not None:  # tokens of the step that completed the first tokens are prefill's
+                after[i] += len(tokens)
+        if all_first is None and len(first) == len(handles):
+            all_first = now
+    end = time.perf_counter()
+    for handle in handles:
+        handle.cancel()
+    while pipe.has_non_finished_requests():
+        pipe.step()
+    return result(len(handles), new_tokens, start, all_first, end, [first[i] for i in range(len(handles))])
+
+
+def openvino_ir(model_dir: Path, cache_dir: Path, python: str) -> Path:
+    """The model exported once to an OpenVINO IR with fp32 weights (optimum-cli, in `python`'s env)."""
+    stat = (model_dir / "config.json").stat()
+    dst = cache_dir / f"openvino-{model_dir.name}-{stat.st_mtime_ns}"
+    if (dst / "openvino_model.xml").is_file():
+        return dst
+    partial = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    print(f"bench_peers: exporting the OpenVINO IR {dst} (once) ...", file=sys.stderr, flush=True)
+    export = subprocess.run([python, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model",
+                             str(model_dir), "--task", "text-generation-with-past", "--weight-format", "fp32",
+                             str(partial)], capture_output=True, text=True)
+    if export.returncode != 0:
+        raise RuntimeError(f"optimum-cli export openvino failed: {(export.stderr.strip().splitlines() or ['?'])[-1]}")
+    partial.rename(dst)
+    return dst
+
+
 def run_worker(job_path: str) -> int:
     """In the subprocess: run one engine's scenarios and write their numbers where the parent reads them."""
     job = json.loads(Path(job_path).read_text())
     threads = job["threads"]
-    if job["engine"] != "llama.cpp":
+    if job["engine"] in ("minikv", "transformers"):
         import torch
 
         torch.set_num_threads(threads)
         torch.set_num_interop_threads(1)
-    measure = {"minikv": measure_minikv, "transformers": measure_transformers, "llama.cpp": measure_llamacpp}
+    measure = {"minikv": measure_minikv, "transformers": measure_transformers, "llama.cpp": measure_llamacpp,
+               "openvino": measure_openvino}
     results = measure[job["engine"]](job)
     Path(job["out"]).write_text(json.dumps(results))
     return 0
@@ -495,6 +613,14 @@ def llama_cpp_version(python: str) -> str | None:
     """llama-cpp-python's version as `python` imports it, or None when it cannot."""
     probe = subprocess.run([python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                            capture_output=True, text=True)
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def openvino_genai_version(python: str) -> str | None:
+    """openvino-genai's version as `python` imports it (with optimum-intel, which exports the IR), or None."""
+    code = ("import openvino_genai, optimum.intel; from importlib.metadata import version; "
+            "print(version('openvino-genai'))")
+    probe = subprocess.run([python, "-c", code], capture_output=True, text=True)
     return probe.stdout.strip() if probe.returncode == 0 else None
 
 
@@ -607,6 +733,23 @@ def plan_rows(args: argparse.Namespace, notes: list[str]) -> tuple[list[Row], st
     return rows, gguf, llama_version
 
 
+def plan_openvino_rows(args: argparse.Namespace, notes: list[str]) -> tuple[list[Row], str | None]:
+    """OpenVINO GenAI's two rows (no eviction; eviction at --budget / --long-budget) and its version, or a note
+    saying why they are skipped."""
+    if "openvino" not in args.engines:
+        return [], None
+    version = openvino_genai_version(args.openvino_python)
+    if version is None:
+        notes.append(f"OpenVINO GenAI skipped: {args.openvino_python} cannot import openvino_genai and optimum.intel "
+                     "(install openvino-genai, openvino-tokenizers and optimum-intel[openvino] in a venv of their "
+                     "own, then --openvino-python)")
+        return [], None
+    at_long = f"; {args.long_budget} at long" if args.long_prompt_len and args.long_budget != args.budget else ""
+    return [Row("openvino", f"OpenVINO GenAI {version} f32, no eviction"),
+            Row("openvino", f"OpenVINO GenAI {version} f32, eviction (NORM_SUM, budget {args.budget}{at_long})",
+                budget=args.budget, long_budget=args.long_budget)], version
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
@@ -615,15 +758,22 @@ def main(argv: list[str] | None = None) -> int:
 
     notes: list[str] = []
     rows, gguf, llama_version = plan_rows(args, notes)
+    openvino_rows, openvino_version = plan_openvino_rows(args, notes)
+    rows += openvino_rows
     model_dir = resolve_model_dir(args.model)
+    ir_dir = None
+    if openvino_rows:
+        from minikv.gguf import cache_root
+
+        ir_dir = str(openvino_ir(model_dir, cache_root(), args.openvino_python))
     vocab_size, allowed = ordinary_ids(model_dir)
-    shared = dict(model_dir=str(model_dir), gguf=gguf, threads=args.threads, chunk=args.chunk,
+    shared = dict(model_dir=str(model_dir), gguf=gguf, ir_dir=ir_dir, threads=args.threads, chunk=args.chunk,
                   new_tokens=args.new_tokens,
                   scenarios=[dict(key=s.key, prompts=make_prompts(allowed, s.prompt_len, s.batch, args.seed))
                              for s in scenarios(args)])
     results = []
     for row in rows:
-        python = args.llama_python if row.engine == "llama.cpp" else sys.executable
+        python = {"llama.cpp": args.llama_python, "openvino": args.openvino_python}.get(row.engine, sys.executable)
         outcome = run_row(row, args, shared, python)
         if "error" in outcome:
             notes.append(f"{row.label} failed: {outcome['error']}")
@@ -632,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     info = dict(model="SmolLM2-135M-Instruct" if args.model is None else Path(str(args.model)).name,
                 machine=machine(), commit=git_commit(), date=datetime.date.today().isoformat(),
                 versions={"torch": package_version("torch"), "transformers": package_version("transformers"),
-                          "llama-cpp-python": llama_version})
+                          "llama-cpp-python": llama_version, "openvino-genai": openvino_version})
     notes += agreement_notes(results)
     print(format_table(header_line(info, args), columns(args), results, notes))
     if args.json:
