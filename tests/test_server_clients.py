@@ -6,6 +6,7 @@ Same live-server harness as test_server.py (the tiny random Llama stands in for 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -102,3 +103,91 @@ def test_openai_client_reads_echoed_logprobs(server):
     assert out.choices[0].logprobs.token_logprobs[0] is None and len(out.choices[0].logprobs.tokens) == 4
     assert out.choices[0].text == "".join(out.choices[0].logprobs.tokens)  # byte tokens: text is their join
     assert out.usage.completion_tokens == 1  # the token the engine sampled (and the response dropped) counts
+
+
+# --- reasoning models, chat template kwargs, the developer role ------------------------------------------
+
+# Qwen3's chat template, cut to what matters here: ChatML, and with enable_thinking=false an empty think
+# block closed in the prompt.
+QWEN3_STYLE_TEMPLATE = (
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{%- endif %}")
+THOUGHT, ANSWER = "Two and two. Add them: four.", "It is 4."
+
+
+@pytest.fixture(scope="module")
+def qwen3_server(tmp_path_factory, one_torch_thread):
+    """A server with a Qwen3-style chat template and `--reasoning-parser qwen3`, whose model is made to
+    say `<think>THOUGHT</think>ANSWER` (forced tokens: the tiny model's own text is noise)."""
+    from tiny_engine import tiny_checkpoint
+
+    from minikv.loader import load_model
+
+    path = tiny_checkpoint(tmp_path_factory.mktemp("qwen3") / "tiny")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN3_STYLE_TEMPLATE}))
+    engine = tiny_engine(load_model(path, device="cpu", dtype="float32"))
+    forced = engine.tokenizer.encode(f"<think>{THOUGHT}</think>\n\n{ANSWER}", add_special_tokens=False)
+    add_request = engine.add_request
+
+    def add_forced(prompt, params, request_id=None):
+        params = dataclasses.replace(params, forced_token_ids=forced, max_tokens=len(forced), ignore_eos=True)
+        return add_request(prompt, params, request_id)
+
+    engine.add_request = add_forced
+    live = LiveServer(create_app(engine, model_name=MODEL, reasoning_parser="qwen3"))
+    yield live
+    live.close()
+
+
+def test_reasoning_content_plain_and_streamed(qwen3_server):
+    client = openai.OpenAI(base_url=qwen3_server.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages)
+    message = plain.choices[0].message
+    assert message.model_extra["reasoning_content"] == THOUGHT and message.content == "\n\n" + ANSWER
+    stream = client.chat.completions.create(model=MODEL, messages=messages, stream=True)
+    reasoning, content = [], []
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        reasoning.append((delta.model_extra or {}).get("reasoning_content") or "")
+        content.append(delta.content or "")
+        assert "<" not in reasoning[-1] + content[-1]  # no piece of a tag leaks, though tags arrive split
+    assert "".join(reasoning) == THOUGHT and "".join(content) == "\n\n" + ANSWER
+    assert sum(1 for part in reasoning if part) > 5  # it streamed, token by token
+
+
+def test_chat_template_kwargs_and_the_developer_role(qwen3_server):
+    def prompt_tokens(body):
+        return post(qwen3_server, CHAT, {"messages": [{"role": "user", "content": "hi"}], **body})["usage"][
+            "prompt_tokens"]
+
+    thinking, not_thinking = prompt_tokens({}), prompt_tokens({"chat_template_kwargs": {"enable_thinking": False}})
+    assert not_thinking - thinking == len("<think>\n\n</think>\n\n")  # byte tokens: one per character
+
+    def with_first(role):
+        return post(qwen3_server, CHAT, {"messages": [{"role": role, "content": "be brief"},
+                                                      {"role": "user", "content": "hi"}]})["usage"]["prompt_tokens"]
+
+    assert with_first("developer") == with_first("system")  # "developer" is rendered as "system"
+
+
+@pytest.mark.parametrize("parser, text, reasoning, content", [
+    ("qwen3", "<think>a</think>b", "a", "b"),
+    ("qwen3", "no thinking here", None, "no thinking here"),
+    ("qwen3", "<think>cut off by max_tokens", "cut off by max_tokens", None),
+    ("deepseek_r1", "thinking from the prompt's <think></think>answer", "thinking from the prompt's <think>",
+     "answer"),
+    ("deepseek_r1", "<think>x</think>y", "x", "y"),
+    ("deepseek_r1", "all reasoning, cut off", "all reasoning, cut off", None),
+])
+def test_reasoning_parsers_split_whole_and_in_any_deltas(parser, text, reasoning, content):
+    from minikv.server.reasoning import ReasoningStream, make_reasoning_parser
+
+    assert make_reasoning_parser(parser).split(text) == (reasoning, content)
+    for cut in range(1, 5):  # deltas of every size up to 4 characters: tags split anywhere
+        stream = ReasoningStream(make_reasoning_parser(parser))
+        parts = [stream.feed(text[i: i + cut]) for i in range(0, len(text), cut)] + [stream.finish()]
+        assert "".join(r for r, _ in parts) == (reasoning or "") and "".join(c for _, c in parts) == (content or "")
