@@ -27,7 +27,10 @@ class OpenAIBody(BaseModel):
 
 
 class StreamOptions(OpenAIBody):
+    model_config = ConfigDict(strict=True, extra="forbid")  # a small closed set: a misspelt option is a mistake
+
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's; accepted, usage comes at the end only
 
 
 class SamplingFields(OpenAIBody):
@@ -65,6 +68,8 @@ class SamplingFields(OpenAIBody):
         if self.n != 1:
             raise bad_request(f"n={self.n} is not supported: minikv returns one choice per request; send n "
                               "requests instead", "n")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 
     def sampling_params(self, *, max_tokens: int, logprobs: int | None, stream: bool) -> SamplingParams:
         """SamplingParams for this body; fields left out keep SamplingParams' defaults (vLLM's)."""
@@ -112,6 +117,10 @@ class CompletionRequest(SamplingFields):
         if len(prompts) > MAX_PROMPTS_PER_REQUEST:
             raise bad_request(f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS_PER_REQUEST} per request",
                               "prompt")
+        empty = [i for i, prompt in enumerate(prompts) if len(prompt) == 0]
+        if empty:
+            where = "prompt" if len(prompts) == 1 else f"prompt[{empty[0]}]"
+            raise bad_request(f"{where} is empty; give at least one token of text", "prompt")
         if len(prompts) > 1 and self.stream:
             raise bad_request(f"prompt holds {len(prompts)} prompts and stream=true: a stream takes one prompt "
                               "(send one streamed request per prompt)", "stream")
@@ -149,7 +158,7 @@ class CompletionRequest(SamplingFields):
 
 class TextPart(OpenAIBody):
     type: str = "text"
-    text: str
+    text: str | None = None
 
 
 class ChatMessage(OpenAIBody):
@@ -182,6 +191,12 @@ class ChatCompletionRequest(SamplingFields):
         super().check_supported()
         if self.tools:
             raise bad_request("tools are not supported by minikv", "tools")
+        for index, message in enumerate(self.messages):
+            for part_index, part in enumerate(message.content if isinstance(message.content, list) else []):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"messages[{index}].content[{part_index}] is a {part.type!r} part; minikv "
+                                      "takes text only ({'type': 'text', 'text': ...})",
+                                      f"messages[{index}].content[{part_index}]")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         reserved = sorted(set(self.chat_template_kwargs or {}) & {"messages", "add_generation_prompt"})
