@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
-from test_server import MODEL, LiveServer, tiny_engine  # noqa: E402
+from test_server import MODEL, LiveServer, tiny_engine, wait_for  # noqa: E402
 
 from minikv.server.app import create_app  # noqa: E402
 from minikv.server.protocol import MAX_PROMPTS_PER_REQUEST  # noqa: E402
@@ -121,6 +121,7 @@ def test_the_server_serves_on_after_every_hostile_request(server):
                    headers={"Content-Type": "application/json"}, timeout=60)
     out = httpx.post(server.url + COMPLETIONS, json={"prompt": "still here", "max_tokens": 3, "ignore_eos": True})
     assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
-    stats = server.stats
-    assert server.state.engine_loop.is_alive and stats.num_running == 0 and stats.num_waiting == 0
-    assert stats.kv_blocks_used == 0  # nothing refused holds memory
+    assert server.state.engine_loop.is_alive
+    # (the snapshot is published just after the step that answered: wait for it)
+    stats = wait_for(lambda: server.stats if server.stats.num_running == 0 else None, what="the engine to drain")
+    assert stats.num_waiting == 0 and stats.kv_blocks_used == 0  # nothing refused holds memory
