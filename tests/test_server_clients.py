@@ -97,6 +97,19 @@ def test_echo_without_logprobs_and_streamed_echo(server):
     assert len(tokens) == plain["usage"]["prompt_tokens"] + 5
 
 
+def test_streamed_echo_with_max_tokens_0(server, reference):
+    prompt = "score me, do not answer"
+    with httpx.stream("POST", server.url + COMPLETIONS, json={
+            "prompt": prompt, "echo": True, "max_tokens": 0, "logprobs": 0, "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    choices = [c["choices"][0] for c in chunks]
+    assert "".join(c["text"] for c in choices) == prompt and choices[-1]["finish_reason"] == "length"
+    ids, expected = prompt_logprobs(reference, prompt)
+    token_logprobs = [lp for c in choices if c["logprobs"] for lp in c["logprobs"]["token_logprobs"]]
+    assert token_logprobs[0] is None and len(token_logprobs) == len(ids)  # the prompt's, nothing generated
+    assert token_logprobs[1:] == pytest.approx([expected[i][ids[i]].logprob for i in range(1, len(ids))], abs=1e-5)
+
+
 def test_openai_client_reads_echoed_logprobs(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     out = client.completions.create(model=MODEL, prompt=[1, 50, 60, 70], echo=True, logprobs=0, max_tokens=0)

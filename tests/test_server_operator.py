@@ -211,3 +211,19 @@ def test_a_client_leaving_while_queued_is_forgotten(gated_server):
         gate.release(1)  # the step under way; the abort is applied before the next
         wait_for(lambda: engine.scheduler.num_waiting == 0, what="the queued request to be dropped")
         assert engine.scheduler.num_running == 1  # the holder runs on
+
+
+def test_a_client_leaving_a_batch_aborts_every_prompt_of_it(gated_server):
+    live, gate = gated_server
+    engine = live.state.engine_loop.engine
+    client = raw_request(live, {"prompt": [LONG_PROMPT, LONG_PROMPT[:100]], "max_tokens": 4})
+    wait_for(lambda: live.state.engine_loop.num_waiting == 2, what="both prompts to be submitted")
+    gate.release(2)  # one prefills (one ring: max_num_seqs 1), the other waits
+    wait_for(lambda: live.stats.num_steps == 2, what="two steps")
+    assert live.stats.num_running == 1 and live.stats.num_waiting == 1
+    client.close()
+    wait_for(lambda: metrics(live).get("minikv:request_aborted_by_disconnect_total", 0) == 1,
+             what="the server to notice")
+    gate.release(1)
+    wait_for(lambda: engine.pool.num_used == 0 and engine.scheduler.num_waiting == 0, what="both to be dropped")
+    assert engine.scheduler.num_running == 0  # both aborted within the one step

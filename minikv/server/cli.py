@@ -17,7 +17,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_engine_arguments
+    from ..cli import add_engine_arguments, positive_int
 
     parser.add_argument("model", nargs="?", default=None,
                         help="model directory, .gguf file or Hugging Face repo id (default: SmolLM2-135M-Instruct)")
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
                    help="move a reasoning model's <think>...</think> text out of chat answers into "
                         "reasoning_content (vLLM's names: deepseek_r1, qwen3; default: off)")
-    s.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
+    s.add_argument("--max-body-size", type=positive_int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
                    help="largest request body accepted; larger ones get 413 (default %(default)s)")
 
 

@@ -273,7 +273,8 @@ async def final_outputs(handles: list[RequestHandle], client_gone: Callable[[], 
                         on_disconnect: Callable[[], None]) -> list[RequestOutput]:
     """The final outputs of a batch of requests, in order; if one fails or the client goes away, the others
     are aborted too."""
-    tasks = [asyncio.ensure_future(final_output(handle, None, lambda: None, client_gone=client_gone))
+    gone = asyncio.ensure_future(client_gone())  # one watcher for the batch, shared (shielded) by its requests
+    tasks = [asyncio.ensure_future(final_output(handle, None, lambda: None, client_gone=lambda: asyncio.shield(gone)))
              for handle in handles]
     try:
         return list(await asyncio.gather(*tasks))
@@ -281,6 +282,7 @@ async def final_outputs(handles: list[RequestHandle], client_gone: Callable[[], 
         on_disconnect()
         raise
     finally:
+        gone.cancel()
         for task, handle in zip(tasks, handles):
             task.cancel()  # (a no-op for those done)
             handle.abort()  # (a no-op for those finished)
