@@ -80,7 +80,9 @@ def test_batched_token_id_prompts_echo_one_choice_each(server, reference):
         assert lp["token_logprobs"][1:len(prompt)] == pytest.approx(
             [expected[i][ids[i]].logprob for i in range(1, len(prompt))], abs=1e-5)
         generated = reference.generate([prompt], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)[0]
-        assert choice["text"].endswith(generated.outputs[0].text)
+        prompt_text = reference.tokenizer.decode(prompt, skip_special_tokens=False)
+        assert choice["text"] == prompt_text + generated.outputs[0].text
+        assert lp["text_offset"][-1] == len(prompt_text)  # the completion's token starts where the prompt ends
 
 
 def test_echo_without_logprobs_and_streamed_echo(server):

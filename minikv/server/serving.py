@@ -123,16 +123,17 @@ class CompletionFormat(ResponseFormat):
         return self._choice(completion)
 
     def _choice(self, completion: CompletionOutput, echoed: RequestOutput | None = None, index: int = 0) -> dict:
+        prompt_text, prompt_logprobs = "", None
+        if echoed is not None:  # the prompt first: the completion's text offsets count from its end
+            prompt_text, prompt_logprobs = self._prompt_text(echoed, index), self._prompt_logprobs(echoed)
+            self._text_offset = len(prompt_text)
         text, logprobs = ("", None) if self.echo_only else (completion.text, self._logprobs(completion))
+        if prompt_logprobs is not None:
+            generated = logprobs or {name: [] for name in prompt_logprobs}
+            logprobs = {name: prompt_logprobs[name] + generated[name] for name in prompt_logprobs}
         finish_reason = "length" if self.echo_only and completion.finish_reason is not None else completion.finish_reason
-        if echoed is not None:
-            prompt_logprobs = self._prompt_logprobs(echoed)
-            if prompt_logprobs is not None:
-                generated = logprobs or {name: [] for name in prompt_logprobs}
-                logprobs = {name: prompt_logprobs[name] + generated[name] for name in prompt_logprobs}
-            text = self._prompt_text(echoed, index) + text
-        return {"index": completion.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
-                "stop_reason": None if self.echo_only else completion.stop_reason}
+        return {"index": completion.index, "text": prompt_text + text, "logprobs": logprobs,
+                "finish_reason": finish_reason, "stop_reason": None if self.echo_only else completion.stop_reason}
 
     def _prompt_text(self, output: RequestOutput, index: int) -> str:
         given = self.prompt_texts[index] if index < len(self.prompt_texts) else None
@@ -142,7 +143,9 @@ class CompletionFormat(ResponseFormat):
 
     def _prompt_logprobs(self, output: RequestOutput) -> dict | None:
         """The prompt's part of the legacy logprobs: every prompt token, its logprob (None for the first),
-        its top alternatives; offsets count from the start of the echoed text."""
+        its top alternatives; offsets are the running lengths of the tokens' texts (a special token such as
+        BOS has text here but none in a text prompt, so offsets may run past it; the completion's count from
+        the end of the echoed prompt text)."""
         if output.prompt_logprobs is None:
             return None
         tokens, token_logprobs, top, offsets = [], [], [], []
