@@ -47,3 +47,17 @@ def test_full_sizes_its_default_pool_for_a_whole_request(loaded):
     out = engine.generate([prompt], SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 100 and out.metrics.num_evicted_tokens == 0
     assert engine.pool.num_blocks * engine.block_size >= 512
+
+
+def test_minikv_run_full_answers_a_prompt_longer_than_budget(tmp_path, capsys):
+    from helpers import make_tiny_checkpoint
+
+    from minikv.cli import main
+
+    model = make_tiny_checkpoint(tmp_path / "tiny", "LlamaForCausalLM")
+    prompt = "a long prompt, far longer than the budget that full ignores. " * 10  # ~600 byte tokens
+    code = main(["run", str(model), prompt, "--policy", "full", "--budget", "64", "--max-tokens", "4",
+                 "--temperature", "0", "--max-model-len", "1024", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "lower kv_budget" not in err
