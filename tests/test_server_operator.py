@@ -160,12 +160,18 @@ def test_max_waiting_4_admits_exactly_4(gated_server):
         crowd.start()
         wait_for(lambda: statuses.count(503) == 6, what="six refusals")
         assert live.state.engine_loop.num_waiting == 4
+        engine, tokenized = live.state.engine_loop.engine, []
+        real_tokenize = engine.tokenize
+        engine.tokenize = lambda prompt, **kw: tokenized.append(prompt) or real_tokenize(prompt, **kw)
+        late = httpx.post(live.url + COMPLETIONS, json={"prompt": "one more", "max_tokens": 2}, timeout=60)
+        assert late.status_code == 503 and tokenized == []  # refused before its prompt was tokenized
+        statuses.append(late.status_code)
         gate.release(2)  # the step under way, then one with the four admitted: still nobody else gets in
         wait_for(lambda: live.stats.num_waiting == 4, what="the engine to hold the 4 waiting")
     gate.open()  # the holder's client left; the four run
     crowd.join(60)
-    assert sorted(statuses) == [200] * 4 + [503] * 6
-    assert metrics(live)["minikv:request_rejected_queue_full_total"] == 6
+    assert sorted(statuses) == [200] * 4 + [503] * 7
+    assert metrics(live)["minikv:request_rejected_queue_full_total"] == 7
 
 
 def raw_request(live, body: dict) -> socket.socket:

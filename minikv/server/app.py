@@ -56,6 +56,11 @@ class Server:
             raise errors.APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                                   param="model", code="model_not_found")
 
+    def _queue_full(self, err: QueueFullError) -> errors.APIError:
+        self.metrics.rejected_queue_full.inc()
+        return errors.APIError(503, f"the server is busy: {err}; retry later", type="server_busy",
+                               code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+
     async def tokenize(self, body: SamplingFields, prompt, chat_template_kwargs: dict | None = None) -> list[int]:
         """The prompt's token ids (chat messages through the template), worked out on a worker thread: a long
         prompt takes its time there, not on the event loop nor on the engine thread."""
@@ -70,15 +75,17 @@ class Server:
         """Tokenize the prompt, hand the request to the engine thread and wait until the engine has taken it
         (or refused it). With `fit_max_tokens`, max_tokens becomes what max_model_len leaves after the prompt
         (at least 1, so that a prompt that fills the context gets the engine's "exceeds max_model_len")."""
+        limit = self.engine_loop.max_waiting
+        if limit is not None and self.engine_loop.num_waiting >= limit:  # refuse before paying for tokenizing
+            raise self._queue_full(QueueFullError(f"{self.engine_loop.num_waiting} requests are waiting (the limit "
+                                                  f"is {limit})"))
         prompt_ids = await self.tokenize(body, prompt, chat_template_kwargs)
         if fit_max_tokens:
             params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(prompt_ids)))
         try:
-            handle = self.engine_loop.submit(prompt_ids, params, request_id)
+            handle = self.engine_loop.submit(prompt_ids, params, request_id)  # (the exact waiting check)
         except QueueFullError as err:
-            self.metrics.rejected_queue_full.inc()
-            raise errors.APIError(503, f"the server is busy: {err}; retry later", type="server_busy",
-                                  code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise self._queue_full(err) from None
         except EngineDeadError as err:
             raise errors.APIError(503, str(err), type="server_busy", code="engine_not_running") from None
         try:
