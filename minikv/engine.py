@@ -270,7 +270,8 @@ class Engine:
             ids, text = (self.tokenizer.encode(prompt) if prompt else []), prompt
         elif _is_chat(prompt):
             validate_messages(prompt)
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **(chat_template_kwargs or {}))
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                      **(chat_template_kwargs or {}))
             _check_unicode(text, "a chat message")
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         elif _is_token_ids(prompt):

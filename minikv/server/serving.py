@@ -131,7 +131,9 @@ class CompletionFormat(ResponseFormat):
         if prompt_logprobs is not None:
             generated = logprobs or {name: [] for name in prompt_logprobs}
             logprobs = {name: prompt_logprobs[name] + generated[name] for name in prompt_logprobs}
-        finish_reason = "length" if self.echo_only and completion.finish_reason is not None else completion.finish_reason
+        finish_reason = completion.finish_reason
+        if self.echo_only and finish_reason is not None:
+            finish_reason = "length"  # (the one sampled token, dropped, ended it)
         return {"index": completion.index, "text": prompt_text + text, "logprobs": logprobs,
                 "finish_reason": finish_reason, "stop_reason": None if self.echo_only else completion.stop_reason}
 
