@@ -113,7 +113,8 @@ class Engine:
         """`budget` is the most KV slots per layer and KV head one request may hold (a request can ask for
         fewer with SamplingParams.kv_budget; under `full` a request holds prompt + max_tokens). `kv_memory`
         sizes the one block pool every request draws from: bytes, a size like "2GiB", or on CUDA a fraction
-        of free device memory; by default, room for `max_num_seqs` rings of `budget` slots. `max_num_seqs`
+        of free device memory; by default, room for `max_num_seqs` rings of `budget` slots (under `full`, at
+        least room for one request of max_model_len tokens). `max_num_seqs`
         caps how many requests run at once."""
         check_engine_settings(budget=budget, chunk=chunk, n_sink=n_sink, window=window, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed,
@@ -179,6 +180,8 @@ class Engine:
         per_block = bytes_per_block(self.config, self.block_size, dtype, self.policy.top_m)
         if kv_memory is None:
             blocks = max_num_seqs * -(-min(budget, self.max_model_len) // self.block_size)
+            if not self.policy.evicts:  # `full` ignores --budget: a ring holds its whole request, so one must fit
+                blocks = max(blocks, -(-self.max_model_len // self.block_size))
         else:
             memory = parse_kv_memory(kv_memory, self.device)
             blocks = memory // per_block
@@ -197,14 +200,15 @@ class Engine:
         """
         params = self._check_params(params)
         request_id = self._check_request_id(request_id)
-        prompt_ids, prompt_text = self._encode(prompt)
+        prompt_ids, prompt_text = self.tokenize(prompt)
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                 f"max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens")
         # Without its own seed a request draws from the engine's: same engine seed, same order -> same samples.
-        seed = params.seed if params.seed is not None else int(hash_u32(torch.tensor(self.seed), torch.tensor(next(self._seeds))))
+        # (hash_u32 reads the low 32 bits of each word: masking first keeps any Python int, even >= 2^63, usable.)
+        seed = params.seed if params.seed is not None else int(hash_u32(self.seed & 0xFFFFFFFF, next(self._seeds)))
         eos = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
         budget = self._request_budget(params, len(prompt_ids))
         ring_size = min(budget, len(prompt_ids) + params.max_tokens)
@@ -213,7 +217,8 @@ class Engine:
             raise InvalidRequestError(
                 f"this request can never fit the KV pool: its ring of {ring_size} slots needs {blocks} blocks of "
                 f"{self.block_size} ({blocks * self.pool.bytes_per_block / 2**20:.1f} MiB) and the pool has "
-                f"{self.pool.num_blocks} ({self.pool.total_bytes / 2**20:.1f} MiB); lower kv_budget or max_tokens, "
+                f"{self.pool.num_blocks} ({self.pool.total_bytes / 2**20:.1f} MiB); lower "
+                f"{'kv_budget or max_tokens' if self.policy.evicts else 'max_tokens or shorten the prompt'}, "
                 "or give the engine more kv_memory")
         req = Request(request_id, prompt_ids, params, seed=seed, eos_ids=eos, tokenizer=self.tokenizer,
                       prompt_text=prompt_text, kv_budget=budget, ring_size=ring_size, num_blocks_needed=blocks)
@@ -270,13 +275,18 @@ class Engine:
                                       "to the engine")
         return request_id
 
-    def _encode(self, prompt: Prompt) -> tuple[list[int], str | None]:
+    def tokenize(self, prompt: Prompt, *, chat_template_kwargs: dict | None = None) -> tuple[list[int], str | None]:
+        """The token ids `add_request` would run for `prompt`, and its text (None for token ids); bad prompts
+        raise InvalidRequestError. Chat messages go through the chat template, with `chat_template_kwargs` as
+        extra template variables (e.g. enable_thinking). It reads only the tokenizer and the config, so another
+        thread may call it while the engine steps (the server tokenizes in its request handlers)."""
         if isinstance(prompt, str):
             _check_unicode(prompt, "the prompt")
             ids, text = (self.tokenizer.encode(prompt) if prompt else []), prompt
         elif _is_chat(prompt):
             validate_messages(prompt)
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                      **(chat_template_kwargs or {}))
             _check_unicode(text, "a chat message")
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         elif _is_token_ids(prompt):
@@ -434,8 +444,14 @@ class Engine:
 
     def _sample_rows(self, reqs: list[Request], slot_ids: torch.Tensor, logits: torch.Tensor) -> list[_Sampled]:
         out = self.sampler(logits, self.batch.sampling_batch(slot_ids, reqs))
-        self.batch.record_sampled(slot_ids, out.token_ids)  # the next decode inputs, and the penalty counts
         tokens = out.token_ids.tolist()  # the one host sync of the step
+        sampled = self._with_logprobs(reqs, tokens, out)
+        # Recorded last, once nothing can fail: a batch that fails is sampled again row by row (see _sample),
+        # and a token recorded twice would count twice in the rows' steps and penalties.
+        self.batch.record_sampled(slot_ids, out.token_ids)  # the next decode inputs, and the penalty counts
+        return sampled
+
+    def _with_logprobs(self, reqs: list[Request], tokens: list[int], out) -> list[_Sampled]:
         if all(r.params.logprobs is None for r in reqs):
             return [_Sampled(t) for t in tokens]
         chosen = out.logprobs.tolist()

@@ -114,7 +114,8 @@ def tiny_loaded_with(tmp_path, **config):
 def test_full_reserves_what_each_request_can_hold_and_evicting_policies_their_budget(loaded):
     full = Engine(loaded, policy="full", budget=256, chunk=16, max_model_len=4096)
     nexus = Engine(loaded, policy="nexus", budget=256, chunk=16, max_model_len=4096)
-    assert full.pool.num_blocks == nexus.pool.num_blocks == 8 * 256 // 16  # default: max_num_seqs rings of --budget
+    assert nexus.pool.num_blocks == 8 * 256 // 16  # default: max_num_seqs rings of --budget
+    assert full.pool.num_blocks == 4096 // 16  # `full` ignores --budget: at least one whole max_model_len request
     prompt = list(range(3, 103))
     full.add_request(prompt, SamplingParams(max_tokens=20))
     nexus.add_request(prompt, SamplingParams(max_tokens=400))

@@ -302,7 +302,7 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": "hi", "kv_budget": 10_000}, 400, "kv_budget", "[21, 64]"),
     (COMPLETIONS, {"prompt": "hi", "kv_budget": 0}, 400, "kv_budget", "positive"),
     (COMPLETIONS, {"prompt": "hi", "kv_budget": "big"}, 400, "kv_budget", "integer"),
-    (COMPLETIONS, {"prompt": "hi", "echo": True}, 400, "echo", "not supported"),
+    (COMPLETIONS, {"prompt": ["a", "b"], "stream": True}, 400, "stream", "one prompt"),
     (COMPLETIONS, {"prompt": "hi", "model": "gpt-9"}, 404, "model", "does not exist"),
     (CHAT, {"messages": []}, 400, "messages", "at least 1"),
     (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages", "role"),

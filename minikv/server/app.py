@@ -5,11 +5,15 @@
 
 POST /v1/completions, POST /v1/chat/completions (both with `"stream": true` as server-sent events),
 GET /v1/models, GET /health, GET /metrics. The engine runs on its own thread (minikv.server.engine_loop),
-started and stopped with the app's lifespan; handlers only submit requests and await their outputs.
+started and stopped with the app's lifespan; handlers tokenize their prompts on worker threads (so the
+engine thread never does), submit them and await their outputs. A client that goes away is noticed at
+once, whether its request is waiting, prefilling or decoding, and its request aborted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -17,6 +21,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..engine import Engine
 from ..errors import InvalidRequestError
@@ -24,7 +29,9 @@ from . import errors
 from .engine_loop import ClientDisconnected, EngineDeadError, EngineLoop, EngineLoopFailure, QueueFullError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, field_names
-from .serving import ChatFormat, CompletionFormat, ResponseFormat, final_response, stream_events
+from .cli import DEFAULT_MAX_BODY_BYTES
+from .reasoning import ReasoningParser, make_reasoning_parser
+from .serving import (ChatFormat, CompletionFormat, ResponseFormat, final_outputs, final_response, stream_events)
 
 RETRY_AFTER_S = 1  # what a 503 (queue full) tells the client to wait
 
@@ -32,10 +39,13 @@ RETRY_AFTER_S = 1  # what a 503 (queue full) tells the client to wait
 class Server:
     """What the handlers share: the engine loop, the metrics, the served model's name and limits."""
 
-    def __init__(self, engine: Engine, model_name: str, max_waiting: int | None):
+    def __init__(self, engine: Engine, model_name: str, max_waiting: int | None,
+                 reasoning_parser: ReasoningParser | None = None):
         self.model_name = model_name
+        self.engine = engine  # handlers only call engine.tokenize (thread-safe); the engine thread does the rest
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.config.vocab_size
+        self.reasoning_parser = reasoning_parser
         self.started = int(time.time())
         self.engine_loop = EngineLoop(engine, max_waiting=max_waiting)
         self.metrics = ServerMetrics(self.engine_loop.stats, model_name=model_name, policy=engine.policy.label)
@@ -46,14 +56,36 @@ class Server:
             raise errors.APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                                   param="model", code="model_not_found")
 
-    async def submit(self, body: SamplingFields, prompt, params, fit_max_tokens: bool, request_id: str):
-        """Hand the request to the engine thread and wait until the engine has taken it (or refused it)."""
+    def _queue_full(self, err: QueueFullError) -> errors.APIError:
+        self.metrics.rejected_queue_full.inc()
+        return errors.APIError(503, f"the server is busy: {err}; retry later", type="server_busy",
+                               code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def tokenize(self, body: SamplingFields, prompt, chat_template_kwargs: dict | None = None) -> list[int]:
+        """The prompt's token ids (chat messages through the template), worked out on a worker thread: a long
+        prompt takes its time there, not on the event loop nor on the engine thread."""
         try:
-            handle = self.engine_loop.submit(prompt, params, request_id, fit_max_tokens=fit_max_tokens)
+            ids, _ = await asyncio.to_thread(self.engine.tokenize, prompt, chat_template_kwargs=chat_template_kwargs)
+        except InvalidRequestError as err:
+            raise errors.from_invalid_request(err, body.request_field) from None
+        return ids
+
+    async def submit(self, body: SamplingFields, prompt, params, fit_max_tokens: bool, request_id: str,
+                     *, chat_template_kwargs: dict | None = None):
+        """Tokenize the prompt, hand the request to the engine thread and wait until the engine has taken it
+        (or refused it). With `fit_max_tokens`, max_tokens becomes what max_model_len leaves after the prompt
+        (at least 1, so that a prompt that fills the context gets the engine's "exceeds max_model_len")."""
+        limit = self.engine_loop.max_waiting
+        if limit is not None and self.engine_loop.num_waiting >= limit:  # refuse before paying for tokenizing
+            raise self._queue_full(QueueFullError(f"{self.engine_loop.num_waiting} requests are waiting (the limit "
+                                                  f"is {limit})"))
+        prompt_ids = await self.tokenize(body, prompt, chat_template_kwargs)
+        if fit_max_tokens:
+            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(prompt_ids)))
+        try:
+            handle = self.engine_loop.submit(prompt_ids, params, request_id)  # (the exact waiting check)
         except QueueFullError as err:
-            self.metrics.rejected_queue_full.inc()
-            raise errors.APIError(503, f"the server is busy: {err}; retry later", type="server_busy",
-                                  code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise self._queue_full(err) from None
         except EngineDeadError as err:
             raise errors.APIError(503, str(err), type="server_busy", code="engine_not_running") from None
         try:
@@ -68,9 +100,12 @@ class Server:
         return handle
 
 
-def create_app(engine: Engine, *, model_name: str = "minikv", max_waiting: int | None = None) -> FastAPI:
-    """An app serving `engine` as `model_name`; at most `max_waiting` requests wait for admission (503 beyond)."""
-    server = Server(engine, model_name, max_waiting)
+def create_app(engine: Engine, *, model_name: str = "minikv", max_waiting: int | None = None,
+               reasoning_parser: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """An app serving `engine` as `model_name`; at most `max_waiting` requests wait for admission (503 beyond).
+    `reasoning_parser` (e.g. "qwen3", see minikv.server.reasoning) moves `<think>` text of chat answers to
+    `reasoning_content`; request bodies over `max_body_bytes` get 413."""
+    server = Server(engine, model_name, max_waiting, make_reasoning_parser(reasoning_parser))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -80,6 +115,7 @@ def create_app(engine: Engine, *, model_name: str = "minikv", max_waiting: int |
 
     app = FastAPI(title="minikv", summary="OpenAI-compatible server with per-request KV budgets", lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     _add_error_handlers(app)
     _add_routes(app, server)
     return app
@@ -100,6 +136,15 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: InvalidRequestError):
         return errors.from_invalid_request(exc).response()
 
+    @app.exception_handler(HTTPException)  # e.g. a body that is not UTF-8 (FastAPI's "error parsing the body")
+    async def http_error(request: Request, exc: HTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            message = "the request body is not valid JSON in UTF-8 (it could not be decoded)"
+        kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        return JSONResponse(errors.error_body(message, type=kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
     @app.exception_handler(ClientDisconnected)
     async def disconnected(request: Request, exc: ClientDisconnected):
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
@@ -108,11 +153,22 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request):
-        return await _serve(server, request, body, CompletionFormat(f"cmpl-{uuid.uuid4().hex}", server.model_name))
+        body.check_supported()
+        prompts = body.engine_prompts()
+        tokenizer = server.engine.tokenizer
+        fmt = CompletionFormat(
+            f"cmpl-{uuid.uuid4().hex}", server.model_name, echo=body.echo, echo_only=body.echo_only,
+            prompt_texts=[p if isinstance(p, str) else None for p in prompts],
+            decode=lambda token: tokenizer.decode([token], skip_special_tokens=False),
+            decode_prompt=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+        if len(prompts) == 1:
+            return await _serve(server, request, body, fmt)
+        return await _serve_batch(server, request, body, prompts, fmt)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", server.model_name, top_logprobs=body.top_logprobs or 0)
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", server.model_name, top_logprobs=body.top_logprobs or 0,
+                         reasoning_parser=server.reasoning_parser)
         return await _serve(server, request, body, fmt)
 
     @app.get("/v1/models")
@@ -139,13 +195,65 @@ async def _serve(server: Server, request: Request, body: CompletionRequest | Cha
     """One request of either endpoint: check it, hand it to the engine, then stream or answer."""
     server.check_model(body.model)
     body.check_supported()
-    try:
-        params, fit_max_tokens = body.to_sampling_params(server.max_model_len)
-    except InvalidRequestError as err:
-        raise errors.from_invalid_request(err, body.request_field) from None
-    handle = await server.submit(body, body.engine_prompt(), params, fit_max_tokens, fmt.request_id)
+    params, fit_max_tokens = _sampling_params(body, server)
+    template_kwargs = getattr(body, "chat_template_kwargs", None)
+    handle = await server.submit(body, body.engine_prompt(), params, fit_max_tokens, fmt.request_id,
+                                 chat_template_kwargs=template_kwargs)
     on_disconnect = server.metrics.aborted_by_disconnect.inc
     if body.stream:
         events = stream_events(handle, fmt, body.include_usage, on_disconnect)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return await final_response(handle, fmt, request.is_disconnected, on_disconnect)
+    return await final_response(handle, fmt, None, on_disconnect, client_gone=_client_gone(request))
+
+
+async def _serve_batch(server: Server, request: Request, body: CompletionRequest, prompts: list, fmt: CompletionFormat):
+    """A completions request with several prompts: one engine request each, answered together (not streamed)."""
+    server.check_model(body.model)
+    params, _ = _sampling_params(body, server)
+    handles = []
+    try:
+        for index, prompt in enumerate(prompts):
+            handles.append(await server.submit(body, prompt, params, False, f"{fmt.request_id}-{index}"))
+    except BaseException as err:  # one prompt refused: the batch is
+        for handle in handles:
+            handle.abort()
+        if isinstance(err, errors.APIError) and err.param == "prompt" and len(prompts) > 1:
+            err.message = f"prompt[{index}]: {err.message}"
+        raise
+    outputs = await final_outputs(handles, _client_gone(request), server.metrics.aborted_by_disconnect.inc)
+    return fmt.response(outputs)
+
+
+def _sampling_params(body: SamplingFields, server: Server):
+    try:
+        return body.to_sampling_params(server.max_model_len)
+    except InvalidRequestError as err:
+        raise errors.from_invalid_request(err, body.request_field) from None
+
+
+def _client_gone(request: Request):
+    """A coroutine function that returns when the client disconnects. The handler has read the whole body,
+    so the next ASGI message can only be the disconnect: it comes the moment the connection closes."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return gone
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request whose Content-Length is over `max_bytes` gets 413 before its body is read.
+    (Plain ASGI rather than FastAPI's @middleware, which would wrap `receive` and hide disconnects.)"""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        length = dict(scope.get("headers", ())).get(b"content-length", b"") if scope["type"] == "http" else b""
+        if length.isdigit() and int(length) > self.max_bytes:
+            response = JSONResponse(errors.error_body(
+                f"the request body is {int(length)} bytes; this server takes at most {self.max_bytes}",
+                type="invalid_request_error", code="request_too_large"), status_code=413)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)

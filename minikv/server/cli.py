@@ -9,12 +9,15 @@ import argparse
 import sys
 
 from ..errors import MiniKVError
+from .reasoning import REASONING_PARSERS
+
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # a larger request body gets 413 before it is read
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_engine_arguments
+    from ..cli import add_engine_arguments, positive_int
 
     parser.add_argument("model", nargs="?", default=None,
                         help="model directory, .gguf file or Hugging Face repo id (default: SmolLM2-135M-Instruct)")
@@ -26,7 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--max-waiting", type=int, default=256,
                    help="requests that may wait for a free ring; more get 503 + Retry-After (default %(default)s)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn's log level (default %(default)s)")
+                   help="log level of uvicorn and of minikv's own log (engine errors with their tracebacks), both "
+                        "in uvicorn's format on stderr (default %(default)s)")
+    s.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
+                   help="move a reasoning model's <think>...</think> text out of chat answers into "
+                        "reasoning_content (vLLM's names: deepseek_r1, qwen3; default: off)")
+    s.add_argument("--max-body-size", type=positive_int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
+                   help="largest request body accepted; larger ones get 413 (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,9 +52,28 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     engine = build_engine(args, model)
     name = args.served_model_name or model or DEFAULT_MODEL_NAME
-    app = create_app(engine, model_name=name, max_waiting=args.max_waiting)
+    app = create_app(engine, model_name=name, max_waiting=args.max_waiting, reasoning_parser=args.reasoning_parser,
+                     max_body_bytes=args.max_body_size)
     print(f"minikv serve: {name} on http://{args.host}:{args.port} (policy {engine.policy.label}, budget "
           f"{engine.budget}, {args.max_num_seqs} sequences)", file=sys.stderr, flush=True)
     # On shutdown, open streams get 5 s to finish; then they are cancelled, which aborts their requests.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                log_config=log_config(args.log_level))
     return 0
+
+
+def log_config(level: str) -> dict:
+    """uvicorn's logging config with minikv's logger added: engine errors (logged with their tracebacks on the
+    engine thread) reach stderr in uvicorn's format, at `level`. (The CLI otherwise gives the `minikv` logger a
+    NullHandler, since `run` reports failures in one line; dictConfig replaces it here.)"""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["minikv"] = {"()": "uvicorn.logging.DefaultFormatter",
+                                      "fmt": "%(levelprefix)s %(name)s: %(message)s", "use_colors": None}
+    config["handlers"]["minikv"] = {"formatter": "minikv", "class": "logging.StreamHandler",
+                                    "stream": "ext://sys.stderr"}
+    config["loggers"]["minikv"] = {"handlers": ["minikv"], "level": level.upper(), "propagate": False}
+    return config

@@ -4,28 +4,30 @@ The engine is single-threaded (it is not thread-safe, and one step serves every 
 while HTTP requests arrive on asyncio's event loop. They meet through two kinds of queue:
 
     event loop (many requests)                 engine thread (one loop)
-    EngineLoop.submit()  ── inbox (SimpleQueue) ──►  add_request / abort
+    EngineLoop.submit(token ids) ── inbox ──►  add_request / abort
                                                      engine.step()
     RequestHandle.queue  ◄── call_soon_threadsafe ── route each RequestOutput to its request
 
 Every iteration of the engine thread admits what arrived, applies aborts, runs one `engine.step()` (which
-batches all running requests: continuous batching across HTTP clients) and routes the outputs. Only the
-engine thread touches the Engine; the event loop reads a snapshot of `engine.stats()` the thread publishes
-after each step. An abort (a client that went away) is a message in the same inbox, so it reaches the engine
+batches all running requests: continuous batching across HTTP clients) and routes the outputs. Prompts
+arrive as token ids: the handlers tokenize (and apply the chat template) on worker threads, so a long prompt
+never stalls the streams the engine is running. Only the engine thread touches the Engine; the event loop
+reads a snapshot of `engine.stats()` the thread publishes after each step, and the loop's own timings
+(LoopTimings). An abort (a client that went away) is a message in the same inbox, so it reaches the engine
 before its next step, and `engine.abort` frees the request's KV at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from ..engine import Engine, EngineStats, Prompt
+from ..engine import Engine, EngineStats
 from ..errors import InvalidRequestError
 from ..outputs import RequestOutput
 from ..sampling import SamplingParams
@@ -85,17 +87,23 @@ class RequestHandle:
             self.finished = True
             raise item
 
-    async def outputs(self, is_disconnected: Callable[[], Awaitable[bool]] | None = None,
-                      poll_s: float = 0.5) -> AsyncIterator[RequestOutput]:
-        """The request's outputs up to its final one. With `is_disconnected`, the client is checked every
-        `poll_s` seconds of silence; if it has gone, ClientDisconnected is raised (the caller aborts)."""
-        while not self.finished:
-            item = await self._next(is_disconnected, poll_s)
-            if isinstance(item, BaseException):
-                self.finished = True
-                raise item
-            self.finished = item.finished
-            yield item
+    async def outputs(self, is_disconnected: Callable[[], Awaitable[bool]] | None = None, poll_s: float = 0.5,
+                      *, client_gone: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs up to its final one. If the client goes away meanwhile, ClientDisconnected is
+        raised (the caller aborts): `client_gone` returns when it does (noticed at once), or `is_disconnected`
+        is asked every `poll_s` seconds of silence."""
+        watcher = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+        try:
+            while not self.finished:
+                item = await (self._next_or_gone(watcher) if watcher else self._next(is_disconnected, poll_s))
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
     async def _next(self, is_disconnected, poll_s: float):
         if is_disconnected is None:
@@ -107,6 +115,19 @@ class RequestHandle:
                 if await is_disconnected():
                     raise ClientDisconnected(self.request_id) from None
 
+    async def _next_or_gone(self, watcher: asyncio.Future):
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        getter = asyncio.ensure_future(self._queue.get())
+        try:
+            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        raise ClientDisconnected(self.request_id)
+
     def abort(self) -> None:
         """Stop the request if it still runs (its KV is freed before the engine's next step)."""
         if not self.finished:
@@ -116,10 +137,30 @@ class RequestHandle:
 
 @dataclass
 class _Submission:
-    prompt: Prompt
+    prompt_ids: list[int]
     params: SamplingParams
-    fit_max_tokens: bool  # set max_tokens to what max_model_len leaves after the prompt
     handle: RequestHandle
+
+
+@dataclass
+class LoopTimings:
+    """Where the engine thread's time goes (seconds, since it started): applying the inbox (admissions and
+    aborts) and engine steps, each as a total and the longest single one. The prompts come tokenized, so
+    admitting one costs a pass over its token ids, never its tokenization or chat template."""
+
+    iterations: int = 0
+    admit_s_total: float = 0.0
+    admit_s_max: float = 0.0
+    step_s_total: float = 0.0
+    step_s_max: float = 0.0
+
+    def add_admission(self, seconds: float) -> None:
+        self.admit_s_total += seconds
+        self.admit_s_max = max(self.admit_s_max, seconds)
+
+    def add_step(self, seconds: float) -> None:
+        self.step_s_total += seconds
+        self.step_s_max = max(self.step_s_max, seconds)
 
 
 class EngineLoop:
@@ -131,9 +172,13 @@ class EngineLoop:
         self.observer = observer or Observer()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[str, RequestHandle] = {}  # engine thread only: requests the engine holds
-        self._pending = 0  # submitted, not yet taken from the inbox (counted as waiting)
-        self._pending_lock = threading.Lock()
+        # Requests waiting for a ring: submitted but not yet taken from the inbox, plus those the engine holds
+        # waiting. Both change under the lock, so `submit` never sees a request in neither (max_waiting exact).
+        self._pending = 0
+        self._engine_waiting = 0
+        self._waiting_lock = threading.Lock()
         self._stats = engine.stats()
+        self._timings = LoopTimings()
         self._thread = threading.Thread(target=self._run, name="minikv-engine", daemon=True)
 
     # --- lifetime ----------------------------------------------------------------------------------
@@ -154,22 +199,30 @@ class EngineLoop:
         """engine.stats() as of the engine thread's last iteration."""
         return self._stats
 
-    # --- event loop side -----------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str, *,
-               fit_max_tokens: bool = False) -> RequestHandle:
-        """Queue a request for the engine thread; `await handle.accepted()` says whether the engine took it.
+    def timings(self) -> LoopTimings:
+        """A copy of the engine thread's timings (see LoopTimings)."""
+        return LoopTimings(**vars(self._timings))
 
-        Raises QueueFullError when `max_waiting` requests already wait, EngineDeadError when the thread is gone.
-        """
+    @property
+    def num_waiting(self) -> int:
+        """Requests submitted that wait for a ring (in the inbox or in the engine's waiting queue)."""
+        with self._waiting_lock:
+            return self._pending + self._engine_waiting
+
+    # --- event loop side -----------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestHandle:
+        """Queue a tokenized request for the engine thread; `await handle.accepted()` says whether the engine
+        took it. Raises QueueFullError when `max_waiting` requests already wait, EngineDeadError when the
+        thread is gone."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
-        with self._pending_lock:
-            waiting = self._stats.num_waiting + self._pending
+        with self._waiting_lock:
+            waiting = self._pending + self._engine_waiting
             if self.max_waiting is not None and waiting >= self.max_waiting:
                 raise QueueFullError(f"{waiting} requests are waiting (the limit is {self.max_waiting})")
             self._pending += 1
         handle = RequestHandle(request_id, self, asyncio.get_running_loop())
-        self._inbox.put(("add", _Submission(prompt, params, fit_max_tokens, handle)))
+        self._inbox.put(("add", _Submission(prompt_ids, params, handle)))
         return handle
 
     def abort(self, request_id: str) -> None:
@@ -183,11 +236,18 @@ class EngineLoop:
                     break
                 if self.engine.has_unfinished_requests():
                     self._step()
-                self._stats = self.engine.stats()
-                self.observer.on_step(self._stats)
+                self._publish()
             except Exception:  # a bug in this loop must not take the server down: log it and serve on
                 logger.exception("minikv engine loop: unexpected error (continuing)")
         self._shut_down()
+
+    def _publish(self) -> None:
+        """Refresh the stats snapshot and the waiting count after an iteration."""
+        self._stats = self.engine.stats()
+        with self._waiting_lock:
+            self._engine_waiting = self._stats.num_waiting
+        self._timings.iterations += 1
+        self.observer.on_step(self._stats)
 
     def _take_inbox(self, block: bool) -> bool:
         """Apply every message waiting in the inbox (wait for one first if `block`); False on stop."""
@@ -195,27 +255,35 @@ class EngineLoop:
             message = self._inbox.get() if block else self._inbox.get_nowait()
         except queue.Empty:
             return True
-        while True:
-            kind, payload = message
-            if kind is _STOP:
-                return False
-            if kind == "add":
-                self._admit(payload)
-            else:
-                self.engine.abort(payload)  # unknown or finished ids are ignored by the engine
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return True
+        began = time.perf_counter()  # (the wait for the first message is idle time, not admission)
+        try:
+            while True:
+                kind, payload = message
+                if kind is _STOP:
+                    return False
+                if kind == "add":
+                    self._admit(payload)
+                else:
+                    self.engine.abort(payload)  # unknown or finished ids are ignored by the engine
+                try:
+                    message = self._inbox.get_nowait()
+                except queue.Empty:
+                    return True
+        finally:
+            self._timings.add_admission(time.perf_counter() - began)
 
     def _admit(self, sub: _Submission) -> None:
-        with self._pending_lock:
-            self._pending -= 1
-        if sub.handle.finished:  # aborted before it reached the engine
-            return
         try:
-            params = self._fit_max_tokens(sub.prompt, sub.params) if sub.fit_max_tokens else sub.params
-            self.engine.add_request(sub.prompt, params, sub.handle.request_id)
+            if not sub.handle.finished:  # else aborted before it reached the engine
+                self._add(sub)
+        finally:
+            with self._waiting_lock:  # one update: the request moves from the inbox to the engine's queue
+                self._pending -= 1
+                self._engine_waiting = self.engine.scheduler.num_waiting
+
+    def _add(self, sub: _Submission) -> None:
+        try:
+            self.engine.add_request(sub.prompt_ids, sub.params, sub.handle.request_id)
         except InvalidRequestError as err:
             sub.handle.deliver(err)
             return
@@ -226,29 +294,16 @@ class EngineLoop:
         self._handles[sub.handle.request_id] = sub.handle
         sub.handle.deliver(_ACCEPTED)
 
-    def _fit_max_tokens(self, prompt: Prompt, params: SamplingParams) -> SamplingParams:
-        """params with max_tokens = what max_model_len leaves after the prompt (at least 1, so that a prompt
-        that fills the context gets the engine's own "exceeds max_model_len" error)."""
-        room = self.engine.max_model_len - self._prompt_length(prompt)
-        return dataclasses.replace(params, max_tokens=max(1, room))
-
-    def _prompt_length(self, prompt: Prompt) -> int:
-        """Tokens of `prompt` as the engine will count them (text as is; chat through the template)."""
-        tokenizer = self.engine.tokenizer
-        if isinstance(prompt, str):
-            return len(tokenizer.encode(prompt)) if prompt else 0
-        if prompt and isinstance(prompt[0], dict):
-            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-            return len(tokenizer.encode(text, add_special_tokens=False))
-        return len(prompt)
-
     def _step(self) -> None:
+        began = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as err:
             logger.exception("minikv engine loop: engine.step() raised; failing the requests in flight")
             self._fail_in_flight(err)
             return
+        finally:
+            self._timings.add_step(time.perf_counter() - began)
         for output in outputs:
             self._route(output)
 

@@ -62,6 +62,9 @@ def from_validation_errors(errors: list[dict], known_fields: set[str]) -> APIErr
     if not loc:
         return bad_request("the request body must be a JSON object (a dict of fields)")
     param = _field_path(loc, known_fields)
+    if first.get("type") == "extra_forbidden":  # an unknown key where the object is closed (stream_options)
+        param = f"{_field_path(loc[:-1], known_fields)}.{loc[-1]}" if len(loc) > 1 else str(loc[-1])
+        return bad_request(f"{param} is not a known field: {first.get('msg', 'not permitted')}", param)
     if first.get("type") == "missing":
         return bad_request(f"{param} is required", param)
     got = first.get("input")

@@ -2,13 +2,16 @@
 
 Field names and meanings are OpenAI's (`/v1/completions`, `/v1/chat/completions`) plus vLLM's extensions
 sent in the body (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
-skip_special_tokens, include_stop_str_in_output) and minikv's `kv_budget`. Types are checked strictly (a
-string is not a number, `true` is not 1); ranges are left to SamplingParams and the engine, which know
-them and say why. Fields this server does not use (`user`, `logit_bias`, ...) are accepted and ignored;
-features it does not have (n > 1, echo, suffix, tools) are refused with a 400 rather than silently dropped.
+skip_special_tokens, include_stop_str_in_output, chat_template_kwargs) and minikv's `kv_budget`. Types
+are checked strictly (a string is not a number, `true` is not 1, NaN and infinity are not numbers); ranges
+are left to SamplingParams and the engine, which know them and say why. Fields this server does not use
+(`user`, `logit_bias`, ...) are accepted and ignored; features it does not have (n > 1, suffix, tools) are
+refused with a 400 rather than silently dropped.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,11 +23,14 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 
 
 class OpenAIBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(OpenAIBody):
+    model_config = ConfigDict(strict=True, extra="forbid")  # a small closed set: a misspelt option is a mistake
+
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's; accepted, usage comes at the end only
 
 
 class SamplingFields(OpenAIBody):
@@ -62,6 +68,8 @@ class SamplingFields(OpenAIBody):
         if self.n != 1:
             raise bad_request(f"n={self.n} is not supported: minikv returns one choice per request; send n "
                               "requests instead", "n")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 
     def sampling_params(self, *, max_tokens: int, logprobs: int | None, stream: bool) -> SamplingParams:
         """SamplingParams for this body; fields left out keep SamplingParams' defaults (vLLM's)."""
@@ -81,10 +89,21 @@ class SamplingFields(OpenAIBody):
         return engine_field
 
 
-class CompletionRequest(SamplingFields):
-    """POST /v1/completions: raw text (or token ids) in, continuation out; no chat template."""
+# The most prompts one /v1/completions request may batch (lm-evaluation-harness sends its batch size).
+MAX_PROMPTS_PER_REQUEST = 256
 
-    prompt: str | list[int] | list[str]
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions: raw text (or token ids) in, continuation out; no chat template.
+
+    `prompt` is one prompt (text or token ids) or a batch of them (a list of texts or of token-id lists): each
+    becomes its own engine request and its own choice (index = its place in the batch). `echo` puts the prompt
+    before the completion, in the text and, with `logprobs`, in the logprobs (every prompt token's logprob
+    under the model, the first one null): this is how lm-evaluation-harness scores a continuation, with
+    `max_tokens: 0` (allowed with echo only) to score without generating.
+    """
+
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
@@ -92,29 +111,54 @@ class CompletionRequest(SamplingFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
-            raise bad_request(f"prompt holds {len(self.prompt)} prompts; minikv takes one prompt per request", "prompt")
-        if self.echo:
-            raise bad_request("echo=true is not supported", "echo")
+        prompts = self.engine_prompts()
+        if not prompts:
+            raise bad_request("prompt is an empty list; give a prompt (text or token ids)", "prompt")
+        if len(prompts) > MAX_PROMPTS_PER_REQUEST:
+            raise bad_request(f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS_PER_REQUEST} per request",
+                              "prompt")
+        empty = [i for i, prompt in enumerate(prompts) if len(prompt) == 0]
+        if empty:
+            where = "prompt" if len(prompts) == 1 else f"prompt[{empty[0]}]"
+            raise bad_request(f"{where} is empty; give at least one token of text", "prompt")
+        if len(prompts) > 1 and self.stream:
+            raise bad_request(f"prompt holds {len(prompts)} prompts and stream=true: a stream takes one prompt "
+                              "(send one streamed request per prompt)", "stream")
         if self.suffix:
             raise bad_request("suffix is not supported (no fill-in-the-middle)", "suffix")
         if self.best_of not in (None, 1):
             raise bad_request(f"best_of={self.best_of} is not supported: minikv returns one choice", "best_of")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("max_tokens=0 asks for no completion: it is allowed only with echo=true (to score the "
+                              "prompt); max_tokens must be >= 1", "max_tokens")
+
+    def engine_prompts(self) -> list[str | list[int]]:
+        """The prompts of this request, each text or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
     def engine_prompt(self) -> str | list[int]:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            return self.prompt[0]
-        return self.prompt
+        return self.engine_prompts()[0]
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) only; the engine samples one token, dropped."""
+        return self.echo and self.max_tokens == 0
 
     def to_sampling_params(self, max_model_len: int) -> tuple[SamplingParams, bool]:
         """SamplingParams, and whether max_tokens is to be fitted to the prompt (never: OpenAI's default is 16)."""
         max_tokens = self.max_tokens if self.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-        return self.sampling_params(max_tokens=max_tokens, logprobs=self.logprobs, stream=self.stream), False
+        params = self.sampling_params(max_tokens=1 if self.echo_only else max_tokens, logprobs=self.logprobs,
+                                      stream=self.stream)
+        if self.echo and self.logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=self.logprobs)
+        return params, False
 
 
 class TextPart(OpenAIBody):
     type: str = "text"
-    text: str
+    text: str | None = None
 
 
 class ChatMessage(OpenAIBody):
@@ -123,10 +167,13 @@ class ChatMessage(OpenAIBody):
     name: str | None = None
 
     def as_engine_message(self) -> dict:
+        """The message as the chat template reads it; `developer` (OpenAI's newer name for the system role)
+        becomes `system`, which is what chat templates know."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content if part.type == "text")
-        return {"role": self.role, "content": content if content is not None else ""}
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content if content is not None else ""}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -137,13 +184,25 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict] | None = None
+    # vLLM's: extra variables for the chat template, e.g. {"enable_thinking": false} for Qwen3
+    chat_template_kwargs: dict | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.tools:
             raise bad_request("tools are not supported by minikv", "tools")
+        for index, message in enumerate(self.messages):
+            for part_index, part in enumerate(message.content if isinstance(message.content, list) else []):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"messages[{index}].content[{part_index}] is a {part.type!r} part; minikv "
+                                      "takes text only ({'type': 'text', 'text': ...})",
+                                      f"messages[{index}].content[{part_index}]")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        reserved = sorted(set(self.chat_template_kwargs or {}) & {"messages", "add_generation_prompt"})
+        if reserved:
+            raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets those",
+                              "chat_template_kwargs")
 
     def engine_prompt(self) -> list[dict]:
         return [message.as_engine_message() for message in self.messages]
