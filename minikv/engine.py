@@ -187,7 +187,9 @@ class Engine:
         dtype = next(self.model.parameters()).dtype
         per_block = bytes_per_block(self.config, self.block_size, dtype, self.policy.top_m)
         if kv_memory is None:
-            blocks = max_num_seqs * -(-min(budget, self.max_model_len) // self.block_size)
+            # an evicting ring under positions="ring" is not bounded by max_model_len: room for its budget
+            longest = budget if self.positions == "ring" else min(budget, self.max_model_len)
+            blocks = max_num_seqs * -(-longest // self.block_size)
         else:
             memory = parse_kv_memory(kv_memory, self.device)
             blocks = memory // per_block

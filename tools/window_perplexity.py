@@ -43,7 +43,9 @@ def token_nll(loaded, ids: list[int], policy: str, budget: int | None, positions
     """-log p(ids[i] | ring before i) for i >= 1, reading ids as one chunked prompt."""
     (spec,) = parse_policies(policy)
     if spec.name == "full":
-        engine = Engine(loaded, policy="full", chunk=chunk, max_num_seqs=1, max_model_len=len(ids) + 1)
+        # full holds the whole text: size its pool (budget x max_num_seqs) for it
+        engine = Engine(loaded, policy="full", budget=len(ids) + 1, chunk=chunk, max_num_seqs=1,
+                        max_model_len=len(ids) + 1)
     else:
         engine = Engine(loaded, budget=budget, policy=spec.name, policy_options=dict(spec.options), chunk=chunk,
                         max_num_seqs=1, max_model_len=len(ids) + 1, positions=positions)

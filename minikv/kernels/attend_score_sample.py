@@ -721,6 +721,12 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, row_len: int, block: int
     return max(1, min(16, wanted, row_len // (4 * block)))
 
 
+def precise_trig(device: torch.device) -> bool:
+    """RoPE's cos / sin from libdevice (compiled kernels) or tl.cos / tl.sin (the interpreter, which has no
+    libdevice; numpy's are accurate there)."""
+    return device.type == "cuda"
+
+
 def default_block_keys(row_len: int, device: torch.device) -> int:
     """Keys per loop iteration: 64 on a GPU; in the interpreter one block per ring (up to 1024), since each
     block-loop iteration costs milliseconds there."""
@@ -775,7 +781,7 @@ def attend_score_sample_triton(
     q_pos = (new_pos if q_pos is None else q_pos).to(torch.int32)
     ring = torch.zeros(num_seqs, dtype=torch.int32, device=q.device) if ring is None else ring.to(torch.int32)
     inv_freq = rope.inv_freq if rope is not None else torch.zeros(1, dtype=torch.float32, device=q.device)
-    rope_flags = dict(ROPE=rope is not None, PRECISE=q.device.type == "cuda")
+    rope_flags = dict(ROPE=rope is not None, PRECISE=precise_trig(q.device))
     ranks = pool.rope_pos is not None
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]
