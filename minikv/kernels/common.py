@@ -177,38 +177,45 @@ class Rope:
     Qwen's theta) and the rotation every kernel applies, in the Hugging Face "rotate_half" layout:
     [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], angle = fp32(position) * inv_freq, all in fp32.
 
-    The torch path reads cos / sin from a table indexed by integer position (bit for bit the direct
-    computation, at a gather's cost instead of two transcendentals per element); the table grows by
-    doubling to the largest position asked for.
+    The torch path reads cos / sin from a table indexed by integer position (the same values as computing
+    them, at a gather's cost instead of two transcendentals per element); the table grows by doubling to
+    the largest position asked for.
     """
 
     def __init__(self, inv_freq: torch.Tensor):
         self.inv_freq = inv_freq.detach().float().contiguous()
-        self._cos = self._sin = self.inv_freq.new_empty(0, 2 * self.inv_freq.shape[0])
+        self._cos = self._sin = self.inv_freq.new_empty(0, self.inv_freq.shape[0])
 
     @property
     def head_dim(self) -> int:
         return 2 * self.inv_freq.shape[0]
 
     def tables(self, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[P, D] fp32 tables [cos, cos] and [-sin, sin] for positions 0..P-1, P > max_pos."""
+        """[P, D/2] fp32 cos and sin of positions 0..P-1, P > max_pos."""
         if max_pos >= self._cos.shape[0]:
             size = max(64, 1 << int(max_pos).bit_length())
             angles = torch.arange(size, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
-            cos, sin = angles.cos(), angles.sin()
-            self._cos, self._sin = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+            self._cos, self._sin = angles.cos(), angles.sin()
         return self._cos, self._sin
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor, max_pos: int | None = None) -> torch.Tensor:
         """x [..., D] rotated to integer positions `pos` [...] (>= 0), in fp32. `max_pos`: a bound on pos
-        known to the caller (saves a host read)."""
+        known to the caller (saves a host read).
+
+        On the CPU path this runs over every key of every ring, every layer and step, so it is written for
+        memory passes: half-width cos / sin gathers and four fused half-width ops into one output."""
         if max_pos is None:
             max_pos = int(pos.max()) if pos.numel() else 0
-        cos2, sin2 = self.tables(max_pos)
-        index = pos.reshape(-1).long().clamp(0, cos2.shape[0] - 1)  # padding lanes may hold anything
-        c = cos2.index_select(0, index).view(*pos.shape, cos2.shape[1])
-        s = sin2.index_select(0, index).view(*pos.shape, cos2.shape[1])
-        x32 = x.float()
+        cos, sin = self.tables(max_pos)
         half = x.shape[-1] // 2
-        swapped = torch.cat([x32[..., half:], x32[..., :half]], dim=-1)
-        return x32 * c + swapped * s
+        index = pos.reshape(-1).long().clamp(0, cos.shape[0] - 1)  # padding lanes may hold anything
+        c = cos.index_select(0, index).view(*pos.shape, half)
+        s = sin.index_select(0, index).view(*pos.shape, half)
+        x32 = x.float()
+        x1, x2 = x32[..., :half], x32[..., half:]
+        out = torch.empty(x32.shape, dtype=torch.float32, device=x.device)
+        torch.mul(x1, c, out=out[..., :half])
+        out[..., :half].addcmul_(x2, s, value=-1.0)  # x1 cos - x2 sin
+        torch.mul(x2, c, out=out[..., half:])
+        out[..., half:].addcmul_(x1, s)  # x2 cos + x1 sin
+        return out
