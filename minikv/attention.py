@@ -6,6 +6,11 @@ Each prefill chunk attends its ring plus itself; then, if ring + chunk exceed th
 policy ranks them, `budget` stay, and the kept chunk tokens are written into the ring. Every read and write
 of a ring goes through its block table (minikv.block_pool): ring slot j is pool row
 `table[j // block_size] * block_size + j % block_size`, and the ring math never sees anything but j.
+
+q and k arrive before RoPE and K is stored so: the kernels rotate every key as they load it, to the position
+its slot takes under the request's position mode (kernels.common.Rope): its text position ("original"), or
+its rank among the ring's kept tokens ("ring", where the query takes the next rank, so no distance the model
+sees exceeds the ring).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class PrefillSegment:
     ring_size: int  # the request's budget: ring slots it may hold
     table: torch.Tensor  # [W] int32: the request's block table (a view of the persistent batch's row)
     ends_prompt: bool = False  # the chunk holds the prompt's last token: decode follows
+    ring_positions: bool = False  # positions="ring": the chunk's RoPE positions follow the ring's ranks
 
 
 @dataclass
@@ -43,6 +49,8 @@ class StepPlan:
     decode_filled: torch.Tensor | None = None  # [N] int32: ring slots filled before this step
     decode_budget: torch.Tensor | None = None  # [N] int32: ring size of each request
     decode_pos: torch.Tensor | None = None  # [N] int32: the new token's position
+    decode_rope_pos: torch.Tensor | None = None  # [N] int32: its RoPE position (None: decode_pos)
+    decode_ring: torch.Tensor | None = None  # [N] bool: rows under positions="ring" (None: none)
     prefills: list[PrefillSegment] = field(default_factory=list)
 
 
@@ -59,6 +67,7 @@ class RingAttention:
                             and type(policy).new_token_scores is Policy.new_token_scores)
         self._index: reference.DecodeIndex | None = None  # the step's decode rings, shared by every layer
         self._deferred: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per layer: a(j), k, v
+        self._rope: kernels.Rope | None = None  # made from the first inv_freq the model passes
         # Most KV slots one request has held at once (ring + the chunk in flight): the memory bound.
         self.peak_slots_per_seq = 0
         policy.bind(pool, num_slots=num_slots, max_budget=max_budget)
@@ -84,12 +93,18 @@ class RingAttention:
         index = self._index.for_layers(num_layers, self.pool.num_blocks + 1, self.pool.num_kv_heads,
                                        self.pool.block_size)
         layer = torch.arange(num_layers, device=attn.device).repeat_interleave(plan.num_decode)[:, None, None]
+        ring = None if plan.decode_ring is None else plan.decode_ring.repeat(num_layers)
         reference.decode_update(self.pool.all_layers(), index, attn, k_new, v_new, plan.decode_pos.repeat(num_layers),
-                                self.spec, layer=layer, seed=self.seed)
+                                self.spec, layer=layer, seed=self.seed, q_pos=self._decode_rope_pos().repeat(num_layers),
+                                ring=ring)
         self._deferred = []
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, Hq, D], k / v [T, Hkv, D] of the step's flat batch, before RoPE: the kernels rotate them
+        with the model's frequencies `inv_freq` [D/2] (None: q and k are used as they are)."""
         plan = self.plan
+        self._set_rope(inv_freq)
         out = torch.empty_like(q)
         nd = plan.num_decode
         if nd and self._defers(q):
@@ -99,12 +114,24 @@ class RingAttention:
             new_score = self.policy.new_token_scores(layer, plan.decode_slots, plan.decode_pos, k[:nd])
             out[:nd], written = kernels.attend_score_sample(
                 q[:nd], k[:nd], v[:nd], pool, plan.decode_tables, plan.decode_filled, plan.decode_budget,
-                plan.decode_pos, self.spec, layer=layer, seed=self.seed, scale=self.scale, new_score=new_score)
+                plan.decode_pos, self.spec, layer=layer, seed=self.seed, scale=self.scale, new_score=new_score,
+                rope=self._rope, q_pos=self._decode_rope_pos(), ring=plan.decode_ring)
             self.policy.after_decode(layer, pool, plan, written)
         for seg in plan.prefills:
             span = slice(seg.start, seg.start + seg.length)
             out[span] = self._prefill(layer, seg, q[span], k[span], v[span])
         return out
+
+    def _set_rope(self, inv_freq: torch.Tensor | None) -> None:
+        if inv_freq is None:
+            self._rope = None
+        elif self._rope is None or self._rope.source is not inv_freq:
+            self._rope = kernels.Rope(inv_freq)
+            self._rope.source = inv_freq  # the model's buffer: a new one (a dtype or device cast) makes a new Rope
+
+    def _decode_rope_pos(self) -> torch.Tensor:
+        plan = self.plan
+        return plan.decode_pos if plan.decode_rope_pos is None else plan.decode_rope_pos
 
     def _defers(self, q: torch.Tensor) -> bool:
         return self._deferrable and kernels.kernel_backend(q.device) == "reference"
@@ -115,7 +142,8 @@ class RingAttention:
         if self._index is None:
             self._index = reference.decode_index(plan.decode_tables, plan.decode_filled, plan.decode_budget,
                                                  pool.block_size, k.shape[1])
-        out, attn, _ = reference.decode_attend(q, k, v, pool, self._index, scale=self.scale)
+        out, attn, _ = reference.decode_attend(q, k, v, pool, self._index, scale=self.scale, rope=self._rope,
+                                               q_pos=self._decode_rope_pos())
         if len(self._deferred) != layer:
             raise RuntimeError("deferred decode layers must run in order, each once per step")
         self._deferred.append((attn, k, v))
@@ -126,9 +154,12 @@ class RingAttention:
         pool, f = self.pool.layer(layer), seg.filled
         self.peak_slots_per_seq = max(self.peak_slots_per_seq, f + seg.length)
         chunk_pos = torch.arange(seg.first_pos, seg.first_pos + seg.length, dtype=torch.int32, device=q.device)
+        # under positions="ring" the ring holds ranks 0..f-1 and the chunk follows them
+        rope_pos = chunk_pos - (seg.first_pos - f) if seg.ring_positions else chunk_pos
         res = kernels.prefill_attention(
             q, k, v, pool, seg.table, f, chunk_pos, scale=self.scale, n_sink=self.policy.n_sink,
-            top_m=self.policy.top_m, obs_rows=min(self.policy.obs_rows, seg.length))
+            top_m=self.policy.top_m, obs_rows=min(self.policy.obs_rows, seg.length), rope=self._rope,
+            rope_pos=rope_pos)
         ring_rows = physical_rows(seg.table, torch.arange(f, device=q.device), pool.block_size)  # [f]
         cand = self._candidates(layer, pool, seg, ring_rows, k, v, chunk_pos, res)
         scores, priority = self.policy.prefill_scores(cand)
@@ -170,6 +201,22 @@ class RingAttention:
         order = ranked.topk(budget, dim=1, sorted=False).indices
         return torch.zeros_like(protected).scatter_(1, order, True)
 
+    @staticmethod
+    def _write_rope_pos(pool: PoolLayer, seg, ring_rows, rows, hs, cand, keep) -> None:
+        """The kept tokens' RoPE positions: their text positions, or under positions="ring" their ranks
+        among the kept (one sort per chunk; decode then keeps the ranks up to date in O(ring))."""
+        f = seg.filled
+        if not seg.ring_positions:
+            pool.rows("rope_pos")[rows, hs] = cand.pos[:, f:]
+            return
+        n = cand.pos.shape[1]
+        key = torch.where(keep, cand.pos.long(), torch.iinfo(torch.int64).max)  # dropped ones rank last
+        order = key.argsort(dim=1, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand_as(order))
+        if f:  # ring slots first: a dropped one is rewritten below by the chunk token taking it
+            pool.rows("rope_pos")[ring_rows] = rank[:, :f].transpose(0, 1).to(torch.int32)
+        pool.rows("rope_pos")[rows, hs] = rank[:, f:].to(torch.int32)
+
     def _write_chunk(self, pool: PoolLayer, seg, ring_rows, k, v, cand, scores, keep, res, held) -> None:
         """Kept chunk tokens take the dropped ring slots and the empty ones, lowest slot first. `held` [H, n]
         (EvictionSpec.hold, else None): the new marks of every candidate, the ring's own included."""
@@ -192,6 +239,8 @@ class RingAttention:
         pool.rows("k")[rows, hs] = k.transpose(0, 1).to(pool.k.dtype)
         pool.rows("v")[rows, hs] = v.transpose(0, 1).to(pool.v.dtype)
         pool.rows("pos")[rows, hs] = cand.pos[:, f:]
+        if pool.rope_pos is not None:
+            self._write_rope_pos(pool, seg, ring_rows, rows, hs, cand, keep)
         pool.rows("score")[rows, hs] = scores[:, f:].float()
         if held is not None:
             pool.rows("held")[rows, hs] = held[:, f:].to(torch.int8)

@@ -121,7 +121,7 @@ PRESETS = {
         policies="full,nexus,h2o,streaming", pool_full_requests=2,
         description="24 requests, all at once; prompts 2048:8064 tokens, 64:128 output tokens; rows full, nexus, "
                     "h2o and streaming at budget 512; one pool for every row holding 2 full requests of 8192 tokens "
-                    "(750 MiB on SmolLM2-135M fp32); max-num-seqs = the number of requests, so memory, not the cap, "
+                    "(755 MiB on SmolLM2-135M fp32); max-num-seqs = the number of requests, so memory, not the cap, "
                     "bounds concurrency. "
                     "Measured 86 min on SmolLM2-135M fp32 with one thread of a 2-core AMD EPYC (full alone "
                     "46 min); add -n 4 for a check of a few minutes"),

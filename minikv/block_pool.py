@@ -76,10 +76,10 @@ def check_ring_settings(budget: int, chunk: int, n_sink: int, window: int) -> No
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, edges_per_slot: int) -> int:
-    """Pool bytes of one block: K and V plus per-slot metadata (pos, score, held mark, out-edges), every layer
-    and KV head."""
+    """Pool bytes of one block: K and V plus per-slot metadata (pos, RoPE position, score, held mark,
+    out-edges), every layer and KV head."""
     element = torch.empty((), dtype=dtype).element_size()
-    per_slot_and_head = 2 * config.head_dim * element + 4 + 4 + 1 + max(edges_per_slot, 1) * (4 + 4 + 4)
+    per_slot_and_head = 2 * config.head_dim * element + 4 + 4 + 4 + 1 + max(edges_per_slot, 1) * (4 + 4 + 4)
     return config.num_layers * config.num_kv_heads * block_size * per_slot_and_head
 
 
@@ -107,8 +107,11 @@ class KVPool:
         self.edge_pos = torch.full((*shape, m), -1, dtype=torch.int32, device=device)
         self.edge_w = torch.zeros((*shape, m), dtype=torch.float32, device=device)
         self.held = torch.zeros(shape, dtype=torch.int8, device=device)  # one byte a slot: all zero unless hold
+        # The position RoPE gives each slot's key: its text position, or its rank in the ring (positions="ring")
+        self.rope_pos = torch.zeros(shape, dtype=torch.int32, device=device)
         self._layers = [PoolLayer(self.k[i], self.v[i], self.pos[i], self.score[i], self.edge_slot[i],
-                                  self.edge_pos[i], self.edge_w[i], self.held[i]) for i in range(config.num_layers)]
+                                  self.edge_pos[i], self.edge_w[i], self.held[i], self.rope_pos[i])
+                        for i in range(config.num_layers)]
         self.bytes_per_block = bytes_per_block(config, block_size, dtype, edges_per_slot)
         # The allocator: a stack of free block ids, and who owns each block (-1 = free).
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
@@ -125,7 +128,7 @@ class KVPool:
         l * (blocks + 1) + b. The CPU path scores a step's decodes of every layer in one batch through it."""
         view = lambda t: t.view(-1, *t.shape[2:])  # noqa: E731
         return PoolLayer(view(self.k), view(self.v), view(self.pos), view(self.score), view(self.edge_slot),
-                         view(self.edge_pos), view(self.edge_w), view(self.held))
+                         view(self.edge_pos), view(self.edge_w), view(self.held), view(self.rope_pos))
 
     # --- accounting ------------------------------------------------------------------------------
     @property

@@ -77,8 +77,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
     g.add_argument("--max-model-len", type=positive_int, default=None,
                    help="longest prompt + output in tokens (default: the model's trained context, "
                         "max_position_embeddings; 8192 for SmolLM2). The ring has no length limit, so a higher "
-                        "value runs, but RoPE extrapolates poorly past the trained length: expect quality to drop "
-                        "beyond it")
+                        "value runs, but under --positions original RoPE extrapolates poorly past the trained "
+                        "length: expect quality to drop beyond it. Under --positions ring it does not bound "
+                        "evicting requests")
+    g.add_argument("--positions", choices=["original", "ring"], default=None,
+                   help="the positions RoPE gives the ring's tokens: 'original' (each token's position in the "
+                        "text) or 'ring' (the kept tokens numbered in order, the query next: no distance exceeds "
+                        "the ring, so an evicting policy runs past the trained context and --max-model-len does "
+                        "not bound its requests). Default: %s for evicting policies; 'full' always uses "
+                        "'original'" % _default_positions())
     g.add_argument("--seed", type=int, default=0, help="seed for sampling and eviction (default %(default)s)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="weights and KV dtype (default float32 on CPU, bfloat16 on CUDA)")
@@ -100,7 +107,14 @@ def engine_options(args: argparse.Namespace) -> dict:
                 n_sink=args.n_sink, window=args.window, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 seed=args.seed, enforce_eager=args.enforce_eager, kv_memory=args.kv_memory,
-                **({"block_size": args.block_size} if args.block_size else {}))
+                **({"block_size": args.block_size} if args.block_size else {}),
+                **({"positions": args.positions} if getattr(args, "positions", None) else {}))
+
+
+def _default_positions() -> str:
+    from .engine import DEFAULT_POSITIONS
+
+    return repr(DEFAULT_POSITIONS)
 
 
 def default_threads() -> int:
@@ -182,7 +196,7 @@ def build_engine(args: argparse.Namespace, model: str | None, **overrides):
     options = {**engine_options(args), **overrides}
     engine = Engine(model, device=args.device, dtype=args.dtype, **options)
     trained = engine.config.max_position_embeddings
-    if engine.max_model_len > trained:
+    if engine.max_model_len > trained and engine.positions == "original":
         print(f"minikv: note: --max-model-len {engine.max_model_len} is past the model's trained context ({trained} "
               "tokens); RoPE extrapolates poorly beyond it, so expect quality to drop past that position",
               file=sys.stderr)

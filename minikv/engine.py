@@ -35,6 +35,7 @@ from .block_pool import KVPool, bytes_per_block, check_ring_settings, parse_kv_m
 from .config import check_engine_settings
 from .errors import ConfigError, InvalidRequestError
 from .input_batch import InputBatch
+from .kernels.common import POSITION_MODES
 from .hashing import hash_u32
 from .loader import LoadedModel, load_model, parse_device, parse_dtype
 from .model_runner import ModelRunner
@@ -51,6 +52,9 @@ Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
 
 # KV slots per pool block (vLLM's default too); see docs/benchmarks.md for the measurement behind it.
 DEFAULT_BLOCK_SIZE = 16
+# The positions RoPE gives an evicting policy's ring unless a request says otherwise (docs/quality.md, "Positions
+# inside the ring", measures both).
+DEFAULT_POSITIONS = "original"
 
 
 @dataclass
@@ -109,19 +113,23 @@ class Engine:
         enforce_eager: bool = False,
         kv_memory: int | float | str | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        positions: str | None = None,
     ):
         """`budget` is the most KV slots per layer and KV head one request may hold (a request can ask for
         fewer with SamplingParams.kv_budget; under `full` a request holds prompt + max_tokens). `kv_memory`
         sizes the one block pool every request draws from: bytes, a size like "2GiB", or on CUDA a fraction
         of free device memory; by default, room for `max_num_seqs` rings of `budget` slots (under `full`, at
-        least room for one request of max_model_len tokens). `max_num_seqs`
-        caps how many requests run at once."""
+        least room for one request of max_model_len tokens). `max_num_seqs` caps how many requests run at
+        once. `positions` ("original" or "ring"; None: DEFAULT_POSITIONS, and always "original" under `full`)
+        is the positions RoPE gives the ring's tokens (see SamplingParams.positions; a request may ask for the
+        other mode)."""
         check_engine_settings(budget=budget, chunk=chunk, n_sink=n_sink, window=window, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed,
                               policy_options=policy_options)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ConfigError(f"block_size must be a positive number of KV slots, got {block_size!r}")
         self.policy = make_policy(policy, n_sink=n_sink, window=window, **(policy_options or {}))
+        self.positions = self._check_positions(positions)
         loaded = _loaded_model(model, device, dtype)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.device = next(self.model.parameters()).device
@@ -168,6 +176,22 @@ class Engine:
                 f"an evicting policy (e.g. streaming with budget <= {window})")
         return min(requested or self.config.max_position_embeddings, window)
 
+    def _check_positions(self, positions: str | None) -> str:
+        if positions is not None and positions not in POSITION_MODES:
+            raise ConfigError(f"positions={positions!r} is invalid: it must be one of {', '.join(POSITION_MODES)}")
+        if not self.policy.evicts:
+            if positions == "ring":
+                raise ConfigError("positions='ring' needs an evicting policy: policy 'full' keeps every token at "
+                                  "its own position; use positions='original' or another policy")
+            return "original"
+        return positions or DEFAULT_POSITIONS
+
+    def _request_positions(self, params: SamplingParams) -> str:
+        if params.positions == "ring" and not self.policy.evicts:
+            raise InvalidRequestError("positions='ring' needs an evicting policy, and this engine runs 'full': "
+                                      "leave positions out")
+        return params.positions or self.positions
+
     def _check_budget(self, budget: int, chunk: int) -> int:
         if not self.policy.evicts:
             return self.max_model_len  # `full`: a ring holds its whole request, prompt + max_tokens
@@ -179,7 +203,9 @@ class Engine:
         dtype = next(self.model.parameters()).dtype
         per_block = bytes_per_block(self.config, self.block_size, dtype, self.policy.top_m)
         if kv_memory is None:
-            blocks = max_num_seqs * -(-min(budget, self.max_model_len) // self.block_size)
+            # an evicting ring under positions="ring" is not bounded by max_model_len: room for its budget
+            longest = budget if self.positions == "ring" else min(budget, self.max_model_len)
+            blocks = max_num_seqs * -(-longest // self.block_size)
             if not self.policy.evicts:  # `full` ignores --budget: a ring holds its whole request, so one must fit
                 blocks = max(blocks, -(-self.max_model_len // self.block_size))
         else:
@@ -202,10 +228,13 @@ class Engine:
         request_id = self._check_request_id(request_id)
         prompt_ids, prompt_text = self.tokenize(prompt)
         total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
+        positions = self._request_positions(params)
+        # under "ring" no distance exceeds the ring, so the model's context no longer bounds the request
+        if total > self.max_model_len and positions != "ring":
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens")
+                f"max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens, or use "
+                "positions='ring' with an evicting policy (the ring's memory is then the bound)")
         # Without its own seed a request draws from the engine's: same engine seed, same order -> same samples.
         # (hash_u32 reads the low 32 bits of each word: masking first keeps any Python int, even >= 2^63, usable.)
         seed = params.seed if params.seed is not None else int(hash_u32(self.seed & 0xFFFFFFFF, next(self._seeds)))
@@ -222,6 +251,7 @@ class Engine:
                 "or give the engine more kv_memory")
         req = Request(request_id, prompt_ids, params, seed=seed, eos_ids=eos, tokenizer=self.tokenizer,
                       prompt_text=prompt_text, kv_budget=budget, ring_size=ring_size, num_blocks_needed=blocks)
+        req.positions = positions
         self._requests[request_id] = req
         self.scheduler.add(req)
         return request_id

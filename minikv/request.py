@@ -31,6 +31,7 @@ class Request:
         self.kv_budget = kv_budget  # KV slots per layer and KV head this request's ring may hold
         # ... and will ever hold: a ring never needs more than prompt + max_tokens slots.
         self.ring_size = ring_size if ring_size is not None else kv_budget
+        self.positions = "original"  # RoPE positions of its ring, "original" or "ring" (set by the engine)
         self.num_blocks_needed = num_blocks_needed  # what admission reserves in the block pool
         self.blocks: list[int] = []  # the pool blocks of its ring, in ring order (its block table)
         self.status = RequestStatus.WAITING

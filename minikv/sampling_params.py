@@ -61,6 +61,10 @@ class SamplingParams:
         one output at the end (FINAL_ONLY).
     kv_budget: minikv's own: the most KV slots per layer and KV head this request may hold (None = the
         engine's budget); the engine refuses values outside [n_sink + window + 1, its budget].
+    positions: minikv's own: the positions RoPE gives the ring's tokens (None = the engine's). "original":
+        each token's position in the text. "ring": the ring's kept tokens take consecutive positions in
+        their order and the query the next one, so no distance exceeds the ring, and a request may run
+        past max_model_len (the ring's memory is the bound). Only an evicting policy takes "ring".
     logits_processors: functions `fn(output_token_ids: list[int], logits: Tensor[vocab]) -> Tensor[vocab]`
         applied in order to this request's fp32 logits at every step, before penalties, temperature and the
         filters (vLLM's per-request logits processors). They see the raw logits, so they can record the
@@ -96,6 +100,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     kv_budget: int | None = None
+    positions: str | None = None
     logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] | None = None
     forced_token_ids: list[int] | None = None
 
@@ -153,6 +158,8 @@ class SamplingParams:
             if self.kv_budget < 1:
                 _bad("kv_budget", self.kv_budget, "must be a positive number of KV slots, or None for the engine's")
             self.kv_budget = int(self.kv_budget)
+        if self.positions is not None and self.positions not in ("original", "ring"):
+            _bad("positions", self.positions, "must be 'original', 'ring', or None for the engine's")
         if self.seed is not None:
             _require_int("seed", self.seed)
             self.seed = int(self.seed)

@@ -199,3 +199,12 @@ def test_max_model_len_bounds_requests_and_says_when_it_is_past_the_trained_cont
     code, out, err = run_cli(capsys, tiny_dir, "hi", "--budget", 128, "--max-model-len", 40000, "--temperature", 0)
     assert code == 0, err
     assert "past the model's trained context (32768 tokens)" in err  # the tiny checkpoint's context
+
+
+def test_positions_ring_lifts_max_model_len_and_full_refuses_it(capsys, tiny_dir):
+    code, out, err = run_cli(capsys, tiny_dir, "hello there, a prompt longer than eight tokens", "--budget", 80,
+                             "--window", 8, "--max-model-len", 8, "--positions", "ring", "--temperature", 0)
+    assert code == 0, err
+    assert out.strip()
+    code, _, err = run_cli(capsys, tiny_dir, "hi", "--policy", "full", "--positions", "ring")
+    assert_clean_error(code, err, "positions='ring' needs an evicting policy")

@@ -124,7 +124,7 @@ def random_batch(budgets, filled, *, num_kv_heads, head_dim, num_edges, dtype, b
 
 
 def clone_pool(pool: PoolLayer) -> PoolLayer:
-    return PoolLayer(*(t.clone() for t in pool))
+    return PoolLayer(*(None if t is None else t.clone() for t in pool))
 
 
 def assert_pools_match(ref: PoolLayer, got: PoolLayer, atol: float) -> None:
@@ -161,7 +161,8 @@ def advance(batch: Batch) -> None:
 
 def dense_ring(pool: PoolLayer, table: torch.Tensor, budget: int) -> dict[str, torch.Tensor]:
     rows = physical_rows(table, torch.arange(budget), pool.block_size)
-    return {name: pool.rows(name)[rows].transpose(0, 1).clone() for name in PoolLayer._fields}
+    return {name: pool.rows(name)[rows].transpose(0, 1).clone() for name in PoolLayer._fields
+            if getattr(pool, name) is not None}
 
 
 def store_dense_ring(pool: PoolLayer, table: torch.Tensor, ring: dict[str, torch.Tensor]) -> None:

@@ -69,7 +69,8 @@ def pool_and_tables(num_seqs, blocks_per_seq, block_size, num_kv_heads, head_dim
     pool = PoolLayer(torch.zeros(*shape, head_dim, dtype=dtype), torch.zeros(*shape, head_dim, dtype=dtype),
                      torch.zeros(shape, dtype=torch.int32), torch.zeros(shape),
                      torch.zeros(*shape, num_edges, dtype=torch.int32), torch.zeros(*shape, num_edges, dtype=torch.int32),
-                     torch.zeros(*shape, num_edges), torch.zeros(shape, dtype=torch.int8))
+                     torch.zeros(*shape, num_edges), torch.zeros(shape, dtype=torch.int8),
+                     torch.zeros(shape, dtype=torch.int32))
     tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32).view(num_seqs, blocks_per_seq)
     return pool, tables
 
@@ -89,8 +90,12 @@ def main() -> int:
 
     decode = importlib.import_module("minikv.kernels.attend_score_sample")
     prefill = importlib.import_module("minikv.kernels.prefill")
-    from minikv.kernels.common import SCORE_EXTERNAL
+    from minikv.kernels.common import SCORE_EXTERNAL, Rope
     from minikv.policies import POLICIES, make_policy
+
+    decode.precise_trig = lambda device: True  # compile what a GPU runs: libdevice's cos / sin
+    rope = Rope(torch.rand(64))
+    ring = torch.tensor([1, 0], dtype=torch.int32)
 
     dtypes = (torch.bfloat16,) if args.quick else (torch.float16, torch.bfloat16)
     names = ("nexus", "streaming") if args.quick else [n for n in POLICIES if n != "full"]
@@ -105,7 +110,8 @@ def main() -> int:
                 ints = torch.full((2,), 100, dtype=torch.int32)
                 new_score = torch.zeros(2, 8) if spec.score_mode == SCORE_EXTERNAL else None
                 decode.attend_score_sample_triton(q, kv, kv, pool, tables, ints, ints, ints, spec, layer=0, seed=0,
-                                                  scale=0.1, new_score=new_score, block_keys=64, num_splits=splits)
+                                                  scale=0.1, new_score=new_score, block_keys=64, num_splits=splits,
+                                                  rope=rope, q_pos=ints, ring=ring)
         print(f"decode  {name:10s} compiled ({time.time() - start:.0f} s)", flush=True)
     for dtype in dtypes:
         for top_m, obs_rows in ((0, 0), (8, 32)):
@@ -115,7 +121,8 @@ def main() -> int:
                 kv = torch.zeros(100, 8, 128, dtype=dtype)
                 prefill.prefill_attention_triton(q, kv, kv, pool, tables[0], 100, torch.arange(100, 200), scale=0.1,
                                                  top_m=top_m, obs_rows=obs_rows,
-                                                 block_q=max(1, 64 // triton.next_power_of_2(group)), block_k=64)
+                                                 block_q=max(1, 64 // triton.next_power_of_2(group)), block_k=64,
+                                                 rope=rope, rope_pos=torch.arange(100, 200, dtype=torch.int32))
     print(f"prefill compiled ({time.time() - start:.0f} s)")
     print(f"{len(compiled)} launches compiled for sm_{args.arch} with Triton {triton.__version__}: "
           f"{', '.join(sorted(set(compiled)))}")

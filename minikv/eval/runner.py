@@ -154,6 +154,7 @@ class EvalSettings:
     max_num_seqs: int = 4
     dtype: str | None = None
     max_model_len: int | None = None  # --max-model-len; None: the model's trained context
+    positions: str | None = None  # --positions of the evicting configs; None: the engine's default
     # Decode-phase runs only (None otherwise, so that files of prefill runs keep their settings)
     decode_prompt: int | None = None  # --decode-prompt: tokens prefilled
     decode_gen: int | None = None  # --decode-gen: tokens forced through decode
@@ -268,7 +269,8 @@ def _engine(loaded, settings: EvalSettings, config: RunConfig, work: Workload):
     budget = config.budget if config.budget_label != "full" else max(config.budget, max_model_len)
     return Engine(loaded, budget=budget, policy=config.policy.name, chunk=settings.chunk,
                   n_sink=settings.n_sink, window=settings.window, max_num_seqs=max_num_seqs,
-                  max_model_len=max_model_len, seed=settings.seed, policy_options=dict(config.policy.options))
+                  max_model_len=max_model_len, seed=settings.seed, policy_options=dict(config.policy.options),
+                  positions=None if config.policy.name == "full" else settings.positions)
 
 
 def run_config(loaded, settings: EvalSettings, config: RunConfig, work: Workload,

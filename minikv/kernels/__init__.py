@@ -30,8 +30,10 @@ from .common import (
     VICTIM_MIN_SCORE,
     VICTIM_OLDEST,
     VICTIM_RESERVOIR,
+    POSITION_MODES,
     EvictionSpec,
     PoolLayer,
+    Rope,
     physical_rows,
 )
 from . import reference
@@ -45,7 +47,7 @@ except ImportError:  # no Triton: only the reference path is available
 
 __all__ = [
     "attend_score_sample", "prefill_attention", "kernel_backend", "PrefillResult", "PoolLayer", "physical_rows",
-    "EvictionSpec", "SCORE_NONE", "SCORE_ATTN", "SCORE_KEYDIFF", "SCORE_EXTERNAL", "VICTIM_OLDEST",
+    "EvictionSpec", "Rope", "POSITION_MODES", "SCORE_NONE", "SCORE_ATTN", "SCORE_KEYDIFF", "SCORE_EXTERNAL", "VICTIM_OLDEST",
     "VICTIM_MIN_SCORE", "VICTIM_RESERVOIR",
 ]
 
@@ -88,6 +90,9 @@ def attend_score_sample(
     seed: int,
     scale: float,
     new_score: torch.Tensor | None = None,
+    rope: Rope | None = None,
+    q_pos: torch.Tensor | None = None,
+    ring: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of one layer (see reference.attend_score_sample), on the backend of q's device."""
     if kernel_backend(q.device) == "triton":
@@ -95,7 +100,7 @@ def attend_score_sample(
     else:
         run = reference.attend_score_sample
     return run(q, k_new, v_new, pool, block_tables, filled, budget, new_pos, spec, layer=layer, seed=seed,
-               scale=scale, new_score=new_score)
+               scale=scale, new_score=new_score, rope=rope, q_pos=q_pos, ring=ring)
 
 
 def prefill_attention(
@@ -111,6 +116,8 @@ def prefill_attention(
     n_sink: int = 4,
     top_m: int = 0,
     obs_rows: int = 0,
+    rope: Rope | None = None,
+    rope_pos: torch.Tensor | None = None,
 ) -> PrefillResult:
     """Causal attention of a prefill chunk over ring + chunk with column mass (see
     reference.prefill_attention), on the backend of q's device."""
@@ -119,7 +126,7 @@ def prefill_attention(
     else:
         run = reference.prefill_attention
     return run(q, k, v, pool, block_table, filled, chunk_pos, scale=scale, n_sink=n_sink, top_m=top_m,
-               obs_rows=obs_rows)
+               obs_rows=obs_rows, rope=rope, rope_pos=rope_pos)
 
 
 def fused_ops_on(x: torch.Tensor) -> bool:

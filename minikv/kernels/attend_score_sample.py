@@ -11,7 +11,14 @@ ring's filled slots in blocks of BLOCK keys:
   walk    Nexus (docs/design.md, section 3): `hops` scatters of a(j) along the stored out-edges with tl.atomic_add;
   score   S <- decay * S + n (or KeyDiff / external / none), written back, and in the same loop the running
           argmax of the victim key over unprotected slots;
-  write   the new K, V, pos, score and edges into slot `filled` or, when the ring is full, the victim.
+  write   the new K, V, pos, score and edges into slot `filled` or, when the ring is full, the victim;
+          under positions="ring" the ranks above the victim's drop by one (one more pass, int32 only).
+
+RoPE. Keys are stored unrotated: every key is rotated as it is loaded (kernels.common.Rope), at its slot's
+rope_pos, and the query and the new key at the query's position. The rotation needs channel d's partner
+d +- D/2, so a key tile is loaded twice (the second load hits the cache), and cos / sin are computed from
+the fp32 angle on the fly (libdevice's accurate cos / sin on a GPU: the fast approximations lose digits
+for the large angles of long contexts; under the interpreter numpy's).
 
 Paging. A ring slot j lives in pool block `table[j // PAGE]` at offset `j % PAGE` (PAGE = the pool's
 block_size, a compile-time constant). Every load and store looks its address up per key: BLOCK is free of
@@ -39,6 +46,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .common import (
     SCORE_ATTN,
@@ -50,6 +58,7 @@ from .common import (
     VICTIM_RESERVOIR,
     EvictionSpec,
     PoolLayer,
+    Rope,
     hash_seed_layer,
 )
 
@@ -128,19 +137,98 @@ def _merge_top(top, cand, TOP_M: tl.constexpr, M_PAD: tl.constexpr):
     return merged
 
 
+# ---- RoPE on load ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_channels(inv_freq_ptr, d, HEAD_DIM: tl.constexpr):
+    """Per channel d [D_PAD]: its frequency, its rotate_half partner (padding channels keep themselves) and
+    the sign of the partner's term: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]."""
+    half: tl.constexpr = HEAD_DIM // 2
+    d_ok = d < HEAD_DIM
+    freq = tl.load(inv_freq_ptr + tl.where(d < half, d, d - half), mask=d_ok, other=0.0)
+    d_sw = tl.where(d < half, d + half, tl.where(d_ok, d - half, d))
+    sign = tl.where(d < half, -1.0, 1.0)
+    return freq, d_sw, sign
+
+
+@triton.jit
+def _rotate(x, x_sw, angle, sign, PRECISE: tl.constexpr):
+    """x rotated by `angle` (broadcastable to x): x cos + x_partner (sign sin), as kernels.common.Rope."""
+    if PRECISE:
+        c = libdevice.cos(angle)
+        s = libdevice.sin(angle)
+    else:
+        c = tl.cos(angle)
+        s = tl.sin(angle)
+    return x * c + x_sw * (sign * s)
+
+
+@triton.jit
+def _load_query(q_ptr, seq, head, stride_qn, stride_qh, stride_qd, g, g_ok, d, d_ok, d_sw, freq, sign, q_pos,
+                GROUP: tl.constexpr, ROPE: tl.constexpr, PRECISE: tl.constexpr):
+    """The group's query heads [G_PAD, D_PAD] in fp32, rotated to q_pos under ROPE."""
+    base = q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh
+    mask = g_ok[:, None] & d_ok[None, :]
+    q = tl.load(base + d[None, :] * stride_qd, mask=mask, other=0.0).to(tl.float32)
+    if ROPE:
+        q_sw = tl.load(base + d_sw[None, :] * stride_qd, mask=mask, other=0.0).to(tl.float32)
+        q = _rotate(q, q_sw, q_pos.to(tl.float32) * freq[None, :], sign[None, :], PRECISE)
+    return q
+
+
+@triton.jit
+def _load_new_key(k_new_ptr, seq, head, stride_kn, stride_kh, stride_kd, d, d_ok, d_sw, freq, sign, q_pos,
+                  ROPE: tl.constexpr, PRECISE: tl.constexpr):
+    """The new key [D_PAD] as given (stored so) and rotated to q_pos (attended so)."""
+    base = k_new_ptr + seq * stride_kn + head * stride_kh
+    k_new = tl.load(base + d * stride_kd, mask=d_ok, other=0.0).to(tl.float32)
+    k_rot = k_new
+    if ROPE:
+        k_sw = tl.load(base + d_sw * stride_kd, mask=d_ok, other=0.0).to(tl.float32)
+        k_rot = _rotate(k_new, k_sw, q_pos.to(tl.float32) * freq, sign, PRECISE)
+    return k_new, k_rot
+
+
+@triton.jit
+def _update_ranks(slot, shifts, q_pos, filled, table, head, num_kv_heads, rope_ptr, j_block, PAGE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """positions="ring" (`shifts`: a full ring under it): the ranks above the victim's drop by one; then the
+    new token's rank, q_pos - shifts, goes to its slot. Before the slot is written."""
+    blk, off = _lookup(table, slot, slot >= 0, PAGE)
+    cell = (blk * PAGE + off) * num_kv_heads + head
+    if shifts:
+        victim_rank = tl.load(rope_ptr + cell)
+        for start in range(0, filled, BLOCK):
+            j = start + j_block
+            j_ok = j < filled
+            j_blk, j_off = _lookup(table, j, j_ok, PAGE)
+            at = rope_ptr + (j_blk * PAGE + j_off) * num_kv_heads + head
+            rank = tl.load(at, mask=j_ok, other=0)
+            tl.store(at, rank - 1, mask=j_ok & (rank > victim_rank))
+        tl.debug_barrier()
+    tl.store(rope_ptr + cell, q_pos - shifts.to(tl.int32))
+
+
 # ---- the passes, each over ring slots [lo, hi) (the whole ring here; a split's range under split-K) -------
 
 
 @triton.jit
-def _logits_pass(q, m_i, l_i, unit_sum, lo, hi, table, head, k_ptr, sk0, sk1, sk2, sk3, logits_row, scale,
-                 g_ok, d, d_ok, j_block, PAGE: tl.constexpr, BLOCK: tl.constexpr, SCORE_MODE: tl.constexpr):
+def _logits_pass(q, m_i, l_i, unit_sum, lo, hi, table, head, num_kv_heads, k_ptr, sk0, sk1, sk2, sk3, rope_ptr,
+                 logits_row, scale, g_ok, d, d_ok, d_sw, freq, sign, j_block, PAGE: tl.constexpr,
+                 BLOCK: tl.constexpr, SCORE_MODE: tl.constexpr, ROPE: tl.constexpr, PRECISE: tl.constexpr):
     for start in range(lo, hi, BLOCK):
         j = start + j_block
         j_ok = j < hi
         blk, off = _lookup(table, j, j_ok, PAGE)
-        k = tl.load(k_ptr + blk[:, None] * sk0 + off[:, None] * sk1 + head * sk2 + d[None, :] * sk3,
-                    mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        row = k_ptr + blk[:, None] * sk0 + off[:, None] * sk1 + head * sk2
+        k = tl.load(row + d[None, :] * sk3, mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        k_rot = k
+        if ROPE:  # KeyDiff below reads the key as stored
+            k_sw = tl.load(row + d_sw[None, :] * sk3, mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            key_pos = tl.load(rope_ptr + (blk * PAGE + off) * num_kv_heads + head, mask=j_ok, other=0)
+            k_rot = _rotate(k, k_sw, key_pos.to(tl.float32)[:, None] * freq[None, :], sign[None, :], PRECISE)
+        s = tl.dot(q, tl.trans(k_rot), input_precision="ieee") * scale
         s = tl.where(j_ok[None, :], s, float("-inf"))
         tl.store(logits_row + j[None, :], s, mask=g_ok[:, None] & j_ok[None, :])
         m_next = tl.maximum(m_i, tl.max(s, axis=1))
@@ -294,7 +382,7 @@ def _attend_score_sample_kernel(
     q_ptr, k_new_ptr, v_new_ptr, out_ptr,
     k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr, held_ptr,
     tables_ptr, filled_ptr, budget_ptr, new_pos_ptr, new_score_ptr, written_ptr,
-    logits_ptr, attn_ptr, walk_ptr,
+    logits_ptr, attn_ptr, walk_ptr, rope_ptr, inv_freq_ptr, q_pos_ptr, ring_ptr,
     stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
     stride_on, stride_oh, stride_od, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, stride_t,
     num_kv_heads, row_len, hash_base_i32, scale,
@@ -303,6 +391,7 @@ def _attend_score_sample_kernel(
     SCORE_MODE: tl.constexpr, VICTIM_MODE: tl.constexpr, DECAY: tl.constexpr, GAMMA: tl.constexpr,
     HOPS: tl.constexpr, TAU: tl.constexpr, TOP_M: tl.constexpr, N_SINK: tl.constexpr,
     WINDOW: tl.constexpr, EPS: tl.constexpr, HAS_NEW_SCORE: tl.constexpr, HOLD: tl.constexpr,
+    ROPE: tl.constexpr, RANKS: tl.constexpr, PRECISE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -310,6 +399,7 @@ def _attend_score_sample_kernel(
     filled = tl.load(filled_ptr + seq).to(tl.int32)
     budget = tl.load(budget_ptr + seq).to(tl.int32)
     new_pos = tl.load(new_pos_ptr + seq).to(tl.int32)
+    q_pos = tl.load(q_pos_ptr + seq).to(tl.int32)
 
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
@@ -321,18 +411,20 @@ def _attend_score_sample_kernel(
     attn_row = attn_ptr + row.to(tl.int64) * row_len
     walk_row = walk_ptr + row.to(tl.int64) * HOPS * row_len
 
-    q = tl.load(q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh + d[None, :] * stride_qd,
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    k_new = tl.load(k_new_ptr + seq * stride_kn + head * stride_kh + d * stride_kd, mask=d_ok,
-                    other=0.0).to(tl.float32)
+    freq, d_sw, sign = _rope_channels(inv_freq_ptr, d, HEAD_DIM)
+    q = _load_query(q_ptr, seq, head, stride_qn, stride_qh, stride_qd, g, g_ok, d, d_ok, d_sw, freq, sign, q_pos,
+                    GROUP, ROPE, PRECISE)
+    k_new, k_new_rot = _load_new_key(k_new_ptr, seq, head, stride_kn, stride_kh, stride_kd, d, d_ok, d_sw, freq,
+                                     sign, q_pos, ROPE, PRECISE)
     v_new = tl.load(v_new_ptr + seq * stride_vn + head * stride_vh + d * stride_vd, mask=d_ok,
                     other=0.0).to(tl.float32)
 
     # ---- pass 1: the new token opens the softmax ----------------------------------------------------
-    s_new = tl.sum(q * k_new[None, :], axis=1) * scale
+    s_new = tl.sum(q * k_new_rot[None, :], axis=1) * scale
     m_i, l_i, unit_sum = _logits_pass(q, s_new, tl.full([G_PAD], 1.0, tl.float32), tl.zeros([D_PAD], tl.float32),
-                                      0, filled, table, head, k_ptr, sk0, sk1, sk2, sk3, logits_row, scale,
-                                      g_ok, d, d_ok, j_block, PAGE, BLOCK, SCORE_MODE)
+                                      0, filled, table, head, num_kv_heads, k_ptr, sk0, sk1, sk2, sk3, rope_ptr,
+                                      logits_row, scale, g_ok, d, d_ok, d_sw, freq, sign, j_block, PAGE, BLOCK,
+                                      SCORE_MODE, ROPE, PRECISE)
     tl.debug_barrier()
 
     # ---- pass 2: output, a(j), top-m edge candidates --------------------------------------------------
@@ -387,6 +479,9 @@ def _attend_score_sample_kernel(
         score_new = tl.load(new_score_ptr + seq * num_kv_heads + head).to(tl.float32)
     else:
         score_new = 0.0
+    if RANKS:
+        shifts = full & (tl.load(ring_ptr + seq) != 0)
+        _update_ranks(slot, shifts, q_pos, filled, table, head, num_kv_heads, rope_ptr, j_block, PAGE, BLOCK)
     _write_new_token(slot, score_new, top, seq, head, num_kv_heads, new_pos, table, d, d_ok, k_new, v_new,
                      k_ptr, sk0, sk1, sk2, sk3, v_ptr, sv0, sv1, sv2, sv3, pos_ptr, score_ptr, edge_slot_ptr,
                      edge_pos_ptr, edge_w_ptr, held_ptr, written_ptr, M, M_PAD, PAGE, TOP_M, HOLD)
@@ -444,6 +539,7 @@ def _split_kernel(
     q_ptr, k_new_ptr, k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr, held_ptr,
     tables_ptr, filled_ptr, budget_ptr, new_pos_ptr,
     logits_ptr, attn_ptr, walk_ptr, stats_m_ptr, stats_l_ptr, unit_ptr, acc_ptr, top_ptr, best_ptr,
+    rope_ptr, inv_freq_ptr, q_pos_ptr,
     stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd,
     sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, stride_t,
     num_kv_heads, row_len, hash_base_i32, scale,
@@ -452,7 +548,7 @@ def _split_kernel(
     SCORE_MODE: tl.constexpr, VICTIM_MODE: tl.constexpr, DECAY: tl.constexpr, GAMMA: tl.constexpr,
     HOPS: tl.constexpr, TAU: tl.constexpr, TOP_M: tl.constexpr, N_SINK: tl.constexpr,
     WINDOW: tl.constexpr, EPS: tl.constexpr, NUM_SPLITS: tl.constexpr, PHASE: tl.constexpr, HOP: tl.constexpr,
-    FUSE_SCORE: tl.constexpr, HOLD: tl.constexpr,
+    FUSE_SCORE: tl.constexpr, HOLD: tl.constexpr, ROPE: tl.constexpr, PRECISE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -461,6 +557,7 @@ def _split_kernel(
     filled = tl.load(filled_ptr + seq).to(tl.int32)
     budget = tl.load(budget_ptr + seq).to(tl.int32)
     new_pos = tl.load(new_pos_ptr + seq).to(tl.int32)
+    q_pos = tl.load(q_pos_ptr + seq).to(tl.int32)
     per_split = tl.cdiv(tl.cdiv(filled, NUM_SPLITS), BLOCK) * BLOCK
     lo = tl.minimum(split * per_split, filled)
     hi = tl.minimum(lo + per_split, filled)
@@ -476,24 +573,26 @@ def _split_kernel(
     logits_row = logits_ptr + (row * GROUP + g[:, None]).to(tl.int64) * row_len
     attn_row = attn_ptr + row.to(tl.int64) * row_len
     walk_row = walk_ptr + row.to(tl.int64) * HOPS * row_len
+    freq, d_sw, sign = _rope_channels(inv_freq_ptr, d, HEAD_DIM)
 
     if PHASE == 0:
-        q = tl.load(q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh + d[None, :] * stride_qd,
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        q = _load_query(q_ptr, seq, head, stride_qn, stride_qh, stride_qd, g, g_ok, d, d_ok, d_sw, freq, sign,
+                        q_pos, GROUP, ROPE, PRECISE)
         m_i, l_i, unit_sum = _logits_pass(q, tl.full([G_PAD], float("-inf"), tl.float32),
                                           tl.zeros([G_PAD], tl.float32), tl.zeros([D_PAD], tl.float32), lo, hi,
-                                          table, head, k_ptr, sk0, sk1, sk2, sk3, logits_row, scale, g_ok, d, d_ok,
-                                          j_block, PAGE, BLOCK, SCORE_MODE)
+                                          table, head, num_kv_heads, k_ptr, sk0, sk1, sk2, sk3, rope_ptr, logits_row,
+                                          scale, g_ok, d, d_ok, d_sw, freq, sign, j_block, PAGE, BLOCK, SCORE_MODE,
+                                          ROPE, PRECISE)
         tl.store(stats_m_ptr + part * G_PAD + g, m_i)
         tl.store(stats_l_ptr + part * G_PAD + g, l_i)
         if SCORE_MODE == 2:
             tl.store(unit_ptr + part * D_PAD + d, unit_sum)
     elif PHASE == 1:
-        q = tl.load(q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh + d[None, :] * stride_qd,
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        k_new = tl.load(k_new_ptr + seq * stride_kn + head * stride_kh + d * stride_kd, mask=d_ok,
-                        other=0.0).to(tl.float32)
-        s_new = tl.sum(q * k_new[None, :], axis=1) * scale
+        q = _load_query(q_ptr, seq, head, stride_qn, stride_qh, stride_qd, g, g_ok, d, d_ok, d_sw, freq, sign,
+                        q_pos, GROUP, ROPE, PRECISE)
+        k_new, k_new_rot = _load_new_key(k_new_ptr, seq, head, stride_kn, stride_kh, stride_kd, d, d_ok, d_sw,
+                                         freq, sign, q_pos, ROPE, PRECISE)
+        s_new = tl.sum(q * k_new_rot[None, :], axis=1) * scale
         m_i, l_i = _merged_stats(stats_m_ptr, stats_l_ptr, row, s_new, g, NUM_SPLITS, G_PAD)
         inv_l = tl.where(g_ok, 1.0 / l_i, 0.0)
         acc, top = _probs_pass(m_i, inv_l, tl.full([M_PAD], -1, tl.int64), lo, hi, table, head, num_kv_heads,
@@ -537,13 +636,14 @@ def _split_finish_kernel(
     q_ptr, k_new_ptr, v_new_ptr, out_ptr,
     k_ptr, v_ptr, pos_ptr, score_ptr, edge_slot_ptr, edge_pos_ptr, edge_w_ptr, held_ptr,
     tables_ptr, filled_ptr, budget_ptr, new_pos_ptr, new_score_ptr, written_ptr,
-    stats_m_ptr, stats_l_ptr, unit_ptr, acc_ptr, top_ptr, best_ptr,
+    stats_m_ptr, stats_l_ptr, unit_ptr, acc_ptr, top_ptr, best_ptr, rope_ptr, inv_freq_ptr, q_pos_ptr, ring_ptr,
     stride_qn, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
     stride_on, stride_oh, stride_od, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, stride_t,
     num_kv_heads, scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     M: tl.constexpr, M_PAD: tl.constexpr, PAGE: tl.constexpr, SCORE_MODE: tl.constexpr, TOP_M: tl.constexpr,
-    HAS_NEW_SCORE: tl.constexpr, NUM_SPLITS: tl.constexpr, HOLD: tl.constexpr,
+    HAS_NEW_SCORE: tl.constexpr, NUM_SPLITS: tl.constexpr, HOLD: tl.constexpr, BLOCK: tl.constexpr,
+    ROPE: tl.constexpr, RANKS: tl.constexpr, PRECISE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -557,14 +657,16 @@ def _split_finish_kernel(
     g_ok = g < GROUP
     d_ok = d < HEAD_DIM
     row = seq * num_kv_heads + head
+    q_pos = tl.load(q_pos_ptr + seq).to(tl.int32)
 
-    q = tl.load(q_ptr + seq * stride_qn + (head * GROUP + g[:, None]) * stride_qh + d[None, :] * stride_qd,
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    k_new = tl.load(k_new_ptr + seq * stride_kn + head * stride_kh + d * stride_kd, mask=d_ok,
-                    other=0.0).to(tl.float32)
+    freq, d_sw, sign = _rope_channels(inv_freq_ptr, d, HEAD_DIM)
+    q = _load_query(q_ptr, seq, head, stride_qn, stride_qh, stride_qd, g, g_ok, d, d_ok, d_sw, freq, sign, q_pos,
+                    GROUP, ROPE, PRECISE)
+    k_new, k_new_rot = _load_new_key(k_new_ptr, seq, head, stride_kn, stride_kh, stride_kd, d, d_ok, d_sw, freq,
+                                     sign, q_pos, ROPE, PRECISE)
     v_new = tl.load(v_new_ptr + seq * stride_vn + head * stride_vh + d * stride_vd, mask=d_ok,
                     other=0.0).to(tl.float32)
-    s_new = tl.sum(q * k_new[None, :], axis=1) * scale
+    s_new = tl.sum(q * k_new_rot[None, :], axis=1) * scale
     m_i, l_i = _merged_stats(stats_m_ptr, stats_l_ptr, row, s_new, g, NUM_SPLITS, G_PAD)
     inv_l = tl.where(g_ok, 1.0 / l_i, 0.0)
     p_new = tl.exp(s_new - m_i) * inv_l
@@ -591,6 +693,10 @@ def _split_finish_kernel(
     else:
         score_new = 0.0
     slot = tl.where(filled >= budget, _rank_slot(best), filled)
+    if RANKS:
+        shifts = (filled >= budget) & (tl.load(ring_ptr + seq) != 0)
+        _update_ranks(slot, shifts, q_pos, filled, table, head, num_kv_heads, rope_ptr, tl.arange(0, BLOCK), PAGE,
+                      BLOCK)
     _write_new_token(slot, score_new, top, seq, head, num_kv_heads, new_pos, table, d, d_ok, k_new, v_new,
                      k_ptr, sk0, sk1, sk2, sk3, v_ptr, sv0, sv1, sv2, sv3, pos_ptr, score_ptr, edge_slot_ptr,
                      edge_pos_ptr, edge_w_ptr, held_ptr, written_ptr, M, M_PAD, PAGE, TOP_M, HOLD)
@@ -615,6 +721,12 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, row_len: int, block: int
     return max(1, min(16, wanted, row_len // (4 * block)))
 
 
+def precise_trig(device: torch.device) -> bool:
+    """RoPE's cos / sin from libdevice (compiled kernels) or tl.cos / tl.sin (the interpreter, which has no
+    libdevice; numpy's are accurate there)."""
+    return device.type == "cuda"
+
+
 def default_block_keys(row_len: int, device: torch.device) -> int:
     """Keys per loop iteration: 64 on a GPU; in the interpreter one block per ring (up to 1024), since each
     block-loop iteration costs milliseconds there."""
@@ -626,7 +738,7 @@ def default_block_keys(row_len: int, device: torch.device) -> int:
 def _check_inputs(q, k_new, pool: PoolLayer, block_tables, spec: EvictionSpec) -> None:
     if q.shape[1] % k_new.shape[1] != 0:
         raise ValueError(f"query heads {q.shape[1]} are not a multiple of KV heads {k_new.shape[1]}")
-    for name in ("pos", "score", "edge_slot", "edge_pos", "edge_w", "held"):
+    for name in ("pos", "score", "edge_slot", "edge_pos", "edge_w", "held", "rope_positions"):
         if not getattr(pool, name).is_contiguous():
             raise ValueError(f"pool.{name} must be contiguous")
     if block_tables.dim() != 2 or block_tables.stride(1) != 1:
@@ -654,6 +766,9 @@ def attend_score_sample_triton(
     seed: int,
     scale: float,
     new_score: torch.Tensor | None = None,
+    rope: Rope | None = None,
+    q_pos: torch.Tensor | None = None,
+    ring: torch.Tensor | None = None,
     block_keys: int | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -662,6 +777,12 @@ def attend_score_sample_triton(
     programs per (sequence, KV head), 1 = the single fused kernel, more = split-K (see above); None
     chooses by choose_num_splits (1 under the interpreter)."""
     _check_inputs(q, k_new, pool, block_tables, spec)
+    num_seqs = q.shape[0]
+    q_pos = (new_pos if q_pos is None else q_pos).to(torch.int32)
+    ring = torch.zeros(num_seqs, dtype=torch.int32, device=q.device) if ring is None else ring.to(torch.int32)
+    inv_freq = rope.inv_freq if rope is not None else torch.zeros(1, dtype=torch.float32, device=q.device)
+    rope_flags = dict(ROPE=rope is not None, PRECISE=precise_trig(q.device))
+    ranks = pool.rope_pos is not None
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]
     group = num_heads // num_kv_heads
@@ -698,12 +819,13 @@ def attend_score_sample_triton(
         fuse_score = spec.score_mode != SCORE_ATTN or hops == 0
         common = (q, k_new, pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w,
                   pool.held, block_tables, filled, budget, new_pos, logits, attn, walk, stats_m, stats_l, unit, acc,
-                  top, best,
+                  top, best, pool.rope_positions, inv_freq, q_pos,
                   *q.stride(), *k_new.stride(), *pool.k.stride(), *pool.v.stride(), block_tables.stride(0),
                   num_kv_heads, row_len, hash_base(seed, layer), float(scale))
         phase = dict(**constants, BLOCK=block, VICTIM_MODE=spec.victim_mode, DECAY=float(spec.decay),
                      GAMMA=float(spec.gamma), HOPS=hops, TAU=float(spec.tau), N_SINK=spec.n_sink,
-                     WINDOW=spec.window, EPS=float(spec.eps), NUM_SPLITS=splits, FUSE_SCORE=fuse_score, **policy)
+                     WINDOW=spec.window, EPS=float(spec.eps), NUM_SPLITS=splits, FUSE_SCORE=fuse_score, **policy,
+                     **rope_flags)
         grid = (num_seqs, num_kv_heads, splits)
         _split_kernel[grid](*common, PHASE=0, HOP=0, **phase)
         _split_kernel[grid](*common, PHASE=1, HOP=0, **phase)
@@ -715,17 +837,18 @@ def attend_score_sample_triton(
             q, k_new, v_new, out,
             pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w, pool.held,
             block_tables, filled, budget, new_pos, new_score if new_score is not None else written, written,
-            stats_m, stats_l, unit, acc, top, best,
+            stats_m, stats_l, unit, acc, top, best, pool.rope_positions, inv_freq, q_pos, ring,
             *q.stride(), *k_new.stride(), *v_new.stride(), *out.stride(), *pool.k.stride(), *pool.v.stride(),
             block_tables.stride(0), num_kv_heads, float(scale),
-            **constants, **policy, HAS_NEW_SCORE=new_score is not None, NUM_SPLITS=splits)
+            **constants, **policy, HAS_NEW_SCORE=new_score is not None, NUM_SPLITS=splits, BLOCK=block,
+            RANKS=ranks, **rope_flags)
         return out, written
 
     _attend_score_sample_kernel[(num_seqs, num_kv_heads)](
         q, k_new, v_new, out,
         pool.k, pool.v, pool.pos, pool.score, pool.edge_slot, pool.edge_pos, pool.edge_w, pool.held,
         block_tables, filled, budget, new_pos, new_score if new_score is not None else written, written,
-        logits, attn, walk,
+        logits, attn, walk, pool.rope_positions, inv_freq, q_pos, ring,
         *q.stride(), *k_new.stride(), *v_new.stride(), *out.stride(), *pool.k.stride(), *pool.v.stride(),
         block_tables.stride(0),
         num_kv_heads, row_len, hash_base(seed, layer), float(scale),
@@ -734,5 +857,6 @@ def attend_score_sample_triton(
         SCORE_MODE=spec.score_mode, VICTIM_MODE=spec.victim_mode, DECAY=float(spec.decay),
         GAMMA=float(spec.gamma), HOPS=hops, TAU=float(spec.tau), TOP_M=spec.top_m, N_SINK=spec.n_sink,
         WINDOW=spec.window, EPS=float(spec.eps), HAS_NEW_SCORE=new_score is not None, HOLD=spec.hold,
+        RANKS=ranks, **rope_flags,
     )
     return out, written

@@ -30,7 +30,8 @@ class PoolLayer(NamedTuple):
     sequence's ring lives in block `block_table[j // block_size]` at offset `j % block_size`, for every
     KV head; the ring math (positions, scores, victims, edges) only ever sees ring slot indices j.
 
-    k, v:       [num_blocks, block_size, num_kv_heads, head_dim]  K after RoPE at the original position.
+    k, v:       [num_blocks, block_size, num_kv_heads, head_dim]  K before RoPE (after the model's key norm):
+                                                                  the kernels rotate each key as they load it.
     pos:        [num_blocks, block_size, num_kv_heads] int32      original position of the token in the slot.
     score:      [num_blocks, block_size, num_kv_heads] fp32       the policy's importance score.
     edge_slot:  [num_blocks, block_size, num_kv_heads, M] int32   Nexus out-edges: target *ring slot*, -1 = none.
@@ -39,6 +40,10 @@ class PoolLayer(NamedTuple):
     edge_w:     [num_blocks, block_size, num_kv_heads, M] fp32    normalised edge weight.
     held:       [num_blocks, block_size, num_kv_heads] int8       1 = a decode victim only when nothing else
                                                                   is (Nexus's reserve, EvictionSpec.hold).
+    rope_pos:   [num_blocks, block_size, num_kv_heads] int32      the position RoPE gives the slot's key: `pos`
+                                                                  under positions="original", the slot's rank
+                                                                  in its ring under "ring" (see Rope). None:
+                                                                  `pos` is used.
 
     Slots at ring index >= filled are empty whatever the pool holds there, so freeing a sequence's blocks is
     O(blocks) and nothing is zeroed. Policies without edges use M = 1 and never read them; policies without
@@ -53,6 +58,12 @@ class PoolLayer(NamedTuple):
     edge_pos: torch.Tensor
     edge_w: torch.Tensor
     held: torch.Tensor
+    rope_pos: torch.Tensor | None = None
+
+    @property
+    def rope_positions(self) -> torch.Tensor:
+        """The tensor holding each slot's RoPE position: rope_pos, or pos when the pool keeps none."""
+        return self.pos if self.rope_pos is None else self.rope_pos
 
     @property
     def block_size(self) -> int:
@@ -60,7 +71,7 @@ class PoolLayer(NamedTuple):
 
     def rows(self, name: str) -> torch.Tensor:
         """A pool tensor with (block, offset) flattened into one row axis: [num_blocks * block_size, ...]."""
-        t = getattr(self, name)
+        t = self.rope_positions if name == "rope_pos" else getattr(self, name)
         return t.view(-1, *t.shape[2:])
 
 
@@ -147,3 +158,64 @@ def slot_uniform(seed: int, layer: int, head: torch.Tensor, pos: torch.Tensor) -
     """u in (0, 1), never 0 or 1: the top 24 bits of the hash, centred in their bucket."""
     bits = slot_hash_u32(seed, layer, head, pos) >> 8
     return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+# --- RoPE applied by the kernels -----------------------------------------------------------------
+# Keys are stored unrotated; every kernel rotates a key as it loads it, with the position its slot takes
+# under the request's position mode, and the query with the query's. Two modes:
+#   original  a slot's RoPE position is its token's position in the text (what the model was trained on);
+#   ring      the ring's kept tokens take consecutive positions in their original order (sinks first) and
+#             the query the next one, so no distance exceeds the ring's size (StreamingLLM, Xiao et al.
+#             2023, "positions within the cache"). A slot's ring position is its rank: an eviction shifts
+#             the ranks above the victim's down by one (the decode kernel does it in its pass over the ring).
+
+POSITION_MODES = ("original", "ring")
+
+
+class Rope:
+    """The model's RoPE frequencies inv_freq [D/2] (fp32, with its scaling already applied: llama3, linear,
+    Qwen's theta) and the rotation every kernel applies, in the Hugging Face "rotate_half" layout:
+    [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], angle = fp32(position) * inv_freq, all in fp32.
+
+    The torch path reads cos / sin from a table indexed by integer position (the same values as computing
+    them, at a gather's cost instead of two transcendentals per element); the table grows by doubling to
+    the largest position asked for.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq.detach().float().contiguous()
+        self._cos = self._sin = self.inv_freq.new_empty(0, self.inv_freq.shape[0])
+
+    @property
+    def head_dim(self) -> int:
+        return 2 * self.inv_freq.shape[0]
+
+    def tables(self, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[P, D/2] fp32 cos and sin of positions 0..P-1, P > max_pos."""
+        if max_pos >= self._cos.shape[0]:
+            size = max(64, 1 << int(max_pos).bit_length())
+            angles = torch.arange(size, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
+            self._cos, self._sin = angles.cos(), angles.sin()
+        return self._cos, self._sin
+
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor, max_pos: int | None = None) -> torch.Tensor:
+        """x [..., D] rotated to integer positions `pos` [...] (>= 0), in fp32. `max_pos`: a bound on pos
+        known to the caller (saves a host read).
+
+        On the CPU path this runs over every key of every ring, every layer and step, so it is written for
+        memory passes: half-width cos / sin gathers and four fused half-width ops into one output."""
+        if max_pos is None:
+            max_pos = int(pos.max()) if pos.numel() else 0
+        cos, sin = self.tables(max_pos)
+        half = x.shape[-1] // 2
+        index = pos.reshape(-1).long().clamp(0, cos.shape[0] - 1)  # padding lanes may hold anything
+        c = cos.index_select(0, index).view(*pos.shape, half)
+        s = sin.index_select(0, index).view(*pos.shape, half)
+        x32 = x.float()
+        x1, x2 = x32[..., :half], x32[..., half:]
+        out = torch.empty(x32.shape, dtype=torch.float32, device=x.device)
+        torch.mul(x1, c, out=out[..., :half])
+        out[..., :half].addcmul_(x2, s, value=-1.0)  # x1 cos - x2 sin
+        torch.mul(x2, c, out=out[..., half:])
+        out[..., half:].addcmul_(x1, s)  # x2 cos + x1 sin
+        return out

@@ -22,6 +22,9 @@ the attention is computed once per chunk (one logits recomputation in loop 2, no
 is deterministic: each program writes its own partial row (no float atomics, whose order would change the
 last bits from run to run and with it near-tie keep decisions), and the partials are summed in a fixed
 order afterwards; every edge and observation row is owned by exactly one program.
+
+RoPE is applied on load, as in the decode kernel (see attend_score_sample.py): a ring key at its slot's
+rope_pos, a chunk key and a chunk row's query at the chunk's RoPE positions; keys are never stored rotated.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import PoolLayer
+from . import attend_score_sample as _decode
+from .attend_score_sample import _rope_channels, _rotate
+from .common import PoolLayer, Rope
 from .reference import PrefillResult
 
 
@@ -53,16 +58,38 @@ def _load_keys(ring_ptr, chunk_ptr, table_ptr, kv_head, key, d, num_ring, chunk_
 
 
 @triton.jit
+def _load_rotated_keys(ring_ptr, chunk_ptr, table_ptr, ring_rope_ptr, chunk_rope_ptr, kv_head, key, d, d_sw, freq,
+                       sign, num_ring, chunk_len, num_kv_heads, stride_r0, stride_r1, stride_r2, stride_r3, stride_c0,
+                       stride_c1, stride_c2, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, ROPE: tl.constexpr,
+                       PRECISE: tl.constexpr):
+    """_load_keys, each key rotated to its RoPE position under ROPE (ring: the slot's, chunk: the token's)."""
+    k = _load_keys(ring_ptr, chunk_ptr, table_ptr, kv_head, key, d, num_ring, chunk_len, stride_r0, stride_r1,
+                   stride_r2, stride_r3, stride_c0, stride_c1, stride_c2, HEAD_DIM, PAGE)
+    if ROPE:
+        k_sw = _load_keys(ring_ptr, chunk_ptr, table_ptr, kv_head, key, d_sw, num_ring, chunk_len, stride_r0,
+                          stride_r1, stride_r2, stride_r3, stride_c0, stride_c1, stride_c2, HEAD_DIM, PAGE)
+        in_ring = key < num_ring
+        blk = tl.load(table_ptr + tl.where(in_ring, key // PAGE, 0), mask=in_ring, other=0).to(tl.int64)
+        ring_pos = tl.load(ring_rope_ptr + (blk * PAGE + key % PAGE) * num_kv_heads + kv_head, mask=in_ring,
+                           other=0)
+        chunk_pos = tl.load(chunk_rope_ptr + key - num_ring, mask=~in_ring & (key < num_ring + chunk_len), other=0)
+        key_pos = tl.where(in_ring, ring_pos, chunk_pos).to(tl.float32)
+        k = _rotate(k, k_sw, key_pos[:, None] * freq[None, :], sign[None, :], PRECISE)
+    return k
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, ring_pos_ptr, table_ptr, chunk_pos_ptr,
-    out_ptr, mass_ptr, edge_idx_ptr, edge_w_ptr, obs_ptr,
+    out_ptr, mass_ptr, edge_idx_ptr, edge_w_ptr, obs_ptr, ring_rope_ptr, chunk_rope_ptr, inv_freq_ptr,
     stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2, stride_v0, stride_v1, stride_v2,
     stride_rk0, stride_rk1, stride_rk2, stride_rk3, stride_rv0, stride_rv1, stride_rv2, stride_rv3,
     stride_o0, stride_o1, stride_o2,
     num_kv_heads, num_ring, chunk_len, first_obs, scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PAGE: tl.constexpr, N_SINK: tl.constexpr,
-    TOP_M: tl.constexpr, M_PAD: tl.constexpr, OBS: tl.constexpr, ROWS: tl.constexpr,
+    TOP_M: tl.constexpr, M_PAD: tl.constexpr, OBS: tl.constexpr, ROWS: tl.constexpr, ROPE: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -75,8 +102,13 @@ def _prefill_kernel(
     row_ok = (row < chunk_len) & (g < GROUP)
     d = tl.arange(0, D_PAD)
     io_mask = row_ok[:, None] & (d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + row[:, None] * stride_q0 + head[:, None] * stride_q1 + d[None, :] * stride_q2,
-                mask=io_mask, other=0.0).to(tl.float32)
+    q_row = q_ptr + row[:, None] * stride_q0 + head[:, None] * stride_q1
+    q = tl.load(q_row + d[None, :] * stride_q2, mask=io_mask, other=0.0).to(tl.float32)
+    freq, d_sw, sign = _rope_channels(inv_freq_ptr, d, HEAD_DIM)
+    if ROPE:
+        q_sw = tl.load(q_row + d_sw[None, :] * stride_q2, mask=io_mask, other=0.0).to(tl.float32)
+        q_pos = tl.load(chunk_rope_ptr + row, mask=row < chunk_len, other=0).to(tl.float32)
+        q = _rotate(q, q_sw, q_pos[:, None] * freq[None, :], sign[None, :], PRECISE)
 
     # ---- loop 1: online softmax, output, log-sum-exp ------------------------------------------------------
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -88,9 +120,9 @@ def _prefill_kernel(
     for start in range(0, last_key, BLOCK_K):
         key = start + tl.arange(0, BLOCK_K)
         visible = (key[None, :] < num_keys) & (key[None, :] - num_ring <= row[:, None])
-        k = _load_keys(ring_k_ptr, k_ptr, table_ptr, kv_head, key, d, num_ring, chunk_len,
-                       stride_rk0, stride_rk1, stride_rk2, stride_rk3, stride_k0, stride_k1, stride_k2,
-                       HEAD_DIM, PAGE)
+        k = _load_rotated_keys(ring_k_ptr, k_ptr, table_ptr, ring_rope_ptr, chunk_rope_ptr, kv_head, key, d, d_sw,
+                               freq, sign, num_ring, chunk_len, num_kv_heads, stride_rk0, stride_rk1, stride_rk2,
+                               stride_rk3, stride_k0, stride_k1, stride_k2, HEAD_DIM, PAGE, ROPE, PRECISE)
         s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
         m_next = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_next)
@@ -115,9 +147,9 @@ def _prefill_kernel(
         key = start + tl.arange(0, BLOCK_K)
         key_ok = key < num_keys
         visible = key_ok[None, :] & (key[None, :] - num_ring <= row[:, None])
-        k = _load_keys(ring_k_ptr, k_ptr, table_ptr, kv_head, key, d, num_ring, chunk_len,
-                       stride_rk0, stride_rk1, stride_rk2, stride_rk3, stride_k0, stride_k1, stride_k2,
-                       HEAD_DIM, PAGE)
+        k = _load_rotated_keys(ring_k_ptr, k_ptr, table_ptr, ring_rope_ptr, chunk_rope_ptr, kv_head, key, d, d_sw,
+                               freq, sign, num_ring, chunk_len, num_kv_heads, stride_rk0, stride_rk1, stride_rk2,
+                               stride_rk3, stride_k0, stride_k1, stride_k2, HEAD_DIM, PAGE, ROPE, PRECISE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0) * head_weight[:, None]
         pooled = tl.sum(tl.reshape(p, [BLOCK_Q, G_PAD, BLOCK_K]), axis=1)  # [BLOCK_Q, BLOCK_K]
@@ -184,6 +216,8 @@ def prefill_attention_triton(
     n_sink: int = 4,
     top_m: int = 0,
     obs_rows: int = 0,
+    rope: Rope | None = None,
+    rope_pos: torch.Tensor | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
 ) -> PrefillResult:
@@ -194,8 +228,8 @@ def prefill_attention_triton(
     num_kv_heads = k.shape[1]
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"query heads {num_heads} are not a multiple of KV heads {num_kv_heads}")
-    if not pool.pos.is_contiguous():
-        raise ValueError("pool.pos must be contiguous")
+    if not pool.pos.is_contiguous() or not pool.rope_positions.is_contiguous():
+        raise ValueError("pool.pos and pool.rope_pos must be contiguous")
     group = num_heads // num_kv_heads
     num_keys = filled + chunk_len
     default_q, default_k = default_prefill_blocks(chunk_len, num_keys, group, q.device)
@@ -218,11 +252,14 @@ def prefill_attention_triton(
     _prefill_kernel[(num_q_blocks, num_kv_heads)](
         q, k, v, pool.k, pool.v, pool.pos, block_table, chunk_pos,
         out, partial_mass, edge_idx if top_m else out, edge_w if top_m else out, obs if obs_rows else out,
+        pool.rope_positions, (chunk_pos if rope_pos is None else rope_pos).to(torch.int32),
+        rope.inv_freq if rope is not None else partial_mass,
         *q.stride(), *k.stride(), *v.stride(), *pool.k.stride(), *pool.v.stride(), *out.stride(),
         num_kv_heads, filled, chunk_len, chunk_len - obs_rows, float(scale),
         GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
         BLOCK_Q=block_q, BLOCK_K=block_k, PAGE=pool.block_size, N_SINK=n_sink,
         TOP_M=top_m, M_PAD=triton.next_power_of_2(max(top_m, 1)), OBS=obs_rows > 0, ROWS=block_q * g_pad,
+        ROPE=rope is not None, PRECISE=_decode.precise_trig(q.device),
     )
     mass = partial_mass.sum(dim=0) if num_q_blocks > 1 else partial_mass[0]
     return PrefillResult(out, mass, edge_idx, edge_w, obs)

@@ -30,6 +30,7 @@ from .common import (
     VICTIM_RESERVOIR,
     EvictionSpec,
     PoolLayer,
+    Rope,
     physical_rows,
     slot_uniform,
 )
@@ -54,16 +55,25 @@ def attend_score_sample(
     seed: int,
     scale: float,
     new_score: torch.Tensor | None = None,
+    rope: Rope | None = None,
+    q_pos: torch.Tensor | None = None,
+    ring: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of one layer for a batch of sequences, each with its own ring in the block pool.
 
-    q [N, Hq, D], k_new / v_new [N, Hkv, D] (after RoPE).
+    q [N, Hq, D], k_new / v_new [N, Hkv, D]: before RoPE when `rope` is given (the pool's keys are then
+    unrotated too, and every key is rotated as it is loaded, to its slot's pool.rope_pos); rope None: q and
+    every key are used as they are (already rotated, or no RoPE).
     block_tables [N, W] int32: row i is sequence i's block table (entries past what the ring needs may be
         anything, e.g. a scratch block id; they are never read).
     filled [N] int32: ring slots filled before this step; budget [N] int32: the sequence's ring size (the
         ring is full when filled == budget; budget <= W * block_size); new_pos [N] int32: the new token's
         position. When filled < budget the block holding ring slot `filled` must exist in the table.
     new_score [N, Hkv]: the new token's score under SCORE_EXTERNAL (0 when None).
+    q_pos [N] int32: the RoPE position of the query and the new token (None: new_pos).
+    ring [N] bool: the sequences under positions="ring" (None: none). Their slots' rope_pos are ranks: when
+        a full ring evicts, the ranks above the victim's drop by one and the new token takes the last rank
+        (q_pos - 1); otherwise the new token's rope_pos is q_pos.
 
     For each (sequence, KV head):
       1. the group's query heads attend the filled slots plus the new token;
@@ -84,9 +94,9 @@ def attend_score_sample(
         return torch.empty_like(q), torch.empty(0, num_kv_heads, dtype=torch.int32, device=q.device)
     index = decode_index(block_tables, filled, budget, pool.block_size, num_kv_heads)
     out, attn, keys = decode_attend(q, k_new, v_new, pool, index, scale=scale,
-                                    keep_keys=spec.score_mode == SCORE_KEYDIFF)
+                                    keep_keys=spec.score_mode == SCORE_KEYDIFF, rope=rope, q_pos=q_pos)
     written = decode_update(pool, index, attn, k_new, v_new, new_pos, spec, layer=layer, seed=seed,
-                            new_score=new_score, keys=keys)
+                            new_score=new_score, keys=keys, q_pos=q_pos, ring=ring)
     return out, written
 
 
@@ -137,34 +147,45 @@ def decode_index(block_tables: torch.Tensor, filled: torch.Tensor, budget: torch
     return DecodeIndex(width, ragged, bool(any_full), cells, valid, lane_ok, block_tables, filled, budget)
 
 
-def decode_attend(q, k_new, v_new, pool: PoolLayer, index: DecodeIndex, *, scale: float, keep_keys: bool = False):
+def decode_attend(q, k_new, v_new, pool: PoolLayer, index: DecodeIndex, *, scale: float, keep_keys: bool = False,
+                  rope: Rope | None = None, q_pos: torch.Tensor | None = None):
     """Steps 1-2 of attend_score_sample: the output [N, Hq, D] and a(j) [N, Hkv, F + 1] (lane F: the new
-    token), plus the gathered keys [N, Hkv, F + 1, D] when `keep_keys` (KeyDiff scores from them)."""
+    token), plus the gathered keys [N, Hkv, F + 1, D], as stored (unrotated), when `keep_keys` (KeyDiff
+    scores from them). `rope`, `q_pos`: see attend_score_sample (q_pos is required with rope)."""
     num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads, width = k_new.shape[1], index.width
+    num_kv_heads, width, out_dtype = k_new.shape[1], index.width, q.dtype
     keys = _gather(pool.k, index.cells).float()  # [N, Hkv, F + 1, D]; a fresh tensor, so lane F can be set
     keys[:, :, width] = k_new
+    attend_keys = keys
+    if rope is not None:
+        # every key's RoPE position is at most its query's: the query's bounds the table
+        max_pos = int(q_pos.max())
+        key_pos = _gather(pool.rope_positions, index.cells)  # [N, Hkv, F + 1]
+        key_pos[:, :, width] = q_pos[:, None]
+        attend_keys = rope.rotate(keys, key_pos, max_pos)
+        q = rope.rotate(q, q_pos[:, None].expand(num_seqs, num_heads), max_pos)
     values = _gather(pool.v, index.cells).float()
     values[:, :, width] = v_new
     if index.lane_ok is not None:
         values.masked_fill_(~index.lane_ok[..., None], 0.0)  # padding content may be NaN: 0 * NaN is NaN
     qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).float() * scale
-    logits = torch.matmul(qg, keys.transpose(-1, -2))  # [N, Hkv, G, F + 1]
+    logits = torch.matmul(qg, attend_keys.transpose(-1, -2))  # [N, Hkv, G, F + 1]
     if index.lane_ok is not None:
         logits.masked_fill_(~index.lane_ok[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    out = torch.matmul(probs, values).view(q.shape).to(q.dtype)
+    out = torch.matmul(probs, values).view(q.shape).to(out_dtype)
     return out, probs.mean(dim=2), (keys if keep_keys else None)  # a(j) is exactly 0 on padding lanes
 
 
 def decode_update(pool: PoolLayer, index: DecodeIndex, attn, k_new, v_new, new_pos, spec: EvictionSpec, *,
-                  layer, seed: int, new_score=None, keys=None) -> torch.Tensor:
+                  layer, seed: int, new_score=None, keys=None, q_pos=None, ring=None) -> torch.Tensor:
     """Steps 3-4 of attend_score_sample for rings whose a(j) is known: scores, the slot each new token takes
     (`filled`, or the victim of a full ring), the writes; returns `written` [R, Hkv] (ring slots).
 
     `layer` is the layer index, or (rows of several layers in one batch) a tensor of each row's layer
     broadcastable to [R, 1, 1]: a step's bookkeeping then runs once for all layers, since no layer reads
-    another's ring. keys: decode_attend's keys (SCORE_KEYDIFF needs them)."""
+    another's ring. keys: decode_attend's keys (SCORE_KEYDIFF needs them). q_pos, ring: see
+    attend_score_sample; rope_pos is written only when the pool keeps it."""
     num_rows, num_kv_heads = attn.shape[0], k_new.shape[1]
     width, filled, device = index.width, index.filled, attn.device
     heads = torch.arange(num_kv_heads, device=device)
@@ -203,6 +224,8 @@ def decode_update(pool: PoolLayer, index: DecodeIndex, attn, k_new, v_new, new_p
         victim = victim_slots(spec, pos, score, protected, heads[:, None], layer, seed, held=held)
         slot = torch.where((filled < index.budget)[:, None], slot, victim)
     new_cells = physical_rows(index.block_tables, slot, pool.block_size) * num_kv_heads + heads  # [R, Hkv]
+    if pool.rope_pos is not None:
+        _update_ranks(pool, index, ring_cells, slot, new_cells, new_pos if q_pos is None else q_pos, ring)
 
     # ---- writes: the ring's scores first, then the new token over its slot ----------------------------
     if updated is not None:
@@ -224,6 +247,24 @@ def decode_update(pool: PoolLayer, index: DecodeIndex, attn, k_new, v_new, new_p
     if spec.hold:  # the new token is nobody's reserve pick (and may have overwritten one in the fallback)
         _scatter(pool.held, new_cells, torch.zeros_like(slot, dtype=torch.int8))
     return slot.to(torch.int32)
+
+
+def _update_ranks(pool: PoolLayer, index: DecodeIndex, ring_cells, slot, new_cells, q_pos, ring) -> None:
+    """RoPE positions after the step: under positions="ring" a full ring's ranks above the victim's drop by
+    one (O(ring) per head, no sort) and the new token takes the last rank; otherwise it takes q_pos."""
+    full = index.filled >= index.budget  # [R]
+    shifts = None if ring is None else ring.bool() & full
+    if shifts is not None and index.any_full and index.width > 0:
+        ranks = _gather(pool.rope_pos, ring_cells)  # [R, Hkv, F]
+        victim_rank = ranks.gather(-1, slot[..., None].clamp(max=index.width - 1))
+        ranks = ranks - ((ranks > victim_rank) & shifts[:, None, None]).to(ranks.dtype)
+        target = ring_cells if index.valid is None else torch.where(index.valid[:, None, :], ring_cells,
+                                                                    new_cells[..., None])
+        _scatter(pool.rope_pos, target, ranks)  # padding lanes land in the new token's cell, rewritten next
+    new_rank = q_pos[:, None].expand_as(slot)
+    if shifts is not None:
+        new_rank = new_rank - shifts.to(new_rank.dtype)[:, None]
+    _scatter(pool.rope_pos, new_cells, new_rank)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -391,12 +432,16 @@ def prefill_attention(
     n_sink: int = 4,
     top_m: int = 0,
     obs_rows: int = 0,
+    rope: Rope | None = None,
+    rope_pos: torch.Tensor | None = None,
 ) -> PrefillResult:
     """A chunk of C tokens of one sequence attends its ring's `filled` slots and itself (causal).
 
     q [C, Hq, D], k / v [C, Hkv, D]; block_table [W] int32 is the sequence's table, through which ring
     slots 0..filled-1 are read (every one precedes the chunk); chunk_pos [C] the chunk's positions (used
-    to exclude sinks from edges). Writes nothing: the caller's keep step writes the chunk into the pool.
+    to exclude sinks from edges). With `rope`, q, k and the pool's keys are unrotated: a ring key is rotated
+    to its slot's pool.rope_pos, the chunk's queries and keys to `rope_pos` [C] (None: chunk_pos).
+    Writes nothing: the caller's keep step writes the chunk into the pool.
     The probabilities are computed once (one logits matmul, one softmax) and reused for the output, the
     mass, the edges and the observation rows.
     """
@@ -404,7 +449,15 @@ def prefill_attention(
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     num_keys = filled + chunk
-    keys = torch.cat([gather_ring(pool, block_table, filled, "k").float(), k.float()]).transpose(0, 1)
+    out_dtype = q.dtype
+    ring_k, k = gather_ring(pool, block_table, filled, "k").float(), k.float()
+    if rope is not None:
+        chunk_rope = chunk_pos if rope_pos is None else rope_pos
+        max_pos = int(chunk_rope.max()) if chunk else 0  # a chunk's positions bound its ring's
+        ring_k = rope.rotate(ring_k, gather_ring(pool, block_table, filled, "rope_pos"), max_pos)
+        k = rope.rotate(k, chunk_rope[:, None].expand(chunk, num_kv_heads), max_pos)
+        q = rope.rotate(q, chunk_rope[:, None].expand(chunk, num_heads), max_pos)
+    keys = torch.cat([ring_k, k]).transpose(0, 1)
     values = torch.cat([gather_ring(pool, block_table, filled, "v").float(), v.float()]).transpose(0, 1)
     # [Hkv, G * C, D]: the group's heads stacked along the rows, so one batched matmul covers them
     qg = (q.float() * scale).view(chunk, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
@@ -413,7 +466,7 @@ def prefill_attention(
     hidden = torch.ones(chunk, num_keys, dtype=torch.bool, device=q.device).triu_(filled + 1)  # causal
     probs = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
     out = torch.matmul(probs.view(num_kv_heads, group * chunk, num_keys), values)
-    out = out.view(num_kv_heads, group, chunk, head_dim).permute(2, 0, 1, 3).reshape(q.shape).to(q.dtype)
+    out = out.view(num_kv_heads, group, chunk, head_dim).permute(2, 0, 1, 3).reshape(q.shape).to(out_dtype)
 
     edge_idx = edge_w = obs = None
     obs_rows = min(obs_rows, chunk)

@@ -5,9 +5,12 @@
 
 The model sees a flat batch: `input_ids` [T] and `positions` [T] hold the tokens of every sequence in
 the step side by side (decodes and prefill chunks mixed). The model itself knows nothing of sequences or
-caches: attention goes through one call point, `AttentionBackend.forward(layer, q, k, v)`, which the
-model runner sets up for the step (ring store, eviction, kernels). Module names equal the Hugging Face
-parameter names, so checkpoints load with a plain `load_state_dict`.
+caches: attention goes through one call point, `AttentionBackend.forward(layer, q, k, v, inv_freq)`, which
+the model runner sets up for the step (ring store, eviction, kernels). RoPE is applied there, not here: the
+backend stores keys unrotated and rotates each one as it loads it, to the position its slot takes (the
+text position, or its rank in a bounded ring), so the model hands over its frequencies instead of rotated
+q / k. Module names equal the Hugging Face parameter names, so checkpoints load with a plain
+`load_state_dict`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from ..config import ModelConfig
 
 
 class AttentionBackend(Protocol):
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, Hq, D], k / v [T, Hkv, D] after RoPE -> attention output [T, Hq, D]."""
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                inv_freq: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k / v [T, Hkv, D] before RoPE (after the model's q / k norms), and the model's RoPE
+        frequencies inv_freq [D/2] fp32 -> attention output [T, Hq, D]."""
 
 
 class RMSNorm(nn.Module):
@@ -46,8 +51,9 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE. Frequencies are fixed at load; cos/sin are made for the step's positions on the fly,
-    because ring positions keep counting past evictions and never index a fixed-size table.
+    """RoPE's frequencies, fixed at load (with the checkpoint's scaling). The attention backend rotates q
+    and k with them (kernels.common.Rope); `forward` / `tables` / `rotate` below are the same rotation for
+    whoever needs it outside attention (tests compare against them).
 
     Frequencies, angles, cos and sin are fp32 whatever the model's dtype. In bf16 (8 significant bits) a
     frequency is off by up to 2^-8 relative, so the angle between a query and a key 4,000 positions
@@ -133,18 +139,15 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qkv = FusedLinear(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(self, x, cos2, sin2, backend: AttentionBackend) -> torch.Tensor:
+    def forward(self, x, inv_freq, backend: AttentionBackend) -> torch.Tensor:
         tokens, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x)  # [T, (Hq + 2 Hkv) D]: one matmul for the three projections
+        q = qkv[:, : heads * dim].view(tokens, heads, dim)
+        k = qkv[:, heads * dim: (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
         v = qkv[:, (heads + kv_heads) * dim:].view(tokens, kv_heads, dim)
-        if hasattr(self, "q_norm"):
-            q = rotate(self.q_norm(qkv[:, : heads * dim].view(tokens, heads, dim)), cos2, sin2)
-            k = rotate(self.k_norm(qkv[:, heads * dim: (heads + kv_heads) * dim].view(tokens, kv_heads, dim)),
-                       cos2, sin2)
-        else:  # q and k rotate together: they are side by side in qkv
-            qk = rotate(qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim), cos2, sin2)
-            q, k = qk[:, :heads], qk[:, heads:]
-        out = backend.forward(self.layer, q, k, v)
+        if hasattr(self, "q_norm"):  # Qwen3: before RoPE, which the backend applies
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = backend.forward(self.layer, q, k, v, inv_freq)
         return self.o_proj(out.reshape(tokens, heads * dim))
 
 
@@ -211,8 +214,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
+    def forward(self, x, inv_freq, backend):
+        x = x + self.self_attn(self.input_layernorm(x), inv_freq, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -225,12 +228,14 @@ class DecoderModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, input_ids, positions, backend, hidden_states_out: list | None = None):
+        """`positions` are the tokens' text positions; the positions RoPE uses come from the backend's step
+        plan (they depend on the ring), so the model only passes its frequencies on."""
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.tables(positions)
+        inv_freq = self.rotary_emb.inv_freq
         for layer in self.layers:
             if hidden_states_out is not None:
                 hidden_states_out.append(x)
-            x = layer(x, cos, sin, backend)
+            x = layer(x, inv_freq, backend)
         return self.norm(x)
 
 
