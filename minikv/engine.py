@@ -34,7 +34,7 @@ import torch
 from .attention import RingAttention
 from .block_pool import KVPool, bytes_per_block, check_ring_settings, parse_kv_memory
 from .config import check_engine_settings
-from .distributed import DistributedError, kv_config, ring_positions
+from .distributed import DistributedError, check_tensor_parallel_size, kv_config, ring_positions, start
 from .errors import ConfigError, InvalidRequestError
 from .input_batch import InputBatch
 from .hashing import hash_u32
@@ -132,12 +132,10 @@ class Engine:
             raise ConfigError(f"block_size must be a positive number of KV slots, got {block_size!r}")
         self.policy = make_policy(policy, n_sink=n_sink, window=window, **(policy_options or {}))
         self.workers, self._dead = None, None  # tensor parallelism: the other ranks; why they were lost
+        check_tensor_parallel_size(tensor_parallel_size)
         if tensor_parallel_size == 1:
             loaded = _loaded_model(model, device, dtype)
         else:
-            from .distributed import check_tensor_parallel_size, start
-
-            check_tensor_parallel_size(tensor_parallel_size)
             self.workers, loaded = start(model, device, dtype, tensor_parallel_size, distributed_timeout)
             self._closer = weakref.finalize(self, self.workers.close)
         try:

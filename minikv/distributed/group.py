@@ -13,6 +13,7 @@ Two groups over the same ranks:
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import pickle
 from dataclasses import dataclass
@@ -98,12 +99,17 @@ def init_group(rank: int, size: int, rendezvous, device: torch.device, timeout: 
     return TPGroup(rank, size, device, dist.group.WORLD, control)
 
 
-def close_group() -> None:
+def close_group(tp: TPGroup | None = None) -> None:
+    """Leave the process group. The groups' last references go too: their sockets close only then, and
+    a peer still blocked on this rank sees its connection close instead of waiting for good."""
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001  (a group whose peers died may fail to close cleanly; it is gone)
             pass
+    if tp is not None:
+        tp.group = tp.control = None
+    gc.collect()
 
 
 def check_tensor_parallel(config, size: int) -> None:

@@ -94,15 +94,15 @@ class Workers:
         except DistributedError:
             pass
         _join(self.processes, grace=10.0)
-        close_group()
+        close_group(self.tp)
 
     def abort(self) -> None:
         """After a failure: end the workers this process started (without waiting on any collective)."""
         if self.closed:
             return
         self.closed = True
+        close_group(self.tp)
         _join(self.processes, grace=2.0)
-        close_group()
 
 
 def _join(processes, grace: float) -> None:
