@@ -164,3 +164,18 @@ def test_too_few_devices_and_loaded_models_are_refused(checkpoints, monkeypatch)
     loaded = load_model(checkpoints["LlamaForCausalLM"], device="cpu")
     with pytest.raises(ConfigError, match="path"):
         Engine(loaded, tensor_parallel_size=2, **SETTINGS)
+
+
+@pytest.mark.slow
+def test_smollm2_at_three_ranks_equals_one(smollm2, one_torch_thread):
+    """The real model: 9 query heads and 3 KV heads, so each of 3 ranks holds one KV head's rings."""
+    text = ("The lighthouse keeper wrote in his log every evening. The storm came from the west, and the "
+            "ships stayed in the harbour for three days. On the fourth day the sea was calm again. ") * 4
+    prompt = smollm2.tokenizer.encode(text)
+    settings = dict(SETTINGS, budget=96, chunk=64, window=16)
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True)
+    with Engine(smollm2, policy="nexus", **settings) as engine:
+        reference = run(engine, [prompt], params)
+    assert reference[1][0][-1].shape == (30, 3, 96)  # the budget bites: eviction in prefill and decode
+    with Engine(None, policy="nexus", tensor_parallel_size=3, dtype="float32", **settings) as engine:
+        assert_same(reference, run(engine, [prompt], params))
