@@ -24,13 +24,17 @@ __all__ = ["DistributedError", "TPGroup", "Workers", "check_tensor_parallel", "k
 def start(model, device, dtype, size: int, timeout: float):
     """Start (or, under torchrun, join) the N ranks and load rank 0's shard; returns (Workers, LoadedModel).
 
-    Under torchrun a process whose RANK is not 0 never returns: it serves rank 0 and exits the process."""
+    `model` may be an already loaded model: its files, device and dtype are used, not its weights (the caller
+    keeps them; bench and eval pass one). Under torchrun a process whose RANK is not 0 never returns: it
+    serves rank 0 and exits the process."""
     from ..errors import ConfigError
     from ..loader import LoadedModel, default_dtype, load_model, parse_device, parse_dtype, read_config, resolve_model_dir
 
-    if isinstance(model, LoadedModel):
-        raise ConfigError("tensor_parallel_size > 1 loads each rank's shard itself: pass the model's path or repo "
-                          "id (or nothing, for the default model), not an already loaded model")
+    if isinstance(model, LoadedModel):  # each rank loads its shard from the model's files, as it was loaded
+        weight = next(model.model.parameters())
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        model = model.path
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
         raise ConfigError(f"distributed_timeout must be a positive number of seconds, got {timeout!r}")
     check_tensor_parallel_size(size)

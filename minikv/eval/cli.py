@@ -93,7 +93,7 @@ def settings_from_args(args: argparse.Namespace) -> runner.EvalSettings:
         perplexity=not (args.no_perplexity or decode_run),  # a prefill measure: decode runs have NLL instead
         chunk=args.chunk, n_sink=args.n_sink, window=args.window, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
         max_model_len=args.max_model_len, decode_prompt=args.decode_prompt if decode_run else None,
-        decode_gen=args.decode_gen if decode_run else None)
+        decode_gen=args.decode_gen if decode_run else None, tensor_parallel_size=args.tensor_parallel_size)
     settings.check()
     return settings
 
