@@ -91,12 +91,15 @@ def test_qwen_with_eviction_equals_one_rank(checkpoints, arch, n):
 def test_streaming_and_prompt_logprobs_at_two_ranks(checkpoints):
     """Streaming deltas, prompt logprobs (an extra LM-head call the other ranks must follow) and a second
     batch on the same engine."""
+    from minikv.loader import load_model
+
     path = checkpoints["LlamaForCausalLM"]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, prompt_logprobs=2)
     with Engine(path, policy="nexus", **SETTINGS) as engine:
         text = "".join(engine.stream(PROMPTS[0], params))
         prompt_lp = engine.generate([PROMPTS[1]], params, use_tqdm=False)[0].prompt_logprobs
-    with Engine(path, policy="nexus", tensor_parallel_size=2, **SETTINGS) as engine:
+    loaded = load_model(path, device="cpu")  # an already loaded model: the ranks read its files
+    with Engine(loaded, policy="nexus", tensor_parallel_size=2, **SETTINGS) as engine:
         with engine.stream(PROMPTS[0], params) as stream:
             assert "".join(stream) == text
         out = engine.generate([PROMPTS[1]], params, use_tqdm=False)[0]
@@ -153,17 +156,41 @@ def test_settings_that_cannot_split_name_the_field(checkpoints):
         Engine(path, tensor_parallel_size=4, **SETTINGS)
 
 
-def test_too_few_devices_and_loaded_models_are_refused(checkpoints, monkeypatch):
+def test_too_few_devices_are_refused(monkeypatch):
     from minikv.distributed.group import rank_devices
-    from minikv.loader import load_model
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert rank_devices(torch.device("cuda"), 2) == [torch.device("cuda", 0), torch.device("cuda", 1)]
     with pytest.raises(ConfigError, match="needs 4 CUDA devices.*has 2"):
         rank_devices(torch.device("cuda"), 4)
-    loaded = load_model(checkpoints["LlamaForCausalLM"], device="cpu")
-    with pytest.raises(ConfigError, match="path"):
-        Engine(loaded, tensor_parallel_size=2, **SETTINGS)
+    with pytest.raises(ConfigError, match="needs 2 CUDA devices from cuda:1"):
+        rank_devices(torch.device("cuda:1"), 2)
+
+
+@pytest.mark.slow
+def test_command_line_under_torchrun_equals_one_rank(tmp_path):
+    """`minikv run --tensor-parallel-size 2` as torchrun starts it: two processes of the same command, rank 1
+    serving rank 0 and exiting with it. Its answer is the one-process answer."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tiny_engine import tiny_checkpoint
+
+    model = tiny_checkpoint(tmp_path / "tiny")
+    command = ["-m", "minikv", "run", str(model), "Tell me a story.", "--temperature", "0", "--max-tokens", "12",
+               "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, timeout=300)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(port), *command, "--tensor-parallel-size", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == two.returncode == 0, two.stderr[-2000:]
+    assert one.stdout.strip() and two.stdout == one.stdout
 
 
 @pytest.mark.slow
