@@ -44,7 +44,9 @@ def start(model, device, dtype, size: int, timeout: float):
     model_dir = resolve_model_dir(model)
     check_tensor_parallel(read_config(model_dir), size)
     if launched is None:
-        rendezvous, processes = spawn_workers(size, rank_devices(device, size), timeout)
+        devices = rank_devices(device, size)
+        device = devices[0]  # "cuda" means cuda:0 here: NCCL needs each rank's device by index
+        rendezvous, processes = spawn_workers(size, devices, timeout)
         rank = 0
     else:
         rank, world, _ = launched
