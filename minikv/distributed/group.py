@@ -77,8 +77,12 @@ def _collective(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as err:
-        raise DistributedError(f"a tensor-parallel collective failed ({fn.__name__}): another rank died, was "
-                               f"killed or timed out: {err}") from err
+        why = f"a tensor-parallel collective failed ({fn.__name__}): another rank died, was killed or timed out: {err}"
+    # Raised outside the except block, with the arguments dropped: the error must not keep the process group
+    # alive through its traceback, or the group's sockets stay open after close_group and a peer blocked on
+    # this rank never learns that it is gone.
+    del args, kwargs
+    raise DistributedError(why)
 
 
 def init_group(rank: int, size: int, rendezvous, device: torch.device, timeout: float) -> TPGroup:

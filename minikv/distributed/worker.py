@@ -102,7 +102,7 @@ class Workers:
             return
         self.closed = True
         close_group(self.tp)
-        _join(self.processes, grace=2.0)
+        _join(self.processes, grace=10.0)  # they exit by themselves (their collectives fail); kill the late
 
 
 def _join(processes, grace: float) -> None:
