@@ -98,6 +98,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
                         "of them (docs/benchmarks.md); on a machine of your own, raise it")
     g.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, run the decode step eagerly instead of replaying captured CUDA graphs")
+    g.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
+                   help="split the model over N ranks: N GPUs from --device on, or N CPU processes; under torchrun, "
+                        "the processes it started (N = its world size; see docs/design.md) (default %(default)s)")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -107,6 +110,7 @@ def engine_options(args: argparse.Namespace) -> dict:
                 n_sink=args.n_sink, window=args.window, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 seed=args.seed, enforce_eager=args.enforce_eager, kv_memory=args.kv_memory,
+                tensor_parallel_size=args.tensor_parallel_size,
                 **({"block_size": args.block_size} if args.block_size else {}),
                 **({"positions": args.positions} if getattr(args, "positions", None) else {}))
 

@@ -24,6 +24,7 @@ import itertools
 import logging
 import numbers
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import torch
 from .attention import RingAttention
 from .block_pool import KVPool, bytes_per_block, check_ring_settings, parse_kv_memory
 from .config import check_engine_settings
+from .distributed import DistributedError, check_tensor_parallel_size, kv_config, ring_positions, start
 from .errors import ConfigError, InvalidRequestError
 from .input_batch import InputBatch
 from .kernels.common import POSITION_MODES
@@ -114,6 +116,8 @@ class Engine:
         kv_memory: int | float | str | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         positions: str | None = None,
+        tensor_parallel_size: int = 1,
+        distributed_timeout: float = 300.0,
     ):
         """`budget` is the most KV slots per layer and KV head one request may hold (a request can ask for
         fewer with SamplingParams.kv_budget; under `full` a request holds prompt + max_tokens). `kv_memory`
@@ -122,7 +126,13 @@ class Engine:
         least room for one request of max_model_len tokens). `max_num_seqs` caps how many requests run at
         once. `positions` ("original" or "ring"; None: DEFAULT_POSITIONS, and always "original" under `full`)
         is the positions RoPE gives the ring's tokens (see SamplingParams.positions; a request may ask for the
-        other mode)."""
+        other mode).
+
+        `tensor_parallel_size` N > 1 splits the model over N ranks (N GPUs from `device` on, or N CPU
+        processes; minikv.distributed): this process is rank 0 and starts the others (under torchrun it
+        joins them instead). `kv_memory` is then per rank, each rank holding its 1/N of the KV heads.
+        `distributed_timeout` (seconds) bounds every collective of a step: a rank that dies fails the
+        requests in flight within it, and the engine stops (call `close()` to end the ranks otherwise)."""
         check_engine_settings(budget=budget, chunk=chunk, n_sink=n_sink, window=window, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed,
                               policy_options=policy_options)
@@ -130,7 +140,23 @@ class Engine:
             raise ConfigError(f"block_size must be a positive number of KV slots, got {block_size!r}")
         self.policy = make_policy(policy, n_sink=n_sink, window=window, **(policy_options or {}))
         self.positions = self._check_positions(positions)
-        loaded = _loaded_model(model, device, dtype)
+        self.workers, self._dead = None, None  # tensor parallelism: the other ranks; why they were lost
+        check_tensor_parallel_size(tensor_parallel_size)
+        if tensor_parallel_size == 1:
+            loaded = _loaded_model(model, device, dtype)
+        else:
+            self.workers, loaded = start(model, device, dtype, tensor_parallel_size, distributed_timeout)
+            self._closer = weakref.finalize(self, self.workers.close)
+        try:
+            self._build(loaded, budget, chunk, seed, block_size, max_num_seqs, max_num_batched_tokens, max_model_len,
+                        kv_memory, enforce_eager)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.abort()
+            raise
+
+    def _build(self, loaded, budget, chunk, seed, block_size, max_num_seqs, max_num_batched_tokens, max_model_len,
+               kv_memory, enforce_eager) -> None:
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.device = next(self.model.parameters()).device
         self.max_model_len = self._max_model_len(max_model_len)
@@ -143,14 +169,19 @@ class Engine:
         # A ring never needs more blocks than its budget, nor more than the pool has.
         max_blocks = min(self.pool.blocks_for(self.budget), self.pool.num_blocks)
         # CUDA graphs for the decode step, as nano-vllm; `enforce_eager` (or a CPU device) runs eagerly.
-        use_graphs = self.device.type == "cuda" and not enforce_eager
+        use_graphs = self.device.type == "cuda" and not enforce_eager and self.workers is None
         self.batch = InputBatch(max_num_seqs, max_blocks, self.config.vocab_size, self.device,
                                 empty_block=self.pool.scratch_block, scratch_slot=use_graphs)
         self.scheduler = Scheduler(self.pool, self.batch, max_num_batched_tokens=self.max_num_batched_tokens,
                                    chunk=chunk)
+        if self.workers is not None:  # before bind: each rank gets the policy unbound, and binds its own
+            self.workers.setup(num_blocks=self.pool.num_blocks, block_size=block_size, policy=self.policy, seed=seed,
+                               num_slots=max_num_seqs + int(use_graphs), max_budget=self.budget,
+                               scale=self.config.head_dim**-0.5)
         self.attention = RingAttention(self.pool, self.policy, scale=self.config.head_dim**-0.5, seed=seed,
                                        num_slots=max_num_seqs + int(use_graphs), max_budget=self.budget)
-        self.runner = ModelRunner(self.model, self.attention, self.batch, self.device, use_cuda_graphs=use_graphs)
+        self.runner = ModelRunner(self.model, self.attention, self.batch, self.device, use_cuda_graphs=use_graphs,
+                                  workers=self.workers)
         self.sampler = Sampler()
         self._requests: dict[str, Request] = {}  # every request not yet reported finished
         self._finished_unreported: list[Request] = []  # finished outside a forward pass (abort, error)
@@ -201,7 +232,8 @@ class Engine:
 
     def _make_pool(self, kv_memory, budget: int, max_num_seqs: int) -> KVPool:
         dtype = next(self.model.parameters()).dtype
-        per_block = bytes_per_block(self.config, self.block_size, dtype, self.policy.top_m)
+        config = self.config if self.workers is None else kv_config(self.config, self.workers.size)  # this rank's heads
+        per_block = bytes_per_block(config, self.block_size, dtype, self.policy.top_m)
         if kv_memory is None:
             # an evicting ring under positions="ring" is not bounded by max_model_len: room for its budget
             longest = budget if self.positions == "ring" else min(budget, self.max_model_len)
@@ -214,7 +246,7 @@ class Engine:
             if blocks < 1:
                 raise ConfigError(f"kv_memory={kv_memory!r} ({memory} bytes) holds no KV block: one block of "
                                   f"{self.block_size} slots takes {per_block} bytes on this model; raise kv_memory")
-        return KVPool(self.config, blocks, self.block_size, dtype=dtype, device=self.device,
+        return KVPool(config, blocks, self.block_size, dtype=dtype, device=self.device,
                       edges_per_slot=self.policy.top_m)
 
     # --- requests --------------------------------------------------------------------------------
@@ -224,6 +256,8 @@ class Engine:
         `prompt` is text (used as is: no chat template), token ids, or chat messages (the model's chat
         template is applied, with the generation prompt).
         """
+        if self._dead is not None:
+            raise DistributedError(f"the engine stopped: {self._dead}; start a new one")
         params = self._check_params(params)
         request_id = self._check_request_id(request_id)
         prompt_ids, prompt_text = self.tokenize(prompt)
@@ -367,7 +401,12 @@ class Engine:
         if req.status is not RequestStatus.RUNNING:
             raise InvalidRequestError(f"request {request_id!r} is still waiting for admission and holds no ring "
                                       "yet: step the engine first")
-        return self.pool.ring("pos", req.blocks, min(req.num_processed, req.ring_size)).cpu()
+        length = min(req.num_processed, req.ring_size)
+        positions = self.pool.ring("pos", req.blocks, length).cpu()
+        if self.workers is None:
+            return positions
+        # Tensor parallel: rank r holds KV heads [r * Hkv / N, (r + 1) * Hkv / N); the whole model's, in order.
+        return torch.cat(self.workers.call(ring_positions, (list(req.blocks), length), own=positions), dim=1)
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's gauges and counters (see EngineStats)."""
@@ -431,6 +470,8 @@ class Engine:
         try:
             result = self.runner.run(sched)
         except Exception as err:
+            if self.workers is not None and self.workers.in_step:
+                return self._lose_ranks(err)
             # The forward pass may have written part of these rings: none of its requests can go on.
             for req in scheduled:
                 self._fail(req, err)
@@ -446,6 +487,28 @@ class Engine:
             except Exception as err:
                 self._fail(req, err)
         return list(result.requests) + [req for req in scheduled if req.is_finished]
+
+    def _lose_ranks(self, err: Exception) -> list[Request]:
+        """A step failed with the other ranks in it (a rank died, timed out, or rank 0's forward raised): the
+        ranks can no longer agree on any state, so every request fails and the engine stops."""
+        self._dead = f"a tensor-parallel step failed ({type(err).__name__}: {err})"
+        self.workers.abort()
+        failed = [req for req in self._requests.values() if not req.is_finished]
+        for req in failed:
+            self._fail(req, err)
+        return failed
+
+    def close(self) -> None:
+        """End the other ranks of a tensor-parallel engine (a no-op at tensor_parallel_size 1). Also runs
+        when the engine is garbage-collected or the interpreter exits."""
+        if self.workers is not None:
+            self._closer()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _fail(self, req: Request, err: Exception) -> None:
         """Finish one request with finish_reason "error" (its KV is freed); the engine serves on."""

@@ -151,7 +151,9 @@ def load_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_model(config: ModelConfig, state: dict[str, torch.Tensor], device, dtype) -> torch.nn.Module:
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], device, dtype, tp=None) -> torch.nn.Module:
+    """The model on `device` in `dtype` from a full checkpoint; with `tp` (a distributed.TPGroup), this
+    rank's shard of it (the checkpoint is checked whole, then sliced)."""
     with torch.device("meta"):
         model = MODEL_CLASSES[config.architecture](config)
     expected = set(model.state_dict())
@@ -163,6 +165,12 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], device, dty
         raise ModelLoadError(f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {missing[:3]}")
     state = {k: v for k, v in state.items() if k in expected}
     _check_shapes(model, state, config)
+    if tp is not None:
+        from .distributed.layers import shard_state_dict
+
+        state = shard_state_dict(state, tp)
+        with torch.device("meta"):
+            model = MODEL_CLASSES[config.architecture](config, tp=tp)
     model.load_state_dict(state, assign=True, strict=False)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -208,7 +216,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(model: str | os.PathLike | None = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None) -> LoadedModel:
+               dtype: str | torch.dtype | None = None, tp=None) -> LoadedModel:
+    """MODEL (see the module docstring) on a device, with its tokenizer; `tp`: this rank's shard only."""
     from .gguf import conversion_in_use
     from .tokenizer import Tokenizer
 
@@ -219,7 +228,7 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
         config = read_config(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
         state = load_state_dict(weight_files(model_dir))
-    return LoadedModel(build_model(config, state, device, dtype), config, tokenizer, model_dir)
+    return LoadedModel(build_model(config, state, device, dtype, tp=tp), config, tokenizer, model_dir)
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

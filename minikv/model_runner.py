@@ -33,8 +33,12 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, attention: RingAttention, batch: InputBatch, device: torch.device,
-                 *, use_cuda_graphs: bool = False):
+                 *, use_cuda_graphs: bool = False, workers=None):
+        """`workers` (minikv.distributed.Workers): under tensor parallelism, the other ranks, which get
+        each step's inputs before the forward (they run eagerly: no CUDA graphs then)."""
         self.model, self.attention, self.batch, self.device = model, attention, batch, device
+        self.workers = workers
+        use_cuda_graphs = use_cuda_graphs and workers is None
         # Policies that read each layer's input hidden state (epikv) run eagerly: a graph does not return them.
         use_cuda_graphs = use_cuda_graphs and not attention.policy.needs_hidden_states
         self.graphs = DecodeGraphs(model, attention, batch, device) if use_cuda_graphs else None
@@ -50,9 +54,14 @@ class ModelRunner:
         else:
             input_ids = torch.cat([self.batch.token[inputs.decode_slots], inputs.chunk_ids])
             positions = torch.cat([self.batch.position[inputs.decode_slots].long(), inputs.chunk_positions])
+            if self.workers is not None:  # the other ranks' one message of the step
+                self.workers.send_step(plan, input_ids, positions, logit_rows(sched, plan))
             hidden = self.model(input_ids, positions, self.attention, layer_inputs)
         self.attention.end_step(layer_inputs)
-        return self._finish_step(sched, plan, inputs, hidden)
+        result = self._finish_step(sched, plan, inputs, hidden)
+        if self.workers is not None:
+            self.workers.end_step()
+        return result
 
     def _plan(self, sched: SchedulerOutput, decode_slots: torch.Tensor) -> StepPlan:
         plan = decode_plan(self.batch, decode_slots)
@@ -135,6 +144,20 @@ class StepInputs:
                                   [r.slot for r in sampling]], device)
         tensors[4] = tensors[4].to(torch.int32)
         return cls(*tensors, sampling=sampling)
+
+
+def logit_rows(sched: SchedulerOutput, plan: StepPlan) -> list[list[int]]:
+    """The flat-batch rows of each `compute_logits` call `_finish_step` will make, in its order: the
+    prompt-logprob rows of each chunk that asks for them, then the rows that sample. Under tensor
+    parallelism the other ranks make the same LM-head calls (each gathers its vocabulary shard to rank 0)."""
+    calls = []
+    for seg, chunk in zip(plan.prefills, sched.prefills):
+        if chunk.req.params.prompt_logprobs is not None:
+            targets = min(seg.length, len(chunk.req.prompt_ids) - 1 - seg.first_pos)
+            if targets > 0:
+                calls.append(list(range(seg.start, seg.start + targets)))
+    calls.append(list(range(plan.num_decode)) + [seg.start + seg.length - 1 for seg in plan.prefills if seg.ends_prompt])
+    return calls
 
 
 def decode_plan(batch: InputBatch, slots: torch.Tensor) -> StepPlan:

@@ -69,6 +69,12 @@ SECTIONS = [
             dict(full=105, quick=55, dry=180)),
     Section("memory", "5. Fixed KV memory: full vs nexus at one pool", dict(full=90, quick=50, dry=180)),
 ]
+# Run only where more than one GPU is visible (then appended to a default run), or when named in --sections:
+# with a dry run, on CPU ranks. Not in SECTIONS, whose limits must fit issue 15's 8 minutes on one GPU; on a
+# machine of several GPUs, run it on its own (`bash tools/gpu_check.sh --sections tp`).
+MULTI_GPU_SECTIONS = [
+    Section("tp", "6. Tensor parallelism: tok/s at N = 1, 2, 4 ranks (several GPUs)", dict(full=420, quick=240, dry=240)),
+]
 # Sized without a GPU (none was lent while writing this): on a fresh machine much of each GPU section's
 # time is Triton compiling the variants it launches (dozens per section), and long prefills run the fp32
 # (IEEE-dot) prefill kernel: section 5's 8k-16k prompts are the heaviest work. The report's last table
@@ -202,6 +208,17 @@ def code_fingerprint() -> str:
         commit, dirty = "", ""
     commit = (commit + (" + local changes" if dirty else "")) if commit else "unknown (no git here)"
     return f"commit {commit}; sha256 of minikv/ + tools/ sources {digest.hexdigest()[:12]}"
+
+
+def visible_gpus() -> int:
+    """GPUs this run may use (nvidia-smi's list, narrowed by CUDA_VISIBLE_DEVICES), without importing torch."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    count = sum(1 for line in listed.splitlines() if line.startswith("GPU "))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return count if visible is None else min(count, len([d for d in visible.split(",") if d.strip()]))
 
 
 def nvidia_smi() -> str:
@@ -674,6 +691,79 @@ def _decode_targets(out: Fragment, rows: list[dict]) -> None:
                       f"{row['batch']}: {ratio:.2f}× — {'met' if ratio <= 1.10 else 'NOT met'}")
 
 
+# --- 6. tensor parallelism (several GPUs) ----------------------------------------------------------
+
+
+@section("tp")
+def run_tp(ctx: Context, out: Fragment) -> None:
+    """Decode tok/s of one engine at N = 1, 2, 4 ranks (as many as the GPUs allow), Llama-3.2-1B-shaped."""
+    import tempfile
+
+    import torch
+
+    from random_model import MODEL_SHAPES, shrunk, write_random_checkpoint
+
+    from minikv.engine import Engine
+    from minikv.sampling import SamplingParams
+
+    device = ctx.device()
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 2
+    if gpus < 2:
+        raise SectionSkipped(f"{gpus} GPU visible: tensor parallelism needs at least 2")
+    if importlib.util.find_spec("safetensors") is None:
+        raise SectionSkipped("safetensors is not installed: each rank loads its shard from a checkpoint on disk")
+    sizes = [n for n in (1, 2, 4) if n <= gpus]
+    shape = shrunk(MODEL_SHAPES["llama-3.2-1b"], layers=2) if ctx.dry else MODEL_SHAPES["llama-3.2-1b"]
+    dtype = torch.float32 if ctx.dry else torch.bfloat16
+    batch, prompt, output = ctx.pick(full=(32, 1024, 128), quick=(16, 512, 64), dry=(2, 64, 8))
+    budget = ctx.pick(full=512, quick=512, dry=48)
+    out.write(f"Llama-3.2-1B-shaped random weights ({'shrunk, ' if ctx.dry else ''}{str(dtype).removeprefix('torch.')}), "
+              f"written to disk once (each rank loads its shard); {batch} requests of {prompt} prompt tokens and "
+              f"{output} output tokens, all at once, policy nexus at budget {budget}; decode tok/s = tokens of the "
+              "decode-only steps / their time. Ranks exchange a pickled step message over gloo and all-reduce "
+              f"over {'gloo (CPU)' if ctx.dry else 'NCCL'}; no CUDA graphs at N > 1.\n")
+    out.write("| N | start s | prefill s | decode tok/s | decode step ms | vs N=1 |\n|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="tp_model_") as folder:
+        path = write_random_checkpoint(shape, Path(folder) / "llama", dtype=dtype)
+        base = None
+        for n in sizes:
+            if not enough_time(ctx, out, 0 if base is None else 60, f"N={n}"):
+                break
+            row = _tp_row(Engine, SamplingParams, path, n, device, dtype, batch, prompt, output, budget)
+            base = base or row["tok_s"]
+            out.write(f"| {n} | {row['start']:.1f} | {row['prefill']:.2f} | {row['tok_s']:.0f} | "
+                      f"{1000 * row['step']:.1f} | {row['tok_s'] / base:.2f}x |")
+            free_device_memory(device)
+
+
+def _tp_row(Engine, SamplingParams, path, n, device, dtype, batch, prompt, output, budget) -> dict:
+    started = time.perf_counter()
+    engine = Engine(path, tensor_parallel_size=n, device=str(device), dtype=dtype, budget=budget, chunk=512,
+                    max_num_seqs=batch, max_model_len=prompt + output + 8, window=32)
+    start = time.perf_counter() - started
+    try:
+        _warm_up(engine, 2)
+        params = SamplingParams(max_tokens=output, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request([(7 * i + j) % 1000 + 3 for j in range(prompt)], params)
+        prefill = decode = 0.0
+        tokens = steps = 0
+        while engine.has_unfinished_requests():
+            before = engine.stats()
+            t = time.perf_counter()
+            engine.step()
+            dt = time.perf_counter() - t
+            after = engine.stats()
+            if after.prompt_tokens > before.prompt_tokens:  # a step with prefill chunks in it
+                prefill += dt
+            else:
+                decode, steps = decode + dt, steps + 1
+                tokens += after.generation_tokens - before.generation_tokens
+        return dict(start=start, prefill=prefill, tok_s=tokens / max(decode, 1e-9), step=decode / max(steps, 1))
+    finally:
+        engine.close()
+
+
 # --- 5. fixed memory -----------------------------------------------------------------------------
 
 
@@ -939,11 +1029,14 @@ def run_all(args) -> int:
     out_dir = Path(args.out or os.environ.get("OUT") or "gpu_check_out").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     report, scratch = out_dir / REPORT_NAME, Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    every = SECTIONS + MULTI_GPU_SECTIONS
     wanted = args.sections.split(",") if args.sections else [s.name for s in SECTIONS]
-    unknown = set(wanted) - {s.name for s in SECTIONS}
+    if not args.sections and args.mode != "dry" and visible_gpus() > 1:
+        wanted += [s.name for s in MULTI_GPU_SECTIONS]
+    unknown = set(wanted) - {s.name for s in every}
     if unknown:
-        raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {[s.name for s in SECTIONS]}")
-    outcomes = [Outcome(s) for s in SECTIONS if s.name in wanted]
+        raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {[s.name for s in every]}")
+    outcomes = [Outcome(s) for s in every if s.name in wanted]
     started, deadline = time.time(), time.monotonic() + args.total_limit
     signal.signal(signal.SIGTERM, _stop_running_child)
     finished = False

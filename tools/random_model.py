@@ -101,3 +101,25 @@ def random_loaded_model(shape: dict, *, device="cpu", dtype=torch.float32, seed:
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter once (a tied embedding is one tensor): what a decode step must read."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def write_random_checkpoint(shape: dict, path: Path, *, dtype=torch.bfloat16, seed: int = 0, std: float = 0.02) -> Path:
+    """The random model of `shape` as a model directory (config.json, model.safetensors, the stand-in
+    tokenizer): what a tensor-parallel engine needs, since each rank loads its shard from files."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from minikv.config import ModelConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = ModelConfig.from_hf(shape)
+    state = random_state(config, seed=seed, std=std, dtype=dtype)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(shape))
+    eos = config.eos_token_ids[0] if config.eos_token_ids else None
+    stand_in_tokenizer(config.vocab_size, config.bos_token_id, eos)._backend.save(str(path / "tokenizer.json"))
+    special = {"bos_token": f"<w{config.bos_token_id}>", "eos_token": f"<w{eos}>"}
+    (path / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in special.items() if "None" not in v}))
+    return path

@@ -94,7 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> runner.EvalSettings:
         chunk=args.chunk, n_sink=args.n_sink, window=args.window, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
         max_model_len=args.max_model_len, positions=args.positions,
         decode_prompt=args.decode_prompt if decode_run else None,
-        decode_gen=args.decode_gen if decode_run else None)
+        decode_gen=args.decode_gen if decode_run else None, tensor_parallel_size=args.tensor_parallel_size)
     settings.check()
     return settings
 

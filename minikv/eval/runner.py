@@ -17,6 +17,7 @@ once and kept in a file next to the results (decode.reference_path), so a resume
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -158,6 +159,7 @@ class EvalSettings:
     # Decode-phase runs only (None otherwise, so that files of prefill runs keep their settings)
     decode_prompt: int | None = None  # --decode-prompt: tokens prefilled
     decode_gen: int | None = None  # --decode-gen: tokens forced through decode
+    tensor_parallel_size: int = 1  # --tensor-parallel-size: the same numbers up to float rounding
 
     @property
     def is_decode(self) -> bool:
@@ -250,7 +252,7 @@ def add_reference(loaded, settings: EvalSettings, work: Workload, results_path: 
     def compute() -> decode.FidelityReference:
         engine = Engine(loaded, policy="full", chunk=settings.chunk, max_num_seqs=len(samples),
                         max_model_len=min(context_limit(loaded, settings), settings.decode_prompt + settings.decode_gen),
-                        seed=settings.seed)
+                        seed=settings.seed, tensor_parallel_size=settings.tensor_parallel_size)
         return decode.compute_reference(engine, samples, settings.decode_gen, key=key)
 
     work.reference = decode.load_or_compute_reference(decode.reference_path(results_path), key, compute)
@@ -259,6 +261,9 @@ def add_reference(loaded, settings: EvalSettings, work: Workload, results_path: 
 
 def _engine(loaded, settings: EvalSettings, config: RunConfig, work: Workload):
     from minikv.engine import Engine
+
+    if settings.tensor_parallel_size > 1:
+        gc.collect()  # the last config's engine, if unreachable, ends its ranks before this one starts its own
 
     max_num_seqs = settings.max_num_seqs
     if settings.is_decode:  # every sample of the config in one batch: batching is what makes decode affordable
@@ -270,7 +275,8 @@ def _engine(loaded, settings: EvalSettings, config: RunConfig, work: Workload):
     return Engine(loaded, budget=budget, policy=config.policy.name, chunk=settings.chunk,
                   n_sink=settings.n_sink, window=settings.window, max_num_seqs=max_num_seqs,
                   max_model_len=max_model_len, seed=settings.seed, policy_options=dict(config.policy.options),
-                  positions=None if config.policy.name == "full" else settings.positions)
+                  positions=None if config.policy.name == "full" else settings.positions,
+                  tensor_parallel_size=settings.tensor_parallel_size)
 
 
 def run_config(loaded, settings: EvalSettings, config: RunConfig, work: Workload,
@@ -379,7 +385,8 @@ def load_results(path: Path, settings: EvalSettings) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read results file {path} ({err}); move it away or pass another --output") from None
     stored = data.get("settings", {})
-    differing = sorted(k for k, v in asdict(settings).items() if stored.get(k) != v)
+    defaults = {"tensor_parallel_size": 1}  # files written before the field existed ran at 1
+    differing = sorted(k for k, v in asdict(settings).items() if stored.get(k, defaults.get(k)) != v)
     if differing:
         raise ConfigError(f"{path} holds results of a run with other settings ({', '.join(differing)}); "
                           "pass another --output, or --overwrite to start it again")

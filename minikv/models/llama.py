@@ -125,15 +125,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, tp=None):
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        ranks = tp.size if tp is not None else 1  # tensor parallel: this rank's heads only (column-parallel)
+        self.num_heads, self.num_kv_heads = config.num_heads // ranks, config.num_kv_heads // ranks
+        self.head_dim = config.head_dim
         hidden, bias = config.hidden_size, config.qkv_bias
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.o_proj = _output_linear(config.num_heads * self.head_dim, hidden, tp)
         if config.qk_norm:  # Qwen3 normalises each head's q and k before RoPE
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -191,12 +193,22 @@ class FusedLinear(nn.Module):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
+def _output_linear(in_features: int, out_features: int, tp) -> nn.Linear:
+    """o_proj / down_proj: a plain Linear, or under tensor parallelism row-parallel (ends in an all-reduce)."""
+    if tp is None:
+        return nn.Linear(in_features, out_features, bias=False)
+    from ..distributed.layers import RowParallelLinear
+
+    return RowParallelLinear(in_features, out_features, tp)
+
+
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp=None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        intermediate = config.intermediate_size // (tp.size if tp is not None else 1)  # column-parallel
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate, bias=False)
+        self.down_proj = _output_linear(config.intermediate_size, config.hidden_size, tp)
         self.gate_up = FusedLinear(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,12 +219,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, tp=None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config, layer, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(self, x, inv_freq, backend):
         x = x + self.self_attn(self.input_layernorm(x), inv_freq, backend)
@@ -220,10 +232,15 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp=None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        if tp is None:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        else:
+            from ..distributed.layers import VocabParallelEmbedding
+
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
@@ -241,13 +258,21 @@ class DecoderModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Also serves SmolLM and Mistral (Mistral v0.1's sliding window has no kernel: the ring bounds attention
-    under the evicting policies, and under `full` the Engine caps max_model_len at the window)."""
+    under the evicting policies, and under `full` the Engine caps max_model_len at the window).
 
-    def __init__(self, config: ModelConfig):
+    `tp` (a distributed.TPGroup) builds one rank's shard: its heads, its slice of the MLP, its token ids of
+    the embedding and LM head (minikv.distributed.layers); the forward is the same code."""
+
+    def __init__(self, config: ModelConfig, tp=None):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = DecoderModel(config, tp)
+        if tp is None:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        else:
+            from ..distributed.layers import ParallelLMHead
+
+            self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
