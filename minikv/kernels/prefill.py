@@ -33,8 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import attend_score_sample as _decode
-from .attend_score_sample import _rope_channels, _rotate
+from .attend_score_sample import _rope_channels, _rotate, precise_trig
 from .common import PoolLayer, Rope
 from .reference import PrefillResult
 
@@ -259,7 +258,7 @@ def prefill_attention_triton(
         GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
         BLOCK_Q=block_q, BLOCK_K=block_k, PAGE=pool.block_size, N_SINK=n_sink,
         TOP_M=top_m, M_PAD=triton.next_power_of_2(max(top_m, 1)), OBS=obs_rows > 0, ROWS=block_q * g_pad,
-        ROPE=rope is not None, PRECISE=_decode.precise_trig(q.device),
+        ROPE=rope is not None, PRECISE=precise_trig(q.device),
     )
     mass = partial_mass.sum(dim=0) if num_q_blocks > 1 else partial_mass[0]
     return PrefillResult(out, mass, edge_idx, edge_w, obs)

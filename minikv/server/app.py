@@ -29,10 +29,10 @@ from . import errors
 from .engine_loop import ClientDisconnected, EngineDeadError, EngineLoop, EngineLoopFailure, QueueFullError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, field_names
-from .cli import DEFAULT_MAX_BODY_BYTES
 from .reasoning import ReasoningParser, make_reasoning_parser
 from .serving import (ChatFormat, CompletionFormat, ResponseFormat, final_outputs, final_response, stream_events)
 
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # a larger request body gets 413 before it is read
 RETRY_AFTER_S = 1  # what a 503 (queue full) tells the client to wait
 
 

@@ -11,7 +11,6 @@ import sys
 from ..errors import MiniKVError
 from .reasoning import REASONING_PARSERS
 
-DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # a larger request body gets 413 before it is read
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -34,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
                    help="move a reasoning model's <think>...</think> text out of chat answers into "
                         "reasoning_content (vLLM's names: deepseek_r1, qwen3; default: off)")
-    s.add_argument("--max-body-size", type=positive_int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
-                   help="largest request body accepted; larger ones get 413 (default %(default)s)")
+    s.add_argument("--max-body-size", type=positive_int, default=None, metavar="BYTES",
+                   help="largest request body accepted; larger ones get 413 (default 16 MiB)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     engine = build_engine(args, model)
     name = args.served_model_name or model or DEFAULT_MODEL_NAME
     app = create_app(engine, model_name=name, max_waiting=args.max_waiting, reasoning_parser=args.reasoning_parser,
-                     max_body_bytes=args.max_body_size)
+                     **({"max_body_bytes": args.max_body_size} if args.max_body_size else {}))
     print(f"minikv serve: {name} on http://{args.host}:{args.port} (policy {engine.policy.label}, budget "
           f"{engine.budget}, {args.max_num_seqs} sequences)", file=sys.stderr, flush=True)
     # On shutdown, open streams get 5 s to finish; then they are cancelled, which aborts their requests.
