@@ -204,6 +204,31 @@ def reserve_candidates(n=40, novel=10, dim=16):
                              edge_pos=torch.full((1, n, 4), -1, dtype=torch.int32), edge_w=torch.zeros(1, n, 4))
 
 
+def test_nexus_novelty_ties_break_by_index_whatever_the_number_of_heads():
+    """Keys are stored before RoPE, so a repeated token repeats its key exactly and novelties tie. The reserve
+    must pick among equals the same way for one head alone as beside another (a tensor-parallel rank holds
+    fewer heads): the lowest candidate index first."""
+    g = torch.Generator().manual_seed(1)
+    n, dim = 48, 8
+    pattern = torch.randn(6, dim, generator=g)
+    keys = torch.stack([pattern[torch.arange(n) % 6], torch.randn(n, dim, generator=g)])  # head 0: 8 repeats of 6
+    pos = torch.arange(n, dtype=torch.int32)[None].expand(2, -1)
+    cand = lambda heads: PrefillCandidates(layer=0, seed=0, filled=0, budget=24, pos=pos[heads],  # noqa: E731
+                                           keys=keys[heads], mass=torch.ones(len(heads), n),
+                                           ring_score=torch.zeros(len(heads), 0), ends_prompt=True)
+    policy = make_policy("nexus", n_sink=2, window=4, reserve=1.0)
+    both = policy.prefill_held(cand([0, 1]), policy.prefill_scores(cand([0, 1]))[1])
+    alone = [policy.prefill_held(cand([h]), policy.prefill_scores(cand([h]))[1]) for h in (0, 1)]
+    assert torch.equal(both, torch.cat(alone))
+    held = both[0].nonzero().flatten()
+    # among the tied copies of a pattern, the earliest copies are the ones held
+    for j in range(6):
+        copies = torch.arange(j, n, 6)
+        copies = copies[copies >= 2]  # sinks never compete
+        taken = held[torch.isin(held, copies)]
+        assert torch.equal(taken, copies[: len(taken)])
+
+
 @pytest.mark.parametrize("tau", [0.0, 1.0])
 def test_nexus_novelty_reserve_keeps_the_unattended_outlier_key(tau):
     cand = reserve_candidates()

@@ -129,7 +129,10 @@ class Nexus(Policy):
             return scores, priority
         excluded = cand.sinks(self.n_sink) if cand.ends_prompt else cand.protected(self.n_sink, self.window)
         novelty = keydiff_scores(cand.keys).masked_fill(excluded, float("-inf"))
-        novel = novelty.topk(count, dim=-1).indices
+        # Keys are stored before RoPE, so a repeated token's key repeats exactly and novelties tie: a stable
+        # sort breaks ties by candidate index, the same way whatever the batch's shape (tensor-parallel ranks
+        # hold fewer heads), where topk's choice among equals may differ.
+        novel = novelty.sort(dim=-1, descending=True, stable=True).indices[:, :count]
         picked = ~excluded.gather(1, novel)  # False only where fewer than `count` candidates compete
         floor = scores.mean(dim=-1, keepdim=True).expand_as(novel)
         lifted_scores = torch.where(picked, torch.maximum(scores.gather(1, novel), floor), scores.gather(1, novel))
