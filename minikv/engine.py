@@ -7,6 +7,12 @@
         for delta in stream:
             print(delta, end="")
 
+Sessions keep a conversation's ring between requests (minikv.session): pass `session_id=` and each turn
+prefills only what the ring has not read.
+
+    engine.chat(messages, params, session_id="conv-1")            # turn 1: the ring is parked at the end
+    engine.chat(messages + [reply, next_question], params, session_id="conv-1")   # only the new turn runs
+
 `add_request` / `step` / `abort` drive it from a caller's loop; `generate`, `chat` and `stream` are that loop
 for the common cases. The engine decides what runs (Scheduler) and the model runner executes it
 (ModelRunner); a request's whole host-side state is one `Request`.
@@ -43,6 +49,7 @@ from .policies import Policy, make_policy
 from .request import Request, RequestStatus, position_logprobs
 from .sampling import RequestOutputKind, Sampler, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
+from .session import SessionInfo, SessionStore
 from .tokenizer import validate_messages
 
 logger = logging.getLogger(__name__)
@@ -75,6 +82,16 @@ class EngineStats:
     finished: dict[str, int]
     peak_running: int
     peak_kv_blocks_used: int
+    # Sessions (minikv.session): sessions kept, parked rings and their blocks (counted in kv_blocks_used
+    # too); requests that reused a parked ring (hits) or found none (misses), prompt tokens not prefilled
+    # again, parked rings released because admission or a limit needed their blocks.
+    num_sessions: int = 0
+    num_parked_sessions: int = 0
+    parked_kv_blocks: int = 0
+    session_hits: int = 0
+    session_misses: int = 0
+    session_reused_tokens: int = 0
+    sessions_released_by_pressure: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -109,12 +126,18 @@ class Engine:
         enforce_eager: bool = False,
         kv_memory: int | float | str | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        max_sessions: int = 1024,
+        max_parked_sessions: int = 64,
+        max_parked_kv_memory: int | str | None = None,
     ):
         """`budget` is the most KV slots per layer and KV head one request may hold (a request can ask for
         fewer with SamplingParams.kv_budget; under `full` a request holds prompt + max_tokens). `kv_memory`
         sizes the one block pool every request draws from: bytes, a size like "2GiB", or on CUDA a fraction
         of free device memory; by default, room for `max_num_seqs` rings of `budget` slots. `max_num_seqs`
-        caps how many requests run at once."""
+        caps how many requests run at once. Sessions: at most `max_sessions` kept (token histories), at
+        most `max_parked_sessions` of them with a parked ring, and those rings within
+        `max_parked_kv_memory` (bytes or a size like "1GiB"; default: the pool, as admission releases them
+        whenever it needs blocks)."""
         check_engine_settings(budget=budget, chunk=chunk, n_sink=n_sink, window=window, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed,
                               policy_options=policy_options)
@@ -137,8 +160,10 @@ class Engine:
         use_graphs = self.device.type == "cuda" and not enforce_eager
         self.batch = InputBatch(max_num_seqs, max_blocks, self.config.vocab_size, self.device,
                                 empty_block=self.pool.scratch_block, scratch_slot=use_graphs)
+        self.sessions = SessionStore(self.pool, self.policy, max_sessions=max_sessions, max_parked=max_parked_sessions,
+                                     max_parked_blocks=self._parked_blocks(max_parked_kv_memory))
         self.scheduler = Scheduler(self.pool, self.batch, max_num_batched_tokens=self.max_num_batched_tokens,
-                                   chunk=chunk)
+                                   chunk=chunk, sessions=self.sessions)
         self.attention = RingAttention(self.pool, self.policy, scale=self.config.head_dim**-0.5, seed=seed,
                                        num_slots=max_num_seqs + int(use_graphs), max_budget=self.budget)
         self.runner = ModelRunner(self.model, self.attention, self.batch, self.device, use_cuda_graphs=use_graphs)
@@ -151,6 +176,11 @@ class Engine:
         self._seeds = itertools.count()
         self._counters = dict(num_steps=0, prompt_tokens=0, generation_tokens=0, evicted_tokens=0, peak_running=0)
         self._finished_by_reason: dict[str, int] = {}
+
+    def _parked_blocks(self, max_parked_kv_memory) -> int | None:
+        if max_parked_kv_memory is None:
+            return None
+        return parse_kv_memory(max_parked_kv_memory, "cpu") // self.pool.bytes_per_block
 
     def _check_budget(self, budget: int, chunk: int) -> int:
         if not self.policy.evicts:
@@ -174,15 +204,25 @@ class Engine:
                       edges_per_slot=self.policy.top_m)
 
     # --- requests --------------------------------------------------------------------------------
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    *, session_id: str | None = None, append: bool = False) -> str:
         """Queue one request and return its id; a bad request raises InvalidRequestError and changes nothing.
 
         `prompt` is text (used as is: no chat template), token ids, or chat messages (the model's chat
         template is applied, with the generation prompt).
+
+        `session_id`: the request continues that session (or starts it) and parks its ring there when it
+        finishes. Its prompt is the whole conversation so far; the prefix the session's ring has read is
+        not computed again (RequestOutput.num_cached_tokens). With `append=True` the prompt (text or ids)
+        holds only the new tokens, appended to the session's history (text without a BOS).
         """
         params = self._check_params(params)
         request_id = self._check_request_id(request_id)
-        prompt_ids, prompt_text = self._encode(prompt)
+        session = self._check_session(session_id, params, append)
+        if append and session is not None and session.token_ids:
+            prompt_ids, prompt_text = self._encode_appended(prompt, session.token_ids)
+        else:
+            prompt_ids, prompt_text = self._encode(prompt)
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
@@ -191,7 +231,7 @@ class Engine:
         # Without its own seed a request draws from the engine's: same engine seed, same order -> same samples.
         seed = params.seed if params.seed is not None else int(hash_u32(torch.tensor(self.seed), torch.tensor(next(self._seeds))))
         eos = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
-        budget = self._request_budget(params, len(prompt_ids))
+        budget = self._request_budget(params, len(prompt_ids), session)
         ring_size = min(budget, len(prompt_ids) + params.max_tokens)
         blocks = self.pool.blocks_for(ring_size)
         if blocks > self.pool.num_blocks:
@@ -202,6 +242,8 @@ class Engine:
                 "or give the engine more kv_memory")
         req = Request(request_id, prompt_ids, params, seed=seed, eos_ids=eos, tokenizer=self.tokenizer,
                       prompt_text=prompt_text, kv_budget=budget, ring_size=ring_size, num_blocks_needed=blocks)
+        if session_id is not None:
+            req.session = self.sessions.begin(session_id, request_id, budget if self.policy.evicts else None)
         self._requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -221,9 +263,46 @@ class Engine:
                                           f"[0, {self.config.vocab_size})")
         return params
 
-    def _request_budget(self, params: SamplingParams, prompt_len: int) -> int:
+    def _check_session(self, session_id: str | None, params: SamplingParams, append: bool):
+        """The session a request continues (None for a new one or none), checked before anything changes."""
+        if session_id is None:
+            if append:
+                raise InvalidRequestError("append=True adds the prompt to a session's history: give session_id too")
+            return None
+        if not isinstance(session_id, str) or not session_id or len(session_id) > 256:
+            raise InvalidRequestError(f"session_id must be a non-empty string of at most 256 characters, "
+                                      f"got {session_id!r}")
+        if params.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs cannot be asked of a session request: the prompt's prefix "
+                                      "that the session's ring has read is not computed again")
+        session = self.sessions.get(session_id)
+        if session is not None and session.request_id is not None:
+            raise InvalidRequestError(f"session {session_id!r} already has a request in flight "
+                                      f"({session.request_id!r}); wait for it to finish, or abort it")
+        return session
+
+    def _encode_appended(self, prompt: Prompt, history: list[int]) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            _check_unicode(prompt, "the prompt")
+            new = self.tokenizer.encode(prompt, add_special_tokens=False)
+        elif _is_token_ids(prompt):
+            new, _ = self._encode(prompt)
+        else:
+            raise InvalidRequestError("append=True takes the new text or token ids of a session's turn; for chat "
+                                      "messages send the whole conversation without append")
+        if not new:
+            raise InvalidRequestError("the appended prompt is empty; give at least one token of text")
+        return history + new, None
+
+    def _request_budget(self, params: SamplingParams, prompt_len: int, session=None) -> int:
         """The request's own KV budget: SamplingParams.kv_budget within what the engine can honour, else the
-        engine's; under `full` the whole request (nothing is ever evicted)."""
+        engine's; under `full` the whole request (nothing is ever evicted). A session's budget is the one
+        its first request had."""
+        if session is not None and session.kv_budget is not None:
+            if params.kv_budget not in (None, session.kv_budget):
+                raise InvalidRequestError(f"kv_budget={params.kv_budget}: session {session.session_id!r} was started "
+                                          f"with kv_budget {session.kv_budget}, fixed for its life; leave kv_budget out")
+            return session.kv_budget
         if not self.policy.evicts:
             if params.kv_budget is not None:
                 raise InvalidRequestError(f"kv_budget={params.kv_budget} asks for eviction, but policy 'full' never "
@@ -316,10 +395,75 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's gauges and counters (see EngineStats)."""
+        sessions = self.sessions
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                            kv_blocks_used=self.pool.num_used, kv_blocks_total=self.pool.num_blocks,
                            peak_kv_blocks_used=self.pool.peak_used,
-                           finished=dict(self._finished_by_reason), **self._counters)
+                           finished=dict(self._finished_by_reason), **self._counters,
+                           num_sessions=len(sessions.sessions), num_parked_sessions=sessions.num_parked,
+                           parked_kv_blocks=sessions.parked_blocks, session_hits=sessions.counters.hits,
+                           session_misses=sessions.counters.misses,
+                           session_reused_tokens=sessions.counters.reused_tokens,
+                           sessions_released_by_pressure=sessions.counters.released_by_pressure)
+
+    # --- sessions --------------------------------------------------------------------------------
+    def session(self, session_id: str) -> SessionInfo | None:
+        """What the engine keeps of a session (its history, its parked ring), or None if it is unknown."""
+        session = self.sessions.get(session_id)
+        return None if session is None else self.sessions.info(session)
+
+    def session_ids(self) -> list[str]:
+        """Every session kept, least recently used first."""
+        return list(self.sessions.sessions)
+
+    def close_session(self, session_id: str) -> bool:
+        """Forget a session: its request in flight is aborted, its ring's blocks are free at once. Returns
+        False if the session was unknown."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return False
+        if session.request_id is not None:
+            self.abort(session.request_id)
+        return self.sessions.close(session_id)
+
+    def save_session(self, session_id: str, directory) -> str:
+        """Save a session (history and parked ring) as DIR/<id>.json + DIR/<id>.safetensors; it stays in
+        the engine. Returns the JSON file's path. Raises SessionFileError if DIR cannot be written."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise InvalidRequestError(f"unknown session {session_id!r}")
+        if session.request_id is not None:
+            raise InvalidRequestError(f"session {session_id!r} has a request in flight ({session.request_id!r}); "
+                                      "save it when the request has finished")
+        return str(self.sessions.save(session, directory, self._session_identity()))
+
+    def restore_session(self, path) -> str:
+        """Load a session saved by `save_session` (its .json path) and park its ring (or, with no room in
+        the pool now, only its history); returns its id. A file from another model, policy, block size or
+        dtype, or a truncated or corrupt one, raises SessionFileError and changes nothing."""
+        from .session import SessionFileError, read_session_file
+
+        meta, _ = read_session_file(path, self._session_identity())
+        bad = [t for t in meta["token_ids"] if t >= self.config.vocab_size]
+        budget = meta.get("kv_budget")
+        if bad or (budget is not None and (not self.policy.evicts or budget > self.budget)):
+            raise SessionFileError(f"session file {str(path)!r} does not fit this engine (token ids outside the "
+                                   f"vocabulary, or kv_budget {budget} beyond --budget {self.budget})")
+        return self.sessions.load(path, self._session_identity()).session_id
+
+    def _session_identity(self) -> dict:
+        """What a saved ring is only valid under: the model (config and a weight checksum), the policy with
+        its options, the block size and the KV dtype."""
+        if not hasattr(self, "_identity"):
+            import hashlib
+
+            digest = hashlib.sha256(repr(self.config).encode())
+            for p in list(self.model.parameters())[:3]:
+                digest.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+            policy = f"{self.policy.label} n_sink={self.policy.n_sink} window={self.policy.window}"
+            self._identity = dict(model=digest.hexdigest()[:32], policy=policy, block_size=self.block_size,
+                                  dtype=str(self.pool.k.dtype).removeprefix("torch."))
+        return self._identity
 
     # --- the loop --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -442,38 +586,46 @@ class Engine:
     # --- conveniences ----------------------------------------------------------------------------
     def generate(self, prompts: str | list[int] | Iterable[str | list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+                 *, use_tqdm: bool = True, session_id: str | None = None, append: bool = False) -> list[RequestOutput]:
         """Complete raw prompts (text as is, or token ids; no chat template) and return their final outputs,
         in the order of `prompts`. For chat messages use `chat`.
 
         A bad prompt or parameter raises InvalidRequestError naming the prompt's index before anything runs.
         Requests queued with add_request keep running alongside; their outputs wait for `step`.
+        `session_id` / `append` (one prompt only): see add_request.
         """
         prompts = _as_prompt_list(prompts)
         for index, prompt in enumerate(prompts):
             if _is_chat(prompt):
                 raise InvalidRequestError(f"prompt {index} is a list of chat messages: use Engine.chat(messages) "
                                           "for those (generate completes raw text or token ids)")
-        return self._run_to_completion(prompts, sampling_params, use_tqdm)
+        return self._run_to_completion(prompts, sampling_params, use_tqdm, session_id=session_id, append=append)
 
     def chat(self, messages: list[dict] | Iterable[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             *, use_tqdm: bool = True) -> list[RequestOutput]:
+             *, use_tqdm: bool = True, session_id: str | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of {"role", "content"} dicts) or a list of them, through the
-        model's chat template; return the final outputs in order."""
+        model's chat template; return the final outputs in order. With `session_id` (one conversation) the
+        session's ring serves the part of the conversation it has read (see add_request)."""
         conversations = [messages] if _is_chat(messages) else list(messages)
         for index, conversation in enumerate(conversations):
             if not _is_chat(conversation):
                 raise InvalidRequestError(f"conversation {index} must be a non-empty list of "
                                           "{'role': ..., 'content': ...} dicts")
-        return self._run_to_completion(conversations, sampling_params, use_tqdm)
+        return self._run_to_completion(conversations, sampling_params, use_tqdm, session_id=session_id)
 
-    def _run_to_completion(self, prompts: list[Prompt], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run_to_completion(self, prompts: list[Prompt], sampling_params, use_tqdm: bool, *,
+                           session_id: str | None = None, append: bool = False) -> list[RequestOutput]:
         params_list = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
                        else [sampling_params] * len(prompts))
         if len(params_list) != len(prompts):
             raise InvalidRequestError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        ids = self._add_all(prompts, params_list)
+        if session_id is not None or append:
+            if len(prompts) != 1:
+                raise InvalidRequestError(f"session_id continues one conversation: got {len(prompts)} prompts")
+            ids = [self.add_request(prompts[0], params_list[0], session_id=session_id, append=append)]
+        else:
+            ids = self._add_all(prompts, params_list)
         sinks = {rid: self._own(rid, RequestOutputKind.FINAL_ONLY) for rid in ids}
         final: dict[str, RequestOutput] = {}
         try:
@@ -527,7 +679,8 @@ class Engine:
                 self._finished_unreported.remove(req)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-               request_id: str | None = None) -> "RequestStream":
+               request_id: str | None = None, *, session_id: str | None = None,
+               append: bool = False) -> "RequestStream":
         """Add a request and iterate over its text deltas as tokens arrive (other requests keep running).
 
         Bad input raises here, not at the first `next`. The stream's lifetime is explicit: use it in a
@@ -535,7 +688,7 @@ class Engine:
         frees its KV at once) or call `close()`. A stream abandoned without either keeps its request running
         until it finishes by itself (max_tokens bounds it); nothing of it stays in the engine afterwards.
         """
-        request_id = self.add_request(prompt, params, request_id)
+        request_id = self.add_request(prompt, params, request_id, session_id=session_id, append=append)
         return RequestStream(self, request_id)
 
 
