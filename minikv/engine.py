@@ -221,6 +221,8 @@ class Engine:
         session = self._check_session(session_id, params, append)
         if append and session is not None and session.token_ids:
             prompt_ids, prompt_text = self._encode_appended(prompt, session.token_ids)
+        elif session is not None and session.token_ids and (isinstance(prompt, str) or _is_chat(prompt)):
+            prompt_ids, prompt_text = self._encode_continuing(prompt, session.token_ids)
         else:
             prompt_ids, prompt_text = self._encode(prompt)
         total = len(prompt_ids) + params.max_tokens
@@ -280,6 +282,18 @@ class Engine:
             raise InvalidRequestError(f"session {session_id!r} already has a request in flight "
                                       f"({session.request_id!r}); wait for it to finish, or abort it")
         return session
+
+    def _encode_continuing(self, prompt: Prompt, history: list[int]) -> tuple[list[int], str | None]:
+        """A session's whole conversation as text or chat messages. When its text begins with the text of
+        the session's history, the history's own ids are kept and only the rest is tokenized: a reply's
+        generated ids need not be how its text tokenizes, and the ring has read the generated ones."""
+        ids, text = self._encode(prompt)
+        history_text = self.tokenizer.decode(history, skip_special_tokens=False)
+        if history_text and len(text) > len(history_text) and text.startswith(history_text):
+            rest = self.tokenizer.encode(text[len(history_text):], add_special_tokens=False)
+            if rest:
+                return history + rest, text
+        return ids, text
 
     def _encode_appended(self, prompt: Prompt, history: list[int]) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):

@@ -344,3 +344,75 @@ def test_session_files_from_elsewhere_or_damaged_are_refused_clearly(loaded, tmp
     with pytest.raises(SessionFileError, match="cannot save session 's'"):
         engine.save_session("s", tmp_path / "a-file" / "sub")
     assert fresh.session_ids() == [] and fresh.pool.num_used == 0
+
+
+# --- the CLI chat keeps one session ----------------------------------------------------------------
+
+
+def test_cli_chat_prefills_only_each_new_message(tmp_path, monkeypatch, capsys):
+    import minikv.cli as cli
+    from helpers import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "chat")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    lines = iter(["hello there", "and a second question", "/reset", "fresh start"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    engines, prompt_lengths = [], []
+    build = cli.build_engine
+
+    def build_and_keep(args, model):
+        engine = build(args, model)
+        add = engine.add_request
+
+        def add_and_measure(*args, **kw):
+            request_id = add(*args, **kw)
+            prompt_lengths.append(len(engine._requests[request_id].prompt_ids))
+            return request_id
+
+        engine.add_request = add_and_measure
+        engines.append(engine)
+        return engine
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(cli.sys, "stdin", type("Tty", (), {"isatty": lambda self: True})())
+    monkeypatch.setattr(cli, "build_engine", build_and_keep)
+    assert cli.main(["run", str(path), "--max-tokens", "4", "--temperature", "0"]) == 0
+    stats = engines[0].stats()
+    assert len(prompt_lengths) == 3 and stats.session_hits == 1 and stats.session_misses == 0
+    # Turn 2 computed only what turn 1's ring had not read; /reset started the third turn over.
+    assert stats.prompt_tokens == sum(prompt_lengths) - stats.session_reused_tokens
+    assert stats.session_reused_tokens >= prompt_lengths[0]
+
+
+# --- the real model --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_chat_session_gives_the_tokens_of_the_conversation_sent_fresh(smollm2, one_torch_thread):
+    """Each turn's conversation is rendered whole; the session keeps the ids its ring read (the generated
+    ones, the stop token fed as the next turn's first token) and computes only the new message."""
+    engine = Engine(smollm2, policy="full", chunk=256, max_num_seqs=2, max_model_len=2048)
+    fresh = Engine(smollm2, policy="full", chunk=256, max_num_seqs=2, max_model_len=2048)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    messages = [{"role": "user", "content": "Name a large city in France."}]
+    questions = ["What river runs through it?", "Name one famous museum there.", "Thanks! One word to sum it up?"]
+    transcript: list[int] = []
+    for turn, question in enumerate(questions):
+        got = engine.chat(messages, params, session_id="chat", use_tqdm=False)[0]
+        want = fresh.generate(got.prompt_token_ids, params, use_tqdm=False)[0]
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        assert got.prompt_token_ids[:len(transcript)] == transcript
+        assert got.num_cached_tokens == max(len(transcript) - 1, 0)
+        transcript = got.prompt_token_ids + got.outputs[0].token_ids
+        messages = messages + [{"role": "assistant", "content": got.outputs[0].text},
+                               {"role": "user", "content": question}]
+    assert engine.stats().session_hits == 2
