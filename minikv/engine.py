@@ -82,8 +82,8 @@ class EngineStats:
     finished: dict[str, int]
     peak_running: int
     peak_kv_blocks_used: int
-    # Sessions (minikv.session): sessions kept, parked rings and their blocks (counted in kv_blocks_used
-    # too); requests that reused a parked ring (hits) or found none (misses), prompt tokens not prefilled
+    # Sessions (minikv.session): sessions kept, parked rings and their blocks (not in kv_blocks_used:
+    # admission takes them back whenever it needs them); requests that reused a parked ring (hits) or found none (misses), prompt tokens not prefilled
     # again, parked rings released because admission or a limit needed their blocks.
     num_sessions: int = 0
     num_parked_sessions: int = 0
@@ -222,7 +222,7 @@ class Engine:
         if append and session is not None and session.token_ids:
             prompt_ids, prompt_text = self._encode_appended(prompt, session.token_ids)
         elif session is not None and session.token_ids and (isinstance(prompt, str) or _is_chat(prompt)):
-            prompt_ids, prompt_text = self._encode_continuing(prompt, session.token_ids)
+            prompt_ids, prompt_text = self._encode_continuing(prompt, session)
         else:
             prompt_ids, prompt_text = self._encode(prompt)
         total = len(prompt_ids) + params.max_tokens
@@ -283,17 +283,42 @@ class Engine:
                                       f"({session.request_id!r}); wait for it to finish, or abort it")
         return session
 
-    def _encode_continuing(self, prompt: Prompt, history: list[int]) -> tuple[list[int], str | None]:
+    def _encode_continuing(self, prompt: Prompt, session) -> tuple[list[int], str | None]:
         """A session's whole conversation as text or chat messages. When its text begins with the text of
         the session's history, the history's own ids are kept and only the rest is tokenized: a reply's
         generated ids need not be how its text tokenizes, and the ring has read the generated ones."""
         ids, text = self._encode(prompt)
-        history_text = self.tokenizer.decode(history, skip_special_tokens=False)
+        history = session.token_ids
+        history_text = self._history_text(history, session)
         if history_text and len(text) > len(history_text) and text.startswith(history_text):
             rest = self.tokenizer.encode(text[len(history_text):], add_special_tokens=False)
             if rest:
                 return history + rest, text
         return ids, text
+
+    def _history_text(self, history: list[int], session) -> str:
+        if session.text is None:
+            session.text = self.tokenizer.decode(session.token_ids, skip_special_tokens=False)
+        return session.text
+
+    def match_session(self, prompt: Prompt) -> str | None:
+        """The idle session whose parked ring would serve the most of `prompt` (text, ids or chat messages,
+        the whole conversation), or None: how a server reuses rings for clients that resend the history
+        (OpenAI chat completions), as a prefix cache would. Text that extends a session's history text
+        counts all of its ring; otherwise the common prefix of the token ids (see Session.reusable_prefix)."""
+        ids, text = self._encode(prompt)
+        best, best_tokens = None, 0
+        for session in self.sessions.sessions.values():
+            if session.ring is None or session.request_id is not None:
+                continue
+            tokens = session.reusable_prefix(ids)
+            if text is not None and (isinstance(prompt, str) or _is_chat(prompt)):
+                history_text = self._history_text(session.token_ids, session)
+                if history_text and len(text) > len(history_text) and text.startswith(history_text):
+                    tokens = max(tokens, session.ring.num_processed)
+            if tokens > best_tokens:
+                best, best_tokens = session.session_id, tokens
+        return best
 
     def _encode_appended(self, prompt: Prompt, history: list[int]) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
@@ -411,7 +436,8 @@ class Engine:
         """A snapshot of the engine's gauges and counters (see EngineStats)."""
         sessions = self.sessions
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-                           kv_blocks_used=self.pool.num_used, kv_blocks_total=self.pool.num_blocks,
+                           kv_blocks_used=self.pool.num_used - sessions.parked_blocks,
+                           kv_blocks_total=self.pool.num_blocks,
                            peak_kv_blocks_used=self.pool.peak_used,
                            finished=dict(self._finished_by_reason), **self._counters,
                            num_sessions=len(sessions.sessions), num_parked_sessions=sessions.num_parked,

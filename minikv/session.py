@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidRequestError, MiniKVError
+from .errors import ConfigError, InvalidRequestError, MiniKVError
 
 # Pool owner ids of parked rings: far above any batch slot, so the allocator tells them apart.
 PARKED_OWNER_BASE = 1 << 30
@@ -76,6 +76,7 @@ class Session:
     token_ids: list[int] = field(default_factory=list)  # the conversation so far, read or generated
     ring: ParkedRing | None = None  # None: never parked, released, or taken by the request running now
     request_id: str | None = None  # the request in flight on this session (at most one)
+    text: str | None = None  # token_ids decoded (special tokens kept), made when first asked for
 
     def reusable_prefix(self, prompt_ids: list[int]) -> int:
         """How many leading tokens of `prompt_ids` the parked ring can skip (0: none, start over). At least
@@ -127,7 +128,7 @@ class SessionStore:
                  max_parked_blocks: int | None = None):
         for name, value in (("max_sessions", max_sessions), ("max_parked", max_parked)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidRequestError(f"{name} must be a count >= 0, got {value!r}")
+                raise ConfigError(f"{name} must be a count >= 0, got {value!r}")
         self.pool, self.policy = pool, policy
         self.max_sessions, self.max_parked = max_sessions, max_parked
         self.max_parked_blocks = pool.num_blocks if max_parked_blocks is None else max_parked_blocks
@@ -190,6 +191,7 @@ class SessionStore:
         slot `slot`) is parked. Returns whether the slot's blocks were taken: if not, the caller frees them."""
         session.request_id = None
         session.token_ids = list(token_ids)
+        session.text = None
         parked = keep_ring and slot is not None and num_processed > 0
         if parked:
             state = self.policy.ring_state(slot)

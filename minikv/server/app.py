@@ -4,7 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 POST /v1/completions, POST /v1/chat/completions (both with `"stream": true` as server-sent events),
-GET /v1/models, GET /health, GET /metrics. The engine runs on its own thread (minikv.server.engine_loop),
+POST /v1/responses, GET/DELETE /v1/responses/{id} (minikv.server.responses), GET /v1/models, GET /health,
+GET /metrics. The engine runs on its own thread (minikv.server.engine_loop),
 started and stopped with the app's lifespan; handlers only submit requests and await their outputs.
 """
 
@@ -24,6 +25,7 @@ from . import errors
 from .engine_loop import ClientDisconnected, EngineDeadError, EngineLoop, EngineLoopFailure, QueueFullError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, field_names
+from .responses import ResponseStore, add_response_routes
 from .serving import ChatFormat, CompletionFormat, ResponseFormat, final_response, stream_events
 
 RETRY_AFTER_S = 1  # what a 503 (queue full) tells the client to wait
@@ -32,8 +34,9 @@ RETRY_AFTER_S = 1  # what a 503 (queue full) tells the client to wait
 class Server:
     """What the handlers share: the engine loop, the metrics, the served model's name and limits."""
 
-    def __init__(self, engine: Engine, model_name: str, max_waiting: int | None):
+    def __init__(self, engine: Engine, model_name: str, max_waiting: int | None, reuse_sessions: bool = True):
         self.model_name = model_name
+        self.reuse_sessions = reuse_sessions
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.config.vocab_size
         self.started = int(time.time())
@@ -46,10 +49,12 @@ class Server:
             raise errors.APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                                   param="model", code="model_not_found")
 
-    async def submit(self, body: SamplingFields, prompt, params, fit_max_tokens: bool, request_id: str):
+    async def submit(self, body: SamplingFields, prompt, params, fit_max_tokens: bool, request_id: str, *,
+                     session_id: str | None = None, reuse_session: bool = False):
         """Hand the request to the engine thread and wait until the engine has taken it (or refused it)."""
         try:
-            handle = self.engine_loop.submit(prompt, params, request_id, fit_max_tokens=fit_max_tokens)
+            handle = self.engine_loop.submit(prompt, params, request_id, fit_max_tokens=fit_max_tokens,
+                                             session_id=session_id, reuse_session=reuse_session)
         except QueueFullError as err:
             self.metrics.rejected_queue_full.inc()
             raise errors.APIError(503, f"the server is busy: {err}; retry later", type="server_busy",
@@ -68,20 +73,27 @@ class Server:
         return handle
 
 
-def create_app(engine: Engine, *, model_name: str = "minikv", max_waiting: int | None = None) -> FastAPI:
-    """An app serving `engine` as `model_name`; at most `max_waiting` requests wait for admission (503 beyond)."""
-    server = Server(engine, model_name, max_waiting)
+def create_app(engine: Engine, *, model_name: str = "minikv", max_waiting: int | None = None,
+               session_dir: str | None = None, reuse_sessions: bool = True) -> FastAPI:
+    """An app serving `engine` as `model_name`; at most `max_waiting` requests wait for admission (503 beyond).
+    `session_dir`: parked sessions and stored responses are restored from it at start and saved to it at
+    shutdown. `reuse_sessions`: chat completions continue a parked ring that has read their prefix."""
+    server = Server(engine, model_name, max_waiting, reuse_sessions)
+    server.responses = ResponseStore(session_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        server.responses.restore(engine)  # before the engine thread starts: nothing else touches the engine
         server.engine_loop.start()
         yield
         server.engine_loop.stop()
+        server.responses.save(engine)  # the thread has ended
 
     app = FastAPI(title="minikv", summary="OpenAI-compatible server with per-request KV budgets", lifespan=lifespan)
     app.state.server = server
     _add_error_handlers(app)
     _add_routes(app, server)
+    add_response_routes(app, server)
     return app
 
 
@@ -143,7 +155,10 @@ async def _serve(server: Server, request: Request, body: CompletionRequest | Cha
         params, fit_max_tokens = body.to_sampling_params(server.max_model_len)
     except InvalidRequestError as err:
         raise errors.from_invalid_request(err, body.request_field) from None
-    handle = await server.submit(body, body.engine_prompt(), params, fit_max_tokens, fmt.request_id)
+    # A chat resent whole continues the parked ring that has read the most of it (minikv.session).
+    reuse = server.reuse_sessions and isinstance(body, ChatCompletionRequest)
+    handle = await server.submit(body, body.engine_prompt(), params, fit_max_tokens, fmt.request_id,
+                                 reuse_session=reuse)
     on_disconnect = server.metrics.aborted_by_disconnect.inc
     if body.stream:
         events = stream_events(handle, fmt, body.include_usage, on_disconnect)

@@ -66,6 +66,7 @@ class RequestHandle:
     def __init__(self, request_id: str, engine_loop: "EngineLoop", event_loop: asyncio.AbstractEventLoop):
         self.request_id = request_id
         self.finished = False  # set once the final output (or a failure) has been taken from the queue
+        self.session_id: str | None = None  # the engine session the request runs in, once accepted
         self._engine_loop = engine_loop
         self._event_loop = event_loop
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -120,6 +121,8 @@ class _Submission:
     params: SamplingParams
     fit_max_tokens: bool  # set max_tokens to what max_model_len leaves after the prompt
     handle: RequestHandle
+    session_id: str | None = None  # the engine session the request continues (minikv.session)
+    reuse_session: bool = False  # continue whichever parked session's ring serves the most of the prompt
 
 
 class EngineLoop:
@@ -156,8 +159,11 @@ class EngineLoop:
 
     # --- event loop side -----------------------------------------------------------------------------
     def submit(self, prompt: Prompt, params: SamplingParams, request_id: str, *,
-               fit_max_tokens: bool = False) -> RequestHandle:
+               fit_max_tokens: bool = False, session_id: str | None = None,
+               reuse_session: bool = False) -> RequestHandle:
         """Queue a request for the engine thread; `await handle.accepted()` says whether the engine took it.
+        `session_id` continues that engine session; `reuse_session` picks the parked session whose ring
+        serves the most of the prompt (Engine.match_session), or starts one named after the request.
 
         Raises QueueFullError when `max_waiting` requests already wait, EngineDeadError when the thread is gone.
         """
@@ -169,8 +175,18 @@ class EngineLoop:
                 raise QueueFullError(f"{waiting} requests are waiting (the limit is {self.max_waiting})")
             self._pending += 1
         handle = RequestHandle(request_id, self, asyncio.get_running_loop())
-        self._inbox.put(("add", _Submission(prompt, params, fit_max_tokens, handle)))
+        self._inbox.put(("add", _Submission(prompt, params, fit_max_tokens, handle, session_id, reuse_session)))
         return handle
+
+    def call(self, fn: Callable[[Engine], object]) -> "asyncio.Future":
+        """Run `fn(engine)` on the engine thread between steps (the engine is not thread-safe); await the
+        returned future for its result or exception."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        event_loop = asyncio.get_running_loop()
+        future = event_loop.create_future()
+        self._inbox.put(("call", (fn, event_loop, future)))
+        return future
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -201,12 +217,28 @@ class EngineLoop:
                 return False
             if kind == "add":
                 self._admit(payload)
+            elif kind == "call":
+                self._call(*payload)
             else:
                 self.engine.abort(payload)  # unknown or finished ids are ignored by the engine
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 return True
+
+    def _call(self, fn, event_loop, future) -> None:
+        try:
+            result, error = fn(self.engine), None
+        except Exception as err:
+            result, error = None, err
+
+        def settle():
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(result)
+        try:
+            event_loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop is closed
+            pass
 
     def _admit(self, sub: _Submission) -> None:
         with self._pending_lock:
@@ -215,7 +247,15 @@ class EngineLoop:
             return
         try:
             params = self._fit_max_tokens(sub.prompt, sub.params) if sub.fit_max_tokens else sub.params
-            self.engine.add_request(sub.prompt, params, sub.handle.request_id)
+            session_id = sub.session_id
+            if sub.reuse_session and session_id is None:
+                session_id = self.engine.match_session(sub.prompt) or f"auto-{sub.handle.request_id}"
+            info = self.engine.session(session_id) if session_id is not None else None
+            if info is not None and info.request_id is not None:  # another request continues it now:
+                # this one starts its own session
+                session_id = f"auto-{sub.handle.request_id}"
+            self.engine.add_request(sub.prompt, params, sub.handle.request_id, session_id=session_id)
+            sub.handle.session_id = session_id
         except InvalidRequestError as err:
             sub.handle.deliver(err)
             return

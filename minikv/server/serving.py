@@ -24,12 +24,15 @@ def usage(output: RequestOutput) -> dict:
     kv_slots_held: the slots it held at its end, min(kv_budget, tokens whose K/V were written), the tokens
         written being the prompt and every generated token but the last (never fed back to the model);
     evicted_tokens: tokens whose K/V were dropped from its ring to stay within the budget.
+    prompt_tokens_details.cached_tokens (OpenAI's): prompt tokens not prefilled, read already by the ring of
+        the engine session the request continued (minikv.session).
     """
     prompt, completion = len(output.prompt_token_ids), output.metrics.num_generated_tokens
     written = prompt + max(completion - 1, 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "kv_budget": output.metrics.kv_budget, "kv_slots_held": min(output.metrics.kv_budget, written),
-            "evicted_tokens": output.metrics.num_evicted_tokens}
+            "evicted_tokens": output.metrics.num_evicted_tokens,
+            "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens}}
 
 
 class ResponseFormat:
