@@ -416,3 +416,37 @@ def test_smollm2_chat_session_gives_the_tokens_of_the_conversation_sent_fresh(sm
         messages = messages + [{"role": "assistant", "content": got.outputs[0].text},
                                {"role": "user", "content": question}]
     assert engine.stats().session_hits == 2
+
+
+# --- the chat benchmark ------------------------------------------------------------------------------
+
+
+def test_chat_bench_computes_only_new_tokens_with_sessions_and_everything_without(loaded, capsys):
+    from minikv.bench_chat import run_chats, target_lines
+
+    kw = dict(policy="nexus", budget=64, window=8, chunk=32, max_num_seqs=3, max_model_len=2048)
+    load = dict(sessions=3, turns=4, user_len=20, gen_len=5)
+    with_s = run_chats(Engine(loaded, **kw), **load, use_sessions=True)
+    without = run_chats(Engine(loaded, **kw), **load, use_sessions=False)
+    assert with_s.prompt_tokens_sent == without.prompt_tokens_sent == without.prompt_tokens_computed
+    # Per session: 20 new user tokens a turn, plus the previous reply's last token from the second turn on.
+    assert with_s.new_tokens == with_s.prompt_tokens_computed == 3 * (4 * 20 + 3)
+    assert with_s.per_turn_computed == [60, 63, 63, 63]
+    assert with_s.output_tokens == without.output_tokens == 3 * 4 * 5 and with_s.errors == without.errors == 0
+    assert len(with_s.ttft_by_turn) == 4 and all(t > 0 for t in with_s.ttft_by_turn)
+    assert any("computed with sessions = the new tokens only" in line and "(met)" in line
+               for line in target_lines(with_s, without))
+
+
+def test_bench_preset_chat_runs_from_the_command_line(tmp_path, capsys):
+    from minikv import bench
+    from tiny_engine import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path / "tiny")
+    code = bench.main([str(path), "--preset", "chat", "--sessions", "2", "--turns", "3", "--user-len", "16",
+                       "--gen-len", "4", "--budget", "64", "--window", "8", "--chunk", "32", "--threads", "1",
+                       "--json"])
+    assert code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in rows] == ["sessions", "no sessions"]
+    assert rows[0]["prompt_tokens_computed"] == rows[0]["new_tokens"] < rows[1]["prompt_tokens_computed"]
