@@ -200,7 +200,8 @@ def target_lines(with_sessions: ChatResult, without: ChatResult | None) -> list[
                      f"({'met' if gain >= 5 else 'not met'})")
     exact = with_sessions.prompt_tokens_computed == with_sessions.new_tokens
     lines.append(f"target: prompt tokens computed with sessions = the new tokens only: "
-                 f"{with_sessions.prompt_tokens_computed} vs {with_sessions.new_tokens} ({'met' if exact else 'not met'})")
+                 f"{with_sessions.prompt_tokens_computed} vs {with_sessions.new_tokens} "
+                 f"({'met' if exact else 'not met'})")
     return lines
 
 

@@ -83,8 +83,9 @@ class EngineStats:
     peak_running: int
     peak_kv_blocks_used: int
     # Sessions (minikv.session): sessions kept, parked rings and their blocks (not in kv_blocks_used:
-    # admission takes them back whenever it needs them); requests that reused a parked ring (hits) or found none (misses), prompt tokens not prefilled
-    # again, parked rings released because admission or a limit needed their blocks.
+    # admission takes them back whenever it needs them); requests that reused a parked ring (hits) or found
+    # none (misses), prompt tokens not prefilled again, parked rings released because admission or a limit
+    # needed their blocks.
     num_sessions: int = 0
     num_parked_sessions: int = 0
     parked_kv_blocks: int = 0
@@ -340,7 +341,8 @@ class Engine:
         if session is not None and session.kv_budget is not None:
             if params.kv_budget not in (None, session.kv_budget):
                 raise InvalidRequestError(f"kv_budget={params.kv_budget}: session {session.session_id!r} was started "
-                                          f"with kv_budget {session.kv_budget}, fixed for its life; leave kv_budget out")
+                                          f"with kv_budget {session.kv_budget}, fixed for its life; leave "
+                                          "kv_budget out")
             return session.kv_budget
         if not self.policy.evicts:
             if params.kv_budget is not None:

@@ -71,7 +71,8 @@ class ResponsesRequest(OpenAIBody):
         return [_message(item, f"input[{i}]") for i, item in enumerate(self.input)]
 
     def sampling_params(self) -> SamplingParams:
-        given = {name: getattr(self, name) for name in ("temperature", "top_p", "seed") if getattr(self, name) is not None}
+        given = {name: getattr(self, name) for name in ("temperature", "top_p", "seed")
+                 if getattr(self, name) is not None}
         return SamplingParams(**given, max_tokens=1 if self.max_output_tokens is None else self.max_output_tokens,
                               output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY)
 
@@ -89,7 +90,8 @@ def _message(item: Any, where: str) -> dict:
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+            is_text = isinstance(part, dict) and part.get("type") in _TEXT_PARTS and isinstance(part.get("text"), str)
+            if not is_text:
                 raise errors.bad_request(f"{where}.content[{j}] must be a text part ({{'type': 'input_text', 'text': "
                                          "...}); images, files and audio are not supported", f"{where}.content[{j}]")
             texts.append(part["text"])
