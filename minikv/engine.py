@@ -306,7 +306,9 @@ class Engine:
         """The idle session whose parked ring would serve the most of `prompt` (text, ids or chat messages,
         the whole conversation), or None: how a server reuses rings for clients that resend the history
         (OpenAI chat completions), as a prefix cache would. Text that extends a session's history text
-        counts all of its ring; otherwise the common prefix of the token ids (see Session.reusable_prefix)."""
+        counts all of its ring; otherwise the common prefix of the token ids (see Session.reusable_prefix), and
+        only if it diverges from the ring within its last `window` tokens (a re-tokenized reply, a stop token):
+        a conversation that shares only a beginning with another must not take that one's ring."""
         ids, text = self._encode(prompt)
         best, best_tokens = None, 0
         for session in self.sessions.sessions.values():
@@ -317,7 +319,7 @@ class Engine:
                 history_text = self._history_text(session.token_ids, session)
                 if history_text and len(text) > len(history_text) and text.startswith(history_text):
                     tokens = max(tokens, session.ring.num_processed)
-            if tokens > best_tokens:
+            if tokens > best_tokens and tokens >= session.ring.num_processed - self.policy.window:
                 best, best_tokens = session.session_id, tokens
         return best
 

@@ -102,6 +102,21 @@ def test_session_chat_reuses_the_ring_and_the_stop_token_is_fed_next_turn(loaded
                                {"role": "user", "content": f"and turn {turn}?"}]
 
 
+def test_match_session_finds_the_ring_a_prompt_extends_but_never_takes_a_ring_for_a_shared_beginning(loaded):
+    engine = Engine(loaded, policy="full", window=8, chunk=32, max_model_len=4096)
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    rng = random.Random(7)
+    a, b = new_tokens(rng, 60, 61), new_tokens(rng, 60, 61)
+    transcript = a + engine.generate(a, params, session_id="A", use_tqdm=False)[0].outputs[0].token_ids
+    engine.generate(b, params, session_id="B", use_tqdm=False)
+    assert engine.match_session(transcript + [5, 6]) == "A"
+    assert engine.match_session(transcript[:-3] + [7, 7, 7, 5]) == "A"  # a divergence in the last window
+    assert engine.match_session(a[:20] + [9] * 40) is None  # shares only a beginning: A's ring stays A's
+    assert engine.match_session(new_tokens(rng, 30, 31)) is None
+    engine.add_request(transcript + [5], params, session_id="A")
+    assert engine.match_session(transcript + [5, 6]) is None  # busy sessions are not offered
+
+
 # --- the policy's per-ring state moves with the ring ---------------------------------------------
 
 
