@@ -329,7 +329,8 @@ class SessionStore:
 
 def session_file_stem(session_id: str) -> str:
     """A file name for any session id (percent-encoded: no path separators, no leading dot)."""
-    return urllib.parse.quote(session_id, safe="-_")
+    stem = urllib.parse.quote(session_id, safe="-_")
+    return "%2E" + stem[1:] if stem.startswith(".") else stem
 
 
 def read_session_file(path: str | os.PathLike, identity: dict) -> tuple[dict, dict[str, torch.Tensor]]:

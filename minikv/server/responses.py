@@ -258,10 +258,8 @@ def add_response_routes(app: FastAPI, server) -> None:
             events = _stream(handle, start, message_id, finished, on_disconnect)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        class _Format:  # what serving.final_response asks of a format
-            response = staticmethod(lambda output: finished(output, output.outputs[0].text))
-
-        return await final_response(handle, _Format, request.is_disconnected, on_disconnect)
+        return await final_response(handle, _FinalFormat(lambda output: finished(output, output.outputs[0].text)),
+                                    request.is_disconnected, on_disconnect)
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str):
@@ -281,6 +279,13 @@ def add_response_routes(app: FastAPI, server) -> None:
             except EngineDeadError:
                 pass
         return {"id": response_id, "object": "response", "deleted": True}
+
+
+class _FinalFormat:
+    """What serving.final_response asks of a format: the body of a finished request."""
+
+    def __init__(self, response):
+        self.response = response
 
 
 async def _stream(handle, start: dict, message_id: str, finished, on_disconnect):
