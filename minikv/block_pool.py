@@ -221,14 +221,6 @@ class KVPool:
         self.reserve(owner, num_blocks)
         return self.grow(owner, num_blocks)
 
-    def write_ring(self, name: str, blocks: list[int], values: torch.Tensor) -> None:
-        """The inverse of `ring`: write [layers, kv_heads, length, ...] into slots 0..length-1 of the ring."""
-        length = values.shape[2]
-        table = torch.tensor(blocks, dtype=torch.long, device=self.k.device)
-        rows = (table[:, None] * self.block_size + torch.arange(self.block_size, device=table.device)).flatten()
-        t = getattr(self, name)
-        t.view(self.num_layers, -1, *t.shape[3:])[:, rows[:length]] = values.transpose(1, 2).to(t.device, t.dtype)
-
     def ring(self, name: str, blocks: list[int], length: int) -> torch.Tensor:
         """Slots 0..length-1 of the ring held in `blocks` (its block table), every layer, in ring order:
         [layers, kv_heads, length, ...] of the pool tensor `name` ("pos", "score", "k", ...)."""

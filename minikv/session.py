@@ -41,8 +41,32 @@ from .errors import ConfigError, InvalidRequestError, MiniKVError
 
 # Pool owner ids of parked rings: far above any batch slot, so the allocator tells them apart.
 PARKED_OWNER_BASE = 1 << 30
-RING_TENSORS = ("k", "v", "pos", "score", "edge_slot", "edge_pos", "edge_w", "held")
 FILE_FORMAT, FILE_VERSION = "minikv-session", 1
+
+
+def _ring_rows(pool, blocks: list[int], length: int) -> torch.Tensor:
+    """Pool rows (block * block_size + offset) of ring slots 0..length-1."""
+    table = torch.tensor(blocks, dtype=torch.long, device=pool.k.device)
+    return (table[:, None] * pool.block_size + torch.arange(pool.block_size, device=table.device)).flatten()[:length]
+
+
+def read_ring(pool, name: str, blocks: list[int], length: int) -> torch.Tensor:
+    """Slots 0..length-1 of a ring, in ring order, of the pool tensor `name`: [layers, length, ...]."""
+    t = getattr(pool, name)
+    return t.view(t.shape[0], -1, *t.shape[3:])[:, _ring_rows(pool, blocks, length)]
+
+
+def write_ring(pool, name: str, blocks: list[int], values: torch.Tensor) -> None:
+    """The inverse of read_ring."""
+    t = getattr(pool, name)
+    t.view(t.shape[0], -1, *t.shape[3:])[:, _ring_rows(pool, blocks, values.shape[1])] = values.to(t.device, t.dtype)
+
+
+def ring_tensor_names(pool) -> list[str]:
+    """The pool's per-slot tensors ([layers, blocks + 1, block_size, ...]: k, v, pos, score, held, edges, and
+    any added later): everything a ring holds in its blocks."""
+    shape = pool.k.shape[:3]
+    return sorted(name for name, t in vars(pool).items() if isinstance(t, torch.Tensor) and t.shape[:3] == shape)
 
 
 class SessionFileError(MiniKVError):
@@ -257,8 +281,8 @@ class SessionStore:
         tensors: dict[str, torch.Tensor] = {}
         ring = session.ring
         if ring is not None:
-            for name in RING_TENSORS:
-                tensors[f"ring.{name}"] = self.pool.ring(name, ring.blocks, ring.filled).cpu().contiguous()
+            for name in ring_tensor_names(self.pool):
+                tensors[f"ring.{name}"] = read_ring(self.pool, name, ring.blocks, ring.filled).cpu().contiguous()
             for name, value in ring.policy_state.items():
                 tensors[f"policy.{name}"] = value.cpu().contiguous()
         meta = dict(format=FILE_FORMAT, version=FILE_VERSION, session_id=session.session_id,
@@ -309,11 +333,14 @@ class SessionStore:
         state = {name[len("policy."):]: t for name, t in tensors.items() if name.startswith("policy.")}
         if set(state) != set(self.policy.ring_state_axes):
             raise SessionFileError("the session file's policy state does not match this engine's policy")
-        for name in RING_TENSORS:
+        names = ring_tensor_names(self.pool)
+        if {n for n in tensors if n.startswith("ring.")} != {f"ring.{n}" for n in names}:
+            raise SessionFileError("the session file's ring tensors are not this engine's pool's: "
+                                   f"{sorted(n for n in tensors if n.startswith('ring.'))} vs {names}")
+        for name in names:
             t = tensors.get(f"ring.{name}")
-            want = self.pool.ring(name, [], 0)  # [layers, heads, 0, ...]: the expected shape and dtype
-            if t is None or t.dtype != want.dtype or t.shape[:2] != want.shape[:2] or t.shape[3:] != want.shape[3:] \
-                    or t.shape[2] != filled:
+            pool_t = getattr(self.pool, name)
+            if t is None or t.dtype != pool_t.dtype or t.shape != (pool_t.shape[0], filled, *pool_t.shape[3:]):
                 raise SessionFileError(f"the session file's ring tensor {name!r} is missing or has another shape "
                                        "or dtype than this engine's pool")
         self.release_for(num_blocks)
@@ -321,8 +348,8 @@ class SessionStore:
             return None  # no room now: the history alone comes back, the next turn prefills it
         owner = next(self._owners)
         blocks = self.pool.take(owner, num_blocks)
-        for name in RING_TENSORS:
-            self.pool.write_ring(name, blocks, tensors[f"ring.{name}"])
+        for name in names:
+            write_ring(self.pool, name, blocks, tensors[f"ring.{name}"])
         return ParkedRing(owner, blocks, int(ring_meta["num_processed"]), int(ring_meta["ring_size"]),
                           {name: t.to(self.pool.k.device) for name, t in state.items()})
 

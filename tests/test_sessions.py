@@ -10,7 +10,7 @@ import torch
 
 from minikv import Engine, SamplingParams
 from minikv.errors import InvalidRequestError
-from minikv.session import RING_TENSORS, SessionFileError
+from minikv.session import SessionFileError, read_ring, ring_tensor_names
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -20,9 +20,12 @@ def new_tokens(rng: random.Random, low: int, high: int) -> list[int]:
 
 
 def parked_ring(engine: Engine, session_id: str) -> dict[str, torch.Tensor]:
-    """The session's parked ring, read back in ring order, with its policy state."""
+    """The session's parked ring, read back in ring order ([layers, slots, ...] per pool tensor), with its
+    policy state."""
     ring = engine.sessions.get(session_id).ring
-    out = {name: engine.pool.ring(name, ring.blocks, ring.filled).clone() for name in RING_TENSORS}
+    names = ring_tensor_names(engine.pool)
+    assert {"k", "v", "pos", "score", "held", "edge_slot", "edge_pos", "edge_w"} <= set(names)
+    out = {name: read_ring(engine.pool, name, ring.blocks, ring.filled).clone() for name in names}
     out.update({f"policy.{k}": v.clone() for k, v in ring.policy_state.items()})
     return out
 
@@ -167,12 +170,14 @@ def test_a_100_turn_session_stays_within_its_budget_with_exact_pool_accounting(l
         transcript = prompt + out.outputs[0].token_ids
         info = engine.session("long")
         assert info.parked and info.num_ring_tokens == len(transcript) - 1
-        pos = parked_ring(engine, "long")["pos"]
-        assert pos.shape[2] == min(budget, len(transcript) - 1)
+        pos = parked_ring(engine, "long")["pos"]  # [layers, slots, kv_heads]
+        assert pos.shape[1] == min(budget, len(transcript) - 1)
         # Every (layer, head) holds distinct positions the stream has read, sinks and the last window included.
-        for row in pos.reshape(-1, pos.shape[2]):
+        for row in pos.transpose(1, 2).reshape(-1, pos.shape[1]):
             assert len(set(row.tolist())) == len(row) and row.max() < len(transcript) - 1
             assert set(range(4)) <= set(row.tolist())
+            read = len(transcript) - 1
+            assert set(range(max(read - 8, 0), read)) <= set(row.tolist())
         assert engine.attention.peak_slots_per_seq <= budget + chunk
         assert_pool_accounting(engine)
     assert len(transcript) > 1500  # far past the budget: the ring evicted all along
