@@ -257,6 +257,7 @@ def test_random_soak_of_sessions_and_requests_never_shares_a_block_and_frees_eve
     finished = set()
     added = 0
     saved: dict[str, str] = {}
+    done = dict(closed=0, saved=0, restored=0, aborted_session_requests=0)
     while added < 250 or engine.has_unfinished_requests():
         if added < 250:
             for _ in range(rng.randrange(0, 3)):
@@ -276,23 +277,29 @@ def test_random_soak_of_sessions_and_requests_never_shares_a_block_and_frees_eve
         sessions = engine.session_ids()
         if sessions and action < 0.05:
             engine.close_session(rng.choice(sessions))
+            done["closed"] += 1
         elif sessions and action < 0.10:
             sid = rng.choice(sessions)
             if engine.session(sid).request_id is None:
                 saved[sid] = engine.save_session(sid, tmp_path)
+                done["saved"] += 1
         elif saved and action < 0.15:
             sid = rng.choice(sorted(saved))
             info = engine.session(sid)
             if info is None or info.request_id is None:
                 assert engine.restore_session(saved[sid]) == sid
+                done["restored"] += 1
         elif engine.num_requests and action < 0.25:
-            engine.abort(rng.choice(list(engine._requests)))
+            victim = engine._requests[rng.choice(list(engine._requests))]
+            done["aborted_session_requests"] += victim.session is not None and not victim.is_finished
+            engine.abort(victim.request_id)
         for out in engine.step():
             if out.finished:
                 assert out.request_id not in finished
                 finished.add(out.request_id)
         assert_pool_accounting(engine)
     assert engine.stats().session_hits > 20 and engine.stats().sessions_released_by_pressure > 0
+    assert min(done.values()) > 0, done
     for sid in engine.session_ids():
         engine.close_session(sid)
     pool = engine.pool
