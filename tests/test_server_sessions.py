@@ -173,3 +173,25 @@ def test_chat_bench_against_a_server_reuses_rings_through_chat_completions(serve
     assert result.errors == 0 and result.output_tokens == 2 * 3 * 4
     assert result.prompt_tokens_computed == result.new_tokens < result.prompt_tokens_sent
     assert "computed with sessions = the new tokens only" in format_report([result])
+
+
+def test_serve_command_line_session_flags(chat_model, monkeypatch, tmp_path):
+    import uvicorn
+
+    import minikv.cli
+
+    ran = {}
+
+    def build(args, model, **kw):
+        ran.update(kw)
+        return Engine(chat_model, budget=256, policy="nexus", chunk=64, window=16, max_model_len=1024, **kw)
+
+    monkeypatch.setattr(minikv.cli, "build_engine", build)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app))
+    args = minikv.cli.build_parser().parse_args(["serve", "--session-dir", str(tmp_path), "--no-session-reuse",
+                                                 "--max-parked-sessions", "5", "--max-parked-kv-memory", "1MiB"])
+    assert args.func(args) == 0
+    assert ran["max_parked_sessions"] == 5 and ran["max_parked_kv_memory"] == "1MiB"
+    server = ran["app"].state.server
+    assert server.responses.session_dir == tmp_path and server.reuse_sessions is False
+    assert server.engine_loop.engine.sessions.max_parked == 5
