@@ -39,7 +39,7 @@ import torch
 from .attention import RingAttention
 from .block_pool import KVPool, bytes_per_block, check_ring_settings, parse_kv_memory
 from .config import check_engine_settings
-from .errors import ConfigError, InvalidRequestError
+from .errors import ConfigError, InvalidRequestError, SessionFileError
 from .input_batch import InputBatch
 from .hashing import hash_u32
 from .loader import LoadedModel, load_model, parse_device, parse_dtype
@@ -485,7 +485,7 @@ class Engine:
         """Load a session saved by `save_session` (its .json path) and park its ring (or, with no room in
         the pool now, only its history); returns its id. A file from another model, policy, block size or
         dtype, or a truncated or corrupt one, raises SessionFileError and changes nothing."""
-        from .session import SessionFileError, read_session_file
+        from .session import read_session_file
 
         meta, _ = read_session_file(path, self._session_identity())
         bad = [t for t in meta["token_ids"] if t >= self.config.vocab_size]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, InvalidRequestError, MiniKVError
+from .errors import ConfigError, InvalidRequestError, SessionFileError
 
 # Pool owner ids of parked rings: far above any batch slot, so the allocator tells them apart.
 PARKED_OWNER_BASE = 1 << 30
@@ -67,11 +67,6 @@ def ring_tensor_names(pool) -> list[str]:
     any added later): everything a ring holds in its blocks."""
     shape = pool.k.shape[:3]
     return sorted(name for name, t in vars(pool).items() if isinstance(t, torch.Tensor) and t.shape[:3] == shape)
-
-
-class SessionFileError(MiniKVError):
-    """A session file could not be written or read back (unwritable directory, truncated or corrupt file,
-    or a file made by another model, policy, block size or dtype)."""
 
 
 @dataclass

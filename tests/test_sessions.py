@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from minikv import Engine, SamplingParams
+from minikv import SessionFileError
 from minikv.errors import InvalidRequestError
-from minikv.session import SessionFileError, read_ring, ring_tensor_names
+from minikv.session import read_ring, ring_tensor_names
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
