@@ -114,6 +114,12 @@ def test_unknown_or_unstored_previous_response_gets_openais_error(server):
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model=MODEL, input=[{"role": "robot", "content": "x"}], max_output_tokens=2)
     assert caught.value.body["param"] == "input[0].role"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input="hi", max_output_tokens=0)
+    assert caught.value.body["param"] == "max_output_tokens"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input=[{"role": "user", "content": [{"type": "input_image"}]}])
+    assert caught.value.body["param"] == "input[0].content[0]"
 
 
 def test_chat_completions_reuse_a_parked_ring_and_metrics_count_it(server):
