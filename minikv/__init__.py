@@ -7,11 +7,12 @@
 """
 
 from .engine import Engine, RequestStream
-from .errors import ConfigError, InvalidRequestError, MiniKVError, ModelLoadError
+from .errors import ConfigError, InvalidRequestError, MiniKVError, ModelLoadError, SessionFileError
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = ["Engine", "RequestStream", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics",
-           "SamplingParams", "RequestOutputKind", "MiniKVError", "ConfigError", "InvalidRequestError", "ModelLoadError"]
+           "SamplingParams", "RequestOutputKind", "MiniKVError", "ConfigError", "InvalidRequestError", "ModelLoadError",
+           "SessionFileError"]

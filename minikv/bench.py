@@ -26,6 +26,7 @@ in bytes and given to every row. Reported per row:
     python -m minikv bench -n 32 --input-len 256:1024 --output-len 64:128 --budget 512 --kv-memory 256MiB --compare-full
     python -m minikv bench --policies full,nexus,h2o:budget=256 --kv-memory 1GiB --json
     python -m minikv bench --url http://127.0.0.1:8000 -n 32 --request-rate 4 --kv-budget 256:1024   # a server
+    python -m minikv bench --preset chat --turns 8      # multi-turn chats with and without sessions (bench_chat)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
+from . import bench_chat
 from .errors import ConfigError, InvalidRequestError, MiniKVError
 from .policies.spec import PolicySpec, parse_policy
 from .workload import PERCENTILES, SyntheticRequest, make_requests, parse_range, percentile  # noqa: F401
@@ -468,9 +470,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model directory, .gguf file or Hugging Face repo id, like --model "
                              "(default: SmolLM2-135M-Instruct)")
     load = parser.add_argument_group("load")
-    load.add_argument("--preset", choices=sorted(PRESETS),
+    load.add_argument("--preset", choices=sorted(PRESETS) + ["chat"],
                       help="a named load, rows and pool; flags given with it override its values. long: "
-                           + PRESETS["long"].description)
+                           + PRESETS["long"].description + ". " + bench_chat.CHAT_DESCRIPTION)
     load.add_argument("-n", "--num-requests", type=int, default=None,
                       help=f"requests to run (default {PLAIN_LOAD['num_requests']}, or the preset's)")
     load.add_argument("--input-len", type=_range_arg, default=None, metavar="MIN:MAX",
@@ -499,11 +501,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         max_num_seqs=_UnsetInt(parser.get_default("max_num_seqs")),
                         policy=_UnsetPolicy(**vars(parse_policy(parser.get_default("policy")))))
     loadgen.add_arguments(parser)  # --url: the same load on a running server instead
+    bench_chat.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model once, run the load with each row, print the table. Returns 0.
-    With --url, send the load to that server instead (minikv.server.loadgen)."""
+    With --url, send the load to that server instead (minikv.server.loadgen). --preset chat / --turns:
+    multi-turn chats with and without sessions (minikv.bench_chat)."""
+    if bench_chat.wants_chat(args):
+        return bench_chat.run(args)
     args = resolve_args(args)
     if getattr(args, "url", None):
         from .server import loadgen

@@ -188,6 +188,42 @@ class KVPool:
             self._free.append(block)
         del self._reserved[owner]
 
+    def adopt(self, parked: int, owner: int, num_blocks: int) -> list[int]:
+        """Hand the blocks of `parked` (a parked session ring) to `owner` (a batch slot) and reserve
+        `num_blocks` for it in all: the ring's blocks beyond that go back to the free list (a rolled-back
+        ring may hold more than its new request needs). Return the blocks `owner` now holds, in ring order.
+        The caller checked that num_unreserved covers what is reserved beyond the parked blocks."""
+        if owner in self._reserved:
+            raise RuntimeError(f"owner {owner} already holds a reservation")
+        taken = self._taken.pop(parked)
+        extra = num_blocks - self._reserved.pop(parked)
+        if extra > self.num_unreserved:
+            self._reserved[parked], self._taken[parked] = num_blocks - extra, taken  # undo: nothing changed
+            raise RuntimeError(f"adopting {num_blocks} blocks with {self.num_unreserved} unreserved")
+        for block in taken[num_blocks:]:
+            self._owner[block] = -1
+            self._free.append(block)
+        taken = taken[:num_blocks]
+        for block in taken:
+            self._owner[block] = owner
+        self._reserved[owner], self._taken[owner] = num_blocks, taken
+        return list(taken)
+
+    def park(self, owner: int, parked: int) -> list[int]:
+        """Move `owner`'s blocks to the id `parked` (a session's ring outlives its request) and shrink the
+        reservation to the blocks held: a parked ring never grows. Return its blocks in ring order."""
+        taken = self._taken.pop(owner)
+        del self._reserved[owner]
+        for block in taken:
+            self._owner[block] = parked
+        self._reserved[parked], self._taken[parked] = len(taken), taken
+        return list(taken)
+
+    def take(self, owner: int, num_blocks: int) -> list[int]:
+        """Reserve and take `num_blocks` for `owner` at once (a ring restored from disk)."""
+        self.reserve(owner, num_blocks)
+        return self.grow(owner, num_blocks)
+
     def ring(self, name: str, blocks: list[int], length: int) -> torch.Tensor:
         """Slots 0..length-1 of the ring held in `blocks` (its block table), every layer, in ring order:
         [layers, kv_heads, length, ...] of the pool tensor `name` ("pos", "score", "k", ...)."""

@@ -213,7 +213,8 @@ RUN_DESCRIPTION = """\
 Answer PROMPT with the model's chat template, streaming tokens to stdout. Without PROMPT: an interactive
 multi-turn chat on a terminal (each turn samples with its own seed, derived from --seed and the turn
 number: the same session seed gives the same conversation), or the prompt read from standard input when
-it is piped.
+it is piped. The chat keeps its ring between turns (an engine session): each turn prefills only the new
+message, and the conversation streams through one bounded ring.
 
 MODEL or PROMPT? With two positional arguments the first is the MODEL and the second the PROMPT. A single
 one is the MODEL only if it is an existing directory, a name ending in .gguf, or a Hugging Face repo id
@@ -362,13 +363,14 @@ def _chat(engine, history: list[dict], params, session_seed: int) -> int:
             return 0
         if line == "/reset":
             history = list(system)
+            engine.close_session(CHAT_SESSION)
             continue
         if not line:
             continue
         try:
             utf8_argument(line, "that line")
             history.append({"role": "user", "content": line})
-            reply = _answer(engine, history, _with_seed(params, turn_seed(session_seed, turn)))
+            reply = _answer(engine, history, _with_seed(params, turn_seed(session_seed, turn)), session_id=CHAT_SESSION)
             history.append({"role": "assistant", "content": reply})
         except MiniKVError as err:  # this turn only: the chat goes on
             print(f"minikv: error: {err}", file=sys.stderr)
@@ -383,12 +385,16 @@ def _with_seed(params, seed: int):
     return dataclasses.replace(params, seed=seed)
 
 
-def _answer(engine, messages: list[dict], params) -> str:
-    """Stream one answer to stdout; a request that fails while running raises RequestFailed."""
+CHAT_SESSION = "minikv-chat"  # the interactive chat's engine session: its ring stays between turns
+
+
+def _answer(engine, messages: list[dict], params, session_id: str | None = None) -> str:
+    """Stream one answer to stdout; a request that fails while running raises RequestFailed. With a
+    session, the part of `messages` its ring has read is not prefilled again."""
     pieces = []
     output = None
     try:
-        with engine.stream(messages, params) as stream:  # leaving the block aborts and frees the ring
+        with engine.stream(messages, params, session_id=session_id) as stream:  # leaving the block aborts the request
             for delta in stream:
                 pieces.append(delta)
                 sys.stdout.write(delta)

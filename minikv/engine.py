@@ -7,6 +7,12 @@
         for delta in stream:
             print(delta, end="")
 
+Sessions keep a conversation's ring between requests (minikv.session): pass `session_id=` and each turn
+prefills only what the ring has not read.
+
+    engine.chat(messages, params, session_id="conv-1")            # turn 1: the ring is parked at the end
+    engine.chat(messages + [reply, next_question], params, session_id="conv-1")   # only the new turn runs
+
 `add_request` / `step` / `abort` drive it from a caller's loop; `generate`, `chat` and `stream` are that loop
 for the common cases. The engine decides what runs (Scheduler) and the model runner executes it
 (ModelRunner); a request's whole host-side state is one `Request`.
@@ -35,7 +41,7 @@ from .attention import RingAttention
 from .block_pool import KVPool, bytes_per_block, check_ring_settings, parse_kv_memory
 from .config import check_engine_settings
 from .distributed import DistributedError, check_tensor_parallel_size, kv_config, ring_positions, start
-from .errors import ConfigError, InvalidRequestError
+from .errors import ConfigError, InvalidRequestError, SessionFileError
 from .input_batch import InputBatch
 from .kernels.common import POSITION_MODES
 from .hashing import hash_u32
@@ -46,6 +52,7 @@ from .policies import Policy, make_policy
 from .request import Request, RequestStatus, position_logprobs
 from .sampling import RequestOutputKind, Sampler, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
+from .session import SessionInfo, SessionStore
 from .tokenizer import validate_messages
 
 logger = logging.getLogger(__name__)
@@ -81,6 +88,17 @@ class EngineStats:
     finished: dict[str, int]
     peak_running: int
     peak_kv_blocks_used: int
+    # Sessions (minikv.session): sessions kept, parked rings and their blocks (not in kv_blocks_used:
+    # admission takes them back whenever it needs them); requests that reused a parked ring (hits) or found
+    # none (misses), prompt tokens not prefilled again, parked rings released because admission or a limit
+    # needed their blocks.
+    num_sessions: int = 0
+    num_parked_sessions: int = 0
+    parked_kv_blocks: int = 0
+    session_hits: int = 0
+    session_misses: int = 0
+    session_reused_tokens: int = 0
+    sessions_released_by_pressure: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -118,6 +136,9 @@ class Engine:
         positions: str | None = None,
         tensor_parallel_size: int = 1,
         distributed_timeout: float = 300.0,
+        max_sessions: int = 1024,
+        max_parked_sessions: int = 64,
+        max_parked_kv_memory: int | str | None = None,
     ):
         """`budget` is the most KV slots per layer and KV head one request may hold (a request can ask for
         fewer with SamplingParams.kv_budget; under `full` a request holds prompt + max_tokens). `kv_memory`
@@ -126,7 +147,9 @@ class Engine:
         least room for one request of max_model_len tokens). `max_num_seqs` caps how many requests run at
         once. `positions` ("original" or "ring"; None: DEFAULT_POSITIONS, and always "original" under `full`)
         is the positions RoPE gives the ring's tokens (see SamplingParams.positions; a request may ask for the
-        other mode).
+        other mode). Sessions: at most `max_sessions` kept (token histories), at most `max_parked_sessions`
+        of them with a parked ring, and those rings within `max_parked_kv_memory` (bytes or a size like "1GiB";
+        default: the pool, as admission releases them whenever it needs blocks).
 
         `tensor_parallel_size` N > 1 splits the model over N ranks (N GPUs from `device` on, or N CPU
         processes; minikv.distributed): this process is rank 0 and starts the others (under torchrun it
@@ -149,14 +172,15 @@ class Engine:
             self._closer = weakref.finalize(self, self.workers.close)
         try:
             self._build(loaded, budget, chunk, seed, block_size, max_num_seqs, max_num_batched_tokens, max_model_len,
-                        kv_memory, enforce_eager)
+                        kv_memory, enforce_eager, dict(max_sessions=max_sessions, max_parked=max_parked_sessions,
+                                                       max_parked_kv_memory=max_parked_kv_memory))
         except BaseException:
             if self.workers is not None:
                 self.workers.abort()
             raise
 
     def _build(self, loaded, budget, chunk, seed, block_size, max_num_seqs, max_num_batched_tokens, max_model_len,
-               kv_memory, enforce_eager) -> None:
+               kv_memory, enforce_eager, session_limits: dict) -> None:
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.device = next(self.model.parameters()).device
         self.max_model_len = self._max_model_len(max_model_len)
@@ -172,8 +196,11 @@ class Engine:
         use_graphs = self.device.type == "cuda" and not enforce_eager and self.workers is None
         self.batch = InputBatch(max_num_seqs, max_blocks, self.config.vocab_size, self.device,
                                 empty_block=self.pool.scratch_block, scratch_slot=use_graphs)
+        self.sessions = SessionStore(self.pool, self.policy, max_sessions=session_limits["max_sessions"],
+                                     max_parked=session_limits["max_parked"],
+                                     max_parked_blocks=self._parked_blocks(session_limits["max_parked_kv_memory"]))
         self.scheduler = Scheduler(self.pool, self.batch, max_num_batched_tokens=self.max_num_batched_tokens,
-                                   chunk=chunk)
+                                   chunk=chunk, sessions=self.sessions)
         if self.workers is not None:  # before bind: each rank gets the policy unbound, and binds its own
             self.workers.setup(num_blocks=self.pool.num_blocks, block_size=block_size, policy=self.policy, seed=seed,
                                num_slots=max_num_seqs + int(use_graphs), max_budget=self.budget,
@@ -223,6 +250,11 @@ class Engine:
                                       "leave positions out")
         return params.positions or self.positions
 
+    def _parked_blocks(self, max_parked_kv_memory) -> int | None:
+        if max_parked_kv_memory is None:
+            return None
+        return parse_kv_memory(max_parked_kv_memory, "cpu") // self.pool.bytes_per_block
+
     def _check_budget(self, budget: int, chunk: int) -> int:
         if not self.policy.evicts:
             return self.max_model_len  # `full`: a ring holds its whole request, prompt + max_tokens
@@ -250,17 +282,33 @@ class Engine:
                       edges_per_slot=self.policy.top_m)
 
     # --- requests --------------------------------------------------------------------------------
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    *, session_id: str | None = None, append: bool = False,
+                    tokenized: tuple[list[int], str | None] | None = None) -> str:
         """Queue one request and return its id; a bad request raises InvalidRequestError and changes nothing.
 
         `prompt` is text (used as is: no chat template), token ids, or chat messages (the model's chat
         template is applied, with the generation prompt).
+
+        `session_id`: the request continues that session (or starts it) and parks its ring there when it
+        finishes. Its prompt is the whole conversation so far; the prefix the session's ring has read is
+        not computed again (RequestOutput.num_cached_tokens). With `append=True` the prompt (text or ids)
+        holds only the new tokens, appended to the session's history (text without a BOS).
+
+        `tokenized`: `tokenize(prompt)`'s result when the caller has it already (the server tokenizes in its
+        handlers, off the engine thread); only the new tail of a session continued by text is encoded here.
         """
         if self._dead is not None:
             raise DistributedError(f"the engine stopped: {self._dead}; start a new one")
         params = self._check_params(params)
         request_id = self._check_request_id(request_id)
-        prompt_ids, prompt_text = self.tokenize(prompt)
+        session = self._check_session(session_id, params, append)
+        if append and session is not None and session.token_ids:
+            prompt_ids, prompt_text = self._encode_appended(prompt, session.token_ids)
+        elif session is not None and session.token_ids and (isinstance(prompt, str) or _is_chat(prompt)):
+            prompt_ids, prompt_text = self._encode_continuing(prompt, session, tokenized)
+        else:
+            prompt_ids, prompt_text = tokenized or self.tokenize(prompt)
         total = len(prompt_ids) + params.max_tokens
         positions = self._request_positions(params)
         # under "ring" no distance exceeds the ring, so the model's context no longer bounds the request
@@ -273,7 +321,7 @@ class Engine:
         # (hash_u32 reads the low 32 bits of each word: masking first keeps any Python int, even >= 2^63, usable.)
         seed = params.seed if params.seed is not None else int(hash_u32(self.seed & 0xFFFFFFFF, next(self._seeds)))
         eos = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
-        budget = self._request_budget(params, len(prompt_ids))
+        budget = self._request_budget(params, len(prompt_ids), session)
         ring_size = min(budget, len(prompt_ids) + params.max_tokens)
         blocks = self.pool.blocks_for(ring_size)
         if blocks > self.pool.num_blocks:
@@ -286,6 +334,8 @@ class Engine:
         req = Request(request_id, prompt_ids, params, seed=seed, eos_ids=eos, tokenizer=self.tokenizer,
                       prompt_text=prompt_text, kv_budget=budget, ring_size=ring_size, num_blocks_needed=blocks)
         req.positions = positions
+        if session_id is not None:
+            req.session = self.sessions.begin(session_id, request_id, budget if self.policy.evicts else None)
         self._requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -305,9 +355,87 @@ class Engine:
                                           f"[0, {self.config.vocab_size})")
         return params
 
-    def _request_budget(self, params: SamplingParams, prompt_len: int) -> int:
+    def _check_session(self, session_id: str | None, params: SamplingParams, append: bool):
+        """The session a request continues (None for a new one or none), checked before anything changes."""
+        if session_id is None:
+            if append:
+                raise InvalidRequestError("append=True adds the prompt to a session's history: give session_id too")
+            return None
+        if not isinstance(session_id, str) or not session_id or len(session_id) > 256:
+            raise InvalidRequestError(f"session_id must be a non-empty string of at most 256 characters, "
+                                      f"got {session_id!r}")
+        if params.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs cannot be asked of a session request: the prompt's prefix "
+                                      "that the session's ring has read is not computed again")
+        session = self.sessions.get(session_id)
+        if session is not None and session.request_id is not None:
+            raise InvalidRequestError(f"session {session_id!r} already has a request in flight "
+                                      f"({session.request_id!r}); wait for it to finish, or abort it")
+        return session
+
+    def _encode_continuing(self, prompt: Prompt, session, tokenized=None) -> tuple[list[int], str | None]:
+        """A session's whole conversation as text or chat messages. When its text begins with the text of
+        the session's history, the history's own ids are kept and only the rest is tokenized: a reply's
+        generated ids need not be how its text tokenizes, and the ring has read the generated ones."""
+        ids, text = tokenized or self.tokenize(prompt)
+        history = session.token_ids
+        history_text = self._history_text(history, session)
+        if history_text and len(text) > len(history_text) and text.startswith(history_text):
+            rest = self.tokenizer.encode(text[len(history_text):], add_special_tokens=False)
+            if rest:
+                return history + rest, text
+        return ids, text
+
+    def _history_text(self, history: list[int], session) -> str:
+        if session.text is None:
+            session.text = self.tokenizer.decode(session.token_ids, skip_special_tokens=False)
+        return session.text
+
+    def match_session(self, prompt: Prompt, *, tokenized: tuple[list[int], str | None] | None = None) -> str | None:
+        """The idle session whose parked ring would serve the most of `prompt` (text, ids or chat messages,
+        the whole conversation), or None: how a server reuses rings for clients that resend the history
+        (OpenAI chat completions), as a prefix cache would. Text that extends a session's history text
+        counts all of its ring; otherwise the common prefix of the token ids (see Session.reusable_prefix), and
+        only if it diverges from the ring within its last `window` tokens (a re-tokenized reply, a stop token):
+        a conversation that shares only a beginning with another must not take that one's ring. `tokenized`:
+        as in add_request."""
+        ids, text = tokenized or self.tokenize(prompt)
+        best, best_tokens = None, 0
+        for session in self.sessions.sessions.values():
+            if session.ring is None or session.request_id is not None:
+                continue
+            tokens = session.reusable_prefix(ids)
+            if text is not None and (isinstance(prompt, str) or _is_chat(prompt)):
+                history_text = self._history_text(session.token_ids, session)
+                if history_text and len(text) > len(history_text) and text.startswith(history_text):
+                    tokens = max(tokens, session.ring.num_processed)
+            if tokens > best_tokens and tokens >= session.ring.num_processed - self.policy.window:
+                best, best_tokens = session.session_id, tokens
+        return best
+
+    def _encode_appended(self, prompt: Prompt, history: list[int]) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            _check_unicode(prompt, "the prompt")
+            new = self.tokenizer.encode(prompt, add_special_tokens=False)
+        elif _is_token_ids(prompt):
+            new, _ = self.tokenize(prompt)
+        else:
+            raise InvalidRequestError("append=True takes the new text or token ids of a session's turn; for chat "
+                                      "messages send the whole conversation without append")
+        if not new:
+            raise InvalidRequestError("the appended prompt is empty; give at least one token of text")
+        return history + new, None
+
+    def _request_budget(self, params: SamplingParams, prompt_len: int, session=None) -> int:
         """The request's own KV budget: SamplingParams.kv_budget within what the engine can honour, else the
-        engine's; under `full` the whole request (nothing is ever evicted)."""
+        engine's; under `full` the whole request (nothing is ever evicted). A session's budget is the one
+        its first request had."""
+        if session is not None and session.kv_budget is not None:
+            if params.kv_budget not in (None, session.kv_budget):
+                raise InvalidRequestError(f"kv_budget={params.kv_budget}: session {session.session_id!r} was started "
+                                          f"with kv_budget {session.kv_budget}, fixed for its life; leave "
+                                          "kv_budget out")
+            return session.kv_budget
         if not self.policy.evicts:
             if params.kv_budget is not None:
                 raise InvalidRequestError(f"kv_budget={params.kv_budget} asks for eviction, but policy 'full' never "
@@ -410,10 +538,76 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's gauges and counters (see EngineStats)."""
+        sessions = self.sessions
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-                           kv_blocks_used=self.pool.num_used, kv_blocks_total=self.pool.num_blocks,
+                           kv_blocks_used=self.pool.num_used - sessions.parked_blocks,
+                           kv_blocks_total=self.pool.num_blocks,
                            peak_kv_blocks_used=self.pool.peak_used,
-                           finished=dict(self._finished_by_reason), **self._counters)
+                           finished=dict(self._finished_by_reason), **self._counters,
+                           num_sessions=len(sessions.sessions), num_parked_sessions=sessions.num_parked,
+                           parked_kv_blocks=sessions.parked_blocks, session_hits=sessions.counters.hits,
+                           session_misses=sessions.counters.misses,
+                           session_reused_tokens=sessions.counters.reused_tokens,
+                           sessions_released_by_pressure=sessions.counters.released_by_pressure)
+
+    # --- sessions --------------------------------------------------------------------------------
+    def session(self, session_id: str) -> SessionInfo | None:
+        """What the engine keeps of a session (its history, its parked ring), or None if it is unknown."""
+        session = self.sessions.get(session_id)
+        return None if session is None else self.sessions.info(session)
+
+    def session_ids(self) -> list[str]:
+        """Every session kept, least recently used first."""
+        return list(self.sessions.sessions)
+
+    def close_session(self, session_id: str) -> bool:
+        """Forget a session: its request in flight is aborted, its ring's blocks are free at once. Returns
+        False if the session was unknown."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return False
+        if session.request_id is not None:
+            self.abort(session.request_id)
+        return self.sessions.close(session_id)
+
+    def save_session(self, session_id: str, directory) -> str:
+        """Save a session (history and parked ring) as DIR/<id>.json + DIR/<id>.safetensors; it stays in
+        the engine. Returns the JSON file's path. Raises SessionFileError if DIR cannot be written."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise InvalidRequestError(f"unknown session {session_id!r}")
+        if session.request_id is not None:
+            raise InvalidRequestError(f"session {session_id!r} has a request in flight ({session.request_id!r}); "
+                                      "save it when the request has finished")
+        return str(self.sessions.save(session, directory, self._session_identity()))
+
+    def restore_session(self, path) -> str:
+        """Load a session saved by `save_session` (its .json path) and park its ring (or, with no room in
+        the pool now, only its history); returns its id. A file from another model, policy, block size or
+        dtype, or a truncated or corrupt one, raises SessionFileError and changes nothing."""
+        from .session import read_session_file
+
+        meta, _ = read_session_file(path, self._session_identity())
+        bad = [t for t in meta["token_ids"] if t >= self.config.vocab_size]
+        budget = meta.get("kv_budget")
+        if bad or (budget is not None and (not self.policy.evicts or budget > self.budget)):
+            raise SessionFileError(f"session file {str(path)!r} does not fit this engine (token ids outside the "
+                                   f"vocabulary, or kv_budget {budget} beyond --budget {self.budget})")
+        return self.sessions.load(path, self._session_identity()).session_id
+
+    def _session_identity(self) -> dict:
+        """What a saved ring is only valid under: the model (config and a weight checksum), the policy with
+        its options, the block size and the KV dtype."""
+        if not hasattr(self, "_identity"):
+            import hashlib
+
+            digest = hashlib.sha256(repr(self.config).encode())
+            for p in list(self.model.parameters())[:3]:
+                digest.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+            policy = f"{self.policy.label} n_sink={self.policy.n_sink} window={self.policy.window}"
+            self._identity = dict(model=digest.hexdigest()[:32], policy=policy, block_size=self.block_size,
+                                  dtype=str(self.pool.k.dtype).removeprefix("torch."))
+        return self._identity
 
     # --- the loop --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -566,38 +760,46 @@ class Engine:
     # --- conveniences ----------------------------------------------------------------------------
     def generate(self, prompts: str | list[int] | Iterable[str | list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+                 *, use_tqdm: bool = True, session_id: str | None = None, append: bool = False) -> list[RequestOutput]:
         """Complete raw prompts (text as is, or token ids; no chat template) and return their final outputs,
         in the order of `prompts`. For chat messages use `chat`.
 
         A bad prompt or parameter raises InvalidRequestError naming the prompt's index before anything runs.
         Requests queued with add_request keep running alongside; their outputs wait for `step`.
+        `session_id` / `append` (one prompt only): see add_request.
         """
         prompts = _as_prompt_list(prompts)
         for index, prompt in enumerate(prompts):
             if _is_chat(prompt):
                 raise InvalidRequestError(f"prompt {index} is a list of chat messages: use Engine.chat(messages) "
                                           "for those (generate completes raw text or token ids)")
-        return self._run_to_completion(prompts, sampling_params, use_tqdm)
+        return self._run_to_completion(prompts, sampling_params, use_tqdm, session_id=session_id, append=append)
 
     def chat(self, messages: list[dict] | Iterable[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             *, use_tqdm: bool = True) -> list[RequestOutput]:
+             *, use_tqdm: bool = True, session_id: str | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of {"role", "content"} dicts) or a list of them, through the
-        model's chat template; return the final outputs in order."""
+        model's chat template; return the final outputs in order. With `session_id` (one conversation) the
+        session's ring serves the part of the conversation it has read (see add_request)."""
         conversations = [messages] if _is_chat(messages) else list(messages)
         for index, conversation in enumerate(conversations):
             if not _is_chat(conversation):
                 raise InvalidRequestError(f"conversation {index} must be a non-empty list of "
                                           "{'role': ..., 'content': ...} dicts")
-        return self._run_to_completion(conversations, sampling_params, use_tqdm)
+        return self._run_to_completion(conversations, sampling_params, use_tqdm, session_id=session_id)
 
-    def _run_to_completion(self, prompts: list[Prompt], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run_to_completion(self, prompts: list[Prompt], sampling_params, use_tqdm: bool, *,
+                           session_id: str | None = None, append: bool = False) -> list[RequestOutput]:
         params_list = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
                        else [sampling_params] * len(prompts))
         if len(params_list) != len(prompts):
             raise InvalidRequestError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        ids = self._add_all(prompts, params_list)
+        if session_id is not None or append:
+            if len(prompts) != 1:
+                raise InvalidRequestError(f"session_id continues one conversation: got {len(prompts)} prompts")
+            ids = [self.add_request(prompts[0], params_list[0], session_id=session_id, append=append)]
+        else:
+            ids = self._add_all(prompts, params_list)
         sinks = {rid: self._own(rid, RequestOutputKind.FINAL_ONLY) for rid in ids}
         final: dict[str, RequestOutput] = {}
         try:
@@ -651,7 +853,8 @@ class Engine:
                 self._finished_unreported.remove(req)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-               request_id: str | None = None) -> "RequestStream":
+               request_id: str | None = None, *, session_id: str | None = None,
+               append: bool = False) -> "RequestStream":
         """Add a request and iterate over its text deltas as tokens arrive (other requests keep running).
 
         Bad input raises here, not at the first `next`. The stream's lifetime is explicit: use it in a
@@ -659,7 +862,7 @@ class Engine:
         frees its KV at once) or call `close()`. A stream abandoned without either keeps its request running
         until it finishes by itself (max_tokens bounds it); nothing of it stays in the engine afterwards.
         """
-        request_id = self.add_request(prompt, params, request_id)
+        request_id = self.add_request(prompt, params, request_id, session_id=session_id, append=append)
         return RequestStream(self, request_id)
 
 

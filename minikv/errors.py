@@ -19,3 +19,8 @@ class ConfigError(MiniKVError, ValueError):
 
 class InvalidRequestError(MiniKVError, ValueError):
     """One request is invalid (empty prompt, bad sampling parameter); the engine keeps serving others."""
+
+
+class SessionFileError(MiniKVError):
+    """A session file could not be written or read back (unwritable directory, truncated or corrupt file,
+    or a file made by another model, policy, block size or dtype): see minikv.session."""

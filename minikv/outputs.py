@@ -81,3 +81,4 @@ class RequestOutput:
     metrics: RequestMetrics
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens not prefilled: a session's ring had read them (vLLM's name)

@@ -24,7 +24,7 @@ class RequestStatus(enum.Enum):
 class Request:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, seed: int,
                  eos_ids: frozenset[int], tokenizer, prompt_text: str | None = None, kv_budget: int = 0,
-                 ring_size: int | None = None, num_blocks_needed: int = 0):
+                 ring_size: int | None = None, num_blocks_needed: int = 0, session=None):
         self.request_id, self.prompt_ids, self.params, self.seed = request_id, prompt_ids, params, seed
         self.prompt_text = prompt_text
         self.eos_ids = eos_ids  # empty under ignore_eos
@@ -40,6 +40,8 @@ class Request:
         self.error: str | None = None
         self.slot: int | None = None  # row of the persistent batch while running
         self.num_processed = 0  # tokens whose K/V have gone through the ring
+        self.session = session  # minikv.session.Session this request continues and parks its ring in, or None
+        self.num_cached_tokens = 0  # prompt tokens a session's parked ring had read already (not prefilled)
         self.output_ids: list[int] = []
         self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
@@ -156,7 +158,8 @@ class Request:
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt_text, prompt_token_ids=self.prompt_ids,
             outputs=[completion], finished=self.is_finished, metrics=self.metrics,
-            prompt_logprobs=self.prompt_logprobs if (not delta or first_token == 0) else None, error=self.error)
+            prompt_logprobs=self.prompt_logprobs if (not delta or first_token == 0) else None, error=self.error,
+            num_cached_tokens=self.num_cached_tokens)
 
 
 def position_logprobs(token: int, token_logprob: float, top_ids: list[int], top_logprobs: list[float],

@@ -19,6 +19,11 @@ prefill of the step cut to fit, so that prompts still make progress.
 Reserving at admission what a request can ever hold means a running request never waits for memory and
 nothing is ever preempted; blocks are taken from the reservation as its ring fills (`_grow`), and all of
 them go back at finish.
+
+Sessions (minikv.session): a request on a session takes over the session's parked ring at admission (its
+blocks, what it has read, its policy state) and reserves only the blocks beyond it; when it finishes its
+ring is parked instead of freed. Parked rings never make admission wait: when the pool is short, the least
+recently used ones are released first.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from .block_pool import KVPool
 from .errors import ConfigError
 from .input_batch import InputBatch
 from .request import Request, RequestStatus
+from .session import SessionStore
 
 
 @dataclass
@@ -53,7 +59,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, pool: KVPool, batch: InputBatch, *, max_num_batched_tokens: int, chunk: int):
+    def __init__(self, pool: KVPool, batch: InputBatch, *, max_num_batched_tokens: int, chunk: int,
+                 sessions: SessionStore | None = None):
         if chunk < 1:
             raise ConfigError(f"chunk must be a positive number of tokens, got {chunk}")
         if max_num_batched_tokens < batch.max_num_seqs:
@@ -62,6 +69,7 @@ class Scheduler:
         self.pool, self.batch = pool, batch
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunk = chunk
+        self.sessions = sessions
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order (FCFS), each holds a slot and a reservation
 
@@ -99,13 +107,32 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and self.batch.num_free:
             req = self.waiting[0]
-            if req.num_blocks_needed > self.pool.num_unreserved:
+            ring, cached = self.sessions.claim(req.session, req.prompt_ids) if req.session else (None, 0)
+            short = req.num_blocks_needed - (len(ring.blocks) if ring else 0)
+            if short > self.pool.num_unreserved and self.sessions is not None:
+                self.sessions.release_for(short, keep=req.session)  # parked rings never make work wait
+            if short > self.pool.num_unreserved:
                 break  # the head waits for blocks to come back; nobody overtakes it
             self.waiting.popleft()
             req.slot = self.batch.admit(req, req.ring_size)
-            self.pool.reserve(req.slot, req.num_blocks_needed)
+            if ring is not None:
+                self._take_over(req, ring, cached)
+            else:
+                self.pool.reserve(req.slot, req.num_blocks_needed)
+            if req.session is not None:
+                self.sessions.admitted(req.session, ring, cached)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+
+    def _take_over(self, req: Request, ring, cached: int) -> None:
+        """`req` continues its session's parked ring: the ring's blocks, its place in the stream (the first
+        `cached` prompt tokens are read already) and its policy state move into the request's batch slot."""
+        req.blocks = self.pool.adopt(ring.owner, req.slot, req.num_blocks_needed)
+        req.num_processed = req.num_cached_tokens = cached
+        n = len(req.blocks)
+        self.batch.write_blocks([req.slot] * n, list(range(n)), req.blocks)
+        self.batch.position[req.slot] = cached
+        self.sessions.policy.load_ring_state(req.slot, ring.policy_state)
 
     def _chunk_end(self, req: Request) -> int:
         """Where the current chunk of a prompt ends: the next multiple of `chunk`, or the prompt's end."""
@@ -133,9 +160,19 @@ class Scheduler:
             return
         if req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
+            if req.session is not None:
+                self.sessions.cancel(req.session)
         else:
             self.running.remove(req)
-            self.pool.release(req.slot)
+            parked = False
+            if req.session is not None:
+                # An error may have left the ring half written: only a clean finish or an abort between
+                # steps parks it. The history is kept either way.
+                parked = self.sessions.finish(req.session, req.prompt_ids + req.output_ids, slot=req.slot,
+                                              num_processed=req.num_processed, ring_size=req.ring_size,
+                                              keep_ring=reason != "error")
+            if not parked:
+                self.pool.release(req.slot)
             self.batch.release(req.slot)
             req.slot = None
             req.blocks = []

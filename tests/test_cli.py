@@ -1,6 +1,7 @@
 """`minikv run` reports bad input as one clear line on stderr, exit code 2, and no traceback."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -143,9 +144,10 @@ def test_each_chat_turn_samples_with_its_own_reproducible_seed(monkeypatch):
 
         monkeypatch.setattr("builtins.input", fake_input)
         monkeypatch.setattr(cli.sys, "stdin", type("Tty", (), {"isatty": lambda self: True})())
-        monkeypatch.setattr(cli, "build_engine", lambda args, model: None)
+        monkeypatch.setattr(cli, "build_engine", lambda args, model: SimpleNamespace(close_session=lambda sid: True))
         monkeypatch.setattr(cli, "_print_banner", lambda engine: None)
-        monkeypatch.setattr(cli, "_answer", lambda engine, messages, params: seeds.append(params.seed) or "reply")
+        monkeypatch.setattr(cli, "_answer",
+                            lambda engine, messages, params, **kw: seeds.append(params.seed) or "reply")
         assert main(["run", "--seed", str(seed)]) == 0
         return seeds
 

@@ -203,6 +203,22 @@ class Policy:
     def reset_ring(self, ring: int) -> None:
         """Slot `ring` now holds a new request (its first prefill chunk is about to run): forget its state."""
 
+    # Per-ring state that bind allocates: attribute name -> the axis indexed by the ring (batch slot). A
+    # session's ring outlives its request and comes back in another slot, so this state moves with it.
+    ring_state_axes: ClassVar[dict[str, int]] = {}
+
+    def ring_state(self, ring: int) -> dict[str, torch.Tensor]:
+        """A copy of slot `ring`'s per-ring state (empty for stateless policies)."""
+        return {name: getattr(self, name).select(axis, ring).clone() for name, axis in self.ring_state_axes.items()}
+
+    def load_ring_state(self, ring: int, state: dict[str, torch.Tensor]) -> None:
+        """Slot `ring` takes over a ring whose state `ring_state` copied (from any slot)."""
+        for name, axis in self.ring_state_axes.items():
+            target = getattr(self, name).select(axis, ring)
+            if name not in state or state[name].shape != target.shape:
+                raise ValueError(f"{self.name} ring state {name!r} is missing or has another shape")
+            target.copy_(state[name])
+
     def new_token_scores(self, layer: int, ring_ids: torch.Tensor, new_pos: torch.Tensor,
                          k_new: torch.Tensor) -> torch.Tensor | None:
         """SCORE_EXTERNAL: the decode tokens' scores [N, Hkv] written with them (None = 0)."""

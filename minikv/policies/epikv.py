@@ -113,6 +113,7 @@ class EpiKV(Policy):
 
     name: ClassVar[str] = "epikv"
     needs_hidden_states: ClassVar[bool] = True
+    ring_state_axes: ClassVar[dict[str, int]] = {"history": 0}
     zscore_window: int = 128
     lower_band: tuple[float, float] = (0.25, 0.5)
     upper_band: tuple[float, float] = (0.5, 0.75)
@@ -244,6 +245,7 @@ class EpiKVLag(Policy):
 
     name: ClassVar[str] = "epikv-lag"
     needs_values: ClassVar[bool] = True
+    ring_state_axes: ClassVar[dict[str, int]] = {"recent_slots": 1}
     lag: int = 128
 
     def __post_init__(self):

@@ -72,6 +72,8 @@ def gated_mix(normalised: torch.Tensor, weights: torch.Tensor, gain: float, cent
 @dataclass
 class NestedKV(Policy):
     name: ClassVar[str] = "nestedkv"
+    ring_state_axes: ClassVar[dict[str, int]] = {name: 1 for name in (
+        "global_sum", "block_sum", "trail_buf", "raw_min", "raw_max", "delta_sum", "delta_tokens")}
     block: int | None = None  # None: clip(budget / 32, block_min, block_max)
     block_min: int = 128
     block_max: int = 256

@@ -4,16 +4,18 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 POST /v1/completions, POST /v1/chat/completions (both with `"stream": true` as server-sent events),
-GET /v1/models, GET /health, GET /metrics. The engine runs on its own thread (minikv.server.engine_loop),
-started and stopped with the app's lifespan; handlers tokenize their prompts on worker threads (so the
-engine thread never does), submit them and await their outputs. A client that goes away is noticed at
-once, whether its request is waiting, prefilling or decoding, and its request aborted.
+POST /v1/responses, GET/DELETE /v1/responses/{id} (minikv.server.responses), GET /v1/models, GET /health,
+GET /metrics. The engine runs on its own thread (minikv.server.engine_loop), started and stopped with the
+app's lifespan; handlers tokenize their prompts on worker threads, submit them and await their outputs. A
+client that goes away is noticed at once, whether its request is waiting, prefilling or decoding, and its
+request aborted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -30,6 +32,7 @@ from .engine_loop import ClientDisconnected, EngineDeadError, EngineLoop, Engine
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, field_names
 from .reasoning import ReasoningParser, make_reasoning_parser
+from .responses import ResponseStore, add_response_routes
 from .serving import (ChatFormat, CompletionFormat, ResponseFormat, final_outputs, final_response, stream_events)
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # a larger request body gets 413 before it is read
@@ -40,9 +43,10 @@ class Server:
     """What the handlers share: the engine loop, the metrics, the served model's name and limits."""
 
     def __init__(self, engine: Engine, model_name: str, max_waiting: int | None,
-                 reasoning_parser: ReasoningParser | None = None):
+                 reasoning_parser: ReasoningParser | None = None, reuse_sessions: bool = True):
         self.model_name = model_name
         self.engine = engine  # handlers only call engine.tokenize (thread-safe); the engine thread does the rest
+        self.reuse_sessions = reuse_sessions
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.config.vocab_size
         self.reasoning_parser = reasoning_parser
@@ -61,29 +65,33 @@ class Server:
         return errors.APIError(503, f"the server is busy: {err}; retry later", type="server_busy",
                                code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    async def tokenize(self, body: SamplingFields, prompt, chat_template_kwargs: dict | None = None) -> list[int]:
-        """The prompt's token ids (chat messages through the template), worked out on a worker thread: a long
-        prompt takes its time there, not on the event loop nor on the engine thread."""
+    async def tokenize(self, body: SamplingFields, prompt,
+                       chat_template_kwargs: dict | None = None) -> tuple[list[int], str | None]:
+        """The prompt's token ids and text (chat messages through the template), worked out on a worker thread:
+        a long prompt takes its time there, not on the event loop nor on the engine thread."""
         try:
-            ids, _ = await asyncio.to_thread(self.engine.tokenize, prompt, chat_template_kwargs=chat_template_kwargs)
+            return await asyncio.to_thread(self.engine.tokenize, prompt, chat_template_kwargs=chat_template_kwargs)
         except InvalidRequestError as err:
             raise errors.from_invalid_request(err, body.request_field) from None
-        return ids
 
     async def submit(self, body: SamplingFields, prompt, params, fit_max_tokens: bool, request_id: str,
-                     *, chat_template_kwargs: dict | None = None):
+                     *, chat_template_kwargs: dict | None = None, session_id: str | None = None,
+                     reuse_session: bool = False):
         """Tokenize the prompt, hand the request to the engine thread and wait until the engine has taken it
         (or refused it). With `fit_max_tokens`, max_tokens becomes what max_model_len leaves after the prompt
-        (at least 1, so that a prompt that fills the context gets the engine's "exceeds max_model_len")."""
+        (at least 1, so that a prompt that fills the context gets the engine's "exceeds max_model_len").
+        `session_id` continues that engine session; `reuse_session` lets the engine pick the parked session
+        whose ring has read the most of the prompt (minikv.session)."""
         limit = self.engine_loop.max_waiting
         if limit is not None and self.engine_loop.num_waiting >= limit:  # refuse before paying for tokenizing
             raise self._queue_full(QueueFullError(f"{self.engine_loop.num_waiting} requests are waiting (the limit "
                                                   f"is {limit})"))
-        prompt_ids = await self.tokenize(body, prompt, chat_template_kwargs)
+        prompt_ids, prompt_text = await self.tokenize(body, prompt, chat_template_kwargs)
         if fit_max_tokens:
             params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(prompt_ids)))
         try:
-            handle = self.engine_loop.submit(prompt_ids, params, request_id)  # (the exact waiting check)
+            handle = self.engine_loop.submit(prompt_ids, params, request_id, prompt=prompt, prompt_text=prompt_text,
+                                             session_id=session_id, reuse_session=reuse_session)
         except QueueFullError as err:
             raise self._queue_full(err) from None
         except EngineDeadError as err:
@@ -101,23 +109,34 @@ class Server:
 
 
 def create_app(engine: Engine, *, model_name: str = "minikv", max_waiting: int | None = None,
-               reasoning_parser: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               reasoning_parser: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               session_dir: str | None = None, reuse_sessions: bool = True) -> FastAPI:
     """An app serving `engine` as `model_name`; at most `max_waiting` requests wait for admission (503 beyond).
     `reasoning_parser` (e.g. "qwen3", see minikv.server.reasoning) moves `<think>` text of chat answers to
-    `reasoning_content`; request bodies over `max_body_bytes` get 413."""
-    server = Server(engine, model_name, max_waiting, make_reasoning_parser(reasoning_parser))
+    `reasoning_content`; request bodies over `max_body_bytes` get 413. `session_dir`: parked sessions and
+    stored responses are restored from it at start and saved to it at shutdown. `reuse_sessions`: chat
+    completions continue a parked ring that has read their prefix."""
+    server = Server(engine, model_name, max_waiting, make_reasoning_parser(reasoning_parser),
+                    reuse_sessions=reuse_sessions)
+    server.responses = ResponseStore(session_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        server.responses.restore(engine)  # before the engine thread starts: nothing else touches the engine
         server.engine_loop.start()
         yield
         server.engine_loop.stop()
+        if server.engine_loop.is_alive:  # a step outlived stop's wait: the engine is not ours to read
+            logging.getLogger(__name__).error("minikv serve: the engine thread did not stop; sessions not saved")
+        else:
+            server.responses.save(engine)
 
     app = FastAPI(title="minikv", summary="OpenAI-compatible server with per-request KV budgets", lifespan=lifespan)
     app.state.server = server
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     _add_error_handlers(app)
     _add_routes(app, server)
+    add_response_routes(app, server)
     return app
 
 
@@ -197,8 +216,10 @@ async def _serve(server: Server, request: Request, body: CompletionRequest | Cha
     body.check_supported()
     params, fit_max_tokens = _sampling_params(body, server)
     template_kwargs = getattr(body, "chat_template_kwargs", None)
+    # A chat resent whole continues the parked ring that has read the most of it (minikv.session).
+    reuse = server.reuse_sessions and isinstance(body, ChatCompletionRequest)
     handle = await server.submit(body, body.engine_prompt(), params, fit_max_tokens, fmt.request_id,
-                                 chat_template_kwargs=template_kwargs)
+                                 chat_template_kwargs=template_kwargs, reuse_session=reuse)
     on_disconnect = server.metrics.aborted_by_disconnect.inc
     if body.stream:
         events = stream_events(handle, fmt, body.include_usage, on_disconnect)

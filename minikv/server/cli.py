@@ -1,6 +1,6 @@
 """`minikv serve`: an OpenAI-compatible server (see minikv.server.app).
 
-    minikv serve [MODEL] --host 127.0.0.1 --port 8000 --budget 1024 --max-num-seqs 8
+    minikv serve [MODEL] --host 127.0.0.1 --port 8000 --budget 1024 --max-num-seqs 8 [--session-dir DIR]
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--served-model-name", help="the name clients pass as `model` (default: MODEL as given)")
     s.add_argument("--max-waiting", type=int, default=256,
                    help="requests that may wait for a free ring; more get 503 + Retry-After (default %(default)s)")
+    s.add_argument("--session-dir", help="restore parked sessions and stored /v1/responses from DIR at start and "
+                   "save them there at shutdown (safetensors + JSON per session)")
+    s.add_argument("--no-session-reuse", action="store_true",
+                   help="chat completions never continue a parked ring (each prefills its whole prompt)")
+    s.add_argument("--max-parked-sessions", type=int, default=64,
+                   help="sessions whose ring stays in the KV pool between requests (default %(default)s); "
+                   "admission releases them, least recently used first, whenever it needs blocks")
+    s.add_argument("--max-parked-kv-memory", default=None,
+                   help="cap on the KV memory parked rings hold, e.g. 1GiB (default: the pool)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log level of uvicorn and of minikv's own log (engine errors with their tracebacks), both "
                         "in uvicorn's format on stderr (default %(default)s)")
@@ -49,9 +58,11 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model_flag or args.model
     set_threads(args.threads)
-    engine = build_engine(args, model)
+    engine = build_engine(args, model, max_parked_sessions=args.max_parked_sessions,
+                          max_parked_kv_memory=args.max_parked_kv_memory)
     name = args.served_model_name or model or DEFAULT_MODEL_NAME
     app = create_app(engine, model_name=name, max_waiting=args.max_waiting, reasoning_parser=args.reasoning_parser,
+                     session_dir=args.session_dir, reuse_sessions=not args.no_session_reuse,
                      **({"max_body_bytes": args.max_body_size} if args.max_body_size else {}))
     print(f"minikv serve: {name} on http://{args.host}:{args.port} (policy {engine.policy.label}, budget "
           f"{engine.budget}, {args.max_num_seqs} sequences)", file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from ..engine import Engine, EngineStats
+from ..engine import Engine, EngineStats, Prompt
 from ..errors import InvalidRequestError
 from ..outputs import RequestOutput
 from ..sampling import SamplingParams
@@ -68,6 +68,7 @@ class RequestHandle:
     def __init__(self, request_id: str, engine_loop: "EngineLoop", event_loop: asyncio.AbstractEventLoop):
         self.request_id = request_id
         self.finished = False  # set once the final output (or a failure) has been taken from the queue
+        self.session_id: str | None = None  # the engine session the request runs in, once accepted
         self._engine_loop = engine_loop
         self._event_loop = event_loop
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -140,6 +141,10 @@ class _Submission:
     prompt_ids: list[int]
     params: SamplingParams
     handle: RequestHandle
+    prompt: Prompt | None = None  # what was tokenized (text, chat messages), for sessions continued by text
+    prompt_text: str | None = None
+    session_id: str | None = None  # the engine session the request continues (minikv.session)
+    reuse_session: bool = False  # continue whichever parked session's ring serves the most of the prompt
 
 
 @dataclass
@@ -210,10 +215,15 @@ class EngineLoop:
             return self._pending + self._engine_waiting
 
     # --- event loop side -----------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestHandle:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, *, prompt: Prompt | None = None,
+               prompt_text: str | None = None, session_id: str | None = None,
+               reuse_session: bool = False) -> RequestHandle:
         """Queue a tokenized request for the engine thread; `await handle.accepted()` says whether the engine
-        took it. Raises QueueFullError when `max_waiting` requests already wait, EngineDeadError when the
-        thread is gone."""
+        took it. `prompt` / `prompt_text`: what was tokenized (text or chat messages) and its rendered text,
+        which a session continued by text needs (Engine.add_request's `tokenized`). `session_id` continues that
+        engine session; `reuse_session` picks the parked session whose ring serves the most of the prompt
+        (Engine.match_session), or starts one named after the request. Raises QueueFullError when
+        `max_waiting` requests already wait, EngineDeadError when the thread is gone."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
         with self._waiting_lock:
@@ -222,8 +232,19 @@ class EngineLoop:
                 raise QueueFullError(f"{waiting} requests are waiting (the limit is {self.max_waiting})")
             self._pending += 1
         handle = RequestHandle(request_id, self, asyncio.get_running_loop())
-        self._inbox.put(("add", _Submission(prompt_ids, params, handle)))
+        self._inbox.put(("add", _Submission(prompt_ids, params, handle, prompt, prompt_text, session_id,
+                                            reuse_session)))
         return handle
+
+    def call(self, fn: Callable[[Engine], object]) -> "asyncio.Future":
+        """Run `fn(engine)` on the engine thread between steps (the engine is not thread-safe); await the
+        returned future for its result or exception."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        event_loop = asyncio.get_running_loop()
+        future = event_loop.create_future()
+        self._inbox.put(("call", (fn, event_loop, future)))
+        return future
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -263,6 +284,8 @@ class EngineLoop:
                     return False
                 if kind == "add":
                     self._admit(payload)
+                elif kind == "call":
+                    self._call(*payload)
                 else:
                     self.engine.abort(payload)  # unknown or finished ids are ignored by the engine
                 try:
@@ -271,6 +294,20 @@ class EngineLoop:
                     return True
         finally:
             self._timings.add_admission(time.perf_counter() - began)
+
+    def _call(self, fn, event_loop, future) -> None:
+        try:
+            result, error = fn(self.engine), None
+        except Exception as err:
+            result, error = None, err
+
+        def settle():
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(result)
+        try:
+            event_loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop is closed
+            pass
 
     def _admit(self, sub: _Submission) -> None:
         try:
@@ -283,7 +320,18 @@ class EngineLoop:
 
     def _add(self, sub: _Submission) -> None:
         try:
-            self.engine.add_request(sub.prompt_ids, sub.params, sub.handle.request_id)
+            tokenized = (sub.prompt_ids, sub.prompt_text)
+            session_id = sub.session_id
+            if sub.reuse_session and session_id is None:
+                session_id = (self.engine.match_session(sub.prompt, tokenized=tokenized)
+                              or f"auto-{sub.handle.request_id}")
+            info = self.engine.session(session_id) if session_id is not None else None
+            if info is not None and info.request_id is not None:  # another request continues it now:
+                # this one starts its own session
+                session_id = f"auto-{sub.handle.request_id}"
+            self.engine.add_request(sub.prompt if sub.prompt is not None else sub.prompt_ids, sub.params,
+                                    sub.handle.request_id, session_id=session_id, tokenized=tokenized)
+            sub.handle.session_id = session_id
         except InvalidRequestError as err:
             sub.handle.deliver(err)
             return

@@ -128,6 +128,16 @@ class _EngineStatsCollector(Collector):
         yield counter("prompt_tokens", "Prompt tokens processed.", s.prompt_tokens)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens)
         yield counter("engine_steps", "Engine steps (forward passes) run.", s.num_steps)
+        yield gauge("sessions", "Engine sessions kept (token histories).", s.num_sessions)
+        yield gauge("sessions_parked", "Sessions with a parked ring in the KV pool.", s.num_parked_sessions)
+        yield gauge("kv_blocks_parked", "KV pool blocks held by parked session rings.", s.parked_kv_blocks)
+        yield counter("session_hits", "Requests that continued a parked ring.", s.session_hits)
+        yield counter("session_misses", "Requests continuing a session that found no ring (prefilled its history).",
+                      s.session_misses)
+        yield counter("session_reused_tokens", "Prompt tokens not prefilled: a parked ring had read them.",
+                      s.session_reused_tokens)
+        yield counter("sessions_released_by_pressure", "Parked rings released because admission or a limit "
+                      "needed their blocks.", s.sessions_released_by_pressure)
         evicted = CounterMetricFamily(PREFIX + "evicted_tokens", "Tokens evicted from finished requests' KV "
                                       "(per layer and KV head), by eviction policy.", labels=["model_name", "policy"])
         evicted.add_metric([self._model, self._policy], s.evicted_tokens)

@@ -27,16 +27,22 @@ def usage(output: RequestOutput | list[RequestOutput]) -> dict:
     kv_slots_held: the slots it held at its end, min(kv_budget, tokens whose K/V were written), the tokens
         written being the prompt and every generated token but the last (never fed back to the model);
     evicted_tokens: tokens whose K/V were dropped from its ring to stay within the budget.
+    prompt_tokens_details.cached_tokens (OpenAI's): prompt tokens not prefilled, read already by the ring of
+        the engine session the request continued (minikv.session).
     For a batch of prompts, the sums over its requests (kv_budget: the largest).
     """
     if isinstance(output, list):
         parts = [usage(one) for one in output]
-        return {name: (max if name == "kv_budget" else sum)(part[name] for part in parts) for name in parts[0]}
+        total = {name: (max if name == "kv_budget" else sum)(part[name] for part in parts)
+                 for name in parts[0] if name != "prompt_tokens_details"}
+        total["prompt_tokens_details"] = {"cached_tokens": sum(p["prompt_tokens_details"]["cached_tokens"] for p in parts)}
+        return total
     prompt, completion = len(output.prompt_token_ids), output.metrics.num_generated_tokens
     written = prompt + max(completion - 1, 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "kv_budget": output.metrics.kv_budget, "kv_slots_held": min(output.metrics.kv_budget, written),
-            "evicted_tokens": output.metrics.num_evicted_tokens}
+            "evicted_tokens": output.metrics.num_evicted_tokens,
+            "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens}}
 
 
 class ResponseFormat:
