@@ -147,9 +147,9 @@ def qwen3_server(tmp_path_factory, one_torch_thread):
     forced = engine.tokenizer.encode(f"<think>{THOUGHT}</think>\n\n{ANSWER}", add_special_tokens=False)
     add_request = engine.add_request
 
-    def add_forced(prompt, params, request_id=None):
+    def add_forced(prompt, params, request_id=None, **session):
         params = dataclasses.replace(params, forced_token_ids=forced, max_tokens=len(forced), ignore_eos=True)
-        return add_request(prompt, params, request_id)
+        return add_request(prompt, params, request_id, **session)
 
     engine.add_request = add_forced
     live = LiveServer(create_app(engine, model_name=MODEL, reasoning_parser="qwen3"))
