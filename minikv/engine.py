@@ -311,6 +311,10 @@ class Engine:
             prompt_ids, prompt_text = tokenized or self.tokenize(prompt)
         total = len(prompt_ids) + params.max_tokens
         positions = self._request_positions(params)
+        if session is not None and session.positions not in (None, positions):
+            raise InvalidRequestError(f"session {session_id!r} was written with positions={session.positions!r}; "
+                                      f"its requests cannot ask for {positions!r} (a ring's RoPE positions are one "
+                                      "mode's): leave positions out or start another session")
         # under "ring" no distance exceeds the ring, so the model's context no longer bounds the request
         if total > self.max_model_len and positions != "ring":
             raise InvalidRequestError(
@@ -336,6 +340,7 @@ class Engine:
         req.positions = positions
         if session_id is not None:
             req.session = self.sessions.begin(session_id, request_id, budget if self.policy.evicts else None)
+            req.session.positions = positions
         self._requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -367,6 +372,10 @@ class Engine:
         if params.prompt_logprobs is not None:
             raise InvalidRequestError("prompt_logprobs cannot be asked of a session request: the prompt's prefix "
                                       "that the session's ring has read is not computed again")
+        if not self.supports_sessions:
+            raise InvalidRequestError(f"sessions of policy {self.policy.name!r} are not supported under tensor "
+                                      "parallelism: its per-ring state lives on every rank, and only rank 0's would "
+                                      "be parked; use tensor_parallel_size=1 or a policy without per-ring state")
         session = self.sessions.get(session_id)
         if session is not None and session.request_id is not None:
             raise InvalidRequestError(f"session {session_id!r} already has a request in flight "
@@ -573,6 +582,7 @@ class Engine:
     def save_session(self, session_id: str, directory) -> str:
         """Save a session (history and parked ring) as DIR/<id>.json + DIR/<id>.safetensors; it stays in
         the engine. Returns the JSON file's path. Raises SessionFileError if DIR cannot be written."""
+        self._check_session_files()
         session = self.sessions.get(session_id)
         if session is None:
             raise InvalidRequestError(f"unknown session {session_id!r}")
@@ -585,6 +595,7 @@ class Engine:
         """Load a session saved by `save_session` (its .json path) and park its ring (or, with no room in
         the pool now, only its history); returns its id. A file from another model, policy, block size or
         dtype, or a truncated or corrupt one, raises SessionFileError and changes nothing."""
+        self._check_session_files()
         from .session import read_session_file
 
         meta, _ = read_session_file(path, self._session_identity())
@@ -594,6 +605,17 @@ class Engine:
             raise SessionFileError(f"session file {str(path)!r} does not fit this engine (token ids outside the "
                                    f"vocabulary, or kv_budget {budget} beyond --budget {self.budget})")
         return self.sessions.load(path, self._session_identity()).session_id
+
+    @property
+    def supports_sessions(self) -> bool:
+        """Whether requests may park their rings in sessions: not under tensor parallelism with a policy that
+        keeps per-ring state (only rank 0's state would move with the ring)."""
+        return self.workers is None or not self.policy.ring_state_axes
+
+    def _check_session_files(self) -> None:
+        if self.workers is not None:  # a file would hold rank 0's KV heads only
+            raise SessionFileError("saving and restoring sessions is not supported under tensor parallelism: each "
+                                   "rank holds its own KV heads; run with tensor_parallel_size=1")
 
     def _session_identity(self) -> dict:
         """What a saved ring is only valid under: the model (config and a weight checksum), the policy with

@@ -96,6 +96,7 @@ class Session:
     ring: ParkedRing | None = None  # None: never parked, released, or taken by the request running now
     request_id: str | None = None  # the request in flight on this session (at most one)
     text: str | None = None  # token_ids decoded (special tokens kept), made when first asked for
+    positions: str | None = None  # the RoPE position mode its ring was written under, fixed by the first request
 
     def reusable_prefix(self, prompt_ids: list[int]) -> int:
         """How many leading tokens of `prompt_ids` the parked ring can skip (0: none, start over). At least
@@ -282,6 +283,7 @@ class SessionStore:
                 tensors[f"policy.{name}"] = value.cpu().contiguous()
         meta = dict(format=FILE_FORMAT, version=FILE_VERSION, session_id=session.session_id,
                     kv_budget=session.kv_budget, token_ids=session.token_ids, identity=identity,
+                    positions=session.positions,
                     ring=None if ring is None else dict(num_processed=ring.num_processed, ring_size=ring.ring_size,
                                                         num_blocks=len(ring.blocks)))
         try:
@@ -314,7 +316,8 @@ class SessionStore:
             ring = self._restore_ring(ring_meta, tensors)
         if existing is not None:
             self.close(session_id)
-        session = self.sessions[session_id] = Session(session_id, meta["kv_budget"], list(meta["token_ids"]), ring)
+        session = self.sessions[session_id] = Session(session_id, meta["kv_budget"], list(meta["token_ids"]), ring,
+                                                      positions=meta.get("positions"))
         self._forget_over_limit()
         self._enforce_limits()
         return session

@@ -245,6 +245,8 @@ def test_session_requests_are_checked(loaded):
     engine.step()
     assert engine.session("s").request_id is None
     assert engine.session("s").kv_budget == 40
+    with pytest.raises(InvalidRequestError, match="positions='original'"):  # a ring's RoPE positions are one mode's
+        engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=2, positions="ring"), session_id="s")
 
 
 # --- a random soak ----------------------------------------------------------------------------------
@@ -311,10 +313,11 @@ def test_random_soak_of_sessions_and_requests_never_shares_a_block_and_frees_eve
 # --- persistence --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy,options", [("nexus", {}), ("nestedkv", {}), ("full", {})])
+@pytest.mark.parametrize("policy,options,positions", [("nexus", {}, None), ("nestedkv", {}, None), ("full", {}, None),
+                                                      ("nexus", {}, "ring")])
 def test_a_saved_and_restored_session_has_a_bitwise_identical_ring_and_continues_alike(loaded, tmp_path, policy,
-                                                                                    options):
-    kw = dict(policy=policy, chunk=32, max_num_seqs=2, max_model_len=4096, policy_options=options)
+                                                                                    options, positions):
+    kw = dict(policy=policy, chunk=32, max_num_seqs=2, max_model_len=4096, policy_options=options, positions=positions)
     if policy != "full":
         kw.update(budget=64, window=8)
     stays, restored = Engine(loaded, **kw), Engine(loaded, **kw)
@@ -325,7 +328,7 @@ def test_a_saved_and_restored_session_has_a_bitwise_identical_ring_and_continues
     path = stays.save_session("conv/1", tmp_path)
     assert restored.restore_session(path) == "conv/1"
     before, after = parked_ring(stays, "conv/1"), parked_ring(restored, "conv/1")
-    assert before.keys() == after.keys()
+    assert before.keys() == after.keys() and "rope_pos" in before  # ranks under positions="ring"
     for name in before:
         assert torch.equal(before[name], after[name]), name
     assert restored.session("conv/1") == stays.session("conv/1")

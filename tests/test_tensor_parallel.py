@@ -109,6 +109,30 @@ def test_streaming_and_prompt_logprobs_at_two_ranks(checkpoints):
         assert all(abs(mine[t].logprob - theirs[t].logprob) < 1e-4 for t in mine)
 
 
+def test_a_session_at_two_ranks_continues_its_ring_as_at_one(checkpoints, tmp_path):
+    """A parked ring's blocks are the same ids on every rank, so a session's next turn continues it at N=2 as
+    at N=1 (nexus keeps no per-ring state). Session files would hold rank 0's heads only: refused clearly."""
+    from minikv import SessionFileError
+
+    path = checkpoints["LlamaForCausalLM"]
+    turns = [PROMPTS[0][:90], PROMPTS[1][:40]]
+
+    def conversation(engine):
+        history, outputs = [], []
+        for new in turns:
+            out = engine.generate([history + new], GREEDY, session_id="chat", use_tqdm=False)[0]
+            outputs.append((out.outputs[0].token_ids, out.num_cached_tokens))
+            history = engine.session("chat").token_ids
+        return outputs
+
+    with Engine(path, policy="nexus", **SETTINGS) as engine:
+        reference = conversation(engine)
+    with Engine(path, policy="nexus", tensor_parallel_size=2, **SETTINGS) as engine:
+        assert conversation(engine) == reference and reference[1][1] > 0  # the second turn reused the ring
+        with pytest.raises(SessionFileError, match="tensor parallelism"):
+            engine.save_session("chat", tmp_path)
+
+
 def test_killed_rank_fails_requests_in_flight_without_hanging(checkpoints):
     timeout = 20.0
     engine = Engine(checkpoints["LlamaForCausalLM"], policy="nexus", tensor_parallel_size=3,

@@ -322,7 +322,7 @@ class EngineLoop:
         try:
             tokenized = (sub.prompt_ids, sub.prompt_text)
             session_id = sub.session_id
-            if sub.reuse_session and session_id is None:
+            if sub.reuse_session and session_id is None and self.engine.supports_sessions:
                 session_id = (self.engine.match_session(sub.prompt, tokenized=tokenized)
                               or f"auto-{sub.handle.request_id}")
             info = self.engine.session(session_id) if session_id is not None else None
