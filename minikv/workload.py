@@ -60,3 +60,25 @@ def percentile(values: list[float], p: float) -> float:
     low = int(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+# --- what `minikv bench` and its chat preset (minikv.bench_chat) share --------------------------------
+
+
+class UnsetInt(int):
+    """The default of a shared engine flag (--budget, --max-num-seqs), told apart from a value the user gave,
+    so that a preset replaces the first and never the second. Prints as the plain number in --help."""
+
+
+def model_of(args) -> str | None:
+    """MODEL as a positional argument or as --model (the flag `minikv run` and `eval` take)."""
+    if args.model and args.model_flag and args.model != args.model_flag:
+        raise ConfigError(f"two models given ({args.model!r} and --model {args.model_flag!r}); give one")
+    return args.model or args.model_flag
+
+
+def warm_up(engine) -> None:
+    """One short request first, so that one-time costs (kernel compilation, allocator) stay out of the numbers."""
+    from .sampling import SamplingParams
+
+    engine.generate([[1] * 8], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
