@@ -6,8 +6,9 @@ Two groups over the same ranks:
   timeout (`Engine(distributed_timeout=...)`): a collective that a dead or stuck rank never joins raises
   after it instead of hanging.
 - `control` (always gloo, on the CPU) carries rank 0's per-step message and its setup messages. Idle
-  workers wait here for the next step for as long as the engine lives, so it has no practical timeout; a
-  rank that dies closes its sockets, and the peers blocked on them get an error at once.
+  workers wait here for the next step for as long as the engine lives, so the group has no practical
+  timeout; rank 0 bounds its own waits there by the timeout instead. A rank that dies closes its sockets,
+  and the peers blocked on them get an error at once.
 """
 
 from __future__ import annotations
