@@ -155,9 +155,33 @@ def test_killed_rank_fails_requests_in_flight_without_hanging(checkpoints):
             assert out.outputs[0].finish_reason == "error"
             assert "DistributedError" in out.error and "rank" in out.error
         survivor.join(10)
-        assert survivor.exitcode == 1  # the third rank saw its collective fail and exited by itself
+        assert not survivor.is_alive()  # the third rank is gone too
         with pytest.raises(DistributedError, match="stopped"):
             engine.add_request("more", SamplingParams(max_tokens=2))
+    finally:
+        engine.close()
+
+
+def test_stuck_rank_times_out_instead_of_hanging(checkpoints):
+    """A rank that stops answering (SIGSTOP: alive, sockets open) is caught by the collective timeout."""
+    import os
+    import signal
+
+    timeout = 4.0
+    engine = Engine(checkpoints["LlamaForCausalLM"], policy="nexus", tensor_parallel_size=2,
+                    distributed_timeout=timeout, **SETTINGS)
+    try:
+        rid = engine.add_request(PROMPTS[2], SamplingParams(max_tokens=50, ignore_eos=True))
+        engine.step()
+        (stuck,) = engine.workers.processes
+        os.kill(stuck.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        outs = engine.step()
+        waited = time.monotonic() - start
+        assert [(o.request_id, o.outputs[0].finish_reason) for o in outs] == [(rid, "error")]
+        assert timeout - 0.5 < waited < timeout + 10  # the timeout, then 2 s for the rank to exit
+        stuck.join(5)
+        assert not stuck.is_alive()  # rank 0 ended it (a stopped process cannot exit by itself)
     finally:
         engine.close()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .group import DistributedError, TPGroup, check_tensor_parallel, close_group, init_group, rank_devices, torchrun_rank
+from .group import DistributedError, TPGroup, check_tensor_parallel, init_group, rank_devices, torchrun_rank
 from .worker import Workers, kv_config, ring_positions, run_worker, spawn_workers
 
 __all__ = ["DistributedError", "TPGroup", "Workers", "check_tensor_parallel", "kv_config", "ring_positions",

@@ -6,8 +6,9 @@ Two groups over the same ranks:
   timeout (`Engine(distributed_timeout=...)`): a collective that a dead or stuck rank never joins raises
   after it instead of hanging.
 - `control` (always gloo, on the CPU) carries rank 0's per-step message and its setup messages. Idle
-  workers wait here for the next step for as long as the engine lives, so it has no practical timeout; a
-  rank that dies closes its sockets, and the peers blocked on them get an error at once.
+  workers wait here for the next step for as long as the engine lives, so the group has no practical
+  timeout; rank 0 bounds its own waits there by the timeout instead. A rank that dies closes its sockets,
+  and the peers blocked on them get an error at once.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class TPGroup:
     device: torch.device
     group: object  # the compute ProcessGroup (the default group)
     control: object  # the gloo ProcessGroup of the step messages
+    timeout: datetime.timedelta  # the most rank 0 waits for another rank (the compute group's timeout too)
 
     @property
     def is_driver(self) -> bool:
@@ -56,21 +58,45 @@ class TPGroup:
         return shards
 
     # --- rank 0's messages ------------------------------------------------------------------------
+    # Over the control group, whose own timeout is a year (idle workers wait there between steps); rank 0's
+    # side waits at most `timeout` for each transfer, so a worker that stops answering (alive, its sockets
+    # open: gloo's sends wait for the receiver) fails the step instead of hanging rank 0.
     def send(self, message: object) -> None:
         """Rank 0: one pickled object to every other rank (a gloo broadcast of its size, then its bytes)."""
-        _collective(dist.broadcast_object_list, [message], src=0, group=self.control)
+        data = pickle.dumps(message)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        for tensor in (torch.tensor([len(data)], dtype=torch.int64), payload):
+            _collective(_wait, dist.broadcast(tensor, src=0, group=self.control, async_op=True), self.timeout)
 
     def receive(self) -> object:
-        """A worker: the next object rank 0 sends."""
-        box = [None]
-        _collective(dist.broadcast_object_list, box, src=0, group=self.control)
-        return box[0]
+        """A worker: the next object rank 0 sends (waits for as long as rank 0 is alive)."""
+        size = torch.empty(1, dtype=torch.int64)
+        _collective(dist.broadcast, size, src=0, group=self.control)
+        payload = torch.empty(int(size), dtype=torch.uint8)
+        _collective(dist.broadcast, payload, src=0, group=self.control)
+        return pickle.loads(payload.numpy().tobytes())
 
-    def gather_objects(self, obj: object) -> list | None:
-        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere), over the control group."""
-        out = [None] * self.size if self.is_driver else None
-        _collective(dist.gather_object, obj, out, dst=0, group=self.control)
+    def gather_objects(self, obj: object, timeout: datetime.timedelta | None = None) -> list | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere). Rank 0 waits at most `timeout`
+        for each rank (None: the control group's year, for work as long as loading a model)."""
+        if not self.is_driver:
+            data = pickle.dumps(obj)
+            _collective(dist.send, torch.tensor([len(data)], dtype=torch.int64), dst=0, group=self.control)
+            _collective(dist.send, torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=0, group=self.control)
+            return None
+        out = [obj]
+        for rank in range(1, self.size):
+            size = torch.empty(1, dtype=torch.int64)
+            _collective(_wait, dist.irecv(size, src=rank, group=self.control), timeout)
+            payload = torch.empty(int(size), dtype=torch.uint8)
+            _collective(_wait, dist.irecv(payload, src=rank, group=self.control), timeout)
+            out.append(pickle.loads(payload.numpy().tobytes()))
         return out
+
+
+def _wait(work, timeout: datetime.timedelta | None) -> None:
+    if not (work.wait() if timeout is None else work.wait(timeout)):
+        raise RuntimeError(f"no answer within {timeout.total_seconds():g} s")
 
 
 def _collective(fn, *args, **kwargs):
@@ -100,7 +126,7 @@ def init_group(rank: int, size: int, rendezvous, device: torch.device, timeout: 
     except (RuntimeError, ValueError) as err:
         raise DistributedError(f"rank {rank} of {size} could not join the tensor-parallel group "
                                f"within {timeout:g} s: {err}") from err
-    return TPGroup(rank, size, device, dist.group.WORLD, control)
+    return TPGroup(rank, size, device, dist.group.WORLD, control, limit)
 
 
 def close_group(tp: TPGroup | None = None) -> None:

@@ -82,7 +82,7 @@ class Workers:
         """fn(RankState, *args) on every worker; returns [own] + their results, in rank order. For
         inspection (Engine.kv_positions), not for a serving loop."""
         self.tp.send(("call", fn, args))
-        return self.tp.gather_objects(own)
+        return self.tp.gather_objects(own, self.tp.timeout)
 
     def close(self) -> None:
         """Stop the workers and leave the group (a clean shutdown; `abort` after a failure)."""
@@ -101,8 +101,12 @@ class Workers:
         if self.closed:
             return
         self.closed = True
-        close_group(self.tp)
-        _join(self.processes, grace=10.0)  # they exit by themselves (their collectives fail); kill the late
+        # The ranks this process spawned are ended first: leaving the group waits for transfers still pending
+        # with them, which a stuck rank never completes. (Under torchrun there are none to end: the group is
+        # left as it is, and the other ranks exit when their own collectives fail or this process exits.)
+        _join(self.processes, grace=2.0)
+        if self.processes:
+            close_group(self.tp)
 
 
 def _join(processes, grace: float) -> None:
