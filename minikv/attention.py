@@ -125,9 +125,8 @@ class RingAttention:
     def _set_rope(self, inv_freq: torch.Tensor | None) -> None:
         if inv_freq is None:
             self._rope = None
-        elif self._rope is None or self._rope.source is not inv_freq:
+        elif self._rope is None or self._rope.source is not inv_freq:  # a cast model has a new buffer
             self._rope = kernels.Rope(inv_freq)
-            self._rope.source = inv_freq  # the model's buffer: a new one (a dtype or device cast) makes a new Rope
 
     def _decode_rope_pos(self) -> torch.Tensor:
         plan = self.plan

@@ -45,7 +45,8 @@ DECODE_SPECS = {**POLICIES, "nexus-hold": HELD_SPECS["nexus"]}
 
 
 def to_cuda(batch: Batch) -> Batch:
-    return Batch(PoolLayer(*(t.cuda() for t in batch.pool)), batch.block_tables.cuda(), batch.budget.cuda(),
+    return Batch(PoolLayer(*(None if t is None else t.cuda() for t in batch.pool)), batch.block_tables.cuda(),
+                 batch.budget.cuda(),
                  batch.filled.cuda(), batch.new_pos.cuda())
 
 
@@ -87,6 +88,39 @@ def test_decode_matches_reference_at_scale(policy, dtype, num_splits):
         torch.testing.assert_close(out_tri.float(), out_ref.float(), rtol=2e-2, atol=2e-2)
         assert torch.equal(written_tri, written_ref), f"step {step}: victims differ"
         assert_pools_match(ref.pool, batch.pool, 1e-5)
+        advance(batch)
+        advance(ref)
+
+
+@pytest.mark.parametrize("num_splits", [1, None])
+@pytest.mark.parametrize("policy", ["nexus", "streaming", "keydiff"])
+def test_decode_rotating_keys_on_load_matches_reference_in_both_modes(policy, num_splits):
+    """Keys stored unrotated, rotated by the compiled kernel (libdevice cos / sin) at their text positions
+    (odd rows) or their ranks (even rows, positions="ring"): the reference's victims, ranks and output."""
+    from test_kernels_rope import LLAMA3, make_rope, query_positions, with_rope_pos
+
+    spec = POLICIES[policy]
+    gen = torch.Generator().manual_seed(5)
+    budgets, filled = [BUDGET, 1000, BUDGET, 3000, BUDGET, BUDGET], [BUDGET, 1000, 17, 3000, 0, BUDGET]
+    batch = random_batch(budgets, filled, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+                         num_edges=max(spec.top_m, 1), dtype=torch.bfloat16, block_size=BLOCK_SIZE, gen=gen)
+    ring = torch.tensor([i % 2 == 0 for i in range(len(budgets))])
+    batch = to_cuda(with_rope_pos(batch, ring.tolist(), gen))
+    ring = ring.cuda()
+    ref = dataclasses.replace(batch, pool=clone_pool(batch.pool))
+    rope = make_rope(HEAD_DIM, theta=500000.0, scaling=LLAMA3)
+    rope = type(rope)(rope.inv_freq.cuda())
+    for step in range(3):
+        q, k_new, v_new, new_score = step_inputs(spec, torch.bfloat16, gen, num_seqs=len(budgets))
+        kwargs = dict(layer=7, seed=99 + step, scale=HEAD_DIM**-0.5, new_score=new_score, rope=rope,
+                      q_pos=query_positions(batch, ring), ring=ring)
+        out_ref, written_ref = reference.attend_score_sample(q, k_new, v_new, *batch_args(ref), spec, **kwargs)
+        out_tri, written_tri = attend_score_sample_triton(q, k_new, v_new, *batch_args(batch), spec,
+                                                          num_splits=num_splits, **kwargs)
+        torch.testing.assert_close(out_tri.float(), out_ref.float(), rtol=2e-2, atol=2e-2)
+        assert torch.equal(written_tri, written_ref), f"step {step}: victims differ"
+        assert_pools_match(ref.pool, batch.pool, 1e-5)
+        assert torch.equal(batch.pool.rope_pos, ref.pool.rope_pos), f"step {step}: ranks differ"
         advance(batch)
         advance(ref)
 

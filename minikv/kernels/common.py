@@ -183,6 +183,7 @@ class Rope:
     """
 
     def __init__(self, inv_freq: torch.Tensor):
+        self.source = inv_freq  # the tensor it was made from (the model's buffer)
         self.inv_freq = inv_freq.detach().float().contiguous()
         self._cos = self._sin = self.inv_freq.new_empty(0, self.inv_freq.shape[0])
 
