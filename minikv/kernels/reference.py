@@ -23,6 +23,7 @@ import torch
 
 from .common import (
     SCORE_ATTN,
+    SCORE_NONE,
     SCORE_EXTERNAL,
     SCORE_KEYDIFF,
     VICTIM_MIN_SCORE,
@@ -501,3 +502,51 @@ def _prefill_edges(pooled, key_pos, filled, n_sink, top_m):
     idx[..., :take] = torch.where(found, order, -1).transpose(0, 1)
     w[..., :take] = (top / top.sum(-1, keepdim=True).clamp_min(1e-30)).transpose(0, 1)
     return idx, w
+
+
+class DeferredDecode:
+    """The reference backend's decode for CPU steps: each layer attends its rings (`attend`), and the
+    bookkeeping of every layer (scores, walk, victims, edges, writes) runs once after the forward (`flush`).
+
+    No layer reads another's ring, and the per-op cost of thirty small batches is what makes a CPU step
+    slow, so one batch over all layers does the same work at a fraction of the cost. Only for policies
+    that score from the attention (or not at all) and have no per-layer decode hooks (see `applies`).
+    """
+
+    def __init__(self, spec: EvictionSpec, seed: int):
+        self.spec, self.seed = spec, seed
+        self._index: DecodeIndex | None = None  # the step's decode rings, shared by every layer
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per layer: a(j), k, v
+
+    @staticmethod
+    def applies(spec: EvictionSpec, hooks_overridden: bool) -> bool:
+        return spec.score_mode in (SCORE_ATTN, SCORE_NONE) and not hooks_overridden
+
+    def begin(self) -> None:
+        self._index, self._pending = None, []
+
+    def attend(self, layer: int, q, k, v, pool: PoolLayer, plan, *, scale: float, rope: Rope | None,
+               q_pos: torch.Tensor) -> torch.Tensor:
+        """One layer's decode attention (plan: the step's attention.StepPlan); its bookkeeping waits."""
+        if self._index is None:
+            self._index = decode_index(plan.decode_tables, plan.decode_filled, plan.decode_budget,
+                                       pool.block_size, k.shape[1])
+        out, attn, _ = decode_attend(q, k, v, pool, self._index, scale=scale, rope=rope, q_pos=q_pos)
+        if len(self._pending) != layer:
+            raise RuntimeError("deferred decode layers must run in order, each once per step")
+        self._pending.append((attn, k, v))
+        return out
+
+    def flush(self, pools: PoolLayer, plan, *, num_blocks: int, q_pos: torch.Tensor) -> None:
+        """Every pending layer's bookkeeping in one batch; `pools`: the pool's all-layer view, each layer's
+        `num_blocks` blocks one after another."""
+        if not self._pending:
+            return
+        attn, k_new, v_new = (torch.cat(parts) for parts in zip(*self._pending))  # layer-major rows
+        num_layers, n = len(self._pending), plan.num_decode
+        index = self._index.for_layers(num_layers, num_blocks, k_new.shape[1], pools.block_size)
+        layer = torch.arange(num_layers, device=attn.device).repeat_interleave(n)[:, None, None]
+        ring = None if plan.decode_ring is None else plan.decode_ring.repeat(num_layers)
+        decode_update(pools, index, attn, k_new, v_new, plan.decode_pos.repeat(num_layers), self.spec,
+                      layer=layer, seed=self.seed, q_pos=q_pos.repeat(num_layers), ring=ring)
+        self._pending = []

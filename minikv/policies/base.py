@@ -36,7 +36,7 @@ class PrefillCandidates:
     filled: int  # f
     budget: int  # slots the ring keeps (n_sink and window included)
     pos: torch.Tensor  # [H, n] original positions
-    keys: torch.Tensor  # [H, n, D] K after RoPE
+    keys: torch.Tensor  # [H, n, D] K before RoPE, as the pool stores it
     mass: torch.Tensor  # [H, n] attention received from the chunk's rows (column sums, group mean)
     ring_score: torch.Tensor  # [H, f] the ring's scores before this chunk
     obs: torch.Tensor | None = None  # [H, rows, n] the last rows' attention (policies that ask)
