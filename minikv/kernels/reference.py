@@ -334,6 +334,24 @@ def edge_rank_keys(attn: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     return (bits << 32) - torch.arange(attn.shape[-1], device=attn.device)
 
 
+def top_edges(attn: torch.Tensor, eligible: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one top-m edge merge of the reference (decode and prefill): per row of attn [..., n], the m
+    eligible entries with the most attention (ties -> lower index; eligible ones must have attn > 0), as
+    (index [..., m] int32, -1 = none; weight [..., m] fp32 normalised to sum 1)."""
+    lead = attn.shape[:-1]
+    idx = torch.full((*lead, m), -1, dtype=torch.int32, device=attn.device)
+    weights = torch.zeros(*lead, m, dtype=torch.float32, device=attn.device)
+    take = min(m, attn.shape[-1])
+    if take == 0:
+        return idx, weights
+    ranked, order = edge_rank_keys(attn, eligible).topk(take, dim=-1)
+    found = ranked > 0
+    top = torch.where(found, attn.gather(-1, order), 0.0)
+    idx[..., :take] = torch.where(found, order, -1)
+    weights[..., :take] = top / top.sum(-1, keepdim=True).clamp_min(1e-30)
+    return idx, weights
+
+
 def top_m_edges(attn: torch.Tensor, pos: torch.Tensor, spec: EvictionSpec):
     """The query's top-m attended slots, sinks excluded, with weights normalised to sum 1.
 
@@ -341,14 +359,11 @@ def top_m_edges(attn: torch.Tensor, pos: torch.Tensor, spec: EvictionSpec):
     position, -1 = none), edge_w [..., M] fp32. Only slots with attention > 0 qualify (padding lanes have
     exactly 0). Ties go to the lower slot index, so both kernels agree.
     """
-    m, f = spec.top_m, attn.shape[-1]
-    lead = attn.shape[:-1]
-    slots = torch.full((*lead, m), -1, dtype=torch.int32, device=attn.device)
-    targets = torch.full((*lead, m), -1, dtype=torch.int32, device=attn.device)
-    weights = torch.zeros(*lead, m, dtype=torch.float32, device=attn.device)
-    take = min(m, f)
-    if take == 0:
-        return slots, targets, weights
+    slots, weights = top_edges(attn, (pos >= spec.n_sink) & (attn > 0), spec.top_m)
+    if pos.shape[-1] == 0:
+        return slots, slots.clone(), weights
+    targets = torch.where(slots >= 0, pos.gather(-1, slots.clamp(min=0).long()), -1).to(torch.int32)
+    return slots, targets, weights
     keys = edge_rank_keys(attn, (pos >= spec.n_sink) & (attn > 0))
     ranked, order = keys.topk(take, dim=-1)
     found = ranked > 0
@@ -493,15 +508,8 @@ def _prefill_edges(pooled, key_pos, filled, n_sink, top_m):
     itself = torch.zeros(chunk, num_keys, dtype=torch.bool, device=pooled.device)
     itself[rows, filled + rows] = True  # a token's edge to itself carries nothing
     eligible = (key_pos[:, None, :] >= n_sink) & ~itself & (pooled > 0)  # keys a row cannot see: pooled == 0
-    take = min(top_m, num_keys)
-    ranked, order = edge_rank_keys(pooled, eligible).topk(take, dim=-1)
-    found = ranked > 0
-    top = torch.where(found, pooled.gather(-1, order), 0.0)
-    idx = torch.full((chunk, num_kv_heads, top_m), -1, dtype=torch.int32, device=pooled.device)
-    w = torch.zeros(chunk, num_kv_heads, top_m, dtype=torch.float32, device=pooled.device)
-    idx[..., :take] = torch.where(found, order, -1).transpose(0, 1)
-    w[..., :take] = (top / top.sum(-1, keepdim=True).clamp_min(1e-30)).transpose(0, 1)
-    return idx, w
+    idx, w = top_edges(pooled, eligible, top_m)  # [Hkv, C, M]
+    return idx.transpose(0, 1).contiguous(), w.transpose(0, 1).contiguous()
 
 
 class DeferredDecode:
