@@ -80,14 +80,20 @@ def absorb(state: torch.Tensor, word: torch.Tensor | int) -> torch.Tensor:
     return absorb_mixed(state, mix_word(word))
 
 
-def finalize(state: torch.Tensor, num_words: int) -> torch.Tensor:
-    """MurmurHash3's tail: xor the length in bytes, then the fmix32 avalanche."""
-    h = state ^ (4 * num_words)
+def fmix32(h):
+    """murmur3's fmix32 avalanche on uint32 values (Python ints or int64 tensors holding [0, 2^32)): the one
+    mixing function of both hash uses, the sampler's (via `finalize`) and the slot hash
+    (kernels.common.slot_hash_u32); the Triton kernels' `_fmix32` computes the same bits."""
     h = h ^ (h >> 16)
     h = _mul_u32(h, _FMIX1)
     h = h ^ (h >> 13)
     h = _mul_u32(h, _FMIX2)
     return h ^ (h >> 16)
+
+
+def finalize(state: torch.Tensor, num_words: int) -> torch.Tensor:
+    """MurmurHash3's tail: xor the length in bytes, then the fmix32 avalanche."""
+    return fmix32(state ^ (4 * num_words))
 
 
 def hash_u32(*ints: torch.Tensor | int) -> torch.Tensor:

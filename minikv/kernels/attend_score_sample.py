@@ -120,21 +120,29 @@ def _rank_slot(rank):
 
 
 @triton.jit
-def _merge_top(top, cand, TOP_M: tl.constexpr, M_PAD: tl.constexpr):
-    """The TOP_M largest of `top` [M_PAD] (sorted, -1 padded) and `cand` [n] (composite edge keys, -1 =
-    none), sorted descending. Keys are unique, so each round takes the largest below the previous one."""
+def _merge_top_rows(top, cand, TOP_M: tl.constexpr, M_PAD: tl.constexpr):
+    """Per row, the TOP_M largest of `top` [R, M_PAD] (sorted, -1 padded) and `cand` [R, n] (composite edge
+    keys, see reference.edge_rank_keys; -1 = none), sorted descending: the one top-m merge of the decode and
+    prefill kernels. Keys are unique, so each round takes the largest below the previous one."""
     e = tl.arange(0, M_PAD)
-    merged = tl.full([M_PAD], -1, tl.int64)
-    prev = tl.full([], -1, tl.int64)
+    merged = tl.full(top.shape, -1, tl.int64)
+    prev = tl.full([top.shape[0]], -1, tl.int64)
     for r in tl.static_range(TOP_M):
         if r == 0:
-            best = tl.maximum(tl.max(cand, axis=0), tl.max(top, axis=0))
+            best = tl.maximum(tl.max(cand, axis=1), tl.max(top, axis=1))
         else:
-            best = tl.maximum(tl.max(tl.where(cand < prev, cand, -1), axis=0),
-                              tl.max(tl.where(top < prev, top, -1), axis=0))
-        merged = tl.where(e == r, best, merged)
+            best = tl.maximum(tl.max(tl.where(cand < prev[:, None], cand, -1), axis=1),
+                              tl.max(tl.where(top < prev[:, None], top, -1), axis=1))
+        merged = tl.where(e[None, :] == r, best[:, None], merged)
         prev = best
     return merged
+
+
+@triton.jit
+def _merge_top(top, cand, TOP_M: tl.constexpr, M_PAD: tl.constexpr):
+    """_merge_top_rows for one row: top [M_PAD], cand [n] -> [M_PAD]."""
+    merged = _merge_top_rows(tl.expand_dims(top, 0), tl.expand_dims(cand, 0), TOP_M, M_PAD)
+    return tl.max(merged, axis=0)
 
 
 # ---- RoPE on load ----------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..hashing import fmix32
+
 # How a slot's score S changes when a token attends the ring (docs/design.md, section 3).
 SCORE_NONE = 0  # scores unused (streaming, full, snapkv's decode phase)
 SCORE_ATTN = 1  # S <- decay * S + walk(a): h2o (decay 1), tova (decay 0), nexus (decay 0.99 + walk)
@@ -118,19 +120,10 @@ class EvictionSpec:
 # --- the slot hash -------------------------------------------------------------------------------
 # A-Res needs one uniform u_j per slot, fixed when the token is written. Instead of storing it we derive it
 # from (seed, layer, head, pos) with a counter-based hash: nothing to store, identical in torch and Triton,
-# and reproducible from the seed alone. The mixing constants are murmur3's fmix32 finaliser.
+# and reproducible from the seed alone. The mixing is murmur3's fmix32, shared with the sampler's hash.
 
 _MASK32 = 0xFFFFFFFF
 _MIX_SEED, _MIX_LAYER, _MIX_HEAD, _MIX_POS = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F
-
-
-def _fmix32(x):
-    """murmur3's fmix32 on Python ints or int64 tensors holding uint32 values."""
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _MASK32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _MASK32
-    return x ^ (x >> 16)
 
 
 def hash_seed_layer(seed: int, layer):
@@ -138,7 +131,7 @@ def hash_seed_layer(seed: int, layer):
     int64 tensor of them for a tensor of layer ids (the CPU engine scores every layer in one batch)."""
     if isinstance(layer, torch.Tensor):
         layer = layer.long()
-    return _fmix32(((seed * _MIX_SEED) & _MASK32) ^ ((layer * _MIX_LAYER) & _MASK32))
+    return fmix32(((seed * _MIX_SEED) & _MASK32) ^ ((layer * _MIX_LAYER) & _MASK32))
 
 
 def slot_hash_u32(seed: int, layer, head: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -150,8 +143,8 @@ def slot_hash_u32(seed: int, layer, head: torch.Tensor, pos: torch.Tensor) -> to
     """
     p = torch.as_tensor(pos)
     h = torch.as_tensor(head, device=p.device).to(torch.int64)
-    x = _fmix32(hash_seed_layer(seed, layer) ^ ((h * _MIX_HEAD) & _MASK32))
-    return _fmix32(x ^ ((p.to(torch.int64) * _MIX_POS) & _MASK32))
+    x = fmix32(hash_seed_layer(seed, layer) ^ ((h * _MIX_HEAD) & _MASK32))
+    return fmix32(x ^ ((p.to(torch.int64) * _MIX_POS) & _MASK32))
 
 
 def slot_uniform(seed: int, layer: int, head: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attend_score_sample import _rope_channels, _rotate, precise_trig
+from .attend_score_sample import _merge_top_rows, _rope_channels, _rotate, precise_trig
 from .common import PoolLayer, Rope
 from .reference import PrefillResult
 
@@ -170,17 +170,7 @@ def _prefill_kernel(
                         & (pooled > 0))
             cand = tl.where(eligible, (pooled.to(tl.int32, bitcast=True).to(tl.int64) << 32)
                             - key[None, :].to(tl.int64), -1)
-            merged = tl.full([BLOCK_Q, M_PAD], -1, tl.int64)
-            prev = tl.full([BLOCK_Q], -1, tl.int64)
-            for rank in tl.static_range(TOP_M):
-                if rank == 0:
-                    best = tl.maximum(tl.max(cand, axis=1), tl.max(top, axis=1))
-                else:
-                    best = tl.maximum(tl.max(tl.where(cand < prev[:, None], cand, -1), axis=1),
-                                      tl.max(tl.where(top < prev[:, None], top, -1), axis=1))
-                merged = tl.where(e[None, :] == rank, best[:, None], merged)
-                prev = best
-            top = merged
+            top = _merge_top_rows(top, cand, TOP_M, M_PAD)
     if TOP_M > 0:
         found = top > 0
         idx = tl.where(found, ((-top) & 0xFFFFFFFF).to(tl.int32), -1)

@@ -23,6 +23,7 @@ import torch
 
 from .common import (
     SCORE_ATTN,
+    SCORE_NONE,
     SCORE_EXTERNAL,
     SCORE_KEYDIFF,
     VICTIM_MIN_SCORE,
@@ -333,6 +334,24 @@ def edge_rank_keys(attn: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     return (bits << 32) - torch.arange(attn.shape[-1], device=attn.device)
 
 
+def top_edges(attn: torch.Tensor, eligible: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one top-m edge merge of the reference (decode and prefill): per row of attn [..., n], the m
+    eligible entries with the most attention (ties -> lower index; eligible ones must have attn > 0), as
+    (index [..., m] int32, -1 = none; weight [..., m] fp32 normalised to sum 1)."""
+    lead = attn.shape[:-1]
+    idx = torch.full((*lead, m), -1, dtype=torch.int32, device=attn.device)
+    weights = torch.zeros(*lead, m, dtype=torch.float32, device=attn.device)
+    take = min(m, attn.shape[-1])
+    if take == 0:
+        return idx, weights
+    ranked, order = edge_rank_keys(attn, eligible).topk(take, dim=-1)
+    found = ranked > 0
+    top = torch.where(found, attn.gather(-1, order), 0.0)
+    idx[..., :take] = torch.where(found, order, -1)
+    weights[..., :take] = top / top.sum(-1, keepdim=True).clamp_min(1e-30)
+    return idx, weights
+
+
 def top_m_edges(attn: torch.Tensor, pos: torch.Tensor, spec: EvictionSpec):
     """The query's top-m attended slots, sinks excluded, with weights normalised to sum 1.
 
@@ -340,14 +359,11 @@ def top_m_edges(attn: torch.Tensor, pos: torch.Tensor, spec: EvictionSpec):
     position, -1 = none), edge_w [..., M] fp32. Only slots with attention > 0 qualify (padding lanes have
     exactly 0). Ties go to the lower slot index, so both kernels agree.
     """
-    m, f = spec.top_m, attn.shape[-1]
-    lead = attn.shape[:-1]
-    slots = torch.full((*lead, m), -1, dtype=torch.int32, device=attn.device)
-    targets = torch.full((*lead, m), -1, dtype=torch.int32, device=attn.device)
-    weights = torch.zeros(*lead, m, dtype=torch.float32, device=attn.device)
-    take = min(m, f)
-    if take == 0:
-        return slots, targets, weights
+    slots, weights = top_edges(attn, (pos >= spec.n_sink) & (attn > 0), spec.top_m)
+    if pos.shape[-1] == 0:
+        return slots, slots.clone(), weights
+    targets = torch.where(slots >= 0, pos.gather(-1, slots.clamp(min=0).long()), -1).to(torch.int32)
+    return slots, targets, weights
     keys = edge_rank_keys(attn, (pos >= spec.n_sink) & (attn > 0))
     ranked, order = keys.topk(take, dim=-1)
     found = ranked > 0
@@ -492,12 +508,53 @@ def _prefill_edges(pooled, key_pos, filled, n_sink, top_m):
     itself = torch.zeros(chunk, num_keys, dtype=torch.bool, device=pooled.device)
     itself[rows, filled + rows] = True  # a token's edge to itself carries nothing
     eligible = (key_pos[:, None, :] >= n_sink) & ~itself & (pooled > 0)  # keys a row cannot see: pooled == 0
-    take = min(top_m, num_keys)
-    ranked, order = edge_rank_keys(pooled, eligible).topk(take, dim=-1)
-    found = ranked > 0
-    top = torch.where(found, pooled.gather(-1, order), 0.0)
-    idx = torch.full((chunk, num_kv_heads, top_m), -1, dtype=torch.int32, device=pooled.device)
-    w = torch.zeros(chunk, num_kv_heads, top_m, dtype=torch.float32, device=pooled.device)
-    idx[..., :take] = torch.where(found, order, -1).transpose(0, 1)
-    w[..., :take] = (top / top.sum(-1, keepdim=True).clamp_min(1e-30)).transpose(0, 1)
-    return idx, w
+    idx, w = top_edges(pooled, eligible, top_m)  # [Hkv, C, M]
+    return idx.transpose(0, 1).contiguous(), w.transpose(0, 1).contiguous()
+
+
+class DeferredDecode:
+    """The reference backend's decode for CPU steps: each layer attends its rings (`attend`), and the
+    bookkeeping of every layer (scores, walk, victims, edges, writes) runs once after the forward (`flush`).
+
+    No layer reads another's ring, and the per-op cost of thirty small batches is what makes a CPU step
+    slow, so one batch over all layers does the same work at a fraction of the cost. Only for policies
+    that score from the attention (or not at all) and have no per-layer decode hooks (see `applies`).
+    """
+
+    def __init__(self, spec: EvictionSpec, seed: int):
+        self.spec, self.seed = spec, seed
+        self._index: DecodeIndex | None = None  # the step's decode rings, shared by every layer
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per layer: a(j), k, v
+
+    @staticmethod
+    def applies(spec: EvictionSpec, hooks_overridden: bool) -> bool:
+        return spec.score_mode in (SCORE_ATTN, SCORE_NONE) and not hooks_overridden
+
+    def begin(self) -> None:
+        self._index, self._pending = None, []
+
+    def attend(self, layer: int, q, k, v, pool: PoolLayer, plan, *, scale: float, rope: Rope | None,
+               q_pos: torch.Tensor) -> torch.Tensor:
+        """One layer's decode attention (plan: the step's attention.StepPlan); its bookkeeping waits."""
+        if self._index is None:
+            self._index = decode_index(plan.decode_tables, plan.decode_filled, plan.decode_budget,
+                                       pool.block_size, k.shape[1])
+        out, attn, _ = decode_attend(q, k, v, pool, self._index, scale=scale, rope=rope, q_pos=q_pos)
+        if len(self._pending) != layer:
+            raise RuntimeError("deferred decode layers must run in order, each once per step")
+        self._pending.append((attn, k, v))
+        return out
+
+    def flush(self, pools: PoolLayer, plan, *, num_blocks: int, q_pos: torch.Tensor) -> None:
+        """Every pending layer's bookkeeping in one batch; `pools`: the pool's all-layer view, each layer's
+        `num_blocks` blocks one after another."""
+        if not self._pending:
+            return
+        attn, k_new, v_new = (torch.cat(parts) for parts in zip(*self._pending))  # layer-major rows
+        num_layers, n = len(self._pending), plan.num_decode
+        index = self._index.for_layers(num_layers, num_blocks, k_new.shape[1], pools.block_size)
+        layer = torch.arange(num_layers, device=attn.device).repeat_interleave(n)[:, None, None]
+        ring = None if plan.decode_ring is None else plan.decode_ring.repeat(num_layers)
+        decode_update(pools, index, attn, k_new, v_new, plan.decode_pos.repeat(num_layers), self.spec,
+                      layer=layer, seed=self.seed, q_pos=q_pos.repeat(num_layers), ring=ring)
+        self._pending = []
