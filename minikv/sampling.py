@@ -104,6 +104,7 @@ class SamplingBatch:
     # row's top `top_k_bound` tokens instead of a sort of the whole vocabulary (0: some row needs the sort).
     top_k_bound: int
     max_logprobs: int  # the most top logprobs any row asked for; 0 = none
+    wants_logprobs: bool  # some row asked for logprobs (logprobs=0 included): computed with the tokens
     num_rows: int
     # (row, its logits processors, its output token ids so far) for the rows that have processors
     processors: tuple[tuple[int, tuple, TokenIds], ...] = ()
@@ -158,7 +159,8 @@ def row_flags(params: Sequence[SamplingParams]) -> dict:
                 uses_top_k=any(p.top_k > 0 for p in sampling), uses_top_p=any(p.top_p < 1 for p in sampling),
                 uses_min_p=any(p.min_p > 0 for p in sampling),
                 top_k_bound=max((p.top_k for p in filtering), default=0) if all(p.top_k > 0 for p in filtering) else 0,
-                max_logprobs=max(p.logprobs or 0 for p in params), num_rows=len(params))
+                max_logprobs=max(p.logprobs or 0 for p in params),
+                wants_logprobs=any(p.logprobs is not None for p in params), num_rows=len(params))
 
 
 def forced_tokens(params: Sequence[SamplingParams], steps: Sequence[int]) -> list[int] | None:
@@ -339,8 +341,9 @@ def apply_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 class SamplerOutput:
-    """The sampled tokens of a step, with logprobs of the model's raw distribution computed when first read,
-    so a step whose requests asked for no logprobs never pays for a full-vocabulary logsumexp.
+    """The sampled tokens of a step, with logprobs of the model's raw distribution: computed with the tokens
+    when a row asked for them (so one read of the device brings both back), otherwise only if read, so a
+    step whose requests asked for none never pays for a full-vocabulary logsumexp.
 
     token_ids: [N] int64.
     logprobs: [N] fp32, log_softmax(raw logits) at the chosen token.
@@ -348,10 +351,12 @@ class SamplerOutput:
         most likely first; None when no row asked for any. Rows that asked for fewer ignore the extras.
     """
 
-    def __init__(self, token_ids: torch.Tensor, raw_logits: torch.Tensor, max_logprobs: int):
+    def __init__(self, token_ids: torch.Tensor, raw_logits: torch.Tensor, max_logprobs: int, eager: bool = False):
         self.token_ids = token_ids
         self._raw_logits = raw_logits
         self._num_top = min(max_logprobs, raw_logits.shape[-1])
+        if eager:  # queued now, so that the caller's one read of the tokens finds them done too
+            _ = self.logprobs, self._top
 
     @cached_property
     def logprobs(self) -> torch.Tensor:
@@ -401,7 +406,7 @@ class Sampler:
         raw = logits.float()
         processed = self.process_logits(apply_logits_processors(raw, batch), batch)
         token_ids = apply_forced_tokens(self.sample(processed, batch), batch)
-        return SamplerOutput(token_ids, raw, batch.max_logprobs)
+        return SamplerOutput(token_ids, raw, batch.max_logprobs, eager=batch.wants_logprobs)
 
     @staticmethod
     def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

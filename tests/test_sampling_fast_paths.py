@@ -90,3 +90,11 @@ def test_temperature_one_everywhere_skips_the_division_and_samples_the_same():
     divided = dataclasses.replace(batch, uses_temperature=True)
     assert torch.equal(Sampler()(logits, batch).token_ids, Sampler()(logits, divided).token_ids)
     assert batch_of([SamplingParams(temperature=0.5), SamplingParams(temperature=0.0)]).uses_temperature
+
+
+def test_logprobs_asked_for_are_computed_with_the_tokens():
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(6))
+    out = Sampler()(logits, batch_of([SamplingParams(temperature=0.0, logprobs=0), SamplingParams(temperature=0.0)]))
+    assert "logprobs" in vars(out)  # queued with the tokens: the engine's one read gets both
+    assert torch.allclose(out.logprobs, torch.log_softmax(logits, -1).amax(-1))
+    assert "logprobs" not in vars(Sampler()(logits, batch_of([SamplingParams(temperature=0.0)] * 2)))

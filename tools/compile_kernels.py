@@ -3,8 +3,9 @@
 The interpreter (TRITON_INTERPRET=1) runs kernels as NumPy and never sees what only the compiler checks:
 loop-carried types, constexpr-only control flow, layouts of reshapes and dots, int64 / uint32 promotion.
 This tool runs the real Triton frontend, its MLIR passes and the ptxas bundled with the `triton` wheel
-(no CUDA driver needed) for every policy x dtype x split-K setting of the decode kernel and the prefill
-kernel's variants, and fails on the first variant that does not compile. Nothing is launched.
+(no CUDA driver needed) for every policy x dtype x split-K setting of the decode kernel, the prefill
+kernel's variants and the sampler's fused draw, and fails on the first variant that does not compile.
+Nothing is launched.
 
 It replaces Triton's active driver with a stub that only names a target, and makes every kernel launch a
 compile-only warm-up (JITFunction.run with warmup=True): both are Triton internals, checked with Triton
@@ -124,6 +125,11 @@ def main() -> int:
                                                  block_q=max(1, 64 // triton.next_power_of_2(group)), block_k=64,
                                                  rope=rope, rope_pos=torch.arange(100, 200, dtype=torch.int32))
     print(f"prefill compiled ({time.time() - start:.0f} s)")
+    sampling = importlib.import_module("minikv.kernels.sampling")
+    for dtype in (torch.float32, torch.bfloat16):  # the engine samples fp32 logits; the kernel takes any float
+        seeds = torch.zeros(2, dtype=torch.int64)
+        sampling.gumbel_argmax_triton(torch.zeros(2, 49152, dtype=dtype), seeds, seeds, block=4096)
+    print(f"sampling compiled ({time.time() - start:.0f} s)")
     print(f"{len(compiled)} launches compiled for sm_{args.arch} with Triton {triton.__version__}: "
           f"{', '.join(sorted(set(compiled)))}")
     return 0
