@@ -175,9 +175,9 @@ class ArchiveStore:
                 pos = plan.decode_pos[row: row + 1]
                 filled, budget = int(plan.decode_filled[row]), int(plan.decode_budget[row])
                 if filled == budget:
-                    archive.recalled += recall(archive, layer, q[row: row + 1], pos, pool, table, filled,
+                    self._count(archive, recall(archive, layer, q[row: row + 1], pos, pool, table, filled,
                                                attention._rope, attention.scale, attention.policy.n_sink,
-                                               attention.policy.window, spec.hold, self.recall_blocks)
+                                               attention.policy.window, spec.hold, self.recall_blocks))
         for i, archive in step.prefills:
             seg = plan.prefills[i]
             if seg.filled == seg.ring_size and seg.filled:
@@ -185,16 +185,19 @@ class ArchiveStore:
                 start = seg.start + seg.length - rows
                 pos = torch.arange(seg.first_pos + seg.length - rows, seg.first_pos + seg.length,
                                    dtype=torch.int32, device=q.device)
-                archive.recalled += recall(archive, layer, q[start: start + rows], pos, pool, seg.table, seg.filled,
+                self._count(archive, recall(archive, layer, q[start: start + rows], pos, pool, seg.table, seg.filled,
                                            attention._rope, attention.scale, attention.policy.n_sink,
-                                           attention.policy.window, spec.hold, self.recall_blocks)
+                                           attention.policy.window, spec.hold, self.recall_blocks))
         for p in self._pending:
             p.k.append(k[p.rows])
             p.v.append(v[p.rows])
 
+    def _count(self, archive: Archive, swapped: int) -> None:
+        archive.recalled += swapped
+        self.recalled_total += swapped
+
     def end_step(self, rope: Rope | None) -> None:
         """Append the step's staged tokens to their archives (one host copy each), then hold the memory bound."""
-        before = sum(a.recalled for a in self.archives)
         for p in self._pending:
             if p.archive.closed or len(p.k) != self.shape[0]:
                 continue
@@ -208,7 +211,6 @@ class ArchiveStore:
         while self.memory is not None and self.bytes_used > self.memory and self.archives:
             largest = max(self.archives, key=lambda a: a.size)
             largest.drop_oldest(min(BLOCK, largest.size))
-        self.recalled_total += sum(a.recalled for a in self.archives) - before
 
 
 def archive_step_of(sched, plan, store: ArchiveStore | None) -> ArchiveStep | None:
