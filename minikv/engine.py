@@ -82,6 +82,7 @@ class EngineStats:
     finished: dict[str, int]
     peak_running: int
     peak_kv_blocks_used: int
+    recalled_tokens: int = 0  # ring slots the archives' recall overwrote (summed over layers and KV heads)
 
     @property
     def kv_usage(self) -> float:
@@ -450,6 +451,7 @@ class Engine:
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                            kv_blocks_used=self.pool.num_used, kv_blocks_total=self.pool.num_blocks,
                            peak_kv_blocks_used=self.pool.peak_used,
+                           recalled_tokens=self.archive.recalled_total if self.archive is not None else 0,
                            finished=dict(self._finished_by_reason), **self._counters)
 
     # --- the loop --------------------------------------------------------------------------------

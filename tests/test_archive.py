@@ -175,3 +175,16 @@ def test_bad_archive_settings(loaded):
         engine(loaded).add_request([1, 5, 6], SamplingParams(archive_budget=10, positions="ring"))
     with pytest.raises(InvalidRequestError, match="full"):
         Engine(loaded, policy="full", max_model_len=64).add_request([1, 5], SamplingParams(archive_budget=10, max_tokens=4))
+
+
+def test_recalled_tokens_reach_stats_and_metrics(loaded):
+    from minikv.server.metrics import _EngineStatsCollector
+    from minikv.server.protocol import CompletionRequest
+
+    e = engine(loaded)
+    body = CompletionRequest(model="m", prompt="x", archive_budget=500)
+    assert body.sampling_params(max_tokens=20, logprobs=None, stream=False).archive_budget == 500
+    out = e.generate([prompt(random.Random(5), 120)], params(500, max_tokens=20), use_tqdm=False)[0]
+    assert e.stats().recalled_tokens == out.metrics.num_recalled_tokens > 0
+    families = {f.name: f for f in _EngineStatsCollector(e.stats, "m", "nexus").collect()}
+    assert families["minikv:recalled_tokens"].samples[0].value == out.metrics.num_recalled_tokens

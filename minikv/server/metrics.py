@@ -128,6 +128,8 @@ class _EngineStatsCollector(Collector):
         yield counter("prompt_tokens", "Prompt tokens processed.", s.prompt_tokens)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens)
         yield counter("engine_steps", "Engine steps (forward passes) run.", s.num_steps)
+        yield counter("recalled_tokens", "Ring slots the KV archives' recall overwrote (summed over layers and KV "
+                      "heads).", s.recalled_tokens)
         evicted = CounterMetricFamily(PREFIX + "evicted_tokens", "Tokens evicted from finished requests' KV "
                                       "(per layer and KV head), by eviction policy.", labels=["model_name", "policy"])
         evicted.add_metric([self._model, self._policy], s.evicted_tokens)
