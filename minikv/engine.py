@@ -122,6 +122,7 @@ class Engine:
         distributed_timeout: float = 300.0,
         archive_memory: int | float | str | None = None,
         recall_interval: int = 16,
+        archive_budget: int = 0,
     ):
         """`budget` is the most KV slots per layer and KV head one request may hold (a request can ask for
         fewer with SamplingParams.kv_budget; under `full` a request holds prompt + max_tokens). `kv_memory`
@@ -140,7 +141,8 @@ class Engine:
 
         `archive_memory` bounds the host memory of every request's KV archive together (bytes or a size like
         "2GiB"; None: 4x the KV pool's bytes); a request keeps one when it asks (SamplingParams.archive_budget)
-        and recalls from it at every prefill chunk and every `recall_interval` decode steps (minikv.archive)."""
+        and recalls from it at every prefill chunk and every `recall_interval` decode steps (minikv.archive);
+        `archive_budget` is the archive of requests that do not say (0: none)."""
         check_engine_settings(budget=budget, chunk=chunk, n_sink=n_sink, window=window, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed,
                               policy_options=policy_options)
@@ -150,6 +152,9 @@ class Engine:
         self.positions = self._check_positions(positions)
         if isinstance(recall_interval, bool) or not isinstance(recall_interval, int) or recall_interval < 1:
             raise ConfigError(f"recall_interval must be a positive number of decode steps, got {recall_interval!r}")
+        if isinstance(archive_budget, bool) or not isinstance(archive_budget, int) or archive_budget < 0:
+            raise ConfigError(f"archive_budget must be a number of tokens >= 0 (0 = no archive), got {archive_budget!r}")
+        self.archive_budget = archive_budget
         self._archive_settings = (None if archive_memory is None else read_kv_memory(archive_memory), recall_interval)
         if isinstance(self._archive_settings[0], float):
             raise ConfigError(f"archive_memory must be a size in bytes (e.g. '2GiB'), got {archive_memory!r}")
@@ -218,6 +223,10 @@ class Engine:
                             recall_interval=interval, pin=self.device.type == "cuda")
 
     def _check_archive(self, params: SamplingParams, positions: str) -> None:
+        if params.archive_budget is None:
+            # the engine's default archive is for the requests that can keep one
+            usable = self.archive is not None and positions == "original"
+            params.archive_budget = self.archive_budget if usable else 0
         if not params.archive_budget:
             return
         why = ("policy 'full' never evicts" if not self.policy.evicts else

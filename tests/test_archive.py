@@ -188,3 +188,14 @@ def test_recalled_tokens_reach_stats_and_metrics(loaded):
     assert e.stats().recalled_tokens == out.metrics.num_recalled_tokens > 0
     families = {f.name: f for f in _EngineStatsCollector(e.stats, "m", "nexus").collect()}
     assert families["minikv:recalled_tokens"].samples[0].value == out.metrics.num_recalled_tokens
+
+
+def test_engine_default_archive_budget(loaded):
+    e = engine(loaded, archive_budget=300)
+    plain = e.add_request([1, 5, 6], SamplingParams(max_tokens=2))
+    ring = e.add_request([1, 5, 6], SamplingParams(max_tokens=2, positions="ring"))
+    own = e.add_request([1, 5, 6], SamplingParams(max_tokens=2, archive_budget=0))
+    assert e._requests[plain].archive.budget == 300
+    assert e._requests[ring].archive is None and e._requests[own].archive is None  # ring cannot, own said no
+    with pytest.raises(ConfigError, match="archive_budget"):
+        engine(loaded, archive_budget=-5)
