@@ -268,8 +268,7 @@ def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, p
         protected |= pool.rows("held")[rows] != 0
     kmin = torch.stack([b.kmin[layer] for b in blocks]).to(device)  # [B, H, D]
     kmax = torch.stack([b.kmax[layer] for b in blocks]).to(device)
-    bound = torch.maximum(qh[:, None] * kmin.transpose(0, 1)[:, :, None],
-                          qh[:, None] * kmax.transpose(0, 1)[:, :, None]).sum(-1).amax(-1)  # [H, B]
+    bound = block_bounds(qh, kmin.transpose(0, 1), kmax.transpose(0, 1))  # [H, B]
     take = bound.shape[1] if recall_blocks is None else min(recall_blocks, bound.shape[1])
     best = bound.topk(take, dim=1).indices.tolist()
     swapped = 0
@@ -302,6 +301,17 @@ def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, p
                pool.rows("score")[rows, h].max())
         swapped += out_slots.numel()
     return swapped
+
+
+def block_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """The Quest bound of every block (kernels.archive_score): Triton where the kernels run Triton."""
+    from . import kernels
+
+    if kernels.kernel_backend(q.device) == "triton":
+        from .kernels.archive_score import block_bound_triton
+
+        return block_bound_triton(q, kmin, kmax)
+    return torch.maximum(q[:, None] * kmin[:, :, None], q[:, None] * kmax[:, :, None]).sum(-1).amax(-1)
 
 
 def _write(pool: PoolLayer, rows: torch.Tensor, h: int, k, v, pos, score) -> None:

@@ -199,3 +199,16 @@ def test_engine_default_archive_budget(loaded):
     assert e._requests[ring].archive is None and e._requests[own].archive is None  # ring cannot, own said no
     with pytest.raises(ConfigError, match="archive_budget"):
         engine(loaded, archive_budget=-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 5), (3, 37, 64, 9), (1, 16, 24, 1)])
+def test_block_bound_triton_matches_reference(shape):
+    from minikv.kernels.archive_score import block_bound_reference, block_bound_triton
+
+    heads, queries, dim, blocks = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    q = torch.randn(heads, queries, dim, generator=gen)
+    a, b = torch.randn(2, heads, blocks, dim, generator=gen)
+    kmin, kmax = torch.minimum(a, b), torch.maximum(a, b)
+    torch.testing.assert_close(block_bound_triton(q, kmin, kmax), block_bound_reference(q, kmin, kmax),
+                               rtol=1e-5, atol=1e-5)
