@@ -221,7 +221,8 @@ def archive_step_of(sched, plan, store: ArchiveStore | None) -> ArchiveStep | No
     for row, req in enumerate(sched.decodes):
         archive = getattr(req, "archive", None)
         if archive is not None:
-            step.decodes.append((row, archive, (archive.decode_steps + 1) % store.recall_interval == 0))
+            # the first decode step recalls too: the answer's first query is the one a prompt's question leads to
+            step.decodes.append((row, archive, archive.decode_steps % store.recall_interval == 0))
     for i, chunk in enumerate(sched.prefills):
         archive = getattr(chunk.req, "archive", None)
         if archive is not None:
