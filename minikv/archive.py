@@ -4,8 +4,8 @@ A ring forgets for ever: what it evicts is what a question arriving later may ne
 token's K/V also goes to host memory (write-through: each step's k / v activations, before RoPE, are appended
 when the step ends), so the tokens a ring has evicted are exactly "archive minus ring" in each (layer, KV head),
 without the decode kernel or the keep step reporting their victims. Recall runs at the start of a layer's
-attention, at every prefill chunk and every `recall_interval` decode steps of a request: the current queries
-(the chunk's last rows, or the decode token) score the archive's blocks by an upper bound of q.k from
+attention, at the prompt's last chunk (where a question ends) and every `recall_interval` decode steps of a
+request: the current queries (the chunk's last rows, or the decode token) score the archive's blocks by an upper bound of q.k from
 per-channel key min/max (Quest, ArkVale), the tokens of the best blocks exactly, and archive tokens whose logit
 beats the ring's weakest unprotected slots (not sinks, window or held marks) overwrite those slots in place,
 keeping their text positions. The slots they replace stay in the archive (write-through), so nothing is lost
@@ -180,7 +180,7 @@ class ArchiveStore:
                                                attention.policy.window, spec.hold, self.recall_blocks))
         for i, archive in step.prefills:
             seg = plan.prefills[i]
-            if seg.filled == seg.ring_size and seg.filled:
+            if seg.ends_prompt and seg.filled == seg.ring_size and seg.filled:
                 rows = min(RECALL_ROWS, seg.length)
                 start = seg.start + seg.length - rows
                 pos = torch.arange(seg.first_pos + seg.length - rows, seg.first_pos + seg.length,

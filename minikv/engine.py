@@ -141,7 +141,7 @@ class Engine:
 
         `archive_memory` bounds the host memory of every request's KV archive together (bytes or a size like
         "2GiB"; None: 4x the KV pool's bytes); a request keeps one when it asks (SamplingParams.archive_budget)
-        and recalls from it at every prefill chunk and every `recall_interval` decode steps (minikv.archive);
+        and recalls from it at the prompt's last chunk and every `recall_interval` decode steps (minikv.archive);
         `archive_budget` is the archive of requests that do not say (0: none)."""
         check_engine_settings(budget=budget, chunk=chunk, n_sink=n_sink, window=window, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed,
