@@ -46,7 +46,7 @@ class _Block:
     def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, pin: bool):
         layers, heads, dim = shape
         self.k = torch.empty(layers, heads, BLOCK, dim, dtype=dtype, pin_memory=pin)
-        self.v = torch.empty_like(self.k, pin_memory=pin)
+        self.v = torch.empty(self.k.shape, dtype=dtype, pin_memory=pin)
         self.pos = torch.empty(BLOCK, dtype=torch.int32)
         self.kmin = torch.full((layers, heads, dim), float("inf"))
         self.kmax = torch.full((layers, heads, dim), float("-inf"))
