@@ -5,8 +5,8 @@ token's K/V also goes to host memory (write-through: each step's k / v activatio
 when the step ends), so the tokens a ring has evicted are exactly "archive minus ring" in each (layer, KV head),
 without the decode kernel or the keep step reporting their victims. Recall runs at the start of a layer's
 attention, at the prompt's last chunk (where a question ends) and every `recall_interval` decode steps of a
-request: the current queries (the chunk's last rows, or the decode token) score the archive's blocks by an upper bound of q.k from
-per-channel key min/max (Quest, ArkVale), the tokens of the best blocks exactly, and archive tokens whose logit
+request: the current queries (the chunk's last rows, or the decode token) score the archive's blocks by an
+upper bound of q.k from per-channel key min/max (Quest, ArkVale), the tokens of the best blocks exactly, and archive tokens whose logit
 beats the ring's weakest unprotected slots (not sinks, window or held marks) overwrite those slots in place,
 keeping their text positions. The slots they replace stay in the archive (write-through), so nothing is lost
 while the archive holds it.

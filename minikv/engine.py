@@ -153,7 +153,8 @@ class Engine:
         if isinstance(recall_interval, bool) or not isinstance(recall_interval, int) or recall_interval < 1:
             raise ConfigError(f"recall_interval must be a positive number of decode steps, got {recall_interval!r}")
         if isinstance(archive_budget, bool) or not isinstance(archive_budget, int) or archive_budget < 0:
-            raise ConfigError(f"archive_budget must be a number of tokens >= 0 (0 = no archive), got {archive_budget!r}")
+            raise ConfigError(f"archive_budget must be a number of tokens >= 0 (0 = no archive), "
+                              f"got {archive_budget!r}")
         self.archive_budget = archive_budget
         self._archive_settings = (None if archive_memory is None else read_kv_memory(archive_memory), recall_interval)
         if isinstance(self._archive_settings[0], float):

@@ -389,7 +389,8 @@ def load_results(path: Path, settings: EvalSettings) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read results file {path} ({err}); move it away or pass another --output") from None
     stored = data.get("settings", {})
-    defaults = {"tensor_parallel_size": 1, "archive": 0.0, "recall_interval": 16}  # files written before the field existed ran at 1
+    # files written before these fields existed ran with these values
+    defaults = {"tensor_parallel_size": 1, "archive": 0.0, "recall_interval": 16}
     differing = sorted(k for k, v in asdict(settings).items() if stored.get(k, defaults.get(k)) != v)
     if differing:
         raise ConfigError(f"{path} holds results of a run with other settings ({', '.join(differing)}); "
