@@ -68,6 +68,7 @@ class RingAttention:
         self._rope: kernels.Rope | None = None  # made from the first inv_freq the model passes
         # Most KV slots one request has held at once (ring + the chunk in flight): the memory bound.
         self.peak_slots_per_seq = 0
+        self.archive = None  # minikv.archive.ArchiveStore: write-through KV archive and recall (None: off)
         policy.bind(pool, num_slots=num_slots, max_budget=max_budget)
 
     def begin_step(self, plan: StepPlan) -> None:
@@ -86,6 +87,8 @@ class RingAttention:
         score from the whole forward (epikv) fix their scores."""
         self._deferred.flush(self.pool.all_layers(), self.plan, num_blocks=self.pool.num_blocks + 1,
                              q_pos=self._decode_rope_pos())
+        if self.archive is not None:
+            self.archive.end_step(self._rope)
         self.policy.end_step(self.pool, self.plan, hidden_states)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -94,6 +97,8 @@ class RingAttention:
         with the model's frequencies `inv_freq` [D/2] (None: q and k are used as they are)."""
         plan, pool = self.plan, self.pool.layer(layer)
         self._set_rope(inv_freq)
+        if self.archive is not None:  # recall into the rings due, stage the step's K/V for the archive
+            self.archive.on_layer(layer, q, k, v, plan, self)
         out = torch.empty_like(q)
         nd = plan.num_decode
         if nd and self._defers(q):

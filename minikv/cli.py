@@ -86,6 +86,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
                         "the ring, so an evicting policy runs past the trained context and --max-model-len does "
                         "not bound its requests). Default: %s for evicting policies; 'full' always uses "
                         "'original'" % _default_positions())
+    g.add_argument("--archive-memory", type=_kv_memory_arg, default=None, metavar="SIZE",
+                   help="host memory of all requests' KV archives together (requests opt in with archive_budget; "
+                        "default: 4x the KV pool)")
+    g.add_argument("--archive-budget", type=int, default=None, metavar="TOKENS",
+                   help="KV archive of requests that do not set archive_budget: their last TOKENS tokens' K/V kept "
+                        "in host memory, evicted ones recalled when a query needs them (default 0: off)")
+    g.add_argument("--recall-interval", type=positive_int, default=16,
+                   help="decode steps between recalls from a request's KV archive (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling and eviction (default %(default)s)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="weights and KV dtype (default float32 on CPU, bfloat16 on CUDA)")
@@ -111,6 +119,9 @@ def engine_options(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 seed=args.seed, enforce_eager=args.enforce_eager, kv_memory=args.kv_memory,
                 tensor_parallel_size=args.tensor_parallel_size,
+                **({"archive_memory": args.archive_memory} if getattr(args, "archive_memory", None) else {}),
+                **({"archive_budget": args.archive_budget} if getattr(args, "archive_budget", None) else {}),
+                **({"recall_interval": args.recall_interval} if getattr(args, "recall_interval", None) else {}),
                 **({"block_size": args.block_size} if args.block_size else {}),
                 **({"positions": args.positions} if getattr(args, "positions", None) else {}))
 

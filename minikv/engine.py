@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from .attention import RingAttention
-from .block_pool import KVPool, bytes_per_block, check_ring_settings, parse_kv_memory
+from .archive import ArchiveStore
+from .block_pool import KVPool, bytes_per_block, check_ring_settings, parse_kv_memory, read_kv_memory
 from .config import check_engine_settings
 from .distributed import DistributedError, check_tensor_parallel_size, kv_config, ring_positions, start
 from .errors import ConfigError, InvalidRequestError, SessionFileError
@@ -99,6 +100,7 @@ class EngineStats:
     session_misses: int = 0
     session_reused_tokens: int = 0
     sessions_released_by_pressure: int = 0
+    recalled_tokens: int = 0  # ring slots the archives' recall overwrote (summed over layers and KV heads)
 
     @property
     def kv_usage(self) -> float:
@@ -139,6 +141,9 @@ class Engine:
         max_sessions: int = 1024,
         max_parked_sessions: int = 64,
         max_parked_kv_memory: int | str | None = None,
+        archive_memory: int | float | str | None = None,
+        recall_interval: int = 16,
+        archive_budget: int = 0,
     ):
         """`budget` is the most KV slots per layer and KV head one request may hold (a request can ask for
         fewer with SamplingParams.kv_budget; under `full` a request holds prompt + max_tokens). `kv_memory`
@@ -155,7 +160,12 @@ class Engine:
         processes; minikv.distributed): this process is rank 0 and starts the others (under torchrun it
         joins them instead). `kv_memory` is then per rank, each rank holding its 1/N of the KV heads.
         `distributed_timeout` (seconds) bounds every collective of a step: a rank that dies fails the
-        requests in flight within it, and the engine stops (call `close()` to end the ranks otherwise)."""
+        requests in flight within it, and the engine stops (call `close()` to end the ranks otherwise).
+
+        `archive_memory` bounds the host memory of every request's KV archive together (bytes or a size like
+        "2GiB"; None: 4x the KV pool's bytes); a request keeps one when it asks (SamplingParams.archive_budget)
+        and recalls from it at the prompt's last chunk and every `recall_interval` decode steps (minikv.archive);
+        `archive_budget` is the archive of requests that do not say (0: none)."""
         check_engine_settings(budget=budget, chunk=chunk, n_sink=n_sink, window=window, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed,
                               policy_options=policy_options)
@@ -163,6 +173,15 @@ class Engine:
             raise ConfigError(f"block_size must be a positive number of KV slots, got {block_size!r}")
         self.policy = make_policy(policy, n_sink=n_sink, window=window, **(policy_options or {}))
         self.positions = self._check_positions(positions)
+        if isinstance(recall_interval, bool) or not isinstance(recall_interval, int) or recall_interval < 1:
+            raise ConfigError(f"recall_interval must be a positive number of decode steps, got {recall_interval!r}")
+        if isinstance(archive_budget, bool) or not isinstance(archive_budget, int) or archive_budget < 0:
+            raise ConfigError(f"archive_budget must be a number of tokens >= 0 (0 = no archive), "
+                              f"got {archive_budget!r}")
+        self.archive_budget = archive_budget
+        self._archive_settings = (None if archive_memory is None else read_kv_memory(archive_memory), recall_interval)
+        if isinstance(self._archive_settings[0], float):
+            raise ConfigError(f"archive_memory must be a size in bytes (e.g. '2GiB'), got {archive_memory!r}")
         self.workers, self._dead = None, None  # tensor parallelism: the other ranks; why they were lost
         check_tensor_parallel_size(tensor_parallel_size)
         if tensor_parallel_size == 1:
@@ -207,6 +226,8 @@ class Engine:
                                scale=self.config.head_dim**-0.5)
         self.attention = RingAttention(self.pool, self.policy, scale=self.config.head_dim**-0.5, seed=seed,
                                        num_slots=max_num_seqs + int(use_graphs), max_budget=self.budget)
+        self.archive = self._make_archive()
+        self.attention.archive = self.archive
         self.runner = ModelRunner(self.model, self.attention, self.batch, self.device, use_cuda_graphs=use_graphs,
                                   workers=self.workers)
         self.sampler = Sampler()
@@ -218,6 +239,30 @@ class Engine:
         self._seeds = itertools.count()
         self._counters = dict(num_steps=0, prompt_tokens=0, generation_tokens=0, evicted_tokens=0, peak_running=0)
         self._finished_by_reason: dict[str, int] = {}
+
+    def _make_archive(self) -> ArchiveStore | None:
+        """The requests' KV archives (host memory; pinned on CUDA): single-rank evicting engines only."""
+        if not self.policy.evicts or self.workers is not None:
+            return None
+        memory, interval = self._archive_settings
+        return ArchiveStore(num_layers=self.config.num_layers, num_kv_heads=self.config.num_kv_heads,
+                            head_dim=self.config.head_dim, dtype=self.pool.k.dtype,
+                            memory=4 * self.pool.total_bytes if memory is None else memory,
+                            recall_interval=interval, pin=self.device.type == "cuda")
+
+    def _check_archive(self, params: SamplingParams, positions: str) -> None:
+        if params.archive_budget is None:
+            # the engine's default archive is for the requests that can keep one
+            usable = self.archive is not None and positions == "original"
+            params.archive_budget = self.archive_budget if usable else 0
+        if not params.archive_budget:
+            return
+        why = ("policy 'full' never evicts" if not self.policy.evicts else
+               "tensor parallelism keeps no archive" if self.archive is None else
+               "positions='ring' gives recalled tokens no rank" if positions == "ring" else None)
+        if why:
+            raise InvalidRequestError(f"archive_budget={params.archive_budget} asks for a KV archive, but {why}: "
+                                      "leave archive_budget at 0")
 
     def _max_model_len(self, requested: int | None) -> int:
         """The longest request (prompt + max_tokens): as asked, else the model's trained context. Under `full`
@@ -326,6 +371,7 @@ class Engine:
         seed = params.seed if params.seed is not None else int(hash_u32(self.seed & 0xFFFFFFFF, next(self._seeds)))
         eos = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
         budget = self._request_budget(params, len(prompt_ids), session)
+        self._check_archive(params, positions)
         ring_size = min(budget, len(prompt_ids) + params.max_tokens)
         blocks = self.pool.blocks_for(ring_size)
         if blocks > self.pool.num_blocks:
@@ -341,6 +387,8 @@ class Engine:
         if session_id is not None:
             req.session = self.sessions.begin(session_id, request_id, budget if self.policy.evicts else None)
             req.session.positions = positions
+        if params.archive_budget:
+            req.archive = self.archive.open(params.archive_budget)
         self._requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -552,6 +600,7 @@ class Engine:
                            kv_blocks_used=self.pool.num_used - sessions.parked_blocks,
                            kv_blocks_total=self.pool.num_blocks,
                            peak_kv_blocks_used=self.pool.peak_used,
+                           recalled_tokens=self.archive.recalled_total if self.archive is not None else 0,
                            finished=dict(self._finished_by_reason), **self._counters,
                            num_sessions=len(sessions.sessions), num_parked_sessions=sessions.num_parked,
                            parked_kv_blocks=sessions.parked_blocks, session_hits=sessions.counters.hits,
@@ -667,6 +716,8 @@ class Engine:
     def _forget_finished(self, req: Request) -> None:
         del self._requests[req.request_id]
         self._sinks.pop(req.request_id, None)
+        if req.archive is not None:  # its host memory is free for the others
+            req.archive.close()
         req.metrics.finished_time = time.monotonic()
         self._counters["evicted_tokens"] += req.num_evicted_tokens
         reason = req.finish_reason or "abort"

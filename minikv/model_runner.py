@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import PrefillSegment, RingAttention, StepPlan
+from .archive import archive_step_of
 from .input_batch import InputBatch, host_to_device
 from .request import Request, position_logprobs
 from .scheduler import SchedulerOutput
@@ -48,8 +49,9 @@ class ModelRunner:
         inputs = StepInputs.stage(sched, self.device)
         plan = self._plan(sched, inputs.decode_slots)
         self.attention.begin_step(plan)
+        archive_step = archive_step_of(sched, plan, self.attention.archive)
         layer_inputs = [] if self.attention.policy.needs_hidden_states else None
-        if self.graphs is not None and not plan.prefills:
+        if self.graphs is not None and not plan.prefills and archive_step is None:
             hidden = self.graphs.replay(inputs.decode_slots)
         else:
             input_ids = torch.cat([self.batch.token[inputs.decode_slots], inputs.chunk_ids])

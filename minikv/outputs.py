@@ -55,6 +55,8 @@ class RequestMetrics:
     num_evicted_tokens: tokens no longer in the request's ring (the same count in every layer and KV head).
     num_kv_blocks: pool blocks the request holds now (0 once it has finished).
     kv_budget: the most KV slots per layer and KV head its ring may hold.
+    num_recalled_tokens: ring slots its archive's recall overwrote so far, summed over layers and KV heads
+        (0 without an archive; SamplingParams.archive_budget).
     """
 
     arrival_time: float
@@ -66,6 +68,7 @@ class RequestMetrics:
     num_evicted_tokens: int = 0
     num_kv_blocks: int = 0
     kv_budget: int = 0
+    num_recalled_tokens: int = 0
 
 
 @dataclass

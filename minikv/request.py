@@ -32,6 +32,7 @@ class Request:
         # ... and will ever hold: a ring never needs more than prompt + max_tokens slots.
         self.ring_size = ring_size if ring_size is not None else kv_budget
         self.positions = "original"  # RoPE positions of its ring, "original" or "ring" (set by the engine)
+        self.archive = None  # its minikv.archive.Archive when it keeps one (set by the engine)
         self.num_blocks_needed = num_blocks_needed  # what admission reserves in the block pool
         self.blocks: list[int] = []  # the pool blocks of its ring, in ring order (its block table)
         self.status = RequestStatus.WAITING
@@ -155,6 +156,7 @@ class Request:
         self.metrics.num_generated_tokens = len(self.output_ids)
         self.metrics.num_evicted_tokens = self.num_evicted_tokens
         self.metrics.num_kv_blocks = len(self.blocks)
+        self.metrics.num_recalled_tokens = self.archive.recalled if self.archive is not None else 0
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt_text, prompt_token_ids=self.prompt_ids,
             outputs=[completion], finished=self.is_finished, metrics=self.metrics,

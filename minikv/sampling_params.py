@@ -65,6 +65,9 @@ class SamplingParams:
         each token's position in the text. "ring": the ring's kept tokens take consecutive positions in
         their order and the query the next one, so no distance exceeds the ring, and a request may run
         past max_model_len (the ring's memory is the bound). Only an evicting policy takes "ring".
+    archive_budget: minikv's own: keep the request's last this-many tokens' K/V in a host-memory archive and
+        recall from it the evicted tokens its queries need (minikv.archive); 0 = off, None = the engine's
+        (Engine archive_budget, default 0). Needs an evicting policy, one rank and positions "original".
     logits_processors: functions `fn(output_token_ids: list[int], logits: Tensor[vocab]) -> Tensor[vocab]`
         applied in order to this request's fp32 logits at every step, before penalties, temperature and the
         filters (vLLM's per-request logits processors). They see the raw logits, so they can record the
@@ -101,6 +104,7 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     kv_budget: int | None = None
     positions: str | None = None
+    archive_budget: int | None = None
     logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] | None = None
     forced_token_ids: list[int] | None = None
 
@@ -160,6 +164,11 @@ class SamplingParams:
             self.kv_budget = int(self.kv_budget)
         if self.positions is not None and self.positions not in ("original", "ring"):
             _bad("positions", self.positions, "must be 'original', 'ring', or None for the engine's")
+        if self.archive_budget is not None:
+            _require_int("archive_budget", self.archive_budget)
+            if self.archive_budget < 0:
+                _bad("archive_budget", self.archive_budget, "must be a number of tokens >= 0 (0 = no archive)")
+            self.archive_budget = int(self.archive_budget)
         if self.seed is not None:
             _require_int("seed", self.seed)
             self.seed = int(self.seed)

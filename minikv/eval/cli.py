@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from minikv.cli import add_engine_arguments
 
     add_engine_arguments(parser, max_num_seqs=4)
-    _drop_options(parser, ("--budget", "--policy", "--max-num-batched-tokens", "--enforce-eager"))
+    _drop_options(parser, ("--budget", "--policy", "--max-num-batched-tokens", "--enforce-eager", "--archive-budget",
+                           "--archive-memory"))
     e = parser.add_argument_group("evaluation")
     e.add_argument("--policies", default=DEFAULT_POLICIES, metavar="LIST",
                    help="comma-separated policies; options after a colon make a variant, e.g. nexus:gamma=0.5 "
@@ -54,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="decode-phase tasks: tokens forced through decode one step each before the question or "
                         "as decode_fidelity's reference continuation; all samples of a config run in one batch, "
                         "whatever --max-num-seqs (default %(default)s)")
+    e.add_argument("--archive", type=float, default=0.0, metavar="X",
+                   help="evicting configs keep a KV archive of X times their budget, recalled by the queries "
+                        "(minikv.archive; --recall-interval sets how often while decoding) (default 0: off)")
     e.add_argument("--haystack", choices=["prose", "repeated"], default="prose",
                    help="filler text around the needles (default %(default)s)")
     e.add_argument("--no-perplexity", action="store_true",
@@ -94,7 +98,8 @@ def settings_from_args(args: argparse.Namespace) -> runner.EvalSettings:
         chunk=args.chunk, n_sink=args.n_sink, window=args.window, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
         max_model_len=args.max_model_len, positions=args.positions,
         decode_prompt=args.decode_prompt if decode_run else None,
-        decode_gen=args.decode_gen if decode_run else None, tensor_parallel_size=args.tensor_parallel_size)
+        decode_gen=args.decode_gen if decode_run else None, tensor_parallel_size=args.tensor_parallel_size,
+        archive=args.archive, recall_interval=args.recall_interval)
     settings.check()
     return settings
 

@@ -160,6 +160,8 @@ class EvalSettings:
     decode_prompt: int | None = None  # --decode-prompt: tokens prefilled
     decode_gen: int | None = None  # --decode-gen: tokens forced through decode
     tensor_parallel_size: int = 1  # --tensor-parallel-size: the same numbers up to float rounding
+    archive: float = 0.0  # --archive: evicting configs keep a KV archive of this many times their budget
+    recall_interval: int = 16  # --recall-interval: decode steps between recalls from the archive
 
     @property
     def is_decode(self) -> bool:
@@ -276,7 +278,9 @@ def _engine(loaded, settings: EvalSettings, config: RunConfig, work: Workload):
                   n_sink=settings.n_sink, window=settings.window, max_num_seqs=max_num_seqs,
                   max_model_len=max_model_len, seed=settings.seed, policy_options=dict(config.policy.options),
                   positions=None if config.policy.name == "full" else settings.positions,
-                  tensor_parallel_size=settings.tensor_parallel_size)
+                  tensor_parallel_size=settings.tensor_parallel_size,
+                  archive_budget=0 if config.policy.name == "full" else round(settings.archive * config.budget),
+                  recall_interval=settings.recall_interval)
 
 
 def run_config(loaded, settings: EvalSettings, config: RunConfig, work: Workload,
@@ -385,7 +389,8 @@ def load_results(path: Path, settings: EvalSettings) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read results file {path} ({err}); move it away or pass another --output") from None
     stored = data.get("settings", {})
-    defaults = {"tensor_parallel_size": 1}  # files written before the field existed ran at 1
+    # files written before these fields existed ran with these values
+    defaults = {"tensor_parallel_size": 1, "archive": 0.0, "recall_interval": 16}
     differing = sorted(k for k, v in asdict(settings).items() if stored.get(k, defaults.get(k)) != v)
     if differing:
         raise ConfigError(f"{path} holds results of a run with other settings ({', '.join(differing)}); "

@@ -113,7 +113,7 @@ def _is_json(value) -> bool:
 # SamplingParams' (and the engine's); each endpoint maps them to its own request fields.
 _FIELD_RULES = (
     (re.compile(r"SamplingParams\.(\w+)"), None),  # "SamplingParams.top_p=2 is invalid: ..."
-    (re.compile(r"^(kv_budget|stop_token_ids|positions)\b"), None),  # the engine's checks of those
+    (re.compile(r"^(kv_budget|stop_token_ids|positions|archive_budget)\b"), None),  # the engine's checks of those
     (re.compile(r"max_model_len"), "max_tokens"),  # prompt + max_tokens over the model's length
     (re.compile(r"messages|chat template|role"), "messages"),
     (re.compile(r"prompt|token ids"), "prompt"),

@@ -138,6 +138,8 @@ class _EngineStatsCollector(Collector):
                       s.session_reused_tokens)
         yield counter("sessions_released_by_pressure", "Parked rings released because admission or a limit "
                       "needed their blocks.", s.sessions_released_by_pressure)
+        yield counter("recalled_tokens", "Ring slots the KV archives' recall overwrote (summed over layers and KV "
+                      "heads).", s.recalled_tokens)
         evicted = CounterMetricFamily(PREFIX + "evicted_tokens", "Tokens evicted from finished requests' KV "
                                       "(per layer and KV head), by eviction policy.", labels=["model_name", "policy"])
         evicted.add_metric([self._model, self._policy], s.evicted_tokens)

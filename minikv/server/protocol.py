@@ -61,6 +61,8 @@ class SamplingFields(OpenAIBody):
     kv_budget: int | None = None
     # minikv's: the positions RoPE gives the ring's tokens, "original" or "ring" (None: the engine's)
     positions: str | None = None
+    # minikv's: tokens of this request's KV archive, recalled by its queries (0: none; minikv.archive)
+    archive_budget: int = 0
 
     @property
     def include_usage(self) -> bool:
@@ -82,7 +84,7 @@ class SamplingFields(OpenAIBody):
             **given, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop, seed=self.seed,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
-            kv_budget=self.kv_budget, positions=self.positions,
+            kv_budget=self.kv_budget, positions=self.positions, archive_budget=self.archive_budget,
             # A stream sends each output as it comes: only what is new. A plain response needs only the end.
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 

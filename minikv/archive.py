@@ -1,0 +1,330 @@
+"""Forget without losing: a per-request KV archive in host memory, and recall by query (docs/design.md, "Archive").
+
+A ring forgets for ever: what it evicts is what a question arriving later may need. With an archive, every
+token's K/V also goes to host memory (write-through: each step's k / v activations, before RoPE, are appended
+when the step ends), so the tokens a ring has evicted are exactly "archive minus ring" in each (layer, KV head),
+without the decode kernel or the keep step reporting their victims. Recall runs at the start of a layer's
+attention, at the prompt's last chunk (where a question ends) and every `recall_interval` decode steps of a
+request: the current queries (the chunk's last rows, or the decode token) score the archive's blocks by an
+upper bound of q.k from per-channel key min/max (Quest, ArkVale), the tokens of the best blocks exactly, and archive tokens whose logit
+beats the ring's weakest unprotected slots (not sinks, window or held marks) overwrite those slots in place,
+keeping their text positions. The slots they replace stay in the archive (write-through), so nothing is lost
+while the archive holds it.
+
+Bounds: a request's archive holds its last `archive_budget` tokens (SamplingParams; 0 = off); all archives
+together hold at most `archive_memory` bytes (Engine), the largest archive losing its oldest tokens first.
+Bytes per token: `bytes_per_token` (K and V in the pool's dtype for every layer and KV head, the position,
+and the blocks' fp32 key min/max spread over BLOCK tokens).
+
+Only positions="original" is supported: under "ring" a recalled token would need a rank among the kept ones,
+which the ring's rank bookkeeping does not offer (the engine refuses the combination).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .kernels.common import PoolLayer, Rope, physical_rows
+
+BLOCK = 32  # archive tokens per summary block
+RECALL_ROWS = 16  # a prefill chunk recalls with its last rows' queries (where a question ends)
+
+
+def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Host bytes one archived token costs: K and V, its position, and its share of its block's summaries."""
+    element = torch.empty((), dtype=dtype).element_size()
+    per_head = num_layers * num_kv_heads * head_dim
+    return 2 * per_head * element + 4 + -(-2 * per_head * 4 // BLOCK)
+
+
+class _Block:
+    """BLOCK tokens of one request: K and V of every layer and KV head (unrotated), positions, and per layer and
+    KV head the channel-wise min / max of the keys rotated to their positions (the scoring summaries)."""
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, pin: bool):
+        layers, heads, dim = shape
+        self.k = torch.empty(layers, heads, BLOCK, dim, dtype=dtype, pin_memory=pin)
+        self.v = torch.empty(self.k.shape, dtype=dtype, pin_memory=pin)
+        self.pos = torch.empty(BLOCK, dtype=torch.int32)
+        self.kmin = torch.full((layers, heads, dim), float("inf"))
+        self.kmax = torch.full((layers, heads, dim), float("-inf"))
+        self.start = 0  # tokens before it have aged out (the summaries still cover them: a looser bound)
+        self.end = 0
+
+
+class Archive:
+    """One request's archive: blocks of BLOCK tokens, oldest first, at most `budget` live tokens."""
+
+    def __init__(self, store: ArchiveStore, budget: int):
+        self.store, self.budget = store, budget
+        self.blocks: list[_Block] = []
+        self.size = 0  # live tokens
+        self.recalled = 0  # ring slots overwritten by recall, summed over layers and KV heads
+        self.decode_steps = 0
+        self.closed = False
+
+    def append(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_rot: torch.Tensor) -> None:
+        """pos [T], k / v / k_rot [L, Hkv, T, D] on the host: T new tokens, in position order."""
+        done, total = 0, pos.shape[0]
+        while done < total:
+            if not self.blocks or self.blocks[-1].end == BLOCK:
+                self.blocks.append(_Block(self.store.shape, self.store.dtype, self.store.pin))
+            block = self.blocks[-1]
+            n = min(BLOCK - block.end, total - done)
+            span, src = slice(block.end, block.end + n), slice(done, done + n)
+            block.k[:, :, span] = k[:, :, src]
+            block.v[:, :, span] = v[:, :, src]
+            block.pos[span] = pos[src]
+            torch.minimum(block.kmin, k_rot[:, :, src].amin(2), out=block.kmin)
+            torch.maximum(block.kmax, k_rot[:, :, src].amax(2), out=block.kmax)
+            block.end += n
+            done += n
+        self.size += total
+        self.store.tokens += total
+        self.drop_oldest(self.size - self.budget)
+
+    def drop_oldest(self, count: int) -> None:
+        while count > 0 and self.blocks:
+            block = self.blocks[0]
+            n = min(count, block.end - block.start)
+            block.start += n
+            self.size -= n
+            self.store.tokens -= n
+            count -= n
+            if block.start == block.end and (len(self.blocks) > 1 or block.end == BLOCK):
+                self.blocks.pop(0)
+
+    def close(self) -> None:
+        """Free every block (at finish or abort)."""
+        if not self.closed:
+            self.drop_oldest(self.size)
+            self.blocks.clear()
+            self.closed = True
+            self.store.archives.discard(self)
+
+    def positions(self) -> torch.Tensor:
+        """The live tokens' positions, oldest first (tests and tools)."""
+        parts = [b.pos[b.start: b.end] for b in self.blocks]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
+
+
+@dataclass
+class _Pending:
+    archive: Archive
+    pos: torch.Tensor  # [T] int32, on the step's device
+    rows: slice | torch.Tensor  # the flat batch's rows of these tokens
+    k: list[torch.Tensor] = field(default_factory=list)  # per layer [T, Hkv, D]
+    v: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class ArchiveStep:
+    """What one step does with archives, made by the model runner: which rows append, which recall."""
+
+    decodes: list[tuple[int, Archive, bool]] = field(default_factory=list)  # (decode row, archive, recall now)
+    prefills: list[tuple[int, Archive]] = field(default_factory=list)  # (index in plan.prefills, archive)
+
+
+class ArchiveStore:
+    """Every request's archive, the engine's memory bound, and the hooks the attention call point runs."""
+
+    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 memory: int, recall_interval: int, recall_blocks: int | None = None, pin: bool = False):
+        self.shape, self.dtype, self.pin = (num_layers, num_kv_heads, head_dim), dtype, pin
+        self.bytes_per_token = bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
+        self.memory, self.recall_interval, self.recall_blocks = memory, recall_interval, recall_blocks
+        self.archives: set[Archive] = set()
+        self.tokens = 0  # live tokens over every archive
+        self.recalled_total = 0  # for /metrics
+        self.step: ArchiveStep | None = None
+        self._pending: list[_Pending] = []
+
+    @property
+    def bytes_used(self) -> int:
+        return self.tokens * self.bytes_per_token
+
+    def open(self, budget: int) -> Archive:
+        archive = Archive(self, budget)
+        self.archives.add(archive)
+        return archive
+
+    # --- hooks -------------------------------------------------------------------------------------
+    def begin_step(self, step: ArchiveStep | None, plan) -> None:
+        self.step, self._pending = step, []
+        if step is None:
+            return
+        for row, archive, _ in step.decodes:
+            self._pending.append(_Pending(archive, plan.decode_pos[row: row + 1], slice(row, row + 1)))
+        for i, archive in step.prefills:
+            seg = plan.prefills[i]
+            pos = torch.arange(seg.first_pos, seg.first_pos + seg.length, dtype=torch.int32, device=plan_device(plan))
+            self._pending.append(_Pending(archive, pos, slice(seg.start, seg.start + seg.length)))
+
+    def on_layer(self, layer: int, q, k, v, plan, attention) -> None:
+        """Before layer `layer` attends: recall into the rings due, then stage the step's tokens (their
+        K/V reach the archive at end_step, so a recall never sees the tokens of its own step)."""
+        step = self.step
+        if step is None:
+            return
+        pool, spec = attention.pool.layer(layer), attention.spec
+        for row, archive, due in step.decodes:
+            if due:
+                table = plan.decode_tables[row]
+                pos = plan.decode_pos[row: row + 1]
+                filled, budget = int(plan.decode_filled[row]), int(plan.decode_budget[row])
+                if filled == budget:
+                    self._count(archive, recall(archive, layer, q[row: row + 1], pos, pool, table, filled,
+                                               attention._rope, attention.scale, attention.policy.n_sink,
+                                               attention.policy.window, spec.hold, self.recall_blocks))
+        for i, archive in step.prefills:
+            seg = plan.prefills[i]
+            if seg.ends_prompt and seg.filled == seg.ring_size and seg.filled:
+                rows = min(RECALL_ROWS, seg.length)
+                start = seg.start + seg.length - rows
+                pos = torch.arange(seg.first_pos + seg.length - rows, seg.first_pos + seg.length,
+                                   dtype=torch.int32, device=q.device)
+                self._count(archive, recall(archive, layer, q[start: start + rows], pos, pool, seg.table, seg.filled,
+                                           attention._rope, attention.scale, attention.policy.n_sink,
+                                           attention.policy.window, spec.hold, self.recall_blocks))
+        for p in self._pending:
+            p.k.append(k[p.rows])
+            p.v.append(v[p.rows])
+
+    def _count(self, archive: Archive, swapped: int) -> None:
+        archive.recalled += swapped
+        self.recalled_total += swapped
+
+    def end_step(self, rope: Rope | None) -> None:
+        """Append the step's staged tokens to their archives (one host copy each), then hold the memory bound."""
+        for p in self._pending:
+            if p.archive.closed or len(p.k) != self.shape[0]:
+                continue
+            k = torch.stack(p.k).transpose(1, 2)  # [L, Hkv, T, D]
+            v = torch.stack(p.v).transpose(1, 2)
+            k_rot = rotated(k, p.pos, rope)
+            p.archive.append(p.pos.cpu(), k.to("cpu", self.dtype), v.to("cpu", self.dtype), k_rot.cpu())
+        for _, archive, due in (self.step.decodes if self.step else ()):
+            archive.decode_steps += 1
+        self._pending, self.step = [], None
+        while self.memory is not None and self.bytes_used > self.memory and self.archives:
+            largest = max(self.archives, key=lambda a: a.size)
+            largest.drop_oldest(min(BLOCK, largest.size))
+
+
+def archive_step_of(sched, plan, store: ArchiveStore | None) -> ArchiveStep | None:
+    """The step's archive work (None: no request of the step keeps an archive), handed to the store."""
+    if store is None:
+        return None
+    step = ArchiveStep()
+    for row, req in enumerate(sched.decodes):
+        archive = getattr(req, "archive", None)
+        if archive is not None:
+            # the first decode step recalls too: the answer's first query is the one a prompt's question leads to
+            step.decodes.append((row, archive, archive.decode_steps % store.recall_interval == 0))
+    for i, chunk in enumerate(sched.prefills):
+        archive = getattr(chunk.req, "archive", None)
+        if archive is not None:
+            step.prefills.append((i, archive))
+    step = step if step.decodes or step.prefills else None
+    store.begin_step(step, plan)
+    return step
+
+
+def plan_device(plan) -> torch.device:
+    return plan.decode_pos.device if plan.decode_pos is not None else plan.prefills[0].table.device
+
+
+def rotated(k: torch.Tensor, pos: torch.Tensor, rope: Rope | None) -> torch.Tensor:
+    """k [..., T, D] rotated to positions pos [T] (fp32); as it is without RoPE."""
+    if rope is None:
+        return k.float()
+    return rope.rotate(k, pos.to(k.device).expand(k.shape[:-1]))
+
+
+def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, pool: PoolLayer, table: torch.Tensor,
+           filled: int, rope: Rope | None, scale: float, n_sink: int, window: int, hold: bool,
+           recall_blocks: int | None) -> int:
+    """Swap into one full ring (one layer) the archive tokens whose logit under the queries q [R, Hq, D]
+    (unrotated, at q_pos [R]) beats its weakest unprotected slots, per KV head; return the slots overwritten.
+
+    A token's logit is its largest q.k * scale over the R queries and the query heads of its KV head. Blocks
+    are ranked by the Quest bound (sum over channels of max(q * kmin, q * kmax)); the `recall_blocks` best per
+    head (None: all) are scored exactly. Ring slots are protected when they are sinks (pos < n_sink), in the
+    window (the `window` positions before the first query), or held (under hold)."""
+    blocks = [b for b in archive.blocks if b.end > b.start]
+    if not blocks:
+        return 0
+    device = pool.k.device
+    num_kv_heads, dim = pool.k.shape[-2], pool.k.shape[-1]
+    qr = q.float() if rope is None else rope.rotate(q, q_pos[:, None].expand(q.shape[:2]))
+    qh = qr.view(qr.shape[0], num_kv_heads, -1, dim).transpose(0, 1).reshape(num_kv_heads, -1, dim)  # [H, R*G, D]
+    rows = physical_rows(table, torch.arange(filled, device=device), pool.block_size)
+    ring_pos = pool.rows("pos")[rows]  # [f, H]
+    ring_k = rotated(pool.rows("k")[rows].transpose(0, 1), pool.rows("rope_pos")[rows].transpose(0, 1), rope)
+    ring_logit = torch.einsum("hqd,hfd->hfq", qh, ring_k).amax(-1) * scale  # [H, f]
+    protected = (ring_pos < n_sink) | (ring_pos >= int(q_pos.min()) - window)
+    if hold:
+        protected |= pool.rows("held")[rows] != 0
+    kmin = torch.stack([b.kmin[layer] for b in blocks]).to(device)  # [B, H, D]
+    kmax = torch.stack([b.kmax[layer] for b in blocks]).to(device)
+    bound = block_bounds(qh, kmin.transpose(0, 1), kmax.transpose(0, 1))  # [H, B]
+    take = bound.shape[1] if recall_blocks is None else min(recall_blocks, bound.shape[1])
+    best = bound.topk(take, dim=1).indices.tolist()
+    swapped = 0
+    for h in range(num_kv_heads):
+        chosen = [blocks[i] for i in sorted(best[h])]
+        pos = torch.cat([b.pos[b.start: b.end] for b in chosen]).to(device)
+        keys = torch.cat([b.k[layer, h, b.start: b.end] for b in chosen]).to(device)
+        fresh = ~torch.isin(pos, ring_pos[:, h])  # archive minus ring: what this head's ring evicted
+        if not bool(fresh.any()):
+            continue
+        pos, keys = pos[fresh], keys[fresh]
+        logit = (qh[h] @ rotated(keys, pos, rope).T).amax(0) * scale  # [A]
+        open_slots = (~protected[:, h]).nonzero().squeeze(1)
+        if open_slots.numel() == 0:
+            continue
+        # rank ring slots and archive tokens together; a stable sort keeps the ring's on ties (no churn)
+        pooled = torch.cat([ring_logit[h, open_slots], logit])
+        kept = pooled.sort(descending=True, stable=True).indices[: open_slots.numel()]
+        incoming = kept[kept >= open_slots.numel()] - open_slots.numel()
+        if incoming.numel() == 0:
+            continue
+        in_ring = torch.zeros(open_slots.numel(), dtype=torch.bool, device=device)
+        in_ring[kept[kept < open_slots.numel()]] = True
+        out_slots = open_slots[~in_ring]  # as many as incoming: both fill the same top
+        sel = fresh.nonzero().squeeze(1)[incoming]
+        all_pos = torch.cat([b.pos[b.start: b.end] for b in chosen]).to(device)
+        values = torch.cat([b.v[layer, h, b.start: b.end] for b in chosen]).to(device)
+        all_keys = torch.cat([b.k[layer, h, b.start: b.end] for b in chosen]).to(device)
+        _write(pool, rows[out_slots], h, all_keys[sel], values[sel], all_pos[sel],
+               pool.rows("score")[rows, h].max())
+        swapped += out_slots.numel()
+    return swapped
+
+
+def block_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """The Quest bound of every block (kernels.archive_score): Triton where the kernels run Triton."""
+    from . import kernels
+
+    if kernels.kernel_backend(q.device) == "triton":
+        from .kernels.archive_score import block_bound_triton
+
+        return block_bound_triton(q, kmin, kmax)
+    return torch.maximum(q[:, None] * kmin[:, :, None], q[:, None] * kmax[:, :, None]).sum(-1).amax(-1)
+
+
+def _write(pool: PoolLayer, rows: torch.Tensor, h: int, k, v, pos, score) -> None:
+    """Recalled tokens into ring rows of KV head h: their K/V, text position (also their RoPE position), a
+    score as high as the ring's best (so the policy does not evict them at once), no mark, no out-edges."""
+    pool.rows("k")[rows, h] = k.to(pool.k.dtype)
+    pool.rows("v")[rows, h] = v.to(pool.v.dtype)
+    pool.rows("pos")[rows, h] = pos.to(torch.int32)
+    if pool.rope_pos is not None:
+        pool.rows("rope_pos")[rows, h] = pos.to(torch.int32)
+    pool.rows("score")[rows, h] = score
+    pool.rows("held")[rows, h] = 0
+    pool.rows("edge_slot")[rows, h] = -1
+    pool.rows("edge_pos")[rows, h] = -1
+    pool.rows("edge_w")[rows, h] = 0.0

@@ -1,0 +1,214 @@
+"""The KV archive (minikv.archive): off is today's engine bit for bit, recall keeps each ring's best tokens,
+and the accounting stays exact under a random soak of requests, aborts and a tight memory bound."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from minikv.archive import BLOCK, recall, rotated
+from minikv.engine import Engine
+from minikv.errors import ConfigError, InvalidRequestError
+from minikv.sampling import SamplingParams
+
+from tiny_engine import tiny_loaded
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return tiny_loaded(tmp_path_factory.mktemp("tiny"))
+
+
+def engine(loaded, **kwargs) -> Engine:
+    options = dict(policy="nexus", budget=32, n_sink=2, window=4, chunk=16, max_num_seqs=4, recall_interval=4)
+    return Engine(loaded, **{**options, **kwargs})
+
+
+def prompt(rng: random.Random, n: int) -> list[int]:
+    return [1] + [rng.randrange(3, 259) for _ in range(n - 1)]
+
+
+def params(archive_budget: int, max_tokens: int = 16) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2,
+                          archive_budget=archive_budget)
+
+
+def outputs(e: Engine, prompts, sampling) -> list[tuple[list[int], list]]:
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in e.generate(prompts, sampling, use_tqdm=False)]
+
+
+def test_archive_off_is_todays_engine_bit_for_bit(loaded):
+    rng = random.Random(1)
+    prompts = [prompt(rng, n) for n in (90, 40, 130)]
+    today = engine(loaded)
+    today.attention.archive = None  # the code path before archives existed
+    assert outputs(engine(loaded), prompts, params(0)) == outputs(today, prompts, params(0))
+
+
+def test_archive_changes_nothing_while_nothing_is_evicted(loaded):
+    rng = random.Random(2)
+    prompts = [prompt(rng, 20)]
+    # budget 64 >= prompt + max_tokens: the ring never evicts, so no recall has anything to bring back
+    assert outputs(engine(loaded, budget=64), prompts, params(10**4)) == outputs(engine(loaded, budget=64), prompts,
+                                                                                params(0))
+
+
+def test_archive_request_next_to_plain_ones_leaves_them_alone(loaded):
+    rng = random.Random(3)
+    a, b = prompt(rng, 100), prompt(rng, 70)
+    plain = outputs(engine(loaded), [a, b], [params(0), params(0)])
+    mixed = outputs(engine(loaded), [a, b], [params(10**4), params(0)])
+    assert mixed[1] == plain[1] and mixed[0] != plain[0]  # the archive changed its own request only
+
+
+def _prefilled(loaded, n_prompt: int):
+    """An engine whose one request (archive unbounded, no decode recall) has read its prompt."""
+    e = engine(loaded, recall_interval=10**6)
+    rid = e.add_request(prompt(random.Random(4), n_prompt), params(10**4, max_tokens=8))
+    req = e._requests[rid]
+    while req.num_processed < len(req.prompt_ids):
+        e.step()
+    return e, req
+
+
+def test_recall_keeps_each_heads_best_tokens(loaded):
+    e, req = _prefilled(loaded, 150)
+    pool, table, filled = e.pool.layer(1), e.batch.block_table[req.slot], req.ring_size
+    archive, rope = req.archive, e.attention._rope
+    assert archive.size == req.num_processed and filled == 32
+    rows = torch.arange(filled)
+    from minikv.kernels.common import physical_rows
+    rows = physical_rows(table, rows, pool.block_size)
+    before = pool.rows("pos")[rows].clone()  # [f, H]
+    all_pos = archive.positions()
+    all_k = torch.cat([b.k[1, :, b.start: b.end] for b in archive.blocks], dim=1)  # [H, A, D]
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 16) * 3
+    q_pos = torch.tensor([req.num_processed], dtype=torch.int32)
+    n_sink, window = e.policy.n_sink, e.policy.window
+    swapped = recall(archive, 1, q, q_pos, pool, table, filled, rope, e.attention.scale, n_sink, window, False, None)
+    after = pool.rows("pos")[rows]
+    qr = rope.rotate(q, q_pos[:, None].expand(1, 4)).view(2, 2, 16)  # [H, G, D]
+    moved = 0
+    for h in range(2):
+        logit = (qr[h] @ rotated(all_k[h], all_pos, rope).T).amax(0)  # [A]
+        ring = before[:, h]
+        protected = (ring < n_sink) | (ring >= req.num_processed - window)
+        open_pos = set(ring[~protected].tolist()) | (set(all_pos.tolist()) - set(ring.tolist()))
+        by_pos = dict(zip(all_pos.tolist(), logit.tolist()))
+        best = sorted(open_pos, key=lambda p: -by_pos[p])[: int((~protected).sum())]
+        assert set(after[:, h].tolist()) == set(ring[protected].tolist()) | set(best)
+        assert after[:, h].unique().numel() == filled  # no token twice
+        moved += len(set(best) - set(ring.tolist()))
+    assert swapped == moved > 0
+    # the recalled slots hold the archive's K/V: the ring's key at each slot is its token's
+    for h in range(2):
+        for slot in range(filled):
+            p = int(after[slot, h])
+            i = int((all_pos == p).nonzero()[0, 0])
+            assert torch.equal(pool.rows("k")[rows[slot], h], all_k[h, i])
+
+
+def test_block_bound_is_an_upper_bound(loaded):
+    e, req = _prefilled(loaded, 150)
+    rope, archive = e.attention._rope, req.archive
+    q = torch.randn(2, 3, 16)  # [H, queries, D]: per KV head, already rotated
+    for block in archive.blocks:
+        keys = rotated(block.k[0, :, block.start: block.end], block.pos[block.start: block.end], rope)  # [H, n, D]
+        exact = torch.einsum("hqd,hnd->hqn", q, keys).amax(-1)
+        bound = torch.maximum(q * block.kmin[0][:, None], q * block.kmax[0][:, None]).sum(-1)
+        assert (bound >= exact - 1e-4).all()
+
+
+def test_recall_is_counted_and_the_archive_freed(loaded):
+    e = engine(loaded)
+    out = e.generate([prompt(random.Random(5), 120)], params(10**4, max_tokens=20), use_tqdm=False)[0]
+    assert out.metrics.num_recalled_tokens > 0
+    assert e.archive.recalled_total == out.metrics.num_recalled_tokens
+    assert e.archive.tokens == 0 and not e.archive.archives
+
+
+def test_soak_accounting(loaded):
+    rng = random.Random(6)
+    e = engine(loaded, max_num_seqs=3, recall_interval=2, )
+    memory = e.archive.memory = 5 * BLOCK * e.archive.bytes_per_token  # tight: the engine bound drops old tokens
+    ids = []
+    for i in range(14):
+        budget = rng.choice([0, 10, 40, 100, 10**4])
+        ids.append((e.add_request(prompt(rng, rng.randrange(10, 140)), params(budget, rng.randrange(1, 30))), budget))
+    steps = 0
+    while e.has_unfinished_requests():
+        e.step()
+        steps += 1
+        if steps % 7 == 0:
+            running = [r for r in e._requests.values() if not r.is_finished]
+            if running:
+                e.abort(rng.choice(running).request_id)
+        live = [a for a in e.archive.archives]
+        assert e.archive.tokens == sum(a.size for a in live)
+        assert e.archive.bytes_used <= memory
+        for req in e._requests.values():
+            if req.archive is None or req.is_finished:
+                continue
+            pos = req.archive.positions()
+            assert req.archive.size == pos.numel() <= req.archive.budget
+            # the archive holds the request's latest tokens, oldest first, each once
+            assert torch.equal(pos, torch.arange(req.num_processed - pos.numel(), req.num_processed,
+                                                 dtype=torch.int32))
+            filled = min(req.ring_size, req.num_processed)
+            if not filled:
+                continue
+            ring = e.pool.ring("pos", req.blocks, filled)  # [L, H, f]
+            for row in ring.reshape(-1, filled):
+                assert row.unique().numel() == filled  # no token twice in a ring after swaps
+    assert e.archive.tokens == 0 and not e.archive.archives
+
+
+def test_bad_archive_settings(loaded):
+    with pytest.raises(InvalidRequestError, match="archive_budget"):
+        SamplingParams(archive_budget=-1)
+    with pytest.raises(ConfigError, match="recall_interval"):
+        engine(loaded, recall_interval=0)
+    with pytest.raises(InvalidRequestError, match="positions='ring'"):
+        engine(loaded).add_request([1, 5, 6], SamplingParams(archive_budget=10, positions="ring"))
+    with pytest.raises(InvalidRequestError, match="full"):
+        Engine(loaded, policy="full", max_model_len=64).add_request([1, 5], SamplingParams(archive_budget=10, max_tokens=4))
+
+
+def test_recalled_tokens_reach_stats_and_metrics(loaded):
+    from minikv.server.metrics import _EngineStatsCollector
+    from minikv.server.protocol import CompletionRequest
+
+    e = engine(loaded)
+    body = CompletionRequest(model="m", prompt="x", archive_budget=500)
+    assert body.sampling_params(max_tokens=20, logprobs=None, stream=False).archive_budget == 500
+    out = e.generate([prompt(random.Random(5), 120)], params(500, max_tokens=20), use_tqdm=False)[0]
+    assert e.stats().recalled_tokens == out.metrics.num_recalled_tokens > 0
+    families = {f.name: f for f in _EngineStatsCollector(e.stats, "m", "nexus").collect()}
+    assert families["minikv:recalled_tokens"].samples[0].value == out.metrics.num_recalled_tokens
+
+
+def test_engine_default_archive_budget(loaded):
+    e = engine(loaded, archive_budget=300)
+    plain = e.add_request([1, 5, 6], SamplingParams(max_tokens=2))
+    ring = e.add_request([1, 5, 6], SamplingParams(max_tokens=2, positions="ring"))
+    own = e.add_request([1, 5, 6], SamplingParams(max_tokens=2, archive_budget=0))
+    assert e._requests[plain].archive.budget == 300
+    assert e._requests[ring].archive is None and e._requests[own].archive is None  # ring cannot, own said no
+    with pytest.raises(ConfigError, match="archive_budget"):
+        engine(loaded, archive_budget=-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 5), (3, 37, 64, 9), (1, 16, 24, 1)])
+def test_block_bound_triton_matches_reference(shape):
+    from minikv.kernels.archive_score import block_bound_reference, block_bound_triton
+
+    heads, queries, dim, blocks = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    q = torch.randn(heads, queries, dim, generator=gen)
+    a, b = torch.randn(2, heads, blocks, dim, generator=gen)
+    kmin, kmax = torch.minimum(a, b), torch.maximum(a, b)
+    torch.testing.assert_close(block_bound_triton(q, kmin, kmax), block_bound_reference(q, kmin, kmax),
+                               rtol=1e-5, atol=1e-5)
