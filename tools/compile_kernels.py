@@ -4,8 +4,8 @@ The interpreter (TRITON_INTERPRET=1) runs kernels as NumPy and never sees what o
 loop-carried types, constexpr-only control flow, layouts of reshapes and dots, int64 / uint32 promotion.
 This tool runs the real Triton frontend, its MLIR passes and the ptxas bundled with the `triton` wheel
 (no CUDA driver needed) for every policy x dtype x split-K setting of the decode kernel, the prefill
-kernel's variants and the sampler's fused draw, and fails on the first variant that does not compile.
-Nothing is launched.
+kernel's variants, the sampler's fused draw and the archive's block bounds, and fails on the first variant
+that does not compile. Nothing is launched.
 
 It replaces Triton's active driver with a stub that only names a target, and makes every kernel launch a
 compile-only warm-up (JITFunction.run with warmup=True): both are Triton internals, checked with Triton
@@ -130,6 +130,10 @@ def main() -> int:
         seeds = torch.zeros(2, dtype=torch.int64)
         sampling.gumbel_argmax_triton(torch.zeros(2, 49152, dtype=dtype), seeds, seeds, block=4096)
     print(f"sampling compiled ({time.time() - start:.0f} s)")
+    archive = importlib.import_module("minikv.kernels.archive_score")
+    for dim in (64, 128):  # the recall's block bounds (minikv.archive), at SmolLM2's and Llama's head_dim
+        archive.block_bound_triton(torch.zeros(2, 3, dim), torch.zeros(2, 5, dim), torch.zeros(2, 5, dim))
+    print(f"archive scoring compiled ({time.time() - start:.0f} s)")
     print(f"{len(compiled)} launches compiled for sm_{args.arch} with Triton {triton.__version__}: "
           f"{', '.join(sorted(set(compiled)))}")
     return 0
