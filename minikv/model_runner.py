@@ -57,7 +57,7 @@ class ModelRunner:
             input_ids = torch.cat([self.batch.token[inputs.decode_slots], inputs.chunk_ids])
             positions = torch.cat([self.batch.position[inputs.decode_slots].long(), inputs.chunk_positions])
             if self.workers is not None:  # the other ranks' one message of the step
-                self.workers.send_step(plan, input_ids, positions, logit_rows(sched, plan))
+                self.workers.send_step(plan, input_ids, positions, logit_rows(sched, plan, inputs.sample_row_ids))
             hidden = self.model(input_ids, positions, self.attention, layer_inputs)
         self.attention.end_step(layer_inputs)
         result = self._finish_step(sched, plan, inputs, hidden)
@@ -126,6 +126,7 @@ class StepInputs:
     sample_rows: torch.Tensor  # int64: the rows of the flat batch whose next token is sampled...
     sample_slots: torch.Tensor  # int64: ...their batch slots
     sampling: list[Request]  # ...and their requests
+    sample_row_ids: list[int]  # `sample_rows` as the host built it (tensor parallelism sends it to the other ranks)
 
     @classmethod
     def stage(cls, sched: SchedulerOutput, device: torch.device) -> StepInputs:
@@ -145,10 +146,10 @@ class StepInputs:
         tensors = host_to_device([decode_slots, chunk_ids, chunk_positions, advanced, counts, sample_rows,
                                   [r.slot for r in sampling]], device)
         tensors[4] = tensors[4].to(torch.int32)
-        return cls(*tensors, sampling=sampling)
+        return cls(*tensors, sampling=sampling, sample_row_ids=sample_rows)
 
 
-def logit_rows(sched: SchedulerOutput, plan: StepPlan) -> list[list[int]]:
+def logit_rows(sched: SchedulerOutput, plan: StepPlan, sample_rows: list[int]) -> list[list[int]]:
     """The flat-batch rows of each `compute_logits` call `_finish_step` will make, in its order: the
     prompt-logprob rows of each chunk that asks for them, then the rows that sample. Under tensor
     parallelism the other ranks make the same LM-head calls (each gathers its vocabulary shard to rank 0)."""
@@ -158,7 +159,7 @@ def logit_rows(sched: SchedulerOutput, plan: StepPlan) -> list[list[int]]:
             targets = min(seg.length, len(chunk.req.prompt_ids) - 1 - seg.first_pos)
             if targets > 0:
                 calls.append(list(range(seg.start, seg.start + targets)))
-    calls.append(list(range(plan.num_decode)) + [seg.start + seg.length - 1 for seg in plan.prefills if seg.ends_prompt])
+    calls.append(sample_rows)
     return calls
 
 
