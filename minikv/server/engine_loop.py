@@ -325,8 +325,8 @@ class EngineLoop:
             if sub.reuse_session and session_id is None and self.engine.supports_sessions:
                 session_id = (self.engine.match_session(sub.prompt, tokenized=tokenized)
                               or f"auto-{sub.handle.request_id}")
-            info = self.engine.session(session_id) if session_id is not None else None
-            if info is not None and info.request_id is not None:  # another request continues it now:
+            session = self.engine.sessions.get(session_id) if session_id is not None else None
+            if session is not None and session.request_id is not None:  # another request continues it now:
                 # this one starts its own session
                 session_id = f"auto-{sub.handle.request_id}"
             self.engine.add_request(sub.prompt if sub.prompt is not None else sub.prompt_ids, sub.params,
