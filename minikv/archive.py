@@ -16,8 +16,10 @@ together hold at most `archive_memory` bytes (Engine), the largest archive losin
 Bytes per token: `bytes_per_token` (K and V in the pool's dtype for every layer and KV head, the position,
 and the blocks' fp32 key min/max spread over BLOCK tokens).
 
-Only positions="original" is supported: under "ring" a recalled token would need a rank among the kept ones,
-which the ring's rank bookkeeping does not offer (the engine refuses the combination).
+Under positions="ring" a recalled token keeps its text position (`pos`) and takes its rank among the ring's
+tokens by that position: after a swap the ring's slots are ranked again (one sort per layer and KV head), so
+the decode kernel's shift-down bookkeeping finds ranks 0..f-1 in position order as it expects. Recall's
+scoring itself is in text positions in both modes.
 """
 
 from __future__ import annotations
@@ -175,9 +177,11 @@ class ArchiveStore:
                 pos = plan.decode_pos[row: row + 1]
                 filled, budget = int(plan.decode_filled[row]), int(plan.decode_budget[row])
                 if filled == budget:
+                    ranked = plan.decode_ring is not None and bool(plan.decode_ring[row])
                     self._count(archive, recall(archive, layer, q[row: row + 1], pos, pool, table, filled,
                                                attention._rope, attention.scale, attention.policy.n_sink,
-                                               attention.policy.window, spec.hold, self.recall_blocks))
+                                               attention.policy.window, spec.hold, self.recall_blocks,
+                                               ring_positions=ranked))
         for i, archive in step.prefills:
             seg = plan.prefills[i]
             if seg.ends_prompt and seg.filled == seg.ring_size and seg.filled:
@@ -187,7 +191,8 @@ class ArchiveStore:
                                    dtype=torch.int32, device=q.device)
                 self._count(archive, recall(archive, layer, q[start: start + rows], pos, pool, seg.table, seg.filled,
                                            attention._rope, attention.scale, attention.policy.n_sink,
-                                           attention.policy.window, spec.hold, self.recall_blocks))
+                                           attention.policy.window, spec.hold, self.recall_blocks,
+                                           ring_positions=seg.ring_positions))
         for p in self._pending:
             p.k.append(k[p.rows])
             p.v.append(v[p.rows])
@@ -245,14 +250,19 @@ def rotated(k: torch.Tensor, pos: torch.Tensor, rope: Rope | None) -> torch.Tens
 
 def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, pool: PoolLayer, table: torch.Tensor,
            filled: int, rope: Rope | None, scale: float, n_sink: int, window: int, hold: bool,
-           recall_blocks: int | None) -> int:
+           recall_blocks: int | None, *, ring_positions: bool = False) -> int:
     """Swap into one full ring (one layer) the archive tokens whose logit under the queries q [R, Hq, D]
     (unrotated, at q_pos [R]) beats its weakest unprotected slots, per KV head; return the slots overwritten.
 
     A token's logit is its largest q.k * scale over the R queries and the query heads of its KV head. Blocks
     are ranked by the Quest bound (sum over channels of max(q * kmin, q * kmax)); the `recall_blocks` best per
     head (None: all) are scored exactly. Ring slots are protected when they are sinks (pos < n_sink), in the
-    window (the `window` positions before the first query), or held (under hold)."""
+    window (the `window` positions before the first query), or held (under hold).
+
+    Scoring is in text positions whatever the request's mode: queries at q_pos (their text positions), ring
+    and archive keys at their tokens' positions, so the ring and the archive are ranked on one scale. Under
+    positions="ring" (`ring_positions`) the ring's slots 0..filled-1 then take their ranks again, by text
+    position: a recalled token slots in among the kept ones where its position puts it."""
     blocks = [b for b in archive.blocks if b.end > b.start]
     if not blocks:
         return 0
@@ -262,7 +272,7 @@ def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, p
     qh = qr.view(qr.shape[0], num_kv_heads, -1, dim).transpose(0, 1).reshape(num_kv_heads, -1, dim)  # [H, R*G, D]
     rows = physical_rows(table, torch.arange(filled, device=device), pool.block_size)
     ring_pos = pool.rows("pos")[rows]  # [f, H]
-    ring_k = rotated(pool.rows("k")[rows].transpose(0, 1), pool.rows("rope_pos")[rows].transpose(0, 1), rope)
+    ring_k = rotated(pool.rows("k")[rows].transpose(0, 1), ring_pos.transpose(0, 1), rope)
     ring_logit = torch.einsum("hqd,hfd->hfq", qh, ring_k).amax(-1) * scale  # [H, f]
     protected = (ring_pos < n_sink) | (ring_pos >= int(q_pos.min()) - window)
     if hold:
@@ -301,7 +311,15 @@ def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, p
         _write(pool, rows[out_slots], h, all_keys[sel], values[sel], all_pos[sel],
                pool.rows("score")[rows, h].max())
         swapped += out_slots.numel()
+    if ring_positions and swapped:
+        rerank(pool, rows)
     return swapped
+
+
+def rerank(pool: PoolLayer, rows: torch.Tensor) -> None:
+    """Ranks (positions="ring") of the ring slots at pool rows `rows` [f] in ring order, from their text
+    positions: rope_pos = the slot's rank by position in its (layer, KV head), 0..f-1."""
+    pool.rows("rope_pos")[rows] = pool.rows("pos")[rows].argsort(0).argsort(0).to(torch.int32)
 
 
 def block_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:

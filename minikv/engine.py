@@ -253,13 +253,11 @@ class Engine:
     def _check_archive(self, params: SamplingParams, positions: str) -> None:
         if params.archive_budget is None:
             # the engine's default archive is for the requests that can keep one
-            usable = self.archive is not None and positions == "original"
-            params.archive_budget = self.archive_budget if usable else 0
+            params.archive_budget = self.archive_budget if self.archive is not None else 0
         if not params.archive_budget:
             return
         why = ("policy 'full' never evicts" if not self.policy.evicts else
-               "tensor parallelism keeps no archive" if self.archive is None else
-               "positions='ring' gives recalled tokens no rank" if positions == "ring" else None)
+               "tensor parallelism keeps no archive" if self.archive is None else None)
         if why:
             raise InvalidRequestError(f"archive_budget={params.archive_budget} asks for a KV archive, but {why}: "
                                       "leave archive_budget at 0")

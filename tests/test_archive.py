@@ -39,20 +39,25 @@ def outputs(e: Engine, prompts, sampling) -> list[tuple[list[int], list]]:
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in e.generate(prompts, sampling, use_tqdm=False)]
 
 
-def test_archive_off_is_todays_engine_bit_for_bit(loaded):
+@pytest.mark.parametrize("positions", ["original", "ring"])
+def test_archive_off_is_todays_engine_bit_for_bit(loaded, positions):
     rng = random.Random(1)
     prompts = [prompt(rng, n) for n in (90, 40, 130)]
-    today = engine(loaded)
+    today = engine(loaded, positions=positions)
     today.attention.archive = None  # the code path before archives existed
-    assert outputs(engine(loaded), prompts, params(0)) == outputs(today, prompts, params(0))
+    assert outputs(engine(loaded, positions=positions), prompts, params(0)) == outputs(today, prompts, params(0))
 
 
-def test_archive_changes_nothing_while_nothing_is_evicted(loaded):
+@pytest.mark.parametrize("positions", ["original", "ring"])
+def test_archive_changes_nothing_while_nothing_is_evicted(loaded, positions):
     rng = random.Random(2)
     prompts = [prompt(rng, 20)]
-    # budget 64 >= prompt + max_tokens: the ring never evicts, so no recall has anything to bring back
-    assert outputs(engine(loaded, budget=64), prompts, params(10**4)) == outputs(engine(loaded, budget=64), prompts,
-                                                                                params(0))
+    # budget 64 >= prompt + max_tokens: the ring never evicts, so no recall has anything to bring back, and
+    # (ranks being positions while nothing is evicted) both modes are the full cache's computation
+    with_archive = outputs(engine(loaded, budget=64, positions=positions), prompts, params(10**4))
+    assert with_archive == outputs(engine(loaded, budget=64, positions=positions), prompts, params(0))
+    full = Engine(loaded, policy="full", chunk=16, max_num_seqs=4, max_model_len=64)
+    assert with_archive == outputs(full, prompts, params(0))
 
 
 def test_archive_request_next_to_plain_ones_leaves_them_alone(loaded):
@@ -63,9 +68,9 @@ def test_archive_request_next_to_plain_ones_leaves_them_alone(loaded):
     assert mixed[1] == plain[1] and mixed[0] != plain[0]  # the archive changed its own request only
 
 
-def _prefilled(loaded, n_prompt: int):
+def _prefilled(loaded, n_prompt: int, positions: str = "original"):
     """An engine whose one request (archive unbounded, no decode recall) has read its prompt."""
-    e = engine(loaded, recall_interval=10**6)
+    e = engine(loaded, recall_interval=10**6, positions=positions)
     rid = e.add_request(prompt(random.Random(4), n_prompt), params(10**4, max_tokens=8))
     req = e._requests[rid]
     while req.num_processed < len(req.prompt_ids):
@@ -73,8 +78,10 @@ def _prefilled(loaded, n_prompt: int):
     return e, req
 
 
-def test_recall_keeps_each_heads_best_tokens(loaded):
-    e, req = _prefilled(loaded, 150)
+@pytest.mark.parametrize("positions", ["original", "ring"])
+def test_recall_keeps_each_heads_best_tokens(loaded, positions):
+    """Recall scores in text positions under both modes; under "ring" the ring is ranked again after the swap."""
+    e, req = _prefilled(loaded, 150, positions)
     pool, table, filled = e.pool.layer(1), e.batch.block_table[req.slot], req.ring_size
     archive, rope = req.archive, e.attention._rope
     assert archive.size == req.num_processed and filled == 32
@@ -88,8 +95,15 @@ def test_recall_keeps_each_heads_best_tokens(loaded):
     q = torch.randn(1, 4, 16) * 3
     q_pos = torch.tensor([req.num_processed], dtype=torch.int32)
     n_sink, window = e.policy.n_sink, e.policy.window
-    swapped = recall(archive, 1, q, q_pos, pool, table, filled, rope, e.attention.scale, n_sink, window, False, None)
+    ring_positions = positions == "ring"
+    if ring_positions:
+        assert torch.equal(pool.rows("rope_pos")[rows], before.argsort(0).argsort(0).to(torch.int32))
+    swapped = recall(archive, 1, q, q_pos, pool, table, filled, rope, e.attention.scale, n_sink, window, False, None,
+                     ring_positions=ring_positions)
     after = pool.rows("pos")[rows]
+    # each slot's RoPE position: its rank by text position under "ring", its text position under "original"
+    ranks = after.argsort(0).argsort(0).to(torch.int32) if ring_positions else after
+    assert torch.equal(pool.rows("rope_pos")[rows], ranks)
     qr = rope.rotate(q, q_pos[:, None].expand(1, 4)).view(2, 2, 16)  # [H, G, D]
     moved = 0
     for h in range(2):
@@ -130,14 +144,18 @@ def test_recall_is_counted_and_the_archive_freed(loaded):
     assert e.archive.tokens == 0 and not e.archive.archives
 
 
-def test_soak_accounting(loaded):
+@pytest.mark.parametrize("positions", ["original", "ring", None])
+def test_soak_accounting(loaded, positions):
+    """None: every request picks its mode, so one batch mixes them."""
     rng = random.Random(6)
-    e = engine(loaded, max_num_seqs=3, recall_interval=2, )
+    e = engine(loaded, max_num_seqs=3, recall_interval=2)
     memory = e.archive.memory = 5 * BLOCK * e.archive.bytes_per_token  # tight: the engine bound drops old tokens
     ids = []
     for i in range(14):
         budget = rng.choice([0, 10, 40, 100, 10**4])
-        ids.append((e.add_request(prompt(rng, rng.randrange(10, 140)), params(budget, rng.randrange(1, 30))), budget))
+        sampling = params(budget, rng.randrange(1, 30))
+        sampling.positions = positions or rng.choice(["original", "ring"])
+        ids.append((e.add_request(prompt(rng, rng.randrange(10, 140)), sampling), budget))
     steps = 0
     while e.has_unfinished_requests():
         e.step()
@@ -163,7 +181,13 @@ def test_soak_accounting(loaded):
             ring = e.pool.ring("pos", req.blocks, filled)  # [L, H, f]
             for row in ring.reshape(-1, filled):
                 assert row.unique().numel() == filled  # no token twice in a ring after swaps
+            # RoPE positions: text positions, or under "ring" the order of the positions, swaps or not
+            rope_pos = e.pool.ring("rope_pos", req.blocks, filled)
+            ranked = req.positions == "ring"
+            assert torch.equal(rope_pos, ring.argsort(-1).argsort(-1).to(torch.int32) if ranked else ring)
+
     assert e.archive.tokens == 0 and not e.archive.archives
+    assert e.archive.recalled_total > 0
 
 
 def test_bad_archive_settings(loaded):
@@ -171,8 +195,6 @@ def test_bad_archive_settings(loaded):
         SamplingParams(archive_budget=-1)
     with pytest.raises(ConfigError, match="recall_interval"):
         engine(loaded, recall_interval=0)
-    with pytest.raises(InvalidRequestError, match="positions='ring'"):
-        engine(loaded).add_request([1, 5, 6], SamplingParams(archive_budget=10, positions="ring"))
     with pytest.raises(InvalidRequestError, match="full"):
         Engine(loaded, policy="full", max_model_len=64).add_request([1, 5], SamplingParams(archive_budget=10, max_tokens=4))
 
@@ -195,8 +217,8 @@ def test_engine_default_archive_budget(loaded):
     plain = e.add_request([1, 5, 6], SamplingParams(max_tokens=2))
     ring = e.add_request([1, 5, 6], SamplingParams(max_tokens=2, positions="ring"))
     own = e.add_request([1, 5, 6], SamplingParams(max_tokens=2, archive_budget=0))
-    assert e._requests[plain].archive.budget == 300
-    assert e._requests[ring].archive is None and e._requests[own].archive is None  # ring cannot, own said no
+    assert e._requests[plain].archive.budget == 300 and e._requests[ring].archive.budget == 300
+    assert e._requests[own].archive is None  # it said no
     with pytest.raises(ConfigError, match="archive_budget"):
         engine(loaded, archive_budget=-5)
 
