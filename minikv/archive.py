@@ -45,6 +45,8 @@ class _Block:
     """BLOCK tokens of one request: K and V of every layer and KV head (unrotated), positions, and per layer and
     KV head the channel-wise min / max of the keys rotated to their positions (the scoring summaries)."""
 
+    TENSORS = ("k", "v", "pos", "kmin", "kmax")
+
     def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, pin: bool):
         layers, heads, dim = shape
         self.k = torch.empty(layers, heads, BLOCK, dim, dtype=dtype, pin_memory=pin)
@@ -66,6 +68,7 @@ class Archive:
         self.recalled = 0  # ring slots overwritten by recall, summed over layers and KV heads
         self.decode_steps = 0
         self.closed = False
+        self.parked = False  # kept by a session's parked ring (minikv.session): its request's end does not free it
 
     def append(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_rot: torch.Tensor) -> None:
         """pos [T], k / v / k_rot [L, Hkv, T, D] on the host: T new tokens, in position order."""
@@ -98,6 +101,20 @@ class Archive:
             if block.start == block.end and (len(self.blocks) > 1 or block.end == BLOCK):
                 self.blocks.pop(0)
 
+    def truncate(self, end: int) -> None:
+        """Drop the newest tokens, those at positions >= end (a session continuing from an earlier point).
+        The summaries still cover them: a looser bound, never a wrong one."""
+        while self.blocks:
+            block = self.blocks[-1]
+            keep = int((block.pos[block.start: block.end] < end).sum())
+            n = block.end - block.start - keep
+            block.end -= n
+            self.size -= n
+            self.store.tokens -= n
+            if keep:
+                return
+            self.blocks.pop()
+
     def close(self) -> None:
         """Free every block (at finish or abort)."""
         if not self.closed:
@@ -110,6 +127,16 @@ class Archive:
         """The live tokens' positions, oldest first (tests and tools)."""
         parts = [b.pos[b.start: b.end] for b in self.blocks]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What a session file keeps of it (ArchiveStore.restore makes it again, bitwise): the blocks' tensors
+        stacked ([blocks, ...], under "archive.*") and the counters and each block's live span as JSON."""
+        meta = dict(budget=self.budget, decode_steps=self.decode_steps, spans=[[b.start, b.end] for b in self.blocks])
+        if not self.blocks:
+            return meta, {}
+        tensors = {f"archive.{name}": torch.stack([getattr(b, name) for b in self.blocks]).contiguous()
+                   for name in _Block.TENSORS}
+        return meta, tensors
 
 
 @dataclass
@@ -150,6 +177,35 @@ class ArchiveStore:
     def open(self, budget: int) -> Archive:
         archive = Archive(self, budget)
         self.archives.add(archive)
+        return archive
+
+    def restore(self, meta: dict, tensors: dict[str, torch.Tensor]) -> Archive:
+        """An archive from Archive.state (a session file), checked against this store's shape and dtype; the
+        memory bound then holds as after a step. Raises ValueError saying what does not fit."""
+        spans = meta.get("spans")
+        if not isinstance(spans, list) or not all(isinstance(s, list) and len(s) == 2 and 0 <= s[0] <= s[1] <= BLOCK
+                                                  for s in spans):
+            raise ValueError("its archive's block spans are invalid")
+        budget, steps = meta.get("budget"), meta.get("decode_steps")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (budget, steps)) or not budget:
+            raise ValueError("its archive's budget or decode step count is invalid")
+        like = _Block(self.shape, self.dtype, False)
+        for name in _Block.TENSORS:
+            t, want = tensors.get(f"archive.{name}"), getattr(like, name)
+            if spans and (t is None or t.dtype != want.dtype or t.shape != (len(spans), *want.shape)):
+                raise ValueError(f"its archive tensor {name!r} is missing or is not this engine's shape and dtype")
+        archive = self.open(budget)
+        archive.decode_steps = steps
+        for i, (start, end) in enumerate(spans):
+            block = _Block(self.shape, self.dtype, self.pin)
+            for name in _Block.TENSORS:
+                getattr(block, name).copy_(tensors[f"archive.{name}"][i])
+            block.start, block.end = start, end
+            archive.blocks.append(block)
+            archive.size += end - start
+        self.tokens += archive.size
+        archive.drop_oldest(archive.size - archive.budget)
+        self.hold_memory()
         return archive
 
     # --- hooks -------------------------------------------------------------------------------------
@@ -213,6 +269,10 @@ class ArchiveStore:
         for _, archive, due in (self.step.decodes if self.step else ()):
             archive.decode_steps += 1
         self._pending, self.step = [], None
+        self.hold_memory()
+
+    def hold_memory(self) -> None:
+        """All archives within `memory` bytes: the largest loses its oldest tokens first (parked ones too)."""
         while self.memory is not None and self.bytes_used > self.memory and self.archives:
             largest = max(self.archives, key=lambda a: a.size)
             largest.drop_oldest(min(BLOCK, largest.size))

@@ -227,7 +227,7 @@ class Engine:
         self.attention = RingAttention(self.pool, self.policy, scale=self.config.head_dim**-0.5, seed=seed,
                                        num_slots=max_num_seqs + int(use_graphs), max_budget=self.budget)
         self.archive = self._make_archive()
-        self.attention.archive = self.archive
+        self.attention.archive = self.sessions.archives = self.archive
         self.runner = ModelRunner(self.model, self.attention, self.batch, self.device, use_cuda_graphs=use_graphs,
                                   workers=self.workers)
         self.sampler = Sampler()
@@ -714,7 +714,7 @@ class Engine:
     def _forget_finished(self, req: Request) -> None:
         del self._requests[req.request_id]
         self._sinks.pop(req.request_id, None)
-        if req.archive is not None:  # its host memory is free for the others
+        if req.archive is not None and not req.archive.parked:  # its host memory is free for the others
             req.archive.close()
         req.metrics.finished_time = time.monotonic()
         self._counters["evicted_tokens"] += req.num_evicted_tokens

@@ -133,6 +133,7 @@ class Scheduler:
         self.batch.write_blocks([req.slot] * n, list(range(n)), req.blocks)
         self.batch.position[req.slot] = cached
         self.sessions.policy.load_ring_state(req.slot, ring.policy_state)
+        req.archive = self.sessions.take_archive(ring, req.archive, cached)
 
     def _chunk_end(self, req: Request) -> int:
         """Where the current chunk of a prompt ends: the next multiple of `chunk`, or the prompt's end."""
@@ -170,7 +171,7 @@ class Scheduler:
                 # steps parks it. The history is kept either way.
                 parked = self.sessions.finish(req.session, req.prompt_ids + req.output_ids, slot=req.slot,
                                               num_processed=req.num_processed, ring_size=req.ring_size,
-                                              keep_ring=reason != "error")
+                                              keep_ring=reason != "error", archive=req.archive)
             if not parked:
                 self.pool.release(req.slot)
             self.batch.release(req.slot)

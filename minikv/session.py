@@ -78,6 +78,7 @@ class ParkedRing:
     num_processed: int  # tokens the ring has read: positions 0..num_processed-1
     ring_size: int  # slots it may hold (the ring size of the request that parked it)
     policy_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    archive: object | None = None  # the minikv.archive.Archive its request kept, parked with the ring
 
     @property
     def filled(self) -> int:
@@ -155,6 +156,7 @@ class SessionStore:
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.counters = SessionCounters()
         self._owners = itertools.count(PARKED_OWNER_BASE)
+        self.archives = None  # the engine's minikv.archive.ArchiveStore (None: no archives), for restoring them
 
     # --- gauges ----------------------------------------------------------------------------------
     @property
@@ -206,9 +208,10 @@ class SessionStore:
             self.counters.misses += 1
 
     def finish(self, session: Session, token_ids: list[int], *, slot: int | None, num_processed: int,
-               ring_size: int, keep_ring: bool) -> bool:
+               ring_size: int, keep_ring: bool, archive=None) -> bool:
         """The session's request ended; its history becomes `token_ids`. With `keep_ring` its ring (in batch
-        slot `slot`) is parked. Returns whether the slot's blocks were taken: if not, the caller frees them."""
+        slot `slot`) is parked, and its KV `archive` (if it kept one) with it. Returns whether the slot's blocks
+        were taken: if not, the caller frees them (and closes the archive)."""
         session.request_id = None
         session.token_ids = list(token_ids)
         session.text = None
@@ -217,10 +220,32 @@ class SessionStore:
             state = self.policy.ring_state(slot)
             owner = next(self._owners)
             blocks = self.pool.park(slot, owner)
-            session.ring = ParkedRing(owner, blocks, num_processed, ring_size, state)
+            session.ring = ParkedRing(owner, blocks, num_processed, ring_size, state, archive)
+            if archive is not None:
+                archive.parked = True
         if session.session_id in self.sessions:
             self.sessions.move_to_end(session.session_id)
         self._enforce_limits()
+        return parked
+
+    @staticmethod
+    def take_archive(ring: ParkedRing, own, cached: int):
+        """The archive of the request that takes over `ring`, whose prompt continues at position `cached`: the
+        ring's parked archive, continued (its newest tokens past `cached` dropped, the request's own budget,
+        its recall count from 0), if the request keeps an archive (`own`, freshly opened and then closed);
+        else `own`, and a parked archive nobody continues is freed."""
+        parked, ring.archive = ring.archive, None
+        if parked is None:
+            return own
+        if own is None:
+            parked.close()
+            return None
+        own.close()
+        parked.parked = False
+        parked.truncate(cached)
+        parked.budget = own.budget
+        parked.drop_oldest(parked.size - parked.budget)
+        parked.recalled = 0
         return parked
 
     def cancel(self, session: Session) -> None:
@@ -246,7 +271,11 @@ class SessionStore:
                 self.counters.released_by_pressure += 1
 
     def _release(self, session: Session) -> None:
+        """Free a parked ring's blocks and its archive: the session's next turn prefills its history again,
+        and a request that keeps an archive fills a new one as it does."""
         self.pool.release(session.ring.owner)
+        if session.ring.archive is not None:
+            session.ring.archive.close()
         session.ring = None
 
     def close(self, session_id: str) -> bool:
@@ -281,11 +310,15 @@ class SessionStore:
                 tensors[f"ring.{name}"] = read_ring(self.pool, name, ring.blocks, ring.filled).cpu().contiguous()
             for name, value in ring.policy_state.items():
                 tensors[f"policy.{name}"] = value.cpu().contiguous()
+        archive_meta = None
+        if ring is not None and ring.archive is not None:
+            archive_meta, archive_tensors = ring.archive.state()
+            tensors.update(archive_tensors)
         meta = dict(format=FILE_FORMAT, version=FILE_VERSION, session_id=session.session_id,
                     kv_budget=session.kv_budget, token_ids=session.token_ids, identity=identity,
                     positions=session.positions,
                     ring=None if ring is None else dict(num_processed=ring.num_processed, ring_size=ring.ring_size,
-                                                        num_blocks=len(ring.blocks)))
+                                                        num_blocks=len(ring.blocks), archive=archive_meta))
         try:
             directory.mkdir(parents=True, exist_ok=True)
             tensor_path, json_path = directory / f"{stem}.safetensors", directory / f"{stem}.json"
@@ -341,15 +374,25 @@ class SessionStore:
             if t is None or t.dtype != pool_t.dtype or t.shape != (pool_t.shape[0], filled, *pool_t.shape[3:]):
                 raise SessionFileError(f"the session file's ring tensor {name!r} is missing or has another shape "
                                        "or dtype than this engine's pool")
+        archive_meta = ring_meta.get("archive")
+        if archive_meta is not None and not isinstance(archive_meta, dict):
+            raise SessionFileError("the session file's archive description is invalid")
         self.release_for(num_blocks)
         if num_blocks > self.pool.num_unreserved:
-            return None  # no room now: the history alone comes back, the next turn prefills it
+            return None  # no room now: the history alone comes back, the next turn prefills it (and its archive)
+        archive = None
+        if archive_meta is not None and self.archives is not None:  # an engine without archives drops it
+            try:
+                archive = self.archives.restore(archive_meta, tensors)
+            except ValueError as err:
+                raise SessionFileError(f"the session file's KV archive does not fit this engine: {err}") from None
+            archive.parked = True
         owner = next(self._owners)
         blocks = self.pool.take(owner, num_blocks)
         for name in names:
             write_ring(self.pool, name, blocks, tensors[f"ring.{name}"])
         return ParkedRing(owner, blocks, int(ring_meta["num_processed"]), int(ring_meta["ring_size"]),
-                          {name: t.to(self.pool.k.device) for name, t in state.items()})
+                          {name: t.to(self.pool.k.device) for name, t in state.items()}, archive)
 
 
 def session_file_stem(session_id: str) -> str:
