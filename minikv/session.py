@@ -6,7 +6,9 @@ positions, scores, held marks and edges live in its blocks; the policy's per-rin
 the batch slot) and the token ids the session has seen. The session's next request sends the whole
 conversation (or `append=True`: only its new tokens); the longest prefix of it the ring has already read
 is not computed again: the parked ring moves into the new request's batch slot and prefill starts at the
-first new token, at the position after the last one the ring read. Eviction carries on as one stream.
+first new token, at the position after the last one the ring read. Eviction carries on as one stream. A
+request's KV archive (minikv.archive) parks with its ring and goes where the ring goes (taken over, saved,
+restored, released).
 
     turn 1   prompt 0..99, generates 100..119            ring reads 0..118 (119 was sampled, never fed)
     park     blocks stay in the pool, owner = the session; policy state copied; ids 0..119 kept
