@@ -14,7 +14,8 @@ while the archive holds it.
 Bounds: a request's archive holds its last `archive_budget` tokens (SamplingParams; 0 = off); all archives
 together hold at most `archive_memory` bytes (Engine), the largest archive losing its oldest tokens first.
 Bytes per token: `bytes_per_token` (K and V in the pool's dtype for every layer and KV head, the position,
-and the blocks' fp32 key min/max spread over BLOCK tokens).
+and the blocks' fp32 key min/max spread over BLOCK tokens). The block bounds and the swap have Triton
+kernels beside their torch references (kernels/archive_score.py, kernels/archive_swap.py).
 
 Under positions="ring" a recalled token keeps its text position (`pos`) and takes its rank among the ring's
 tokens by that position: after a swap the ring's slots are ranked again (one sort per layer and KV head), so
@@ -342,7 +343,7 @@ def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, p
     bound = block_bounds(qh, kmin.transpose(0, 1), kmax.transpose(0, 1))  # [H, B]
     take = bound.shape[1] if recall_blocks is None else min(recall_blocks, bound.shape[1])
     best = bound.topk(take, dim=1).indices.tolist()
-    swapped = 0
+    swapped, swaps = 0, []
     for h in range(num_kv_heads):
         chosen = [blocks[i] for i in sorted(best[h])]
         pos = torch.cat([b.pos[b.start: b.end] for b in chosen]).to(device)
@@ -368,11 +369,15 @@ def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, p
         all_pos = torch.cat([b.pos[b.start: b.end] for b in chosen]).to(device)
         values = torch.cat([b.v[layer, h, b.start: b.end] for b in chosen]).to(device)
         all_keys = torch.cat([b.k[layer, h, b.start: b.end] for b in chosen]).to(device)
-        _write(pool, rows[out_slots], h, all_keys[sel], values[sel], all_pos[sel],
-               pool.rows("score")[rows, h].max())
-        swapped += out_slots.numel()
-    if ring_positions and swapped:
-        rerank(pool, rows)
+        n = out_slots.numel()
+        # a score as high as the ring's best, so the policy does not evict them at once
+        swaps.append((rows[out_slots], torch.full((n,), h, dtype=torch.int32, device=device), all_keys[sel],
+                      values[sel], all_pos[sel], pool.rows("score")[rows, h].max().expand(n)))
+        swapped += n
+    if swapped:
+        swap(pool, *(torch.cat(parts) for parts in zip(*swaps)))
+        if ring_positions:
+            rerank(pool, rows)
     return swapped
 
 
@@ -393,16 +398,12 @@ def block_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> tor
     return torch.maximum(q[:, None] * kmin[:, :, None], q[:, None] * kmax[:, :, None]).sum(-1).amax(-1)
 
 
-def _write(pool: PoolLayer, rows: torch.Tensor, h: int, k, v, pos, score) -> None:
-    """Recalled tokens into ring rows of KV head h: their K/V, text position (also their RoPE position), a
-    score as high as the ring's best (so the policy does not evict them at once), no mark, no out-edges."""
-    pool.rows("k")[rows, h] = k.to(pool.k.dtype)
-    pool.rows("v")[rows, h] = v.to(pool.v.dtype)
-    pool.rows("pos")[rows, h] = pos.to(torch.int32)
-    if pool.rope_pos is not None:
-        pool.rows("rope_pos")[rows, h] = pos.to(torch.int32)
-    pool.rows("score")[rows, h] = score
-    pool.rows("held")[rows, h] = 0
-    pool.rows("edge_slot")[rows, h] = -1
-    pool.rows("edge_pos")[rows, h] = -1
-    pool.rows("edge_w")[rows, h] = 0.0
+def swap(pool: PoolLayer, rows, heads, k, v, pos, score) -> None:
+    """Recalled tokens into ring rows (kernels.archive_swap): Triton where the kernels run Triton."""
+    from . import kernels
+    from .kernels.archive_swap import swap_reference, swap_triton
+
+    if kernels.kernel_backend(pool.k.device) == "triton":
+        swap_triton(pool, rows, heads, k, v, pos, score)
+    else:
+        swap_reference(pool, rows, heads, k, v, pos, score)

@@ -4,14 +4,14 @@ The interpreter (TRITON_INTERPRET=1) runs kernels as NumPy and never sees what o
 loop-carried types, constexpr-only control flow, layouts of reshapes and dots, int64 / uint32 promotion.
 This tool runs the real Triton frontend, its MLIR passes and the ptxas bundled with the `triton` wheel
 (no CUDA driver needed) for every policy x dtype x split-K setting of the decode kernel, the prefill
-kernel's variants, the sampler's fused draw and the archive's block bounds, and fails on the first variant
-that does not compile. Nothing is launched.
+kernel's variants, the sampler's fused draw and the archive's block bounds and swap, and fails on the first
+variant that does not compile. Nothing is launched.
 
 It replaces Triton's active driver with a stub that only names a target, and makes every kernel launch a
 compile-only warm-up (JITFunction.run with warmup=True): both are Triton internals, checked with Triton
 3.6.0 and 3.7.1. About 4-6 minutes on one CPU core; compiled kernels go to a temporary cache.
 
-    python tools/compile_kernels.py [--arch 90] [--quick]
+    python tools/compile_kernels.py [--arch 90] [--quick] [--only decode,prefill,sampling,archive]
 """
 
 from __future__ import annotations
@@ -76,11 +76,19 @@ def pool_and_tables(num_seqs, blocks_per_seq, block_size, num_kv_heads, head_dim
     return pool, tables
 
 
+GROUPS = ("decode", "prefill", "sampling", "archive")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
     parser.add_argument("--quick", action="store_true", help="bf16 only, nexus and streaming only")
+    parser.add_argument("--only", default=",".join(GROUPS), metavar="GROUPS",
+                        help="comma-separated kernel groups to compile, of %(default)s (default: all)")
     args = parser.parse_args()
+    only = {g.strip() for g in args.only.split(",") if g.strip()}
+    if not only or not only <= set(GROUPS):
+        parser.error(f"--only takes groups among {', '.join(GROUPS)}, got {args.only!r}")
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="minikv-compile-"))
 
     import torch
@@ -100,6 +108,7 @@ def main() -> int:
 
     dtypes = (torch.bfloat16,) if args.quick else (torch.float16, torch.bfloat16)
     names = ("nexus", "streaming") if args.quick else [n for n in POLICIES if n != "full"]
+    names = names if "decode" in only else ()
     start = time.time()
     for name in names:
         spec = make_policy(name).eviction_spec()
@@ -114,7 +123,7 @@ def main() -> int:
                                                   scale=0.1, new_score=new_score, block_keys=64, num_splits=splits,
                                                   rope=rope, q_pos=ints, ring=ring)
         print(f"decode  {name:10s} compiled ({time.time() - start:.0f} s)", flush=True)
-    for dtype in dtypes:
+    for dtype in dtypes if "prefill" in only else ():
         for top_m, obs_rows in ((0, 0), (8, 32)):
             for group in (1, 4, 8):
                 pool, tables = pool_and_tables(1, 8, 16, 8, 128, 1, dtype)
@@ -124,16 +133,27 @@ def main() -> int:
                                                  top_m=top_m, obs_rows=obs_rows,
                                                  block_q=max(1, 64 // triton.next_power_of_2(group)), block_k=64,
                                                  rope=rope, rope_pos=torch.arange(100, 200, dtype=torch.int32))
-    print(f"prefill compiled ({time.time() - start:.0f} s)")
+    if "prefill" in only:
+        print(f"prefill compiled ({time.time() - start:.0f} s)")
     sampling = importlib.import_module("minikv.kernels.sampling")
-    for dtype in (torch.float32, torch.bfloat16):  # the engine samples fp32 logits; the kernel takes any float
+    for dtype in (torch.float32, torch.bfloat16) if "sampling" in only else ():  # fp32 logits; any float works
         seeds = torch.zeros(2, dtype=torch.int64)
         sampling.gumbel_argmax_triton(torch.zeros(2, 49152, dtype=dtype), seeds, seeds, block=4096)
-    print(f"sampling compiled ({time.time() - start:.0f} s)")
+    if "sampling" in only:
+        print(f"sampling compiled ({time.time() - start:.0f} s)")
     archive = importlib.import_module("minikv.kernels.archive_score")
-    for dim in (64, 128):  # the recall's block bounds (minikv.archive), at SmolLM2's and Llama's head_dim
+    swap = importlib.import_module("minikv.kernels.archive_swap")
+    for dim in (64, 128) if "archive" in only else ():  # recall (minikv.archive) at SmolLM2's and Llama's head_dim
         archive.block_bound_triton(torch.zeros(2, 3, dim), torch.zeros(2, 5, dim), torch.zeros(2, 5, dim))
-    print(f"archive scoring compiled ({time.time() - start:.0f} s)")
+        for dtype in dtypes + (torch.float32,):
+            for top_m in (1, 8):  # policies without edges keep one
+                pool, _ = pool_and_tables(1, 2, 16, 8, dim, top_m, dtype)
+                n = 3
+                swap.swap_triton(pool, torch.arange(n), torch.zeros(n, dtype=torch.int32),
+                                 torch.zeros(n, dim, dtype=dtype), torch.zeros(n, dim, dtype=dtype),
+                                 torch.zeros(n, dtype=torch.int32), torch.zeros(n))
+    if "archive" in only:
+        print(f"archive scoring and swap compiled ({time.time() - start:.0f} s)")
     print(f"{len(compiled)} launches compiled for sm_{args.arch} with Triton {triton.__version__}: "
           f"{', '.join(sorted(set(compiled)))}")
     return 0
