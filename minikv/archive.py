@@ -170,6 +170,9 @@ class ArchiveStore:
         self.recalled_total = 0  # for /metrics
         self.step: ArchiveStep | None = None
         self._pending: list[_Pending] = []
+        # a list to record every swap in: (layer, KV heads [n], positions recalled [n]) on the host, for tools
+        # that mark recalled tokens (tools/kv_heatmap.py); None: nothing is recorded
+        self.trace: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def bytes_used(self) -> int:
@@ -238,7 +241,7 @@ class ArchiveStore:
                     self._count(archive, recall(archive, layer, q[row: row + 1], pos, pool, table, filled,
                                                attention._rope, attention.scale, attention.policy.n_sink,
                                                attention.policy.window, spec.hold, self.recall_blocks,
-                                               ring_positions=ranked))
+                                               ring_positions=ranked, trace=self.trace))
         for i, archive in step.prefills:
             seg = plan.prefills[i]
             if seg.ends_prompt and seg.filled == seg.ring_size and seg.filled:
@@ -249,7 +252,7 @@ class ArchiveStore:
                 self._count(archive, recall(archive, layer, q[start: start + rows], pos, pool, seg.table, seg.filled,
                                            attention._rope, attention.scale, attention.policy.n_sink,
                                            attention.policy.window, spec.hold, self.recall_blocks,
-                                           ring_positions=seg.ring_positions))
+                                           ring_positions=seg.ring_positions, trace=self.trace))
         for p in self._pending:
             p.k.append(k[p.rows])
             p.v.append(v[p.rows])
@@ -311,7 +314,7 @@ def rotated(k: torch.Tensor, pos: torch.Tensor, rope: Rope | None) -> torch.Tens
 
 def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, pool: PoolLayer, table: torch.Tensor,
            filled: int, rope: Rope | None, scale: float, n_sink: int, window: int, hold: bool,
-           recall_blocks: int | None, *, ring_positions: bool = False) -> int:
+           recall_blocks: int | None, *, ring_positions: bool = False, trace: list | None = None) -> int:
     """Swap into one full ring (one layer) the archive tokens whose logit under the queries q [R, Hq, D]
     (unrotated, at q_pos [R]) beats its weakest unprotected slots, per KV head; return the slots overwritten.
 
@@ -323,7 +326,8 @@ def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, p
     Scoring is in text positions whatever the request's mode: queries at q_pos (their text positions), ring
     and archive keys at their tokens' positions, so the ring and the archive are ranked on one scale. Under
     positions="ring" (`ring_positions`) the ring's slots 0..filled-1 then take their ranks again, by text
-    position: a recalled token slots in among the kept ones where its position puts it."""
+    position: a recalled token slots in among the kept ones where its position puts it. `trace`: a list
+    that gets (layer, KV heads, positions) of the swap, on the host."""
     blocks = [b for b in archive.blocks if b.end > b.start]
     if not blocks:
         return 0
@@ -375,9 +379,12 @@ def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, p
                       values[sel], all_pos[sel], pool.rows("score")[rows, h].max().expand(n)))
         swapped += n
     if swapped:
-        swap(pool, *(torch.cat(parts) for parts in zip(*swaps)))
+        out_rows, heads, keys, values, pos, score = (torch.cat(parts) for parts in zip(*swaps))
+        swap(pool, out_rows, heads, keys, values, pos, score)
         if ring_positions:
             rerank(pool, rows)
+        if trace is not None:
+            trace.append((layer, heads.cpu(), pos.cpu()))
     return swapped
 
 

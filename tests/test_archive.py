@@ -242,10 +242,10 @@ def _random_pool(gen: torch.Generator, dtype: torch.dtype, blocks=5, block_size=
 
     shape = (blocks, block_size, heads)
     ints = lambda *s: torch.randint(0, 1000, s, generator=gen, dtype=torch.int32)  # noqa: E731
-    return PoolLayer(torch.randn(*shape, dim, generator=gen).to(dtype), torch.randn(*shape, dim, generator=gen).to(dtype),
-                     ints(*shape), torch.rand(*shape, generator=gen), ints(*shape, edges), ints(*shape, edges),
-                     torch.rand(*shape, edges, generator=gen), torch.randint(0, 2, shape, generator=gen, dtype=torch.int8),
-                     ints(*shape) if rope_pos else None)
+    k, v = torch.randn(2, *shape, dim, generator=gen).to(dtype)
+    held = torch.randint(0, 2, shape, generator=gen, dtype=torch.int8)
+    return PoolLayer(k, v, ints(*shape), torch.rand(*shape, generator=gen), ints(*shape, edges), ints(*shape, edges),
+                     torch.rand(*shape, edges, generator=gen), held, ints(*shape) if rope_pos else None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -59,3 +59,26 @@ def test_without_matplotlib_the_error_says_how_to_install_it(monkeypatch, tmp_pa
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     with pytest.raises(kv_heatmap.ConfigError, match=r"pip install minikv\[plot\]"):
         kv_heatmap.draw(torch.ones(2, 8, dtype=torch.bool), 1, None, 4, "t", tmp_path / "x.png")
+
+
+def test_recalled_and_held_marks_recalled_positions_the_ring_still_holds():
+    positions = torch.tensor([[[0, 2, 7, 5], [1, 2, 3, 9]]])  # 1 layer, 2 KV heads
+    trace = [(0, torch.tensor([0, 1]), torch.tensor([2, 4])),  # head 1 recalled 4, then lost it again
+             (0, torch.tensor([1, 1]), torch.tensor([3, 9]))]  # 9 is generated: not a prompt position
+    marks = kv_heatmap.recalled_and_held(trace, positions, prompt_len=6)
+    assert marks.tolist() == [[False, False, True, False, False, False], [False, False, False, True, False, False]]
+
+
+def test_tool_marks_recalled_tokens_with_an_archive(tmp_path, one_torch_thread):
+    model = tiny_checkpoint(tmp_path / "tiny")
+    (tmp_path / "prompt.txt").write_text("The cat sat on the mat. " * 14)
+    out, raw = tmp_path / "map.png", tmp_path / "map.json"
+    result = kv_heatmap.main([str(model), "--budget", "96", "--chunk", "64", "--gen", "24", "--archive", "4",
+                              "--recall-interval", "4", "--prompt-file", str(tmp_path / "prompt.txt"),
+                              "--output", str(out), "--json", str(raw), "--device", "cpu", "--positions", "ring"])
+    assert out.read_bytes()[:4] == b"\x89PNG" and result["archive_budget"] == 384
+    data = json.loads(raw.read_text())
+    positions = torch.tensor(data["positions"]).flatten(0, 1)
+    assert sum(len(r) for r in data["recalled"]) == result["recalled_held"] > 0
+    for row, marked in zip(positions, data["recalled"]):
+        assert set(marked) <= set(row.tolist())  # a mark is a position its ring holds at the end

