@@ -183,12 +183,14 @@ class ArchiveStore:
         self.archives.add(archive)
         return archive
 
-    def restore(self, meta: dict, tensors: dict[str, torch.Tensor]) -> Archive:
-        """An archive from Archive.state (a session file), checked against this store's shape and dtype; the
-        memory bound then holds as after a step. Raises ValueError saying what does not fit."""
+    def check(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Raise ValueError, saying what, unless Archive.state's `meta` and `tensors` fit this store."""
         spans = meta.get("spans")
-        if not isinstance(spans, list) or not all(isinstance(s, list) and len(s) == 2 and 0 <= s[0] <= s[1] <= BLOCK
-                                                  for s in spans):
+        def valid(span) -> bool:
+            return (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
+                    and 0 <= span[0] <= span[1] <= BLOCK)
+
+        if not isinstance(spans, list) or not all(valid(span) for span in spans):
             raise ValueError("its archive's block spans are invalid")
         budget, steps = meta.get("budget"), meta.get("decode_steps")
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (budget, steps)) or not budget:
@@ -198,8 +200,14 @@ class ArchiveStore:
             t, want = tensors.get(f"archive.{name}"), getattr(like, name)
             if spans and (t is None or t.dtype != want.dtype or t.shape != (len(spans), *want.shape)):
                 raise ValueError(f"its archive tensor {name!r} is missing or is not this engine's shape and dtype")
-        archive = self.open(budget)
-        archive.decode_steps = steps
+
+    def restore(self, meta: dict, tensors: dict[str, torch.Tensor]) -> Archive:
+        """An archive from Archive.state (a session file), checked first (`check`); the memory bound then
+        holds as after a step."""
+        self.check(meta, tensors)
+        spans = meta["spans"]
+        archive = self.open(meta["budget"])
+        archive.decode_steps = meta["decode_steps"]
         for i, (start, end) in enumerate(spans):
             block = _Block(self.shape, self.dtype, self.pin)
             for name in _Block.TENSORS:

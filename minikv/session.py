@@ -377,17 +377,21 @@ class SessionStore:
                 raise SessionFileError(f"the session file's ring tensor {name!r} is missing or has another shape "
                                        "or dtype than this engine's pool")
         archive_meta = ring_meta.get("archive")
-        if archive_meta is not None and not isinstance(archive_meta, dict):
-            raise SessionFileError("the session file's archive description is invalid")
+        if archive_meta is not None and self.archives is None:
+            archive_meta = None  # an engine without archives restores the ring alone
+        if archive_meta is not None:
+            try:
+                if not isinstance(archive_meta, dict):
+                    raise ValueError("its description is not an object")
+                self.archives.check(archive_meta, tensors)
+            except ValueError as err:
+                raise SessionFileError(f"the session file's KV archive does not fit this engine: {err}") from None
         self.release_for(num_blocks)
         if num_blocks > self.pool.num_unreserved:
             return None  # no room now: the history alone comes back, the next turn prefills it (and its archive)
         archive = None
-        if archive_meta is not None and self.archives is not None:  # an engine without archives drops it
-            try:
-                archive = self.archives.restore(archive_meta, tensors)
-            except ValueError as err:
-                raise SessionFileError(f"the session file's KV archive does not fit this engine: {err}") from None
+        if archive_meta is not None:
+            archive = self.archives.restore(archive_meta, tensors)
             archive.parked = True
         owner = next(self._owners)
         blocks = self.pool.take(owner, num_blocks)

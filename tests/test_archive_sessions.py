@@ -114,11 +114,13 @@ def test_a_session_file_without_an_archive_still_loads_and_a_damaged_archive_is_
     turn(e, tokens(random.Random(3), 60), params(), session_id="t")
     path = e.save_session("t", tmp_path)
     meta = json.loads(open(path).read())
-    meta["ring"]["archive"]["spans"][0] = [5, 99]
-    open(path, "w").write(json.dumps(meta))
-    with pytest.raises(SessionFileError, match="archive"):
-        other.restore_session(path)
-    assert other.session("t") is None and other.archive.tokens == 0  # nothing changed
+    for bad in ([5, 99], ["0", 3], None):
+        meta["ring"]["archive"]["spans"][0] = bad
+        open(path, "w").write(json.dumps(meta))
+        with pytest.raises(SessionFileError, match="archive"):
+            other.restore_session(path)
+        assert other.session("t") is None and other.archive.tokens == 0  # nothing changed
+        assert other.session("s").parked  # its parked ring untouched
 
 
 def test_a_released_ring_frees_its_archive_and_the_next_turn_rebuilds_it_from_history(loaded):
