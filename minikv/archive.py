@@ -25,6 +25,7 @@ scoring itself is in text positions in both modes.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -62,8 +63,8 @@ class _Block:
 class Archive:
     """One request's archive: blocks of BLOCK tokens, oldest first, at most `budget` live tokens."""
 
-    def __init__(self, store: ArchiveStore, budget: int):
-        self.store, self.budget = store, budget
+    def __init__(self, store: ArchiveStore, budget: int, archive_id: int):
+        self.store, self.budget, self.id = store, budget, archive_id
         self.blocks: list[_Block] = []
         self.size = 0  # live tokens
         self.recalled = 0  # ring slots overwritten by recall, summed over layers and KV heads
@@ -105,6 +106,7 @@ class Archive:
     def truncate(self, end: int) -> None:
         """Drop the newest tokens, those at positions >= end (a session continuing from an earlier point).
         The summaries still cover them: a looser bound, never a wrong one."""
+        self.store.record(("truncate", self.id, end))
         while self.blocks:
             block = self.blocks[-1]
             keep = int((block.pos[block.start: block.end] < end).sum())
@@ -116,13 +118,21 @@ class Archive:
                 return
             self.blocks.pop()
 
+    def set_budget(self, budget: int) -> None:
+        """Hold at most `budget` tokens from now on (its oldest go)."""
+        self.store.record(("budget", self.id, budget))
+        self.budget = budget
+        self.drop_oldest(self.size - budget)
+
     def close(self) -> None:
         """Free every block (at finish or abort)."""
         if not self.closed:
+            self.store.record(("close", self.id))
             self.drop_oldest(self.size)
             self.blocks.clear()
             self.closed = True
             self.store.archives.discard(self)
+            self.store.by_id.pop(self.id, None)
 
     def positions(self) -> torch.Tensor:
         """The live tokens' positions, oldest first (tests and tools)."""
@@ -150,6 +160,17 @@ class _Pending:
 
 
 @dataclass
+class ArchiveMessage:
+    """The other ranks' share of a step's archive work under tensor parallelism (StepPlan.archive): the
+    archive operations rank 0 made since the last step, in order ("open", id, budget), ("close", id),
+    ("truncate", id, end), ("budget", id, budget), and the step's ArchiveStep by archive id."""
+
+    ops: list[tuple] = field(default_factory=list)
+    decodes: list[tuple[int, int, bool]] = field(default_factory=list)  # (decode row, archive id, recall now)
+    prefills: list[tuple[int, int]] = field(default_factory=list)  # (index in plan.prefills, archive id)
+
+
+@dataclass
 class ArchiveStep:
     """What one step does with archives, made by the model runner: which rows append, which recall."""
 
@@ -158,7 +179,13 @@ class ArchiveStep:
 
 
 class ArchiveStore:
-    """Every request's archive, the engine's memory bound, and the hooks the attention call point runs."""
+    """Every request's archive, the engine's memory bound, and the hooks the attention call point runs.
+
+    Under tensor parallelism every rank has one, of its own KV heads, and each recalls into its own heads'
+    rings (recall decides per KV head, so no rank needs another's keys). Rank 0 decides everything else and
+    records it (`log`); the step's message carries the record (ArchiveMessage) and the other ranks replay it
+    (`begin_remote`), so every rank's archives hold the same tokens. The recall counts are summed over the
+    ranks by one all-reduce on the steps that recall (`tp`)."""
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  memory: int, recall_interval: int, recall_blocks: int | None = None, pin: bool = False):
@@ -166,6 +193,12 @@ class ArchiveStore:
         self.bytes_per_token = bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
         self.memory, self.recall_interval, self.recall_blocks = memory, recall_interval, recall_blocks
         self.archives: set[Archive] = set()
+        self.by_id: dict[int, Archive] = {}
+        self._ids = itertools.count()
+        self.log: list[tuple] | None = None  # rank 0 under tensor parallelism: the operations to replay
+        self.tp = None  # minikv.distributed.TPGroup under tensor parallelism: recall counts are summed over it
+        self._step_counts: dict[int, int] = {}  # archive id -> slots its recall overwrote this step (under tp)
+        self._plan = None  # the step's StepPlan
         self.tokens = 0  # live tokens over every archive
         self.recalled_total = 0  # for /metrics
         self.step: ArchiveStep | None = None
@@ -178,10 +211,47 @@ class ArchiveStore:
     def bytes_used(self) -> int:
         return self.tokens * self.bytes_per_token
 
-    def open(self, budget: int) -> Archive:
-        archive = Archive(self, budget)
+    def open(self, budget: int, archive_id: int | None = None) -> Archive:
+        archive = Archive(self, budget, next(self._ids) if archive_id is None else archive_id)
+        self.record(("open", archive.id, budget))
         self.archives.add(archive)
+        self.by_id[archive.id] = archive
         return archive
+
+    def record(self, op: tuple) -> None:
+        if self.log is not None:
+            self.log.append(op)
+
+    def message(self, step: ArchiveStep | None) -> ArchiveMessage | None:
+        """Rank 0: the step's message for the other ranks (None: nothing happened to any archive)."""
+        if not self.log and step is None:
+            return None
+        ops, self.log = self.log, []
+        if step is None:
+            return ArchiveMessage(ops)
+        return ArchiveMessage(ops, [(row, a.id, due) for row, a, due in step.decodes],
+                              [(i, a.id) for i, a in step.prefills])
+
+    def begin_remote(self, plan) -> None:
+        """Another rank: replay rank 0's operations and begin the step it describes (plan.archive)."""
+        message = plan.archive
+        if message is None:
+            self.begin_step(None, plan)
+            return
+        for op in message.ops:
+            if op[0] == "open":
+                self.open(op[2], archive_id=op[1])
+            elif op[0] == "close":
+                self.by_id[op[1]].close()
+            elif op[0] == "truncate":
+                self.by_id[op[1]].truncate(op[2])
+            elif op[0] == "budget":
+                self.by_id[op[1]].set_budget(op[2])
+            else:
+                raise ValueError(f"unknown archive operation {op!r}")
+        step = ArchiveStep([(row, self.by_id[i], due) for row, i, due in message.decodes],
+                           [(s, self.by_id[i]) for s, i in message.prefills])
+        self.begin_step(step if step.decodes or step.prefills else None, plan)
 
     def check(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Raise ValueError, saying what, unless Archive.state's `meta` and `tensors` fit this store."""
@@ -222,7 +292,7 @@ class ArchiveStore:
 
     # --- hooks -------------------------------------------------------------------------------------
     def begin_step(self, step: ArchiveStep | None, plan) -> None:
-        self.step, self._pending = step, []
+        self.step, self._pending, self._plan, self._step_counts = step, [], plan, {}
         if step is None:
             return
         for row, archive, _ in step.decodes:
@@ -266,8 +336,23 @@ class ArchiveStore:
             p.v.append(v[p.rows])
 
     def _count(self, archive: Archive, swapped: int) -> None:
+        if self.tp is not None:  # summed over the ranks at the step's end
+            self._step_counts[archive.id] = self._step_counts.get(archive.id, 0) + swapped
+            return
         archive.recalled += swapped
         self.recalled_total += swapped
+
+    def _sum_counts_over_ranks(self, step: ArchiveStep, device) -> None:
+        """Under tensor parallelism: add every rank's recall counts of the step (one all-reduce, on the steps
+        where a decode is due or a prompt ends: the same steps on every rank, since they run the same plan)."""
+        plan = self._plan
+        due = [a for _, a, d in step.decodes if d] + [a for i, a in step.prefills if plan.prefills[i].ends_prompt]
+        if not due:
+            return
+        counts = torch.tensor([self._step_counts.get(a.id, 0) for a in due], dtype=torch.int64, device=device)
+        for archive, n in zip(due, self.tp.all_reduce(counts).tolist()):
+            archive.recalled += n
+            self.recalled_total += n
 
     def end_step(self, rope: Rope | None) -> None:
         """Append the step's staged tokens to their archives (one host copy each), then hold the memory bound."""
@@ -280,13 +365,15 @@ class ArchiveStore:
             p.archive.append(p.pos.cpu(), k.to("cpu", self.dtype), v.to("cpu", self.dtype), k_rot.cpu())
         for _, archive, due in (self.step.decodes if self.step else ()):
             archive.decode_steps += 1
-        self._pending, self.step = [], None
+        if self.tp is not None and self.step is not None:
+            self._sum_counts_over_ranks(self.step, plan_device(self._plan))
+        self._pending, self.step, self._plan = [], None, None
         self.hold_memory()
 
     def hold_memory(self) -> None:
         """All archives within `memory` bytes: the largest loses its oldest tokens first (parked ones too)."""
         while self.memory is not None and self.bytes_used > self.memory and self.archives:
-            largest = max(self.archives, key=lambda a: a.size)
+            largest = max(self.archives, key=lambda a: (a.size, -a.id))  # ties: the oldest, on every rank
             largest.drop_oldest(min(BLOCK, largest.size))
 
 
@@ -305,6 +392,8 @@ def archive_step_of(sched, plan, store: ArchiveStore | None) -> ArchiveStep | No
         if archive is not None:
             step.prefills.append((i, archive))
     step = step if step.decodes or step.prefills else None
+    if store.log is not None:  # tensor parallelism: the other ranks replay it from the step's message
+        plan.archive = store.message(step)
     store.begin_step(step, plan)
     return step
 
@@ -422,3 +511,24 @@ def swap(pool: PoolLayer, rows, heads, k, v, pos, score) -> None:
         swap_triton(pool, rows, heads, k, v, pos, score)
     else:
         swap_reference(pool, rows, heads, k, v, pos, score)
+
+
+def make_archive_store(pool, *, memory: int, recall_interval: int, workers=None) -> ArchiveStore:
+    """Rank 0's store for a KV pool (of its own KV heads) and, under tensor parallelism (`workers`), one on
+    every other rank, set up to replay rank 0's record (`memory` is then each rank's bound)."""
+    settings = dict(num_layers=pool.num_layers, num_kv_heads=pool.num_kv_heads, head_dim=pool.head_dim,
+                    dtype=pool.k.dtype, memory=memory, recall_interval=recall_interval)
+    store = ArchiveStore(**settings, pin=pool.k.device.type == "cuda")
+    if workers is not None:
+        store.log, store.tp = [], workers.tp
+        workers.call(_attach_worker_store, (settings,), None)
+    return store
+
+
+def _attach_worker_store(state, settings: dict) -> None:
+    """On another rank (Workers.call): its store, for its own KV heads and pool, summing counts over the group."""
+    from .distributed.group import TPGroup
+
+    store = ArchiveStore(**settings, pin=state.pool.k.device.type == "cuda")
+    store.tp = next(m.tp for m in state.model.modules() if isinstance(getattr(m, "tp", None), TPGroup))
+    state.attention.archive = store

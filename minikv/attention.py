@@ -53,6 +53,7 @@ class StepPlan:
     decode_rope_pos: torch.Tensor | None = None  # [N] int32: its RoPE position (None: decode_pos)
     decode_ring: torch.Tensor | None = None  # [N] bool: rows under positions="ring" (None: none)
     prefills: list[PrefillSegment] = field(default_factory=list)
+    archive: object | None = None  # minikv.archive.ArchiveMessage: the other ranks' share of the archives' work
 
 
 class RingAttention:

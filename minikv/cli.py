@@ -87,8 +87,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
                         "not bound its requests). Default: %s for evicting policies; 'full' always uses "
                         "'original'" % _default_positions())
     g.add_argument("--archive-memory", type=_kv_memory_arg, default=None, metavar="SIZE",
-                   help="host memory of all requests' KV archives together (requests opt in with archive_budget; "
-                        "default: 4x the KV pool)")
+                   help="host memory of all requests' KV archives together, per rank (requests opt in with "
+                        "archive_budget; default: 4x the KV pool)")
     g.add_argument("--archive-budget", type=int, default=None, metavar="TOKENS",
                    help="KV archive of requests that do not set archive_budget: their last TOKENS tokens' K/V kept "
                         "in host memory, evicted ones recalled when a query needs them (default 0: off)")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import RingAttention
-from .archive import ArchiveStore
+from .archive import ArchiveStore, make_archive_store
 from .block_pool import KVPool, bytes_per_block, check_ring_settings, parse_kv_memory, read_kv_memory
 from .config import check_engine_settings
 from .distributed import DistributedError, check_tensor_parallel_size, kv_config, ring_positions, start
@@ -241,14 +241,12 @@ class Engine:
         self._finished_by_reason: dict[str, int] = {}
 
     def _make_archive(self) -> ArchiveStore | None:
-        """The requests' KV archives (host memory; pinned on CUDA): single-rank evicting engines only."""
-        if not self.policy.evicts or self.workers is not None:
+        """The requests' KV archives (host memory; pinned on CUDA), on every rank: evicting engines only."""
+        if not self.policy.evicts:
             return None
         memory, interval = self._archive_settings
-        return ArchiveStore(num_layers=self.config.num_layers, num_kv_heads=self.config.num_kv_heads,
-                            head_dim=self.config.head_dim, dtype=self.pool.k.dtype,
-                            memory=4 * self.pool.total_bytes if memory is None else memory,
-                            recall_interval=interval, pin=self.device.type == "cuda")
+        return make_archive_store(self.pool, memory=4 * self.pool.total_bytes if memory is None else memory,
+                                  recall_interval=interval, workers=self.workers)
 
     def _check_archive(self, params: SamplingParams, positions: str) -> None:
         if params.archive_budget is None:
@@ -256,8 +254,7 @@ class Engine:
             params.archive_budget = self.archive_budget if self.archive is not None else 0
         if not params.archive_budget:
             return
-        why = ("policy 'full' never evicts" if not self.policy.evicts else
-               "tensor parallelism keeps no archive" if self.archive is None else None)
+        why = "policy 'full' never evicts" if self.archive is None else None
         if why:
             raise InvalidRequestError(f"archive_budget={params.archive_budget} asks for a KV archive, but {why}: "
                                       "leave archive_budget at 0")

@@ -67,7 +67,7 @@ class SamplingParams:
         past max_model_len (the ring's memory is the bound). Only an evicting policy takes "ring".
     archive_budget: minikv's own: keep the request's last this-many tokens' K/V in a host-memory archive and
         recall from it the evicted tokens its queries need (minikv.archive); 0 = off, None = the engine's
-        (Engine archive_budget, default 0). Needs an evicting policy and one rank (either position mode).
+        (Engine archive_budget, default 0). Needs an evicting policy (any position mode, any number of ranks).
     logits_processors: functions `fn(output_token_ids: list[int], logits: Tensor[vocab]) -> Tensor[vocab]`
         applied in order to this request's fp32 logits at every step, before penalties, temperature and the
         filters (vLLM's per-request logits processors). They see the raw logits, so they can record the

@@ -245,8 +245,7 @@ class SessionStore:
         own.close()
         parked.parked = False
         parked.truncate(cached)
-        parked.budget = own.budget
-        parked.drop_oldest(parked.size - parked.budget)
+        parked.set_budget(own.budget)
         parked.recalled = 0
         return parked
 

@@ -11,6 +11,7 @@ and a vocabulary of 385, which divides by neither: the last rank's vocabulary sh
 
 from __future__ import annotations
 
+import operator
 import time
 
 import pytest
@@ -254,3 +255,61 @@ def test_smollm2_at_three_ranks_equals_one(smollm2, one_torch_thread):
     assert reference[1][0][-1].shape == (30, 3, 96)  # the budget bites: eviction in prefill and decode
     with Engine(None, policy="nexus", tensor_parallel_size=3, dtype="float32", **settings) as engine:
         assert_same(reference, run(engine, [prompt], params))
+
+
+def test_kv_archive_at_two_ranks_equals_one(checkpoints):
+    """Each rank archives and recalls its own KV heads (recall decides per KV head); rank 0's record of
+    opens, closes and budgets travels in the step message. Tokens, logprobs, every head's ring after every
+    step and the recall counts (summed over the ranks) equal N=1's, under both position modes at once."""
+    path = checkpoints["LlamaForCausalLM"]
+    settings = {**SETTINGS, "recall_interval": 4}
+    modes = ["original", "ring", "original"]
+
+    def archived(engine):
+        params = [SamplingParams(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True, positions=m,
+                                 archive_budget=b) for m, b in zip(modes, (400, 400, 100))]
+        ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
+        rings, outputs = [], {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out
+            rings.append([engine.kv_positions(r) for r in ids if r not in outputs and r in engine._requests
+                          and engine._requests[r].slot is not None])
+        outs = [outputs[r] for r in ids]
+        left = engine.archive.tokens
+        # a session parks its archive with its ring, the next turn continues it with a smaller budget (rank
+        # 0's record: truncate, budget), a third turn without an archive frees it (close)
+        history = []
+        for new, budget in ((PROMPTS[0][:90], 300), (PROMPTS[1][:40], 120), (PROMPTS[2], 0)):
+            sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, archive_budget=budget)
+            out = engine.generate([history + new], sp, session_id="chat", use_tqdm=False)[0]
+            outs.append(out)
+            history = engine.session("chat").token_ids
+        return outs, rings, engine.stats().recalled_tokens, left
+
+    with Engine(path, policy="nexus", **settings) as engine:
+        ref_outs, ref_rings, ref_recalled, ref_left = archived(engine)
+    assert ref_recalled > 0 and ref_left == 0
+    with Engine(path, policy="nexus", tensor_parallel_size=2, **settings) as engine:
+        outs, rings, recalled, left = archived(engine)
+        # every rank's archives are freed with their requests (the other ranks at the next step: run one)
+        engine.generate([[5, 6, 7]], SamplingParams(max_tokens=1, archive_budget=0), use_tqdm=False)
+        tokens = operator.attrgetter("attention.archive.tokens")
+        assert engine.workers.call(tokens, (), engine.archive.tokens) == [0, 0]
+    assert recalled == ref_recalled and left == 0
+    assert len(outs) == len(ref_outs) == 6 and outs[4].num_cached_tokens > 0
+    assert ref_outs[4].metrics.num_recalled_tokens > 0 and ref_outs[5].metrics.num_recalled_tokens == 0
+    for ref, out in zip(ref_outs, outs):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert out.metrics.num_recalled_tokens == ref.metrics.num_recalled_tokens
+        if ref.outputs[0].logprobs is None:
+            continue
+        ref_lp = [lp[t].logprob for lp, t in zip(ref.outputs[0].logprobs, ref.outputs[0].token_ids)]
+        lp = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
+        assert torch.allclose(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=0)
+    assert len(rings) == len(ref_rings)
+    for ref_step, step in zip(ref_rings, rings):
+        assert len(step) == len(ref_step)
+        for ref_pos, pos in zip(ref_step, step):
+            assert torch.equal(pos, ref_pos)

@@ -259,6 +259,8 @@ def _setup(model, tp: TPGroup, *, num_blocks, block_size, policy, seed, num_slot
 def _run_step(state: RankState, device: torch.device, plan, input_ids, positions, logit_rows) -> None:
     plan = _on_device(plan, device)
     state.attention.begin_step(plan)
+    if state.attention.archive is not None:  # KV archives: replay rank 0's record, begin the step's work
+        state.attention.archive.begin_remote(plan)
     layer_inputs = [] if state.attention.policy.needs_hidden_states else None
     hidden = state.model(input_ids.to(device), positions.to(device), state.attention, layer_inputs)
     state.attention.end_step(layer_inputs)
