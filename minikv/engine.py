@@ -47,11 +47,11 @@ from .input_processor import InputProcessor, Prompt
 from .kernels.common import POSITION_MODES
 from .loader import LoadedModel, load_model, parse_device, parse_dtype
 from .model_runner import ModelRunner
-from .offline import RequestStream, chat as offline_chat, generate as offline_generate
+from .offline import RequestStream, chat as offline_chat, generate as offline_generate, stream as offline_stream
 from .outputs import RequestOutput
 from .policies import Policy, make_policy
 from .request import Request, RequestStatus, position_logprobs
-from .sampling import RequestOutputKind, Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .session import SessionInfo, SessionStore
 from .session_api import SessionAPI
@@ -237,9 +237,9 @@ class Engine:
                                       pool=self.pool, policy=self.policy, budget=self.budget, block_size=block_size,
                                       tensor_parallel=self.workers is not None, abort=self.abort)
         self._requests: dict[str, Request] = {}  # every request not yet reported finished
-        self._finished_unreported: list[Request] = []  # finished outside a forward pass (abort, error)
-        self._unclaimed: deque[RequestOutput] = deque()  # outputs for `step` callers, made by another loop
-        self._sinks: dict[str, deque[RequestOutput]] = {}  # outputs of requests owned by generate/stream
+        # Outputs made (by a step, or an abort between steps) that wait for the next `step` call; outputs of
+        # a request added with an output_queue go to that queue instead (see _report).
+        self._outputs: list[RequestOutput] = []
         self._ids = itertools.count()
         self._counters = dict(num_steps=0, prompt_tokens=0, generation_tokens=0, evicted_tokens=0, peak_running=0)
         self._finished_by_reason: dict[str, int] = {}
@@ -313,7 +313,8 @@ class Engine:
     # --- requests --------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     *, session_id: str | None = None, append: bool = False,
-                    tokenized: tuple[list[int], str | None] | None = None) -> str:
+                    tokenized: tuple[list[int], str | None] | None = None,
+                    output_queue: deque[RequestOutput] | None = None) -> str:
         """Queue one request and return its id; a bad request raises InvalidRequestError and changes nothing.
 
         `prompt` is text (used as is: no chat template), token ids, or chat messages (the model's chat
@@ -327,6 +328,9 @@ class Engine:
         `tokenized`: `tokenize(prompt)`'s result when the caller has it already (the server tokenizes in its
         handlers, off the engine thread); only the new tail of a session continued by text is encoded here.
         Every check a request passes is minikv.input_processor's.
+
+        `output_queue`: the request's outputs are appended there instead of being returned by `step` (how
+        generate, chat and stream follow their requests while other callers step the engine).
         """
         if self._dead is not None:
             raise DistributedError(f"the engine stopped: {self._dead}; start a new one")
@@ -339,6 +343,7 @@ class Engine:
             req.session.positions = req.positions
         if req.params.archive_budget:
             req.archive = self.archive.open(req.params.archive_budget)
+        req.output_queue = output_queue
         self._requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -366,19 +371,17 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is (waiting, prefilling, decoding); its KV is free at once.
 
-        Its final output (finish_reason "abort") comes with the next step. Unknown or finished ids are ignored.
+        Its final output (finish_reason "abort") comes with the next step (or goes to its output_queue now),
+        and its id is free again. Unknown or finished ids are ignored.
         """
         req = self._requests.get(request_id)
         if req is not None and not req.is_finished:
             self.scheduler.finish(req, "abort")
-            self._finished_unreported.append(req)
+            self._report(req)
 
     def has_unfinished_requests(self) -> bool:
         """True while `step` has something to do or to report."""
-        return self._has_work() or bool(self._unclaimed)
-
-    def _has_work(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._finished_unreported)
+        return self.scheduler.has_unfinished() or bool(self._outputs)
 
     @property
     def num_requests(self) -> int:
@@ -456,37 +459,30 @@ class Engine:
         """Run one scheduled forward pass; return the outputs of the requests that produced a token or finished
         since the last call (each finished request is reported exactly once, then forgotten).
 
-        Requests owned by `generate` or a stream are not reported here: their outputs go to their owner.
+        Outputs of requests added with an output_queue (generate, chat, stream) go to that queue instead.
         """
-        outputs = list(self._unclaimed)
-        self._unclaimed.clear()
-        return outputs + self._step()
+        self._step()
+        outputs, self._outputs = self._outputs, []
+        return outputs
 
-    def _step(self) -> list[RequestOutput]:
-        """One forward pass; outputs of owned requests go to their sinks, the rest are returned."""
-        touched = {req.request_id: req for req in self._finished_unreported}
-        self._finished_unreported.clear()
+    def _step(self) -> None:
+        """One forward pass (if anything is scheduled); every request it touched is reported (_report)."""
         sched = self.scheduler.schedule()
         if not sched.is_empty:
-            for req in self._run(sched):
-                touched[req.request_id] = req
-        outputs = []
-        for req in touched.values():
-            out = req.make_output()
-            sink = self._sinks.get(req.request_id)
-            if req.is_finished:
-                self._forget_finished(req)
-            if out is None:
-                continue
-            if sink is not None:
-                sink.append(out)
-            else:
-                outputs.append(out)
-        return outputs
+            for req in {req.request_id: req for req in self._run(sched)}.values():
+                self._report(req)
+
+    def _report(self, req: Request) -> None:
+        """The one way out of the engine: a request's output (of its own output_kind) goes to its output_queue,
+        or waits for the next `step` call; a finished request is forgotten."""
+        out = req.make_output()
+        if req.is_finished:
+            self._forget_finished(req)
+        if out is not None:
+            (req.output_queue if req.output_queue is not None else self._outputs).append(out)
 
     def _forget_finished(self, req: Request) -> None:
         del self._requests[req.request_id]
-        self._sinks.pop(req.request_id, None)
         if req.archive is not None:  # its host memory is free for the others
             req.archive.close()
         req.metrics.finished_time = time.monotonic()
@@ -622,30 +618,6 @@ class Engine:
         session's ring serves the part of the conversation it has read (see add_request)."""
         return offline_chat(self, messages, sampling_params, use_tqdm=use_tqdm, session_id=session_id)
 
-    def _own(self, request_id: str, kind: RequestOutputKind) -> deque[RequestOutput]:
-        """Route a request's outputs, of `kind`, to a private queue instead of `step`'s return value."""
-        self._requests[request_id].params.output_kind = kind
-        sink: deque[RequestOutput] = deque()
-        self._sinks[request_id] = sink
-        return sink
-
-    def _step_for_owner(self) -> None:
-        """A step driven by generate/stream: outputs of requests nobody owns wait for the next `step` call."""
-        if not self._has_work():
-            raise RuntimeError("requests ended without a final output (a minikv bug)")
-        self._unclaimed.extend(self._step())
-
-    def _discard(self, request_id: str) -> None:
-        """Abort a request and forget it: no output of it will be delivered."""
-        self._sinks.pop(request_id, None)
-        req = self._requests.pop(request_id, None)
-        if req is not None:
-            if not req.is_finished:
-                self.scheduler.finish(req, "abort")
-                self._finished_by_reason["abort"] = self._finished_by_reason.get("abort", 0) + 1
-            if req in self._finished_unreported:
-                self._finished_unreported.remove(req)
-
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                request_id: str | None = None, *, session_id: str | None = None,
                append: bool = False) -> "RequestStream":
@@ -656,7 +628,8 @@ class Engine:
         frees its KV at once) or call `close()`. A stream abandoned without either keeps its request running
         until it finishes by itself (max_tokens bounds it); nothing of it stays in the engine afterwards.
         """
-        return RequestStream(self, self.add_request(prompt, params, request_id, session_id=session_id, append=append))
+        return offline_stream(self, prompt, params, request_id, session_id=session_id, append=append)
+
 
 def _loaded_model(model, device, dtype) -> LoadedModel:
     """Load `model`, or take an already loaded one; a device or dtype that an already loaded model does

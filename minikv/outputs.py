@@ -85,3 +85,17 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens not prefilled: a session's ring had read them (vLLM's name)
+
+    def add(self, delta: "RequestOutput") -> "RequestOutput":
+        """Append the next DELTA output of the same request (its text, tokens and logprobs); the rest (finish
+        state, metrics, error) is the newer output's. Returns self: deltas added up are the cumulative output."""
+        mine, new = self.outputs[0], delta.outputs[0]
+        mine.text += new.text
+        mine.token_ids = mine.token_ids + new.token_ids
+        if new.logprobs is not None:
+            mine.logprobs = (mine.logprobs or []) + new.logprobs
+        mine.cumulative_logprob, mine.finish_reason, mine.stop_reason = (
+            new.cumulative_logprob, new.finish_reason, new.stop_reason)
+        self.finished, self.metrics, self.error = delta.finished, delta.metrics, delta.error
+        self.num_cached_tokens = delta.num_cached_tokens
+        return self
