@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import numbers
 
+from .block_pool import check_budget
 from .errors import ConfigError, InvalidRequestError
 from .hashing import hash_u32
 from .request import Request
@@ -176,13 +177,8 @@ class InputProcessor:
             return prompt_len + params.max_tokens
         if params.kv_budget is None:
             return self.budget
-        lowest = self.policy.n_sink + self.policy.window + 1
-        if not lowest <= params.kv_budget <= self.budget:
-            raise InvalidRequestError(
-                f"kv_budget={params.kv_budget} is out of range: it must be in [{lowest}, {self.budget}] (above "
-                f"n_sink + window = {lowest - 1}, so some slot can be evicted, and at most the engine's --budget)")
         try:
-            self.policy.check_budget(params.kv_budget, self.chunk)
+            check_budget(params.kv_budget, self.chunk, self.policy, most=self.budget)
         except ConfigError as err:
             raise InvalidRequestError(f"kv_budget={params.kv_budget}: {err}") from None
         return params.kv_budget
