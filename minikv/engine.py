@@ -38,7 +38,7 @@ import torch
 
 from .attention import RingAttention
 from .archive import ArchiveStore
-from .block_pool import KVPool, bytes_per_block, check_ring_settings, parse_kv_memory, read_kv_memory
+from .block_pool import KVPool, bytes_per_block, check_budget, parse_kv_memory, read_kv_memory
 from .config import check_engine_settings
 from .distributed import DistributedError, check_tensor_parallel_size, kv_config, ring_positions, start
 from .errors import ConfigError, InvalidRequestError
@@ -48,7 +48,7 @@ from .kernels.common import POSITION_MODES
 from .loader import LoadedModel, load_model, parse_device, parse_dtype
 from .model_runner import ModelRunner
 from .offline import RequestStream, chat as offline_chat, generate as offline_generate, stream as offline_stream
-from .outputs import RequestOutput
+from .outputs import EngineStats, RequestOutput
 from .policies import Policy, make_policy
 from .request import Request, RequestStatus, position_logprobs
 from .sampling import Sampler, SamplingParams
@@ -63,46 +63,6 @@ DEFAULT_BLOCK_SIZE = 16
 # The positions RoPE gives an evicting policy's ring unless a request says otherwise (docs/quality.md, "Positions
 # inside the ring", measures both).
 DEFAULT_POSITIONS = "original"
-
-
-@dataclass
-class EngineStats:
-    """The engine's counters and gauges, cheap to read at any time (a metrics endpoint reads these).
-
-    Gauges: requests running / waiting now; KV blocks of the pool in use (held by running requests) and in
-    all; kv_usage = used / total. Counters since the engine started: steps run, prompt tokens processed,
-    tokens generated, tokens evicted (summed over finished requests), requests finished by reason;
-    peak_running: the most requests that ever ran in one step; peak_kv_blocks_used: the most pool blocks
-    rings ever held at once.
-    """
-
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    num_steps: int
-    prompt_tokens: int
-    generation_tokens: int
-    evicted_tokens: int
-    finished: dict[str, int]
-    peak_running: int
-    peak_kv_blocks_used: int
-    # Sessions (minikv.session): sessions kept, parked rings and their blocks (not in kv_blocks_used:
-    # admission takes them back whenever it needs them); requests that reused a parked ring (hits) or found
-    # none (misses), prompt tokens not prefilled again, parked rings released because admission or a limit
-    # needed their blocks.
-    num_sessions: int = 0
-    num_parked_sessions: int = 0
-    parked_kv_blocks: int = 0
-    session_hits: int = 0
-    session_misses: int = 0
-    session_reused_tokens: int = 0
-    sessions_released_by_pressure: int = 0
-    recalled_tokens: int = 0  # ring slots the archives' recall overwrote (summed over layers and KV heads)
-
-    @property
-    def kv_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 @dataclass
@@ -170,6 +130,8 @@ class Engine:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ConfigError(f"block_size must be a positive number of KV slots, got {block_size!r}")
         self.policy = make_policy(policy, n_sink=n_sink, window=window, **(policy_options or {}))
+        if self.policy.evicts:  # (`full` ignores the budget: a ring holds its whole request)
+            check_budget(budget, chunk, self.policy)
         self.positions = self._check_positions(positions)
         if isinstance(recall_interval, bool) or not isinstance(recall_interval, int) or recall_interval < 1:
             raise ConfigError(f"recall_interval must be a positive number of decode steps, got {recall_interval!r}")
@@ -201,7 +163,7 @@ class Engine:
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.device = next(self.model.parameters()).device
         self.max_model_len = self._max_model_len(max_model_len)
-        self.budget = self._check_budget(budget, chunk)
+        self.budget = budget if self.policy.evicts else self.max_model_len  # `full`: a ring holds its whole request
         self.chunk, self.seed, self.block_size = chunk, seed, block_size
         # Room for every running decode plus one whole prefill chunk: prompts are then always cut at
         # multiples of `chunk`, whatever else runs (see minikv.scheduler).
@@ -283,13 +245,6 @@ class Engine:
         if max_parked_kv_memory is None:
             return None
         return parse_kv_memory(max_parked_kv_memory, "cpu") // self.pool.bytes_per_block
-
-    def _check_budget(self, budget: int, chunk: int) -> int:
-        if not self.policy.evicts:
-            return self.max_model_len  # `full`: a ring holds its whole request, prompt + max_tokens
-        check_ring_settings(budget, chunk, self.policy.n_sink, self.policy.window)
-        self.policy.check_budget(budget, chunk)
-        return budget
 
     def _make_pool(self, kv_memory, budget: int, max_num_seqs: int) -> KVPool:
         dtype = next(self.model.parameters()).dtype
@@ -424,7 +379,7 @@ class Engine:
                            session_reused_tokens=sessions.counters.reused_tokens,
                            sessions_released_by_pressure=sessions.counters.released_by_pressure)
 
-    # --- sessions (minikv.session_api) ----------------------------------------------------------------
+    # --- sessions (minikv.session_api) ----------------------------------------------------------
     def session(self, session_id: str) -> SessionInfo | None:
         """What the engine keeps of a session (its history, its parked ring), or None if it is unknown."""
         return self.session_api.session(session_id)
