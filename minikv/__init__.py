@@ -6,8 +6,9 @@
     print(out.outputs[0].text)
 """
 
-from .engine import Engine, RequestStream
+from .engine import Engine
 from .errors import ConfigError, InvalidRequestError, MiniKVError, ModelLoadError, SessionFileError
+from .offline import RequestStream
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling import RequestOutputKind, SamplingParams
 

@@ -117,17 +117,16 @@ PRESETS = {
     # Prompts end at 8064 so that prompt + output stays within SmolLM2's 8192 trained positions. The pool
     # holds 2 full requests of 8192 tokens: full, at ~5k tokens a request, runs ~3 at once, while a 512-slot
     # ring is 1/16 of one, so nexus@512 could run ~29 (h2o and streaming, without edges, ~32). 24 requests
-    # are enough for that gap to show in the mean and few enough for a 1-thread CPU run (86 min for the four
-    # rows, measured; docs/benchmarks.md).
+    # are enough for that gap to show in the mean and few enough for a 1-thread CPU run (docs/benchmarks.md
+    # has the wall time of each row).
     "long": Preset(
         num_requests=24, input_len=(2048, 8064), output_len=(64, 128), budget=512,
         policies="full,nexus,h2o,streaming", pool_full_requests=2,
         description="24 requests, all at once; prompts 2048:8064 tokens, 64:128 output tokens; rows full, nexus, "
                     "h2o and streaming at budget 512; one pool for every row holding 2 full requests of 8192 tokens "
                     "(755 MiB on SmolLM2-135M fp32); max-num-seqs = the number of requests, so memory, not the cap, "
-                    "bounds concurrency. "
-                    "Measured 86 min on SmolLM2-135M fp32 with one thread of a 2-core AMD EPYC (full alone "
-                    "46 min); add -n 4 for a check of a few minutes"),
+                    "bounds concurrency; about an hour and a half on one CPU thread (docs/benchmarks.md), "
+                    "add -n 4 for a check of a few minutes"),
 }
 
 # The load without a preset (what -n, --input-len and --output-len default to).

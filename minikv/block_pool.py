@@ -65,6 +65,20 @@ def parse_kv_memory(value: int | float | str, device: torch.device | str) -> int
     return int(free * value)
 
 
+def check_budget(budget: int, chunk: int, policy, *, most: int | None = None) -> None:
+    """Every rule a ring's budget and the prefill chunk must meet under an evicting `policy`, in one place;
+    ConfigError names the rule and the fix. The engine's --budget (before the model loads), a request's
+    kv_budget (`most`: the engine's budget, the most a request may ask for) and the eval's budgets (before
+    any model loads) all come here."""
+    if most is not None:
+        lowest = policy.n_sink + policy.window + 1
+        if not lowest <= budget <= most:
+            raise ConfigError(f"out of range: it must be in [{lowest}, {most}] (above n_sink + window = "
+                              f"{lowest - 1}, so some slot can be evicted, and at most the engine's --budget)")
+    check_ring_settings(budget, chunk, policy.n_sink, policy.window)
+    policy.check_budget(budget, chunk)  # the policy's own rule (epikv keeps a whole chunk beside the sinks)
+
+
 def check_ring_settings(budget: int, chunk: int, n_sink: int, window: int) -> None:
     """Refuse settings under which the ring cannot work, with the reason and the fix."""
     if chunk <= 0:

@@ -152,7 +152,7 @@ def check_engine_settings(*, budget: Any, chunk: Any, n_sink: Any, window: Any, 
                           max_num_batched_tokens: Any, max_model_len: Any, seed: Any, policy_options: Any) -> None:
     """The Engine's own settings, checked before a model is loaded: each names itself when it is wrong.
 
-    (How they fit together, e.g. budget > n_sink + window, is checked where it matters: minikv.block_pool.)
+    (How they fit together, e.g. budget > n_sink + window, is checked in one place: minikv.block_pool.check_budget.)
     """
     _integer_setting("budget", budget, 1, "KV slots per sequence, layer and KV head")
     _integer_setting("chunk", chunk, 1, "prefill chunk in tokens")

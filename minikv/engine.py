@@ -14,8 +14,9 @@ prefills only what the ring has not read.
     engine.chat(messages + [reply, next_question], params, session_id="conv-1")   # only the new turn runs
 
 `add_request` / `step` / `abort` drive it from a caller's loop; `generate`, `chat` and `stream` are that loop
-for the common cases. The engine decides what runs (Scheduler) and the model runner executes it
-(ModelRunner); a request's whole host-side state is one `Request`.
+for the common cases (minikv.offline). The engine decides what runs (Scheduler) and the model runner executes
+it (ModelRunner); a request's whole host-side state is one `Request`, built and checked by the InputProcessor
+(minikv.input_processor). The session methods are minikv.session_api's.
 
 Failure is per request: a bad request is refused with InvalidRequestError when it is added, and an exception
 while processing a running request finishes that request (finish_reason "error", the message in
@@ -25,10 +26,8 @@ drive it from one thread (minikv.server runs it on one background thread).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
-import numbers
 import time
 import weakref
 from collections import deque
@@ -39,72 +38,31 @@ import torch
 
 from .attention import RingAttention
 from .archive import ArchiveStore, make_archive_store
-from .block_pool import KVPool, bytes_per_block, check_ring_settings, parse_kv_memory, read_kv_memory
+from .block_pool import KVPool, bytes_per_block, check_budget, parse_kv_memory, read_kv_memory
 from .config import check_engine_settings
 from .distributed import DistributedError, check_tensor_parallel_size, kv_config, ring_positions, start
-from .errors import ConfigError, InvalidRequestError, SessionFileError
+from .errors import ConfigError, InvalidRequestError
 from .input_batch import InputBatch
+from .input_processor import InputProcessor, Prompt
 from .kernels.common import POSITION_MODES
-from .hashing import hash_u32
 from .loader import LoadedModel, load_model, parse_device, parse_dtype
 from .model_runner import ModelRunner
-from .outputs import RequestOutput
+from .offline import RequestStream, chat as offline_chat, generate as offline_generate, stream as offline_stream
+from .outputs import EngineStats, RequestOutput
 from .policies import Policy, make_policy
 from .request import Request, RequestStatus, position_logprobs
-from .sampling import RequestOutputKind, Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .session import SessionInfo, SessionStore
-from .tokenizer import validate_messages
+from .session_api import SessionAPI
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
 
 # KV slots per pool block (vLLM's default too); see docs/benchmarks.md for the measurement behind it.
 DEFAULT_BLOCK_SIZE = 16
 # The positions RoPE gives an evicting policy's ring unless a request says otherwise (docs/quality.md, "Positions
 # inside the ring", measures both).
 DEFAULT_POSITIONS = "original"
-
-
-@dataclass
-class EngineStats:
-    """The engine's counters and gauges, cheap to read at any time (a metrics endpoint reads these).
-
-    Gauges: requests running / waiting now; KV blocks of the pool in use (held by running requests) and in
-    all; kv_usage = used / total. Counters since the engine started: steps run, prompt tokens processed,
-    tokens generated, tokens evicted (summed over finished requests), requests finished by reason;
-    peak_running: the most requests that ever ran in one step; peak_kv_blocks_used: the most pool blocks
-    rings ever held at once.
-    """
-
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    num_steps: int
-    prompt_tokens: int
-    generation_tokens: int
-    evicted_tokens: int
-    finished: dict[str, int]
-    peak_running: int
-    peak_kv_blocks_used: int
-    # Sessions (minikv.session): sessions kept, parked rings and their blocks (not in kv_blocks_used:
-    # admission takes them back whenever it needs them); requests that reused a parked ring (hits) or found
-    # none (misses), prompt tokens not prefilled again, parked rings released because admission or a limit
-    # needed their blocks.
-    num_sessions: int = 0
-    num_parked_sessions: int = 0
-    parked_kv_blocks: int = 0
-    session_hits: int = 0
-    session_misses: int = 0
-    session_reused_tokens: int = 0
-    sessions_released_by_pressure: int = 0
-    recalled_tokens: int = 0  # ring slots the archives' recall overwrote (summed over layers and KV heads)
-
-    @property
-    def kv_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 @dataclass
@@ -172,6 +130,8 @@ class Engine:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ConfigError(f"block_size must be a positive number of KV slots, got {block_size!r}")
         self.policy = make_policy(policy, n_sink=n_sink, window=window, **(policy_options or {}))
+        if self.policy.evicts:  # (`full` ignores the budget: a ring holds its whole request)
+            check_budget(budget, chunk, self.policy)
         self.positions = self._check_positions(positions)
         if isinstance(recall_interval, bool) or not isinstance(recall_interval, int) or recall_interval < 1:
             raise ConfigError(f"recall_interval must be a positive number of decode steps, got {recall_interval!r}")
@@ -203,7 +163,7 @@ class Engine:
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.device = next(self.model.parameters()).device
         self.max_model_len = self._max_model_len(max_model_len)
-        self.budget = self._check_budget(budget, chunk)
+        self.budget = budget if self.policy.evicts else self.max_model_len  # `full`: a ring holds its whole request
         self.chunk, self.seed, self.block_size = chunk, seed, block_size
         # Room for every running decode plus one whole prefill chunk: prompts are then always cut at
         # multiples of `chunk`, whatever else runs (see minikv.scheduler).
@@ -231,12 +191,18 @@ class Engine:
         self.runner = ModelRunner(self.model, self.attention, self.batch, self.device, use_cuda_graphs=use_graphs,
                                   workers=self.workers)
         self.sampler = Sampler()
+        self.processor = InputProcessor(self.tokenizer, vocab_size=self.config.vocab_size, policy=self.policy,
+                                        budget=self.budget, chunk=chunk, max_model_len=self.max_model_len,
+                                        positions=self.positions, pool=self.pool, archive=self.archive,
+                                        archive_budget=self.archive_budget, seed=seed)
+        self.session_api = SessionAPI(self.sessions, self.processor, model=self.model, config=self.config,
+                                      pool=self.pool, policy=self.policy, budget=self.budget, block_size=block_size,
+                                      tensor_parallel=self.workers is not None, abort=self.abort)
         self._requests: dict[str, Request] = {}  # every request not yet reported finished
-        self._finished_unreported: list[Request] = []  # finished outside a forward pass (abort, error)
-        self._unclaimed: deque[RequestOutput] = deque()  # outputs for `step` callers, made by another loop
-        self._sinks: dict[str, deque[RequestOutput]] = {}  # outputs of requests owned by generate/stream
+        # Outputs made (by a step, or an abort between steps) that wait for the next `step` call; outputs of
+        # a request added with an output_queue go to that queue instead (see _report).
+        self._outputs: list[RequestOutput] = []
         self._ids = itertools.count()
-        self._seeds = itertools.count()
         self._counters = dict(num_steps=0, prompt_tokens=0, generation_tokens=0, evicted_tokens=0, peak_running=0)
         self._finished_by_reason: dict[str, int] = {}
 
@@ -247,17 +213,6 @@ class Engine:
         memory, interval = self._archive_settings
         return make_archive_store(self.pool, memory=4 * self.pool.total_bytes if memory is None else memory,
                                   recall_interval=interval, workers=self.workers)
-
-    def _check_archive(self, params: SamplingParams, positions: str) -> None:
-        if params.archive_budget is None:
-            # the engine's default archive is for the requests that can keep one
-            params.archive_budget = self.archive_budget if self.archive is not None else 0
-        if not params.archive_budget:
-            return
-        why = "policy 'full' never evicts" if self.archive is None else None
-        if why:
-            raise InvalidRequestError(f"archive_budget={params.archive_budget} asks for a KV archive, but {why}: "
-                                      "leave archive_budget at 0")
 
     def _max_model_len(self, requested: int | None) -> int:
         """The longest request (prompt + max_tokens): as asked, else the model's trained context. Under `full`
@@ -284,23 +239,10 @@ class Engine:
             return "original"
         return positions or DEFAULT_POSITIONS
 
-    def _request_positions(self, params: SamplingParams) -> str:
-        if params.positions == "ring" and not self.policy.evicts:
-            raise InvalidRequestError("positions='ring' needs an evicting policy, and this engine runs 'full': "
-                                      "leave positions out")
-        return params.positions or self.positions
-
     def _parked_blocks(self, max_parked_kv_memory) -> int | None:
         if max_parked_kv_memory is None:
             return None
         return parse_kv_memory(max_parked_kv_memory, "cpu") // self.pool.bytes_per_block
-
-    def _check_budget(self, budget: int, chunk: int) -> int:
-        if not self.policy.evicts:
-            return self.max_model_len  # `full`: a ring holds its whole request, prompt + max_tokens
-        check_ring_settings(budget, chunk, self.policy.n_sink, self.policy.window)
-        self.policy.check_budget(budget, chunk)
-        return budget
 
     def _make_pool(self, kv_memory, budget: int, max_num_seqs: int) -> KVPool:
         dtype = next(self.model.parameters()).dtype
@@ -324,7 +266,8 @@ class Engine:
     # --- requests --------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     *, session_id: str | None = None, append: bool = False,
-                    tokenized: tuple[list[int], str | None] | None = None) -> str:
+                    tokenized: tuple[list[int], str | None] | None = None,
+                    output_queue: deque[RequestOutput] | None = None) -> str:
         """Queue one request and return its id; a bad request raises InvalidRequestError and changes nothing.
 
         `prompt` is text (used as is: no chat template), token ids, or chat messages (the model's chat
@@ -337,174 +280,26 @@ class Engine:
 
         `tokenized`: `tokenize(prompt)`'s result when the caller has it already (the server tokenizes in its
         handlers, off the engine thread); only the new tail of a session continued by text is encoded here.
+        Every check a request passes is minikv.input_processor's.
+
+        `output_queue`: the request's outputs are appended there instead of being returned by `step` (how
+        generate, chat and stream follow their requests while other callers step the engine).
         """
         if self._dead is not None:
             raise DistributedError(f"the engine stopped: {self._dead}; start a new one")
-        params = self._check_params(params)
+        params = self.processor.check_params(params)
         request_id = self._check_request_id(request_id)
-        session = self._check_session(session_id, params, append)
-        if append and session is not None and session.token_ids:
-            prompt_ids, prompt_text = self._encode_appended(prompt, session.token_ids)
-        elif session is not None and session.token_ids and (isinstance(prompt, str) or _is_chat(prompt)):
-            prompt_ids, prompt_text = self._encode_continuing(prompt, session, tokenized)
-        else:
-            prompt_ids, prompt_text = tokenized or self.tokenize(prompt)
-        total = len(prompt_ids) + params.max_tokens
-        positions = self._request_positions(params)
-        if session is not None and session.positions not in (None, positions):
-            raise InvalidRequestError(f"session {session_id!r} was written with positions={session.positions!r}; "
-                                      f"its requests cannot ask for {positions!r} (a ring's RoPE positions are one "
-                                      "mode's): leave positions out or start another session")
-        # under "ring" no distance exceeds the ring, so the model's context no longer bounds the request
-        if total > self.max_model_len and positions != "ring":
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens, or use "
-                "positions='ring' with an evicting policy (the ring's memory is then the bound)")
-        # Without its own seed a request draws from the engine's: same engine seed, same order -> same samples.
-        # (hash_u32 reads the low 32 bits of each word: masking first keeps any Python int, even >= 2^63, usable.)
-        seed = params.seed if params.seed is not None else int(hash_u32(self.seed & 0xFFFFFFFF, next(self._seeds)))
-        eos = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
-        budget = self._request_budget(params, len(prompt_ids), session)
-        self._check_archive(params, positions)
-        ring_size = min(budget, len(prompt_ids) + params.max_tokens)
-        blocks = self.pool.blocks_for(ring_size)
-        if blocks > self.pool.num_blocks:
-            raise InvalidRequestError(
-                f"this request can never fit the KV pool: its ring of {ring_size} slots needs {blocks} blocks of "
-                f"{self.block_size} ({blocks * self.pool.bytes_per_block / 2**20:.1f} MiB) and the pool has "
-                f"{self.pool.num_blocks} ({self.pool.total_bytes / 2**20:.1f} MiB); lower "
-                f"{'kv_budget or max_tokens' if self.policy.evicts else 'max_tokens or shorten the prompt'}, "
-                "or give the engine more kv_memory")
-        req = Request(request_id, prompt_ids, params, seed=seed, eos_ids=eos, tokenizer=self.tokenizer,
-                      prompt_text=prompt_text, kv_budget=budget, ring_size=ring_size, num_blocks_needed=blocks)
-        req.positions = positions
+        session = self.session_api.check_session(session_id, params, append)
+        req = self.processor.make_request(request_id, prompt, params, session, append=append, tokenized=tokenized)
         if session_id is not None:
-            req.session = self.sessions.begin(session_id, request_id, budget if self.policy.evicts else None)
-            req.session.positions = positions
-        if params.archive_budget:
-            req.archive = self.archive.open(params.archive_budget)
+            req.session = self.sessions.begin(session_id, request_id, req.kv_budget if self.policy.evicts else None)
+            req.session.positions = req.positions
+        if req.params.archive_budget:
+            req.archive = self.archive.open(req.params.archive_budget)
+        req.output_queue = output_queue
         self._requests[request_id] = req
         self.scheduler.add(req)
         return request_id
-
-    def _check_params(self, params: SamplingParams | None) -> SamplingParams:
-        if params is None:
-            return SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
-        # A private copy, validated again by its __post_init__: the caller may have changed fields since
-        # construction, and may change them again while the request runs.
-        params = dataclasses.replace(params)
-        for name in ("stop_token_ids", "forced_token_ids"):
-            out_of_vocab = [t for t in getattr(params, name) if t >= self.config.vocab_size]
-            if out_of_vocab:
-                raise InvalidRequestError(f"{name} {out_of_vocab[:5]} are outside the vocabulary "
-                                          f"[0, {self.config.vocab_size})")
-        return params
-
-    def _check_session(self, session_id: str | None, params: SamplingParams, append: bool):
-        """The session a request continues (None for a new one or none), checked before anything changes."""
-        if session_id is None:
-            if append:
-                raise InvalidRequestError("append=True adds the prompt to a session's history: give session_id too")
-            return None
-        if not isinstance(session_id, str) or not session_id or len(session_id) > 256:
-            raise InvalidRequestError(f"session_id must be a non-empty string of at most 256 characters, "
-                                      f"got {session_id!r}")
-        if params.prompt_logprobs is not None:
-            raise InvalidRequestError("prompt_logprobs cannot be asked of a session request: the prompt's prefix "
-                                      "that the session's ring has read is not computed again")
-        if not self.supports_sessions:
-            raise InvalidRequestError(f"sessions of policy {self.policy.name!r} are not supported under tensor "
-                                      "parallelism: its per-ring state lives on every rank, and only rank 0's would "
-                                      "be parked; use tensor_parallel_size=1 or a policy without per-ring state")
-        session = self.sessions.get(session_id)
-        if session is not None and session.request_id is not None:
-            raise InvalidRequestError(f"session {session_id!r} already has a request in flight "
-                                      f"({session.request_id!r}); wait for it to finish, or abort it")
-        return session
-
-    def _encode_continuing(self, prompt: Prompt, session, tokenized=None) -> tuple[list[int], str | None]:
-        """A session's whole conversation as text or chat messages. When its text begins with the text of
-        the session's history, the history's own ids are kept and only the rest is tokenized: a reply's
-        generated ids need not be how its text tokenizes, and the ring has read the generated ones."""
-        ids, text = tokenized or self.tokenize(prompt)
-        history = session.token_ids
-        history_text = self._history_text(history, session)
-        if history_text and len(text) > len(history_text) and text.startswith(history_text):
-            rest = self.tokenizer.encode(text[len(history_text):], add_special_tokens=False)
-            if rest:
-                return history + rest, text
-        return ids, text
-
-    def _history_text(self, history: list[int], session) -> str:
-        if session.text is None:
-            session.text = self.tokenizer.decode(session.token_ids, skip_special_tokens=False)
-        return session.text
-
-    def match_session(self, prompt: Prompt, *, tokenized: tuple[list[int], str | None] | None = None) -> str | None:
-        """The idle session whose parked ring would serve the most of `prompt` (text, ids or chat messages,
-        the whole conversation), or None: how a server reuses rings for clients that resend the history
-        (OpenAI chat completions), as a prefix cache would. Text that extends a session's history text
-        counts all of its ring; otherwise the common prefix of the token ids (see Session.reusable_prefix), and
-        only if it diverges from the ring within its last `window` tokens (a re-tokenized reply, a stop token):
-        a conversation that shares only a beginning with another must not take that one's ring. `tokenized`:
-        as in add_request."""
-        ids, text = tokenized or self.tokenize(prompt)
-        best, best_tokens = None, 0
-        for session in self.sessions.sessions.values():
-            if session.ring is None or session.request_id is not None:
-                continue
-            tokens = session.reusable_prefix(ids)
-            if text is not None and (isinstance(prompt, str) or _is_chat(prompt)):
-                history_text = self._history_text(session.token_ids, session)
-                if history_text and len(text) > len(history_text) and text.startswith(history_text):
-                    tokens = max(tokens, session.ring.num_processed)
-            if tokens > best_tokens and tokens >= session.ring.num_processed - self.policy.window:
-                best, best_tokens = session.session_id, tokens
-        return best
-
-    def _encode_appended(self, prompt: Prompt, history: list[int]) -> tuple[list[int], str | None]:
-        if isinstance(prompt, str):
-            _check_unicode(prompt, "the prompt")
-            new = self.tokenizer.encode(prompt, add_special_tokens=False)
-        elif _is_token_ids(prompt):
-            new, _ = self.tokenize(prompt)
-        else:
-            raise InvalidRequestError("append=True takes the new text or token ids of a session's turn; for chat "
-                                      "messages send the whole conversation without append")
-        if not new:
-            raise InvalidRequestError("the appended prompt is empty; give at least one token of text")
-        return history + new, None
-
-    def _request_budget(self, params: SamplingParams, prompt_len: int, session=None) -> int:
-        """The request's own KV budget: SamplingParams.kv_budget within what the engine can honour, else the
-        engine's; under `full` the whole request (nothing is ever evicted). A session's budget is the one
-        its first request had."""
-        if session is not None and session.kv_budget is not None:
-            if params.kv_budget not in (None, session.kv_budget):
-                raise InvalidRequestError(f"kv_budget={params.kv_budget}: session {session.session_id!r} was started "
-                                          f"with kv_budget {session.kv_budget}, fixed for its life; leave "
-                                          "kv_budget out")
-            return session.kv_budget
-        if not self.policy.evicts:
-            if params.kv_budget is not None:
-                raise InvalidRequestError(f"kv_budget={params.kv_budget} asks for eviction, but policy 'full' never "
-                                          "evicts: leave kv_budget out, or run an evicting policy")
-            return prompt_len + params.max_tokens
-        if params.kv_budget is None:
-            return self.budget
-        lowest = self.policy.n_sink + self.policy.window + 1
-        if not lowest <= params.kv_budget <= self.budget:
-            raise InvalidRequestError(
-                f"kv_budget={params.kv_budget} is out of range: it must be in [{lowest}, {self.budget}] (above "
-                f"n_sink + window = {lowest - 1}, so some slot can be evicted, and at most the engine's --budget)")
-        try:
-            self.policy.check_budget(params.kv_budget, self.chunk)
-        except ConfigError as err:
-            raise InvalidRequestError(f"kv_budget={params.kv_budget}: {err}") from None
-        return params.kv_budget
 
     def _check_request_id(self, request_id: str | None) -> str:
         if request_id is None:
@@ -521,46 +316,25 @@ class Engine:
 
     def tokenize(self, prompt: Prompt, *, chat_template_kwargs: dict | None = None) -> tuple[list[int], str | None]:
         """The token ids `add_request` would run for `prompt`, and its text (None for token ids); bad prompts
-        raise InvalidRequestError. Chat messages go through the chat template, with `chat_template_kwargs` as
-        extra template variables (e.g. enable_thinking). It reads only the tokenizer and the config, so another
-        thread may call it while the engine steps (the server tokenizes in its request handlers)."""
-        if isinstance(prompt, str):
-            _check_unicode(prompt, "the prompt")
-            ids, text = (self.tokenizer.encode(prompt) if prompt else []), prompt
-        elif _is_chat(prompt):
-            validate_messages(prompt)
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                                      **(chat_template_kwargs or {}))
-            _check_unicode(text, "a chat message")
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        elif _is_token_ids(prompt):
-            bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-            ids, text = [int(t) for t in prompt], None
-        else:
-            raise InvalidRequestError("a prompt is a string, a non-empty list of token ids, or a non-empty "
-                                      "list of chat messages ({'role': ..., 'content': ...})")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty; give at least one token of text")
-        return ids, text
+        raise InvalidRequestError. `chat_template_kwargs`: extra chat template variables (e.g. enable_thinking).
+        It reads only the tokenizer and the config, so another thread may call it while the engine steps (the
+        server tokenizes in its request handlers)."""
+        return self.processor.tokenize(prompt, chat_template_kwargs=chat_template_kwargs)
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is (waiting, prefilling, decoding); its KV is free at once.
 
-        Its final output (finish_reason "abort") comes with the next step. Unknown or finished ids are ignored.
+        Its final output (finish_reason "abort") comes with the next step (or goes to its output_queue now),
+        and its id is free again. Unknown or finished ids are ignored.
         """
         req = self._requests.get(request_id)
         if req is not None and not req.is_finished:
             self.scheduler.finish(req, "abort")
-            self._finished_unreported.append(req)
+            self._report(req)
 
     def has_unfinished_requests(self) -> bool:
         """True while `step` has something to do or to report."""
-        return self._has_work() or bool(self._unclaimed)
-
-    def _has_work(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._finished_unreported)
+        return self.scheduler.has_unfinished() or bool(self._outputs)
 
     @property
     def num_requests(self) -> int:
@@ -603,114 +377,65 @@ class Engine:
                            session_reused_tokens=sessions.counters.reused_tokens,
                            sessions_released_by_pressure=sessions.counters.released_by_pressure)
 
-    # --- sessions --------------------------------------------------------------------------------
+    # --- sessions (minikv.session_api) ----------------------------------------------------------
     def session(self, session_id: str) -> SessionInfo | None:
         """What the engine keeps of a session (its history, its parked ring), or None if it is unknown."""
-        session = self.sessions.get(session_id)
-        return None if session is None else self.sessions.info(session)
+        return self.session_api.session(session_id)
 
     def session_ids(self) -> list[str]:
         """Every session kept, least recently used first."""
-        return list(self.sessions.sessions)
+        return self.session_api.session_ids()
 
     def close_session(self, session_id: str) -> bool:
-        """Forget a session: its request in flight is aborted, its ring's blocks are free at once. Returns
-        False if the session was unknown."""
-        session = self.sessions.get(session_id)
-        if session is None:
-            return False
-        if session.request_id is not None:
-            self.abort(session.request_id)
-        return self.sessions.close(session_id)
+        """Forget a session (its request in flight is aborted, its ring freed); False if it was unknown."""
+        return self.session_api.close_session(session_id)
 
     def save_session(self, session_id: str, directory) -> str:
-        """Save a session (history and parked ring) as DIR/<id>.json + DIR/<id>.safetensors; it stays in
-        the engine. Returns the JSON file's path. Raises SessionFileError if DIR cannot be written."""
-        self._check_session_files()
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise InvalidRequestError(f"unknown session {session_id!r}")
-        if session.request_id is not None:
-            raise InvalidRequestError(f"session {session_id!r} has a request in flight ({session.request_id!r}); "
-                                      "save it when the request has finished")
-        return str(self.sessions.save(session, directory, self._session_identity()))
+        """Save a session as DIR/<id>.json + DIR/<id>.safetensors; returns the JSON file's path."""
+        return self.session_api.save_session(session_id, directory)
 
     def restore_session(self, path) -> str:
-        """Load a session saved by `save_session` (its .json path) and park its ring (or, with no room in
-        the pool now, only its history); returns its id. A file from another model, policy, block size or
-        dtype, or a truncated or corrupt one, raises SessionFileError and changes nothing."""
-        self._check_session_files()
-        from .session import read_session_file
+        """Load a session saved by `save_session` (its .json path) and park its ring; returns its id."""
+        return self.session_api.restore_session(path)
 
-        meta, _ = read_session_file(path, self._session_identity())
-        bad = [t for t in meta["token_ids"] if t >= self.config.vocab_size]
-        budget = meta.get("kv_budget")
-        if bad or (budget is not None and (not self.policy.evicts or budget > self.budget)):
-            raise SessionFileError(f"session file {str(path)!r} does not fit this engine (token ids outside the "
-                                   f"vocabulary, or kv_budget {budget} beyond --budget {self.budget})")
-        return self.sessions.load(path, self._session_identity()).session_id
+    def match_session(self, prompt: Prompt, *, tokenized: tuple[list[int], str | None] | None = None) -> str | None:
+        """The idle session whose parked ring would serve the most of `prompt` (the whole conversation), or None."""
+        return self.session_api.match_session(prompt, tokenized=tokenized)
 
     @property
     def supports_sessions(self) -> bool:
-        """Whether requests may park their rings in sessions: not under tensor parallelism with a policy that
-        keeps per-ring state (only rank 0's state would move with the ring)."""
-        return self.workers is None or not self.policy.ring_state_axes
-
-    def _check_session_files(self) -> None:
-        if self.workers is not None:  # a file would hold rank 0's KV heads only
-            raise SessionFileError("saving and restoring sessions is not supported under tensor parallelism: each "
-                                   "rank holds its own KV heads; run with tensor_parallel_size=1")
-
-    def _session_identity(self) -> dict:
-        """What a saved ring is only valid under: the model (config and a weight checksum), the policy with
-        its options, the block size and the KV dtype."""
-        if not hasattr(self, "_identity"):
-            import hashlib
-
-            digest = hashlib.sha256(repr(self.config).encode())
-            for p in list(self.model.parameters())[:3]:
-                digest.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-            policy = f"{self.policy.label} n_sink={self.policy.n_sink} window={self.policy.window}"
-            self._identity = dict(model=digest.hexdigest()[:32], policy=policy, block_size=self.block_size,
-                                  dtype=str(self.pool.k.dtype).removeprefix("torch."))
-        return self._identity
+        """Whether requests may park their rings in sessions (see SessionAPI.supports_sessions)."""
+        return self.session_api.supports_sessions
 
     # --- the loop --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward pass; return the outputs of the requests that produced a token or finished
         since the last call (each finished request is reported exactly once, then forgotten).
 
-        Requests owned by `generate` or a stream are not reported here: their outputs go to their owner.
+        Outputs of requests added with an output_queue (generate, chat, stream) go to that queue instead.
         """
-        outputs = list(self._unclaimed)
-        self._unclaimed.clear()
-        return outputs + self._step()
+        self._step()
+        outputs, self._outputs = self._outputs, []
+        return outputs
 
-    def _step(self) -> list[RequestOutput]:
-        """One forward pass; outputs of owned requests go to their sinks, the rest are returned."""
-        touched = {req.request_id: req for req in self._finished_unreported}
-        self._finished_unreported.clear()
+    def _step(self) -> None:
+        """One forward pass (if anything is scheduled); every request it touched is reported (_report)."""
         sched = self.scheduler.schedule()
         if not sched.is_empty:
-            for req in self._run(sched):
-                touched[req.request_id] = req
-        outputs = []
-        for req in touched.values():
-            out = req.make_output()
-            sink = self._sinks.get(req.request_id)
-            if req.is_finished:
-                self._forget_finished(req)
-            if out is None:
-                continue
-            if sink is not None:
-                sink.append(out)
-            else:
-                outputs.append(out)
-        return outputs
+            for req in {req.request_id: req for req in self._run(sched)}.values():
+                self._report(req)
+
+    def _report(self, req: Request) -> None:
+        """The one way out of the engine: a request's output (of its own output_kind) goes to its output_queue,
+        or waits for the next `step` call; a finished request is forgotten."""
+        out = req.make_output()
+        if req.is_finished:
+            self._forget_finished(req)
+        if out is not None:
+            (req.output_queue if req.output_queue is not None else self._outputs).append(out)
 
     def _forget_finished(self, req: Request) -> None:
         del self._requests[req.request_id]
-        self._sinks.pop(req.request_id, None)
         if req.archive is not None and not req.archive.parked:  # its host memory is free for the others
             req.archive.close()
         req.metrics.finished_time = time.monotonic()
@@ -825,7 +550,6 @@ class Engine:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    # --- conveniences ----------------------------------------------------------------------------
     def generate(self, prompts: str | list[int] | Iterable[str | list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  *, use_tqdm: bool = True, session_id: str | None = None, append: bool = False) -> list[RequestOutput]:
@@ -836,12 +560,8 @@ class Engine:
         Requests queued with add_request keep running alongside; their outputs wait for `step`.
         `session_id` / `append` (one prompt only): see add_request.
         """
-        prompts = _as_prompt_list(prompts)
-        for index, prompt in enumerate(prompts):
-            if _is_chat(prompt):
-                raise InvalidRequestError(f"prompt {index} is a list of chat messages: use Engine.chat(messages) "
-                                          "for those (generate completes raw text or token ids)")
-        return self._run_to_completion(prompts, sampling_params, use_tqdm, session_id=session_id, append=append)
+        return offline_generate(self, prompts, sampling_params, use_tqdm=use_tqdm, session_id=session_id,
+                                append=append)
 
     def chat(self, messages: list[dict] | Iterable[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -849,76 +569,7 @@ class Engine:
         """Answer one conversation (a list of {"role", "content"} dicts) or a list of them, through the
         model's chat template; return the final outputs in order. With `session_id` (one conversation) the
         session's ring serves the part of the conversation it has read (see add_request)."""
-        conversations = [messages] if _is_chat(messages) else list(messages)
-        for index, conversation in enumerate(conversations):
-            if not _is_chat(conversation):
-                raise InvalidRequestError(f"conversation {index} must be a non-empty list of "
-                                          "{'role': ..., 'content': ...} dicts")
-        return self._run_to_completion(conversations, sampling_params, use_tqdm, session_id=session_id)
-
-    def _run_to_completion(self, prompts: list[Prompt], sampling_params, use_tqdm: bool, *,
-                           session_id: str | None = None, append: bool = False) -> list[RequestOutput]:
-        params_list = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
-                       else [sampling_params] * len(prompts))
-        if len(params_list) != len(prompts):
-            raise InvalidRequestError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        if session_id is not None or append:
-            if len(prompts) != 1:
-                raise InvalidRequestError(f"session_id continues one conversation: got {len(prompts)} prompts")
-            ids = [self.add_request(prompts[0], params_list[0], session_id=session_id, append=append)]
-        else:
-            ids = self._add_all(prompts, params_list)
-        sinks = {rid: self._own(rid, RequestOutputKind.FINAL_ONLY) for rid in ids}
-        final: dict[str, RequestOutput] = {}
-        try:
-            with _progress(len(ids), use_tqdm) as bar:
-                while len(final) < len(ids):
-                    self._step_for_owner()
-                    for rid, sink in sinks.items():
-                        while sink:
-                            final[rid] = sink.popleft()
-                            bar.update(1)
-        finally:  # interrupted (Ctrl-C, an exception): leave nothing of this batch behind
-            for rid in ids:
-                if rid not in final:
-                    self._discard(rid)
-        return [final[rid] for rid in ids]
-
-    def _add_all(self, prompts: list[Prompt], params_list: list[SamplingParams | None]) -> list[str]:
-        """Add a whole batch, or nothing of it."""
-        ids: list[str] = []
-        for index, (prompt, params) in enumerate(zip(prompts, params_list)):
-            try:
-                ids.append(self.add_request(prompt, params))
-            except InvalidRequestError as err:
-                for rid in ids:
-                    self._discard(rid)
-                raise InvalidRequestError(f"prompt {index}: {err}") from None
-        return ids
-
-    def _own(self, request_id: str, kind: RequestOutputKind) -> deque[RequestOutput]:
-        """Route a request's outputs, of `kind`, to a private queue instead of `step`'s return value."""
-        self._requests[request_id].params.output_kind = kind
-        sink: deque[RequestOutput] = deque()
-        self._sinks[request_id] = sink
-        return sink
-
-    def _step_for_owner(self) -> None:
-        """A step driven by generate/stream: outputs of requests nobody owns wait for the next `step` call."""
-        if not self._has_work():
-            raise RuntimeError("requests ended without a final output (a minikv bug)")
-        self._unclaimed.extend(self._step())
-
-    def _discard(self, request_id: str) -> None:
-        """Abort a request and forget it: no output of it will be delivered."""
-        self._sinks.pop(request_id, None)
-        req = self._requests.pop(request_id, None)
-        if req is not None:
-            if not req.is_finished:
-                self.scheduler.finish(req, "abort")
-                self._finished_by_reason["abort"] = self._finished_by_reason.get("abort", 0) + 1
-            if req in self._finished_unreported:
-                self._finished_unreported.remove(req)
+        return offline_chat(self, messages, sampling_params, use_tqdm=use_tqdm, session_id=session_id)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                request_id: str | None = None, *, session_id: str | None = None,
@@ -930,49 +581,7 @@ class Engine:
         frees its KV at once) or call `close()`. A stream abandoned without either keeps its request running
         until it finishes by itself (max_tokens bounds it); nothing of it stays in the engine afterwards.
         """
-        request_id = self.add_request(prompt, params, request_id, session_id=session_id, append=append)
-        return RequestStream(self, request_id)
-
-
-class RequestStream:
-    """One request's text, delta by delta. After the last delta, `output` holds its final RequestOutput
-    (all of its text and tokens). Use it as a context manager, or call `close()` when stopping early."""
-
-    def __init__(self, engine: Engine, request_id: str):
-        self.engine, self.request_id = engine, request_id
-        self.output: RequestOutput | None = None
-        self._request = engine._requests[request_id]
-        self._sink = engine._own(request_id, RequestOutputKind.DELTA)
-        self._closed = False
-
-    def __iter__(self) -> "RequestStream":
-        return self
-
-    def __next__(self) -> str:
-        while not self._closed:
-            if not self._sink:
-                self.engine._step_for_owner()
-                continue
-            out = self._sink.popleft()
-            if out.finished:
-                self.output = self._request.make_output(RequestOutputKind.CUMULATIVE)
-                self._closed = True
-            if out.outputs[0].text:
-                return out.outputs[0].text
-        raise StopIteration
-
-    def close(self) -> None:
-        """Stop following the request; if it has not finished, abort it (its KV is free at once)."""
-        if not self._closed:
-            self._closed = True
-            if self.output is None:
-                self.engine._discard(self.request_id)
-
-    def __enter__(self) -> "RequestStream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return offline_stream(self, prompt, params, request_id, session_id=session_id, append=append)
 
 
 def _loaded_model(model, device, dtype) -> LoadedModel:
@@ -990,38 +599,3 @@ def _loaded_model(model, device, dtype) -> LoadedModel:
         raise ConfigError(f"the model is already loaded as {weight.dtype}, not {dtype}: load it with "
                           f"load_model(..., dtype=...), or leave dtype out")
     return model
-
-
-def _is_chat(prompt: object) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
-
-
-def _is_token_ids(prompt: object) -> bool:
-    return (isinstance(prompt, (list, tuple)) and bool(prompt)
-            and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt))
-
-
-def _as_prompt_list(prompts) -> list[Prompt]:
-    """One prompt (text, token ids, chat) or many, as a list of prompts."""
-    if isinstance(prompts, str) or _is_chat(prompts) or _is_token_ids(prompts):
-        return [prompts]
-    if isinstance(prompts, (dict, bytes)) or not isinstance(prompts, Iterable):  # generate(5), generate(message)
-        raise InvalidRequestError(f"prompts must be a prompt (a string, a list of token ids or a list of chat "
-                                  f"messages) or a list of prompts, got {type(prompts).__name__}")
-    return list(prompts)
-
-
-def _check_unicode(text: str, what: str) -> None:
-    """A lone surrogate (e.g. bytes decoded with errors="surrogateescape") is not text a tokenizer can read."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise InvalidRequestError(
-            f"{what} holds {text[err.start]!r} at index {err.start}, a lone surrogate, which is not valid Unicode; "
-            "decode the original bytes as UTF-8 with errors='replace', or fix their encoding") from None
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="generate", unit="req", disable=not enabled or total < 2)

@@ -43,6 +43,7 @@ class Request:
         self.num_processed = 0  # tokens whose K/V have gone through the ring
         self.session = session  # minikv.session.Session this request continues and parks its ring in, or None
         self.num_cached_tokens = 0  # prompt tokens a session's parked ring had read already (not prefilled)
+        self.output_queue = None  # where its outputs go (a deque: minikv.offline's callers); None: Engine.step's result
         self.output_ids: list[int] = []
         self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None

@@ -192,7 +192,7 @@ def test_300_random_requests_with_aborts_and_bad_ones_lose_nothing_free_everythi
     reasons = {o.outputs[0].finish_reason for o in final.values()}
     assert "abort" in reasons and "length" in reasons and "error" not in reasons
     assert any(o.metrics.num_evicted_tokens > 0 for o in final.values())
-    assert all_rings_free(engine) and not engine._requests and not engine._sinks
+    assert all_rings_free(engine) and not engine._requests and not engine._outputs
     assert max(rss) - rss[0] < 64 * 2**20, f"resident memory grew by {(max(rss) - rss[0]) / 2**20:.0f} MiB"
 
 
@@ -582,7 +582,38 @@ def test_an_abandoned_stream_runs_to_its_end_and_leaves_nothing_behind(loaded):
     assert engine.num_requests == 1  # still running: its lifetime is not tied to garbage collection
     other = engine.add_request([1, 77], dataclasses.replace(GREEDY, max_tokens=8))
     assert list(run_all(engine)) == [other]
-    assert all_rings_free(engine) and not engine._requests and not engine._sinks
+    assert all_rings_free(engine) and not engine._requests and not engine._outputs
+
+
+def test_an_output_queue_gets_its_requests_outputs_and_step_only_the_others(loaded):
+    """One way out of a step: each output goes to its request's output_queue, or to step()'s result."""
+    from collections import deque
+
+    engine = make_engine(loaded)
+    queue: deque[RequestOutput] = deque()
+    followed = engine.add_request(PROMPT, dataclasses.replace(GREEDY, max_tokens=5), output_queue=queue)
+    other = engine.add_request([1, 77], dataclasses.replace(GREEDY, max_tokens=3))
+    stepped = [out for _ in range(3) for out in engine.step()]
+    assert {out.request_id for out in stepped} == {other} and len(queue) == 3  # CUMULATIVE: one per step
+    assert [len(out.outputs[0].token_ids) for out in queue] == [1, 2, 3]
+    engine.abort(followed)  # its final output goes to its queue at once, and the engine forgets it
+    assert queue[-1].finished and queue[-1].outputs[0].finish_reason == "abort" and followed not in engine._requests
+    assert list(run_all(engine)) == []  # `other` finished in those three steps; nothing of `followed` comes here
+    assert all_rings_free(engine) and not engine.has_unfinished_requests()
+
+
+def test_a_streams_output_is_its_deltas_added_up_logprobs_included(loaded):
+    engine = make_engine(loaded)
+    params = SamplingParams(temperature=0.8, seed=7, max_tokens=10, ignore_eos=True, logprobs=2,
+                            prompt_logprobs=1)
+    whole = engine.generate([PROMPT], params, use_tqdm=False)[0]
+    stream = engine.stream(PROMPT, params)
+    assert "".join(stream) == whole.outputs[0].text
+    got, want = stream.output.outputs[0], whole.outputs[0]
+    assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
+    assert got.logprobs == want.logprobs and len(got.logprobs) == 10
+    assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob)
+    assert stream.output.prompt_logprobs == whole.prompt_logprobs and stream.output.finished
 
 
 def test_chat_applies_the_template_and_generate_refuses_messages(loaded):

@@ -13,7 +13,7 @@ from minikv.kernels.reference import attend_score_sample, nexus_walk, victim_slo
 from minikv.policies import POLICIES, PrefillCandidates, make_policy
 from minikv.policies.nexus import Nexus
 from minikv.policies.spec import parse_policy
-from minikv.block_pool import check_ring_settings
+from minikv.block_pool import check_budget, check_ring_settings
 
 EVICTING = [name for name, cls in POLICIES.items() if cls.evicts]
 
@@ -464,3 +464,25 @@ def test_bad_settings_are_refused_with_the_reason():
         check_ring_settings(4096, 0, 4, 64)
     with pytest.raises(ConfigError, match="unknown policy 'lru'.*nexus.*h2o"):
         make_policy("lru")
+
+
+def test_the_budget_and_chunk_rules_are_one_function_that_every_caller_uses(tmp_path):
+    """block_pool.check_budget: the ring's rule, a request's range and the policy's own rule; the engine runs
+    it before loading a model, and the eval before running anything."""
+    from minikv.engine import Engine
+    from minikv.eval.runner import RunConfig, check_configs
+
+    nexus, epikv = make_policy("nexus", n_sink=4, window=64), make_policy("epikv", n_sink=4)
+    check_budget(69, 16, nexus)  # one slot beyond the protected ones
+    with pytest.raises(ConfigError, match="budget .* must exceed n_sink \\+ window"):
+        check_budget(68, 16, nexus)
+    with pytest.raises(ConfigError, match="chunk must be a positive"):
+        check_budget(4096, 0, nexus)
+    with pytest.raises(ConfigError, match="n_sink \\+ chunk"):
+        check_budget(515, 512, epikv)
+    with pytest.raises(ConfigError, match=r"out of range: it must be in \[69, 256\]"):
+        check_budget(300, 16, nexus, most=256)
+    with pytest.raises(ConfigError, match="budget \\(60\\) must exceed n_sink \\+ window"):
+        Engine(str(tmp_path / "no-model-here"), budget=60, policy="nexus")  # refused before any loading
+    with pytest.raises(ConfigError, match="budget \\(60\\) must exceed n_sink \\+ window"):
+        check_configs([RunConfig(parse_policy("nexus"), 60, "60")], chunk=512, n_sink=4, window=64)

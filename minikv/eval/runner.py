@@ -129,13 +129,15 @@ def plan_configs(policies: list[PolicySpec], budgets: list[float], length: int, 
 
 
 def check_configs(configs: list[RunConfig], chunk: int, n_sink: int, window: int) -> None:
-    """Let each policy refuse its budget before any model is loaded (e.g. epikv needs budget >= n_sink + chunk)."""
+    """Refuse a budget before any model is loaded, by the engine's own rules (minikv.block_pool.check_budget:
+    budget > n_sink + window, and each policy's own, e.g. epikv needs budget >= n_sink + chunk)."""
+    from minikv.block_pool import check_budget
     from minikv.policies import make_policy
 
     for config in configs:
         policy = make_policy(config.policy.name, n_sink=n_sink, window=window, **config.policy.options)
         if policy.evicts:
-            policy.check_budget(config.budget, chunk)
+            check_budget(config.budget, chunk, policy)
 
 
 @dataclass
