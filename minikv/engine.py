@@ -586,7 +586,7 @@ class Engine:
         if req.status is not RequestStatus.RUNNING:
             raise InvalidRequestError(f"request {request_id!r} is still waiting for admission and holds no ring "
                                       "yet: step the engine first")
-        length = min(req.num_processed, req.ring_size)
+        length = req.ring_filled
         positions = self.pool.ring("pos", req.blocks, length).cpu()
         if self.workers is None:
             return positions
