@@ -25,8 +25,9 @@ tokens are in every layer and KV head) is rolled back by removing their slots (`
 ring's last slots move into the holes and the ring holds fewer slots than its budget until new tokens
 fill them. Either way the kept slots' scores still count the attention the rolled-back tokens paid them, and
 tokens evicted while the tail was in the ring stay evicted: an approximation of the ring that never read
-the tail (docs/design.md, section 10). A divergence further back, or under a policy with per-ring running
-state (epikv, nestedkv: that state cannot be rolled back), prefills the conversation from the start.
+the tail (docs/design.md, section 10). A divergence further back, under a policy with per-ring running
+state (epikv, nestedkv: that state cannot be rolled back) or under tensor parallelism (other ranks hold the
+other KV heads), prefills the conversation from the start.
 """
 
 from __future__ import annotations
@@ -200,7 +201,9 @@ class SessionStore:
     """Every session, least recently used first, and the parked rings among them (see module docstring)."""
 
     def __init__(self, pool, policy, *, max_sessions: int = 1024, max_parked: int = 64,
-                 max_parked_blocks: int | None = None):
+                 max_parked_blocks: int | None = None, roll_back_evicted: bool = True):
+        """`roll_back_evicted`: whether a ring that has evicted may be rolled back (roll_back_ring works on
+        this process's pool: not under tensor parallelism, where other ranks hold the other KV heads)."""
         for name, value in (("max_sessions", max_sessions), ("max_parked", max_parked)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a count >= 0, got {value!r}")
@@ -209,13 +212,10 @@ class SessionStore:
         self.max_parked_blocks = pool.num_blocks if max_parked_blocks is None else max_parked_blocks
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.counters = SessionCounters()
+        # How many of its last tokens a parked ring that has evicted may roll back: the protected recent
+        # window, or none under a policy whose per-ring running state cannot be rolled back.
+        self.rollback_window = policy.window if roll_back_evicted and not policy.ring_state_axes else 0
         self._owners = itertools.count(PARKED_OWNER_BASE)
-
-    @property
-    def rollback_window(self) -> int:
-        """How many of its last tokens a parked ring that has evicted may roll back: the protected recent
-        window, or none under a policy whose per-ring running state cannot be rolled back."""
-        return 0 if self.policy.ring_state_axes else self.policy.window
 
     # --- gauges ----------------------------------------------------------------------------------
     @property
