@@ -131,7 +131,7 @@ class ParkedRing:
     ring_size: int  # slots it may hold (the ring size of the request that parked it)
     policy_state: dict[str, torch.Tensor] = field(default_factory=dict)
     holes: int = 0  # slots a rollback removed and no token has refilled yet (Request.ring_holes)
-    window: int = 0  # its last `window` tokens read are in every layer and KV head: a rollback there is allowed
+    window: int = 0  # once it has evicted, a divergence within its last `window` tokens read is rolled back
 
     @property
     def filled(self) -> int:
