@@ -19,8 +19,8 @@ KW = dict(policy="nexus", budget=BUDGET, window=WINDOW, chunk=32, max_num_seqs=2
 def rows(ring: dict[str, torch.Tensor]):
     """(layer, KV head) -> {position: slot} of a ring read by parked_ring."""
     pos = ring["pos"]  # [layers, slots, kv_heads]
-    return {(l, h): {int(p): s for s, p in enumerate(pos[l, :, h].tolist())}
-            for l in range(pos.shape[0]) for h in range(pos.shape[2])}
+    return {(layer, h): {int(p): s for s, p in enumerate(pos[layer, :, h].tolist())}
+            for layer in range(pos.shape[0]) for h in range(pos.shape[2])}
 
 
 def assert_ranks_follow_positions(ring: dict[str, torch.Tensor]) -> None:
@@ -58,7 +58,7 @@ def test_a_rollback_after_eviction_removes_the_tail_and_nothing_else(loaded, pos
     assert full.sessions.claim(session, prompt2) == (ring, cached)  # asking again changes nothing
     after = parked_ring(full, "s")
     tail = set(range(to, read))
-    checked = dict(moved=0, edges_followed=0, edges_dropped=0)
+    checked = dict(moved=0, edges_followed=0)
     for (layer, head), slots in rows(after).items():
         had, ref_had = rows(before)[layer, head], rows(want)[layer, head]
         assert set(slots) == set(had) - tail  # the tail is gone, every other token stayed
@@ -84,7 +84,6 @@ def test_a_rollback_after_eviction_removes_the_tail_and_nothing_else(loaded, pos
                     checked["edges_followed"] += slots[target] != e_old
                 elif alive:
                     assert e_new == -1 and float(after["edge_w"][layer, s, head, j]) == 0
-                    checked["edges_dropped"] += 1
     assert checked["moved"] > 0
     if options:  # the walk records edges (to earlier tokens): some pointed at slots that moved
         assert checked["edges_followed"] > 0, checked
