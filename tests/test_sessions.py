@@ -252,8 +252,20 @@ def test_session_requests_are_checked(loaded):
 # --- a random soak ----------------------------------------------------------------------------------
 
 
-def test_random_soak_of_sessions_and_requests_never_shares_a_block_and_frees_everything(loaded, tmp_path):
+def test_random_soak_of_sessions_and_requests_never_shares_a_block_and_frees_everything(loaded, tmp_path,
+                                                                                        monkeypatch):
+    import minikv.session
+
     rng = random.Random(5)
+    rolled_back = dict(evicted=0)
+    roll_back = minikv.session.roll_back_ring
+
+    def counted(*args):
+        left = roll_back(*args)
+        rolled_back["evicted"] += left is not None
+        return left
+
+    monkeypatch.setattr(minikv.session, "roll_back_ring", counted)
     per_block = Engine(loaded, budget=64, window=8, max_num_seqs=1).pool.bytes_per_block
     engine = Engine(loaded, policy="nexus", budget=64, window=8, chunk=32, max_num_seqs=6, max_model_len=8192,
                     kv_memory=30 * per_block, max_parked_sessions=6)
@@ -272,6 +284,8 @@ def test_random_soak_of_sessions_and_requests_never_shares_a_block_and_frees_eve
                     if info is not None and info.request_id is not None:
                         continue
                     base = info.token_ids if info is not None else []
+                    if base and rng.random() < 0.3:  # the last reply sent back changed: a rollback
+                        base = base[: len(base) - rng.randrange(1, 8)]
                     engine.add_request(base + new_tokens(rng, 1, 30), params, session_id=sid)
                 else:
                     engine.add_request(new_tokens(rng, 1, 80), params)
@@ -302,6 +316,7 @@ def test_random_soak_of_sessions_and_requests_never_shares_a_block_and_frees_eve
                 finished.add(out.request_id)
         assert_pool_accounting(engine)
     assert engine.stats().session_hits > 20 and engine.stats().sessions_released_by_pressure > 0
+    assert rolled_back["evicted"] > 5, rolled_back  # rings that had evicted were rolled back, not started over
     assert min(done.values()) > 0, done
     for sid in engine.session_ids():
         engine.close_session(sid)
