@@ -13,6 +13,10 @@ Reported: TTFT by turn index (mean over sessions), prompt tokens sent vs compute
 and the issue-29 targets (with sessions: the last turn's TTFT within 1.5x the second's, and >= 5x lower than
 without sessions at the last turn; prompt tokens computed = the new tokens only).
 
+`--no-session-turns 1,2,16` runs the no-session row at those turns only (its whole row resends the growing
+history: at S=4 x T=16 about 170,000 prompt tokens): each chosen turn sends, for every session at once, the
+very prompt the sessions row sent at that turn (the same conversation, replies included), as new requests.
+
 With `--url` the same chats go to a server's /v1/chat/completions as text (U short words a turn, streamed,
 the whole conversation resent): one row, whatever reuse the server does (`minikv serve` continues parked
 rings unless --no-session-reuse); computed = sent - usage.prompt_tokens_details.cached_tokens.
@@ -47,6 +51,7 @@ class ChatResult:
     new_tokens: int  # the tokens each turn adds that no earlier turn had sent (user tokens + the last reply token)
     errors: int = 0
     per_turn_computed: list[int] = field(default_factory=list)
+    prompts_by_turn: list[list[list[int]]] = field(default_factory=list)  # [turn][session]: the prompt sent
 
     @property
     def output_tok_s(self) -> float:
@@ -54,7 +59,7 @@ class ChatResult:
 
     def summary(self) -> dict:
         return {"label": self.label, "duration_s": round(self.duration_s, 3),
-                "ttft_by_turn_ms": [round(t * 1e3, 1) for t in self.ttft_by_turn],
+                "ttft_by_turn_ms": [None if t != t else round(t * 1e3, 1) for t in self.ttft_by_turn],
                 "prompt_tokens_sent": self.prompt_tokens_sent, "prompt_tokens_computed": self.prompt_tokens_computed,
                 "new_tokens": self.new_tokens, "output_tokens": self.output_tokens,
                 "output_tok_s": round(self.output_tok_s, 2), "errors": self.errors}
@@ -77,11 +82,13 @@ def run_chats(engine, *, sessions: int, turns: int, user_len: int, gen_len: int,
     in_flight: dict[str, int] = {}
     ttft: list[list[float]] = [[] for _ in range(turns)]
     computed_by_turn = [0] * turns
+    prompts: list[list[list[int]]] = [[[] for _ in range(sessions)] for _ in range(turns)]
     sent = computed = output_tokens = new_tokens = errors = 0
 
     def submit(s: int) -> None:
         nonlocal sent, new_tokens
         prompt = transcripts[s] + user_turns[s][turn_of[s]]
+        prompts[turn_of[s]][s] = prompt
         new_tokens += len(user_turns[s][turn_of[s]]) + (1 if transcripts[s] else 0)
         rid = engine.add_request(prompt, params, session_id=f"chat-{s}" if use_sessions else None)
         in_flight[rid] = s
@@ -113,7 +120,55 @@ def run_chats(engine, *, sessions: int, turns: int, user_len: int, gen_len: int,
         engine.close_session(f"chat-{s}")
     label = label or ("sessions" if use_sessions else "no sessions")
     return ChatResult(label, duration, [sum(t) / len(t) if t else float("nan") for t in ttft], sent, computed,
-                      output_tokens, new_tokens, errors, computed_by_turn)
+                      output_tokens, new_tokens, errors, computed_by_turn, prompts)
+
+
+def run_turns_without_sessions(engine, prompts_by_turn: list[list[list[int]]], turns: list[int], *, gen_len: int,
+                               label: str = "no sessions") -> ChatResult:
+    """The no-session row at some turns only (1-based `turns`): each sends every session's prompt of that turn
+    (`prompts_by_turn`, as the sessions row sent them) at once as new requests, and waits for all of them.
+    Turns not run have TTFT NaN; the token counts cover the turns run."""
+    from .sampling import RequestOutputKind, SamplingParams
+
+    params = SamplingParams(max_tokens=gen_len, temperature=0.0, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    ttft = [float("nan")] * len(prompts_by_turn)
+    computed_by_turn = [0] * len(prompts_by_turn)
+    sent = output_tokens = errors = 0
+    duration = 0.0
+    for turn in turns:
+        if not 1 <= turn <= len(prompts_by_turn):
+            raise ConfigError(f"--no-session-turns: turn {turn} is not one of 1..{len(prompts_by_turn)}")
+        start = time.perf_counter()
+        waiting = {engine.add_request(p, params) for p in prompts_by_turn[turn - 1]}
+        times = []
+        while waiting:
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                waiting.discard(out.request_id)
+                if out.error is not None or out.metrics.first_token_time is None:
+                    errors += 1
+                    continue
+                times.append(out.metrics.first_token_time - out.metrics.arrival_time)
+                computed_by_turn[turn - 1] += len(out.prompt_token_ids) - out.num_cached_tokens
+                sent += len(out.prompt_token_ids)
+                output_tokens += len(out.outputs[0].token_ids)
+        duration += time.perf_counter() - start
+        ttft[turn - 1] = sum(times) / len(times) if times else float("nan")
+    return ChatResult(label, duration, ttft, sent, sum(computed_by_turn), output_tokens, 0, errors, computed_by_turn)
+
+
+def _parse_turns(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        turns = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise ConfigError(f"--no-session-turns takes turn numbers separated by commas (e.g. 1,2,16), got {text!r}")
+    if not turns or turns[0] < 1:
+        raise ConfigError(f"--no-session-turns takes turn numbers >= 1, got {text!r}")
+    return turns
 
 
 # Short common words (about one token each in English BPE vocabularies): a server's chat turns are text.
@@ -194,7 +249,7 @@ def target_lines(with_sessions: ChatResult, without: ChatResult | None) -> list[
         ratio = ttft[-1] / ttft[1] if ttft[1] else float("inf")
         lines.append(f"target: with sessions, turn {len(ttft)} TTFT within 1.5x turn 2's: {ratio:.2f}x "
                      f"({'met' if ratio <= 1.5 else 'not met'})")
-    if without is not None and ttft:
+    if without is not None and ttft and without.ttft_by_turn[-1] == without.ttft_by_turn[-1]:
         gain = without.ttft_by_turn[-1] / ttft[-1] if ttft[-1] else float("inf")
         lines.append(f"target: turn {len(ttft)} TTFT >= 5x lower than without sessions: {gain:.1f}x "
                      f"({'met' if gain >= 5 else 'not met'})")
@@ -208,7 +263,8 @@ def target_lines(with_sessions: ChatResult, without: ChatResult | None) -> list[
 def format_report(results: list[ChatResult]) -> str:
     turns = len(results[0].ttft_by_turn)
     head = "turn  " + "  ".join(f"{r.label + ' TTFT ms':>22}" for r in results)
-    rows = [f"{t + 1:>4}  " + "  ".join(f"{r.ttft_by_turn[t] * 1e3:>22.1f}" for r in results) for t in range(turns)]
+    cell = lambda v: f"{'-':>22}" if v != v else f"{v * 1e3:>22.1f}"  # noqa: E731  NaN: a turn not run
+    rows = [f"{t + 1:>4}  " + "  ".join(cell(r.ttft_by_turn[t]) for r in results) for t in range(turns)]
     totals = [f"{r.label}: prompt tokens sent {r.prompt_tokens_sent}, computed {r.prompt_tokens_computed} (new "
               f"tokens {r.new_tokens}); output {r.output_tokens} tokens, {r.output_tok_s:.2f} tok/s; wall "
               f"{r.duration_s:.1f} s; errors {r.errors}" for r in results]
@@ -229,6 +285,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"tokens generated per turn (chat preset: {CHAT_PRESET['gen_len']})")
     g.add_argument("--only", choices=["sessions", "no-sessions"], default=None,
                    help="run one row only (default: both, sessions first)")
+    g.add_argument("--no-session-turns", default=None, metavar="T1,T2,...",
+                   help="run the no-session row at these turns only (e.g. 1,2,16), each with the prompts the "
+                        "sessions row sent at that turn (the whole row resends the growing history: slow)")
 
 
 def wants_chat(args: argparse.Namespace) -> bool:
@@ -247,6 +306,10 @@ def run(args: argparse.Namespace) -> int:
     for name, value in load.items():
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    fresh_turns = _parse_turns(getattr(args, "no_session_turns", None))
+    if fresh_turns and (args.only == "no-sessions" or fresh_turns[-1] > load["turns"]):
+        raise ConfigError(f"--no-session-turns replays the prompts the sessions row sent at turns 1..{load['turns']}: "
+                          f"pick turns among them, and leave out --only no-sessions")
     if getattr(args, "url", None):
         import asyncio
 
@@ -267,11 +330,16 @@ def run(args: argparse.Namespace) -> int:
         rows = [row for row in rows if row[0].replace(" ", "-") == args.only]
     results = []
     for label, use_sessions in rows:
-        print(f"minikv bench: chat row {label}: {load['sessions']} sessions x {load['turns']} turns ...",
+        print(f"minikv bench: chat row {label}: {load['sessions']} sessions x {load['turns']} turns"
+              f"{'' if use_sessions or not fresh_turns else f' (turns {fresh_turns} only)'} ...",
               file=sys.stderr, flush=True)
         engine = Engine(loaded, **options)
         warm_up(engine)
-        results.append(run_chats(engine, **load, use_sessions=use_sessions, seed=args.seed, label=label))
+        if use_sessions or not fresh_turns:
+            results.append(run_chats(engine, **load, use_sessions=use_sessions, seed=args.seed, label=label))
+        else:
+            results.append(run_turns_without_sessions(engine, results[0].prompts_by_turn, fresh_turns,
+                                                      gen_len=load["gen_len"], label=label))
         del engine
         gc.collect()
     if args.json:

@@ -177,7 +177,8 @@ class Engine:
                                 empty_block=self.pool.scratch_block, scratch_slot=use_graphs)
         self.sessions = SessionStore(self.pool, self.policy, max_sessions=session_limits["max_sessions"],
                                      max_parked=session_limits["max_parked"],
-                                     max_parked_blocks=self._parked_blocks(session_limits["max_parked_kv_memory"]))
+                                     max_parked_blocks=self._parked_blocks(session_limits["max_parked_kv_memory"]),
+                                     roll_back_evicted=self.workers is None)
         self.scheduler = Scheduler(self.pool, self.batch, max_num_batched_tokens=self.max_num_batched_tokens,
                                    chunk=chunk, sessions=self.sessions)
         if self.workers is not None:  # before bind: each rank gets the policy unbound, and binds its own
@@ -355,7 +356,7 @@ class Engine:
         if req.status is not RequestStatus.RUNNING:
             raise InvalidRequestError(f"request {request_id!r} is still waiting for admission and holds no ring "
                                       "yet: step the engine first")
-        length = min(req.num_processed, req.ring_size)
+        length = req.ring_filled
         positions = self.pool.ring("pos", req.blocks, length).cpu()
         if self.workers is None:
             return positions

@@ -52,6 +52,7 @@ class InputBatch:
         self.token = torch.zeros(rows, **i64)  # next decode input: the last sampled token
         self.position = torch.zeros(rows, **i32)  # tokens processed = position of the next one
         self.kv_budget = torch.ones(rows, **i32)  # ring slots per layer and KV head
+        self.ring_holes = torch.zeros(rows, **i32)  # Request.ring_holes: filled = min(budget, position - holes)
         self.ring_positions = torch.zeros(rows, dtype=torch.bool, device=device)  # positions="ring"
         self.block_table = torch.full((rows, max_blocks_per_seq), empty_block, **i32)
         self.seed = torch.zeros(rows, **i64)  # folded to 32 bits
@@ -81,6 +82,7 @@ class InputBatch:
         self.position[slot] = 0
         self.num_generated[slot] = 0
         self.kv_budget[slot] = ring_size
+        self.ring_holes[slot] = 0
         self.ring_positions[slot] = req.positions == "ring"
         self.block_table[slot] = self.empty_block
         self.seed[slot] = fold_seed(req.seed)

@@ -71,7 +71,7 @@ class ModelRunner:
         for chunk in sched.prefills:
             req = chunk.req
             plan.prefills.append(PrefillSegment(
-                slot=req.slot, start=start, length=chunk.length, filled=min(req.ring_size, req.num_processed),
+                slot=req.slot, start=start, length=chunk.length, filled=req.ring_filled,
                 first_pos=req.num_processed, ring_size=req.ring_size, table=self.batch.block_table[req.slot],
                 ends_prompt=ends_prompt(chunk), ring_positions=req.positions == "ring"))
             start += chunk.length
@@ -168,7 +168,7 @@ def decode_plan(batch: InputBatch, slots: torch.Tensor) -> StepPlan:
     graph captures them and replays them for whatever slots its static buffer holds."""
     position = batch.position[slots]
     budget = batch.kv_budget[slots]
-    filled = torch.minimum(position, budget)
+    filled = torch.minimum(position - batch.ring_holes[slots], budget)
     ring = batch.ring_positions[slots]
     # under positions="ring" the query's RoPE position follows the ring's ranks 0..filled-1
     return StepPlan(num_decode=len(slots), decode_slots=slots, decode_tables=batch.block_table[slots],

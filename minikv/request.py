@@ -41,6 +41,9 @@ class Request:
         self.error: str | None = None
         self.slot: int | None = None  # row of the persistent batch while running
         self.num_processed = 0  # tokens whose K/V have gone through the ring
+        # Slots a session's rolled-back ring lacks (minikv.session.roll_back_ring): it holds
+        # min(ring_size, num_processed - ring_holes) slots, so its next tokens fill the holes before evicting.
+        self.ring_holes = 0
         self.session = session  # minikv.session.Session this request continues and parks its ring in, or None
         self.num_cached_tokens = 0  # prompt tokens a session's parked ring had read already (not prefilled)
         self.output_queue = None  # where its outputs go (a deque: minikv.offline's callers); None: Engine.step's result
@@ -71,9 +74,14 @@ class Request:
         return self.prompt_ids[index] if index < n else self.output_ids[index - n]
 
     @property
+    def ring_filled(self) -> int:
+        """Ring slots filled (every layer and KV head alike)."""
+        return min(self.ring_size, self.num_processed - self.ring_holes)
+
+    @property
     def num_evicted_tokens(self) -> int:
         """Tokens no longer in the ring: the same count in every layer and KV head."""
-        return max(0, self.num_processed - self.ring_size)
+        return self.num_processed - self.ring_filled
 
     # --- a new token -------------------------------------------------------------------------------
     def append_token(self, token: int, logprobs: PositionLogprobs | None = None) -> str | None:

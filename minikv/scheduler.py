@@ -129,6 +129,8 @@ class Scheduler:
         `cached` prompt tokens are read already) and its policy state move into the request's batch slot."""
         req.blocks = self.pool.adopt(ring.owner, req.slot, req.num_blocks_needed)
         req.num_processed = req.num_cached_tokens = cached
+        req.ring_holes = ring.holes  # 0 unless SessionStore.claim compacted the ring (then cached == num_processed)
+        self.batch.ring_holes[req.slot] = req.ring_holes
         n = len(req.blocks)
         self.batch.write_blocks([req.slot] * n, list(range(n)), req.blocks)
         self.batch.position[req.slot] = cached
@@ -146,7 +148,7 @@ class Scheduler:
         steps = [(req, 1) for req in out.decodes] + [(c.req, c.length) for c in out.prefills]
         for req, new_tokens in steps:
             held = len(req.blocks)
-            needed = self.pool.blocks_for(min(req.ring_size, req.num_processed + new_tokens))
+            needed = self.pool.blocks_for(min(req.ring_size, req.num_processed - req.ring_holes + new_tokens))
             if needed > held:
                 new = self.pool.grow(req.slot, needed)
                 req.blocks.extend(new)
@@ -171,7 +173,8 @@ class Scheduler:
                 # steps parks it. The history is kept either way.
                 parked = self.sessions.finish(req.session, req.prompt_ids + req.output_ids, slot=req.slot,
                                               num_processed=req.num_processed, ring_size=req.ring_size,
-                                              keep_ring=reason != "error", archive=req.archive)
+                                              ring_holes=req.ring_holes, keep_ring=reason != "error",
+                                              archive=req.archive)
             if not parked:
                 self.pool.release(req.slot)
             self.batch.release(req.slot)

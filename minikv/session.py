@@ -20,10 +20,16 @@ never wrong). Limits: at most `max_parked` parked rings and `max_parked_blocks` 
 most `max_sessions` sessions kept at all (the least recently used idle one is forgotten beyond that).
 
 A prompt that diverges from what the ring read (a re-rendered history whose last turn tokenizes another
-way) is rolled back to the common prefix while the ring has evicted nothing (its slots then hold positions
-0..n-1 in order, so the tail is simply overwritten; under `full` this is exact, under an evicting policy the
-kept slots' scores and the policy's running state still remember the rolled-back tokens). Once the ring has
-evicted, a divergence prefills the conversation from the start.
+way, a reply regenerated) is rolled back to the common prefix. While the ring has evicted nothing its slots
+hold positions 0..n-1 in order, so the tail is simply overwritten (under `full` this is exact). Once it has
+evicted, a divergence within the last `window` tokens it read (the policy's protected recent window: those
+tokens are in every layer and KV head) is rolled back by removing their slots (`roll_back_ring`): the
+ring's last slots move into the holes and the ring holds fewer slots than its budget until new tokens
+fill them. Either way the kept slots' scores still count the attention the rolled-back tokens paid them, and
+tokens evicted while the tail was in the ring stay evicted: an approximation of the ring that never read
+the tail (docs/design.md, section 10). A divergence further back, under a policy with per-ring running
+state (epikv, nestedkv: that state cannot be rolled back) or under tensor parallelism (other ranks hold the
+other KV heads), prefills the conversation from the start.
 """
 
 from __future__ import annotations
@@ -64,6 +70,52 @@ def write_ring(pool, name: str, blocks: list[int], values: torch.Tensor) -> None
     t.view(t.shape[0], -1, *t.shape[3:])[:, _ring_rows(pool, blocks, values.shape[1])] = values.to(t.device, t.dtype)
 
 
+def roll_back_ring(pool, blocks: list[int], filled: int, read: int, to: int) -> int | None:
+    """Remove from a ring of `filled` slots that has read positions 0..read-1 the slots of positions
+    to..read-1, in every layer and KV head, and return the slots left (filled - (read - to)); None, with
+    nothing changed, unless every (layer, KV head) holds all of those positions.
+
+    Per (layer, KV head) the holes sit at different slots: the ring's last kept slots move into the holes
+    below the new fill (every per-slot tensor of the pool moves alike) and out-edges are renumbered (an edge to
+    a removed slot is dropped), so slots 0..left-1 are a valid ring. The removed positions are the ring's
+    largest, so under positions="ring" the kept slots' ranks (rope_pos) stay 0..left-1 as they were."""
+    removed = read - to
+    if not 0 < removed <= filled:
+        return None
+    flat = lambda t: t.view(t.shape[0], -1, *t.shape[3:])  # noqa: E731  [layers, rows, kv_heads, ...]
+    rows = _ring_rows(pool, blocks, filled)
+    gone = flat(pool.pos)[:, rows] >= to  # [L, F, H]
+    if not bool((gone.sum(1) == removed).all()):
+        return None
+    left = filled - removed
+    idx = torch.arange(filled, device=rows.device)[None, :, None]
+    hole, source = gone & (idx < left), ~gone & (idx >= left)  # as many of each per (layer, KV head)
+    moves = int(hole.sum(1).max())
+    slot_map = torch.where(gone, -1, idx.expand_as(gone))  # old ring slot -> new ring slot (-1: removed)
+    if moves:
+        dst = torch.where(hole, idx, idx + filled).argsort(dim=1)[:, :moves]  # holes first, in slot order
+        src = torch.where(source, idx, idx + filled).argsort(dim=1)[:, :moves]
+        real = hole.gather(1, dst)  # lanes beyond a (layer, head)'s own number of holes move nothing
+        layer = torch.arange(gone.shape[0], device=rows.device)[:, None, None].expand_as(dst)[real]
+        head = torch.arange(gone.shape[2], device=rows.device)[None, None, :].expand_as(dst)[real]
+        dst, src = dst[real], src[real]
+        for name in ring_tensor_names(pool):
+            t = flat(getattr(pool, name))
+            t[layer, rows[dst], head] = t[layer, rows[src], head]
+        slot_map[layer, src, head] = dst
+    edge = flat(pool.edge_slot)[:, rows[:left]].long()  # [L, left, H, M]: ring slots, -1 for none
+    known = (edge >= 0) & (edge < filled)
+    layer = torch.arange(edge.shape[0], device=rows.device)[:, None, None, None]
+    head = torch.arange(edge.shape[2], device=rows.device)[None, None, :, None]
+    target = torch.where(known, slot_map[layer, edge.clamp(0, filled - 1), head], -1)
+    dead = target < 0
+    flat(pool.edge_slot)[:, rows[:left]] = target.to(pool.edge_slot.dtype)
+    for name, none in (("edge_pos", -1), ("edge_w", 0)):
+        t = flat(getattr(pool, name))
+        t[:, rows[:left]] = t[:, rows[:left]].masked_fill(dead, none)
+    return left
+
+
 def ring_tensor_names(pool) -> list[str]:
     """The pool's per-slot tensors ([layers, blocks + 1, block_size, ...]: k, v, pos, score, held, edges, and
     any added later): everything a ring holds in its blocks."""
@@ -81,14 +133,17 @@ class ParkedRing:
     ring_size: int  # slots it may hold (the ring size of the request that parked it)
     policy_state: dict[str, torch.Tensor] = field(default_factory=dict)
     archive: object | None = None  # the minikv.archive.Archive its request kept, parked with the ring
+    holes: int = 0  # slots a rollback removed and no token has refilled yet (Request.ring_holes)
+    window: int = 0  # once it has evicted, a divergence within its last `window` tokens read is rolled back
 
     @property
     def filled(self) -> int:
-        return min(self.ring_size, self.num_processed)
+        return min(self.ring_size, self.num_processed - self.holes)
 
     @property
     def has_evicted(self) -> bool:
-        return self.num_processed > self.ring_size
+        """Some token it read is no longer in it (its slots no longer hold positions 0..n-1 in order)."""
+        return self.num_processed > self.filled
 
 
 @dataclass
@@ -110,9 +165,10 @@ class Session:
         common = _common_prefix(self.token_ids, prompt_ids, ring.num_processed)
         if common == ring.num_processed and common < len(prompt_ids):
             return common
-        if ring.has_evicted:
-            return 0  # the ring no longer holds positions in order: a rollback would leave evicted holes
-        return min(common, len(prompt_ids) - 1)
+        cached = min(common, len(prompt_ids) - 1)
+        if ring.has_evicted and ring.num_processed - cached > ring.window:
+            return 0  # the tail to roll back may be evicted in some (layer, KV head): start over
+        return cached
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -148,7 +204,9 @@ class SessionStore:
     """Every session, least recently used first, and the parked rings among them (see module docstring)."""
 
     def __init__(self, pool, policy, *, max_sessions: int = 1024, max_parked: int = 64,
-                 max_parked_blocks: int | None = None):
+                 max_parked_blocks: int | None = None, roll_back_evicted: bool = True):
+        """`roll_back_evicted`: whether a ring that has evicted may be rolled back (roll_back_ring works on
+        this process's pool: not under tensor parallelism, where other ranks hold the other KV heads)."""
         for name, value in (("max_sessions", max_sessions), ("max_parked", max_parked)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a count >= 0, got {value!r}")
@@ -157,6 +215,9 @@ class SessionStore:
         self.max_parked_blocks = pool.num_blocks if max_parked_blocks is None else max_parked_blocks
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.counters = SessionCounters()
+        # How many of its last tokens a parked ring that has evicted may roll back: the protected recent
+        # window, or none under a policy whose per-ring running state cannot be rolled back.
+        self.rollback_window = policy.window if roll_back_evicted and not policy.ring_state_axes else 0
         self._owners = itertools.count(PARKED_OWNER_BASE)
         self.archives = None  # the engine's minikv.archive.ArchiveStore (None: no archives), for restoring them
 
@@ -195,7 +256,14 @@ class SessionStore:
         """Before admission: the parked ring the request can take over and the prompt tokens it skips, or
         (None, 0) after releasing a ring that cannot serve this prompt. Asking again changes nothing."""
         cached = session.reusable_prefix(prompt_ids)
-        if session.ring is not None and cached == 0:
+        ring = session.ring
+        if ring is not None and 0 < cached < ring.num_processed and ring.has_evicted:
+            left = roll_back_ring(self.pool, ring.blocks, ring.filled, ring.num_processed, cached)
+            if left is None:
+                cached = 0  # a rollback after an earlier one may find part of the window evicted
+            else:
+                ring.num_processed, ring.holes = cached, cached - left
+        if ring is not None and cached == 0:
             self._release(session)
         return session.ring, cached
 
@@ -210,7 +278,7 @@ class SessionStore:
             self.counters.misses += 1
 
     def finish(self, session: Session, token_ids: list[int], *, slot: int | None, num_processed: int,
-               ring_size: int, keep_ring: bool, archive=None) -> bool:
+               ring_size: int, keep_ring: bool, ring_holes: int = 0, archive=None) -> bool:
         """The session's request ended; its history becomes `token_ids`. With `keep_ring` its ring (in batch
         slot `slot`) is parked, and its KV `archive` (if it kept one) with it. Returns whether the slot's blocks
         were taken: if not, the caller frees them (and closes the archive)."""
@@ -222,7 +290,8 @@ class SessionStore:
             state = self.policy.ring_state(slot)
             owner = next(self._owners)
             blocks = self.pool.park(slot, owner)
-            session.ring = ParkedRing(owner, blocks, num_processed, ring_size, state, archive)
+            session.ring = ParkedRing(owner, blocks, num_processed, ring_size, state, archive=archive,
+                                      holes=ring_holes, window=self.rollback_window)
             if archive is not None:
                 archive.parked = True
         if session.session_id in self.sessions:
@@ -319,7 +388,8 @@ class SessionStore:
                     kv_budget=session.kv_budget, token_ids=session.token_ids, identity=identity,
                     positions=session.positions,
                     ring=None if ring is None else dict(num_processed=ring.num_processed, ring_size=ring.ring_size,
-                                                        num_blocks=len(ring.blocks), archive=archive_meta))
+                                                        num_blocks=len(ring.blocks), holes=ring.holes,
+                                                        archive=archive_meta))
         try:
             directory.mkdir(parents=True, exist_ok=True)
             tensor_path, json_path = directory / f"{stem}.safetensors", directory / f"{stem}.json"
@@ -357,8 +427,11 @@ class SessionStore:
         return session
 
     def _restore_ring(self, ring_meta: dict, tensors: dict[str, torch.Tensor]) -> ParkedRing | None:
-        num_blocks = int(ring_meta["num_blocks"])
-        filled = min(int(ring_meta["ring_size"]), int(ring_meta["num_processed"]))
+        num_blocks, holes = int(ring_meta["num_blocks"]), int(ring_meta.get("holes", 0))
+        filled = min(int(ring_meta["ring_size"]), int(ring_meta["num_processed"]) - holes)
+        if not 0 <= holes < int(ring_meta["num_processed"]):
+            raise SessionFileError(f"the session file's ring has {holes} holes in {ring_meta['num_processed']} "
+                                   "tokens read (corrupt)")
         if num_blocks < self.pool.blocks_for(filled) or num_blocks > self.pool.num_blocks:
             raise SessionFileError(f"the session file's ring ({num_blocks} blocks for {filled} slots) does not fit "
                                    f"this engine's pool ({self.pool.num_blocks} blocks of {self.pool.block_size})")
@@ -397,7 +470,8 @@ class SessionStore:
         for name in names:
             write_ring(self.pool, name, blocks, tensors[f"ring.{name}"])
         return ParkedRing(owner, blocks, int(ring_meta["num_processed"]), int(ring_meta["ring_size"]),
-                          {name: t.to(self.pool.k.device) for name, t in state.items()}, archive)
+                          {name: t.to(self.pool.k.device) for name, t in state.items()}, archive=archive,
+                          holes=holes, window=self.rollback_window)
 
 
 def session_file_stem(session_id: str) -> str:

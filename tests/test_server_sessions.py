@@ -139,6 +139,22 @@ def test_chat_completions_reuse_a_parked_ring_and_metrics_count_it(server):
     assert "minikv:kv_blocks_parked" in after and "minikv:sessions_released_by_pressure_total" in after
 
 
+def test_chat_completions_with_a_reply_sent_back_changed_roll_an_evicted_ring_back(server):
+    """The conversation outgrew the ring (budget 256), and the client sends the reply back trimmed: its ids
+    differ from what the ring read only in the reply's tail, which is rolled back (docs/design.md, section 10)."""
+    client = client_of(server)
+    messages = [{"role": "user", "content": " ".join(f"fact{i}" for i in range(80))}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    assert first.usage.prompt_tokens > 256  # the ring has evicted
+    reply = first.choices[0].message.content
+    messages += [{"role": "assistant", "content": reply[:-2]}, {"role": "user", "content": "and more"}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    read = first.usage.prompt_tokens + first.usage.completion_tokens - 1
+    assert read - 16 <= cached < read and cached >= first.usage.prompt_tokens - 16
+    assert second.usage.completion_tokens == 6
+
+
 def test_a_chain_continues_after_a_restart_with_a_session_dir(chat_model, tmp_path):
     first = LiveServer(create_app(engine(chat_model), model_name=MODEL, session_dir=str(tmp_path)))
     try:

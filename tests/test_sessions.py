@@ -252,8 +252,20 @@ def test_session_requests_are_checked(loaded):
 # --- a random soak ----------------------------------------------------------------------------------
 
 
-def test_random_soak_of_sessions_and_requests_never_shares_a_block_and_frees_everything(loaded, tmp_path):
+def test_random_soak_of_sessions_and_requests_never_shares_a_block_and_frees_everything(loaded, tmp_path,
+                                                                                        monkeypatch):
+    import minikv.session
+
     rng = random.Random(5)
+    rolled_back = dict(evicted=0)
+    roll_back = minikv.session.roll_back_ring
+
+    def counted(*args):
+        left = roll_back(*args)
+        rolled_back["evicted"] += left is not None
+        return left
+
+    monkeypatch.setattr(minikv.session, "roll_back_ring", counted)
     per_block = Engine(loaded, budget=64, window=8, max_num_seqs=1).pool.bytes_per_block
     engine = Engine(loaded, policy="nexus", budget=64, window=8, chunk=32, max_num_seqs=6, max_model_len=8192,
                     kv_memory=30 * per_block, max_parked_sessions=6)
@@ -272,6 +284,8 @@ def test_random_soak_of_sessions_and_requests_never_shares_a_block_and_frees_eve
                     if info is not None and info.request_id is not None:
                         continue
                     base = info.token_ids if info is not None else []
+                    if base and rng.random() < 0.3:  # the last reply sent back changed: a rollback
+                        base = base[: len(base) - rng.randrange(1, 8)]
                     engine.add_request(base + new_tokens(rng, 1, 30), params, session_id=sid)
                 else:
                     engine.add_request(new_tokens(rng, 1, 80), params)
@@ -302,6 +316,7 @@ def test_random_soak_of_sessions_and_requests_never_shares_a_block_and_frees_eve
                 finished.add(out.request_id)
         assert_pool_accounting(engine)
     assert engine.stats().session_hits > 20 and engine.stats().sessions_released_by_pressure > 0
+    assert rolled_back["evicted"] > 5, rolled_back  # rings that had evicted were rolled back, not started over
     assert min(done.values()) > 0, done
     for sid in engine.session_ids():
         engine.close_session(sid)
@@ -481,3 +496,33 @@ def test_bench_preset_chat_runs_from_the_command_line(tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["label"] for r in rows] == ["sessions", "no sessions"]
     assert rows[0]["prompt_tokens_computed"] == rows[0]["new_tokens"] < rows[1]["prompt_tokens_computed"]
+
+
+def test_the_no_session_row_at_chosen_turns_replays_the_sessions_rows_prompts(loaded, tmp_path, capsys):
+    from minikv import bench
+    from minikv.bench_chat import run_chats, run_turns_without_sessions
+    from tiny_engine import tiny_checkpoint
+
+    kw = dict(policy="full", chunk=32, max_num_seqs=2, max_model_len=2048)
+    load = dict(sessions=2, turns=4, user_len=12, gen_len=4)
+    with_s = run_chats(Engine(loaded, **kw), **load, use_sessions=True)
+    without = run_chats(Engine(loaded, **kw), **load, use_sessions=False)
+    some = run_turns_without_sessions(Engine(loaded, **kw), with_s.prompts_by_turn, [1, 3], gen_len=4)
+    # Under `full` both rows see the same conversation: the chosen turns compute what the whole row did there.
+    assert some.per_turn_computed == [without.per_turn_computed[0], 0, without.per_turn_computed[2], 0]
+    assert some.prompt_tokens_sent == some.prompt_tokens_computed == sum(some.per_turn_computed)
+    assert some.output_tokens == 2 * 2 * 4 and some.errors == 0
+    assert some.ttft_by_turn[0] > 0 and some.ttft_by_turn[2] > 0
+    assert some.ttft_by_turn[1] != some.ttft_by_turn[1] and some.ttft_by_turn[3] != some.ttft_by_turn[3]  # NaN
+    path = tiny_checkpoint(tmp_path / "tiny")
+    argv = [str(path), "--preset", "chat", "--sessions", "2", "--turns", "3", "--user-len", "16", "--gen-len", "4",
+            "--budget", "64", "--window", "8", "--chunk", "32", "--threads", "1"]
+    assert bench.main(argv + ["--no-session-turns", "3", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[1]["label"] == "no sessions" and rows[1]["ttft_by_turn_ms"][:2] == [None, None]
+    assert rows[1]["ttft_by_turn_ms"][2] > 0 and rows[1]["prompt_tokens_computed"] > rows[0]["prompt_tokens_computed"] / 3
+    assert bench.main(argv + ["--no-session-turns", "3"]) == 0
+    assert "target: turn 3 TTFT >= 5x lower" in capsys.readouterr().out
+    for bad in ("0", "4", "2,x"):
+        assert bench.main(argv + ["--no-session-turns", bad]) != 0
+        assert "--no-session-turns" in capsys.readouterr().err

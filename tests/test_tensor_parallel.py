@@ -128,8 +128,12 @@ def test_a_session_at_two_ranks_continues_its_ring_as_at_one(checkpoints, tmp_pa
 
     with Engine(path, policy="nexus", **SETTINGS) as engine:
         reference = conversation(engine)
+        assert engine.sessions.rollback_window == engine.policy.window
     with Engine(path, policy="nexus", tensor_parallel_size=2, **SETTINGS) as engine:
         assert conversation(engine) == reference and reference[1][1] > 0  # the second turn reused the ring
+        # A rollback after eviction moves slots in this rank's pool only: under tensor parallelism a
+        # divergence in an evicted ring starts over instead.
+        assert engine.sessions.rollback_window == 0
         with pytest.raises(SessionFileError, match="tensor parallelism"):
             engine.save_session("chat", tmp_path)
 
