@@ -75,17 +75,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                    help="tokens per step (default: chunk + max-num-seqs)")
     g.add_argument("--max-model-len", type=positive_int, default=None,
-                   help="longest prompt + output in tokens (default: the model's trained context, "
-                        "max_position_embeddings; 8192 for SmolLM2). The ring has no length limit, so a higher "
-                        "value runs, but under --positions original RoPE extrapolates poorly past the trained "
-                        "length: expect quality to drop beyond it. Under --positions ring it does not bound "
-                        "evicting requests")
+                   help="longest prompt + output in tokens under --positions original or policy full (default: "
+                        "the model's trained context, max_position_embeddings; 8192 for SmolLM2). Under "
+                        "--positions ring (the default for evicting policies) it does not bound requests: the "
+                        "ring's memory does. A higher value runs under original too, but RoPE extrapolates "
+                        "poorly past the trained length: expect quality to drop beyond it")
     g.add_argument("--positions", choices=["original", "ring"], default=None,
                    help="the positions RoPE gives the ring's tokens: 'original' (each token's position in the "
                         "text) or 'ring' (the kept tokens numbered in order, the query next: no distance exceeds "
                         "the ring, so an evicting policy runs past the trained context and --max-model-len does "
-                        "not bound its requests). Default: %s for evicting policies; 'full' always uses "
-                        "'original'" % _default_positions())
+                        "not bound its requests). Default: %s for evicting policies ('original' with "
+                        "--archive-budget, which needs it); 'full' always uses 'original'" % _default_positions())
     g.add_argument("--archive-memory", type=_kv_memory_arg, default=None, metavar="SIZE",
                    help="host memory of all requests' KV archives together (requests opt in with archive_budget; "
                         "default: 4x the KV pool)")

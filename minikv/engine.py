@@ -62,9 +62,9 @@ Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
 
 # KV slots per pool block (vLLM's default too); see docs/benchmarks.md for the measurement behind it.
 DEFAULT_BLOCK_SIZE = 16
-# The positions RoPE gives an evicting policy's ring unless a request says otherwise (docs/quality.md, "Positions
-# inside the ring", measures both).
-DEFAULT_POSITIONS = "original"
+# The positions RoPE gives an evicting policy's ring unless a request says otherwise: "ring" keeps perplexity flat
+# past the trained context and recalls as well or better (docs/quality.md, "Positions inside the ring").
+DEFAULT_POSITIONS = "ring"
 
 
 @dataclass
@@ -172,7 +172,7 @@ class Engine:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ConfigError(f"block_size must be a positive number of KV slots, got {block_size!r}")
         self.policy = make_policy(policy, n_sink=n_sink, window=window, **(policy_options or {}))
-        self.positions = self._check_positions(positions)
+        self.positions = self._check_positions(positions, archive_budget)
         if isinstance(recall_interval, bool) or not isinstance(recall_interval, int) or recall_interval < 1:
             raise ConfigError(f"recall_interval must be a positive number of decode steps, got {recall_interval!r}")
         if isinstance(archive_budget, bool) or not isinstance(archive_budget, int) or archive_budget < 0:
@@ -261,8 +261,9 @@ class Engine:
                "tensor parallelism keeps no archive" if self.archive is None else
                "positions='ring' gives recalled tokens no rank" if positions == "ring" else None)
         if why:
+            hint = " or positions out" if positions == "ring" else ""
             raise InvalidRequestError(f"archive_budget={params.archive_budget} asks for a KV archive, but {why}: "
-                                      "leave archive_budget at 0")
+                                      f"leave archive_budget at 0{hint}")
 
     def _max_model_len(self, requested: int | None) -> int:
         """The longest request (prompt + max_tokens): as asked, else the model's trained context. Under `full`
@@ -279,7 +280,7 @@ class Engine:
                 f"an evicting policy (e.g. streaming with budget <= {window})")
         return min(requested or self.config.max_position_embeddings, window)
 
-    def _check_positions(self, positions: str | None) -> str:
+    def _check_positions(self, positions: str | None, archive_budget) -> str:
         if positions is not None and positions not in POSITION_MODES:
             raise ConfigError(f"positions={positions!r} is invalid: it must be one of {', '.join(POSITION_MODES)}")
         if not self.policy.evicts:
@@ -287,13 +288,18 @@ class Engine:
                 raise ConfigError("positions='ring' needs an evicting policy: policy 'full' keeps every token at "
                                   "its own position; use positions='original' or another policy")
             return "original"
-        return positions or DEFAULT_POSITIONS
+        return positions or ("original" if archive_budget else DEFAULT_POSITIONS)  # the archive needs "original"
 
-    def _request_positions(self, params: SamplingParams) -> str:
+    def request_positions(self, params: SamplingParams, session=None) -> str:
+        """The position mode `params` runs under: its own, else its session's (one mode per ring), else
+        "original" if it asks for an archive (which needs it), else the engine's. Raises InvalidRequestError
+        for "ring" under `full`."""
         if params.positions == "ring" and not self.policy.evicts:
             raise InvalidRequestError("positions='ring' needs an evicting policy, and this engine runs 'full': "
                                       "leave positions out")
-        return params.positions or self.positions
+        if params.positions is None and session is not None and session.positions is not None:
+            return session.positions
+        return params.positions or ("original" if params.archive_budget else self.positions)
 
     def _parked_blocks(self, max_parked_kv_memory) -> int | None:
         if max_parked_kv_memory is None:
@@ -355,7 +361,7 @@ class Engine:
         else:
             prompt_ids, prompt_text = tokenized or self.tokenize(prompt)
         total = len(prompt_ids) + params.max_tokens
-        positions = self._request_positions(params)
+        positions = self.request_positions(params, session)
         if session is not None and session.positions not in (None, positions):
             raise InvalidRequestError(f"session {session_id!r} was written with positions={session.positions!r}; "
                                       f"its requests cannot ask for {positions!r} (a ring's RoPE positions are one "
