@@ -75,11 +75,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                    help="tokens per step (default: chunk + max-num-seqs)")
     g.add_argument("--max-model-len", type=positive_int, default=None,
-                   help="longest prompt + output in tokens (default: the model's trained context, "
-                        "max_position_embeddings; 8192 for SmolLM2). The ring has no length limit, so a higher "
-                        "value runs, but under --positions original RoPE extrapolates poorly past the trained "
-                        "length: expect quality to drop beyond it. Under --positions ring it does not bound "
-                        "evicting requests")
+                   help="longest prompt + output in tokens under --positions original or policy full (default: "
+                        "the model's trained context, max_position_embeddings; 8192 for SmolLM2). Under "
+                        "--positions ring (the default for evicting policies) it does not bound requests: the "
+                        "ring's memory does. A higher value runs under original too, but RoPE extrapolates "
+                        "poorly past the trained length: expect quality to drop beyond it")
     g.add_argument("--positions", choices=["original", "ring"], default=None,
                    help="the positions RoPE gives the ring's tokens: 'original' (each token's position in the "
                         "text) or 'ring' (the kept tokens numbered in order, the query next: no distance exceeds "

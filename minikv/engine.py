@@ -60,9 +60,9 @@ logger = logging.getLogger(__name__)
 
 # KV slots per pool block (vLLM's default too); see docs/benchmarks.md for the measurement behind it.
 DEFAULT_BLOCK_SIZE = 16
-# The positions RoPE gives an evicting policy's ring unless a request says otherwise (docs/quality.md, "Positions
-# inside the ring", measures both).
-DEFAULT_POSITIONS = "original"
+# The positions RoPE gives an evicting policy's ring unless a request says otherwise: "ring" keeps perplexity flat
+# past the trained context and recalls as well or better (docs/quality.md, "Positions inside the ring").
+DEFAULT_POSITIONS = "ring"
 
 
 @dataclass
@@ -321,6 +321,10 @@ class Engine:
         It reads only the tokenizer and the config, so another thread may call it while the engine steps (the
         server tokenizes in its request handlers)."""
         return self.processor.tokenize(prompt, chat_template_kwargs=chat_template_kwargs)
+
+    def request_positions(self, params: SamplingParams, session=None) -> str:
+        """The position mode a request with `params` runs under (InputProcessor.request_positions)."""
+        return self.processor.request_positions(params, session)
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is (waiting, prefilling, decoding); its KV is free at once.

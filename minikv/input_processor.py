@@ -48,7 +48,7 @@ class InputProcessor:
         else:
             prompt_ids, prompt_text = tokenized or self.tokenize(prompt)
         total = len(prompt_ids) + params.max_tokens
-        positions = self._request_positions(params)
+        positions = self.request_positions(params, session)
         if session is not None and session.positions not in (None, positions):
             raise InvalidRequestError(f"session {session.session_id!r} was written with positions="
                                       f"{session.positions!r}; its requests cannot ask for {positions!r} (a ring's "
@@ -154,10 +154,15 @@ class InputProcessor:
         return history + new, None
 
     # --- the engine's limits ---------------------------------------------------------------------
-    def _request_positions(self, params: SamplingParams) -> str:
+    def request_positions(self, params: SamplingParams, session=None) -> str:
+        """The position mode `params` runs under: its own, else its session's (one mode per ring), else the
+        engine's. Raises InvalidRequestError for "ring" under `full`. Thread-safe (the server's handlers call
+        it to choose a default max_tokens)."""
         if params.positions == "ring" and not self.policy.evicts:
             raise InvalidRequestError("positions='ring' needs an evicting policy, and this engine runs 'full': "
                                       "leave positions out")
+        if params.positions is None and session is not None and session.positions is not None:
+            return session.positions
         return params.positions or self.positions
 
     def _request_budget(self, params: SamplingParams, prompt_len: int, session=None) -> int:

@@ -61,7 +61,8 @@ class SamplingParams:
         one output at the end (FINAL_ONLY).
     kv_budget: minikv's own: the most KV slots per layer and KV head this request may hold (None = the
         engine's budget); the engine refuses values outside [n_sink + window + 1, its budget].
-    positions: minikv's own: the positions RoPE gives the ring's tokens (None = the engine's). "original":
+    positions: minikv's own: the positions RoPE gives the ring's tokens (None: the session's mode, else the
+        engine's, "ring" by default for evicting policies). "original":
         each token's position in the text. "ring": the ring's kept tokens take consecutive positions in
         their order and the query the next one, so no distance exceeds the ring, and a request may run
         past max_model_len (the ring's memory is the bound). Only an evicting policy takes "ring".

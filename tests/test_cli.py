@@ -196,9 +196,11 @@ def test_threads_default_to_omp_num_threads_or_half_the_cpus(monkeypatch):
 
 
 def test_max_model_len_bounds_requests_and_says_when_it_is_past_the_trained_context(capsys, tiny_dir):
-    code, _, err = run_cli(capsys, tiny_dir, "hello there", "--budget", 128, "--max-model-len", 8)
+    original = ("--positions", "original")  # under "ring" (the default) max_model_len does not bound the ring
+    code, _, err = run_cli(capsys, tiny_dir, "hello there", "--budget", 128, "--max-model-len", 8, *original)
     assert_clean_error(code, err, "max_model_len (8)")
-    code, out, err = run_cli(capsys, tiny_dir, "hi", "--budget", 128, "--max-model-len", 40000, "--temperature", 0)
+    code, out, err = run_cli(capsys, tiny_dir, "hi", "--budget", 128, "--max-model-len", 40000, "--temperature", 0,
+                             *original)
     assert code == 0, err
     assert "past the model's trained context (32768 tokens)" in err  # the tiny checkpoint's context
 
@@ -210,3 +212,7 @@ def test_positions_ring_lifts_max_model_len_and_full_refuses_it(capsys, tiny_dir
     assert out.strip()
     code, _, err = run_cli(capsys, tiny_dir, "hi", "--policy", "full", "--positions", "ring")
     assert_clean_error(code, err, "positions='ring' needs an evicting policy")
+    # "ring" is the default for evicting policies: the same run without the flag, and no note about the context
+    code, out, err = run_cli(capsys, tiny_dir, "hi", "--budget", 128, "--max-model-len", 40000, "--temperature", 0)
+    assert code == 0, err
+    assert out.strip() and "past the model's trained context" not in err

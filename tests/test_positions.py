@@ -93,6 +93,44 @@ def test_bad_positions_are_refused(loaded):
         full.add_request(prompt(10), SamplingParams(max_tokens=2, positions="ring"))
 
 
+def test_ring_is_the_default_for_evicting_policies_with_or_without_an_archive(loaded):
+    """The default (DEFAULT_POSITIONS) is "ring"; `full` is always "original"; a KV archive (which works in
+    both modes) does not change the mode."""
+    from minikv.engine import DEFAULT_POSITIONS
+
+    assert DEFAULT_POSITIONS == "ring"
+    eng = engine(loaded, max_model_len=64)
+    assert eng.positions == "ring" and engine(loaded, policy="full").positions == "original"
+    assert engine(loaded, archive_budget=32).positions == "ring"
+    rid = eng.add_request(prompt(10), SamplingParams(max_tokens=2, archive_budget=32, **GREEDY))
+    assert eng._requests[rid].positions == "ring"
+    rid = eng.add_request(prompt(10), SamplingParams(max_tokens=2, archive_budget=32, positions="original",
+                                                     **GREEDY))
+    assert eng._requests[rid].positions == "original"
+    # a default request is not bounded by max_model_len: 100 + 20 tokens through a ring of 96, max_model_len 64
+    rid = eng.add_request(prompt(100), SamplingParams(max_tokens=20, **GREEDY))
+    assert eng._requests[rid].positions == "ring"
+    while eng.has_unfinished_requests():
+        eng.step()
+    with pytest.raises(InvalidRequestError, match="exceeds max_model_len"):
+        eng.add_request(prompt(100), SamplingParams(max_tokens=20, positions="original"))
+
+
+def test_a_session_continues_in_the_mode_it_was_written_with(loaded):
+    """A session's ring holds one mode's positions: a later request that does not say runs in it, one that
+    asks for the other mode is refused."""
+    eng = engine(loaded)
+    first = eng.generate([prompt(40)], SamplingParams(max_tokens=4, positions="original", **GREEDY),
+                         session_id="s", use_tqdm=False)[0]
+    rid = eng.add_request(first.outputs[0].token_ids[-1:] + [7, 8], SamplingParams(max_tokens=2, **GREEDY),
+                          session_id="s", append=True)
+    assert eng._requests[rid].positions == "original"
+    while eng.has_unfinished_requests():
+        eng.step()
+    with pytest.raises(InvalidRequestError, match="session 's' was written with positions='original'"):
+        eng.add_request([9, 10], SamplingParams(max_tokens=2, positions="ring"), session_id="s", append=True)
+
+
 def test_server_body_carries_positions():
     from minikv.server.protocol import CompletionRequest
 

@@ -126,6 +126,32 @@ def test_completion_reports_usage_and_kv_accounting(client):
     assert extra["evicted_tokens"] > 0
 
 
+def test_chat_without_max_tokens_runs_to_max_model_len_under_ring_and_to_what_is_left_under_original(client):
+    """A chat answer with no max_tokens: under "original" what max_model_len leaves after the prompt (vLLM's
+    rule); under "ring" (the default), where max_model_len does not bound the request, max_model_len tokens."""
+    answers = {mode: client.chat.completions.create(model=MODEL, messages=USER, temperature=0,
+                                                    extra_body={"ignore_eos": True, "positions": mode})
+               for mode in ("original", "ring")}
+    original, ring = answers["original"].usage, answers["ring"].usage
+    assert original.total_tokens == MAX_MODEL_LEN and original.completion_tokens < MAX_MODEL_LEN
+    assert ring.completion_tokens == MAX_MODEL_LEN and ring.prompt_tokens == original.prompt_tokens
+    assert all(a.choices[0].finish_reason == "length" for a in answers.values())
+
+
+def test_default_max_tokens_stays_finite_for_a_prompt_longer_than_max_model_len(loaded):
+    from minikv.sampling import SamplingParams
+    from minikv.server.app import Server
+
+    server = Server(tiny_engine(loaded), MODEL, max_waiting=None)
+    assert server.default_max_tokens(SamplingParams(), 10_000) == MAX_MODEL_LEN  # ring: the prompt may be longer
+    assert server.default_max_tokens(SamplingParams(), 100) == MAX_MODEL_LEN
+    assert server.default_max_tokens(SamplingParams(positions="original"), 100) == MAX_MODEL_LEN - 100
+    # original: at least 1, so that the engine refuses the prompt with its own "exceeds max_model_len"
+    assert server.default_max_tokens(SamplingParams(positions="original"), 10_000) == 1
+    full = Server(tiny_engine(loaded, policy="full"), MODEL, max_waiting=None)
+    assert full.default_max_tokens(SamplingParams(), 100) == MAX_MODEL_LEN - 100
+
+
 def test_token_id_prompt(client):
     out = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=3, extra_body={"ignore_eos": True})
     assert out.usage.prompt_tokens == 4 and out.usage.completion_tokens == 3
@@ -297,7 +323,9 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": "hi", "stop_token_ids": [99999]}, 400, "stop_token_ids", "vocabulary"),
     (COMPLETIONS, {"prompt": ""}, 400, "prompt", "empty"),
     (COMPLETIONS, {"prompt": [1, 99999]}, 400, "prompt", "vocabulary"),
-    (COMPLETIONS, {"prompt": "hi", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens", "max_model_len"),
+    # max_model_len bounds requests under positions "original" (under "ring", the default, the ring's memory does)
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": MAX_MODEL_LEN, "positions": "original"}, 400, "max_tokens",
+     "max_model_len"),
     (COMPLETIONS, {"prompt": "hi", "kv_budget": 5}, 400, "kv_budget", "[21, 64]"),
     (COMPLETIONS, {"prompt": "hi", "kv_budget": 10_000}, 400, "kv_budget", "[21, 64]"),
     (COMPLETIONS, {"prompt": "hi", "kv_budget": 0}, 400, "kv_budget", "positive"),
@@ -307,10 +335,12 @@ BAD_REQUESTS = [
     (CHAT, {"messages": []}, 400, "messages", "at least 1"),
     (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages", "role"),
     (CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "must be one of"),
-    (CHAT, {"messages": USER, "max_completion_tokens": MAX_MODEL_LEN}, 400, "max_completion_tokens", "max_model_len"),
+    (CHAT, {"messages": USER, "max_completion_tokens": MAX_MODEL_LEN, "positions": "original"}, 400,
+     "max_completion_tokens", "max_model_len"),
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs", "[0, 20]"),
     (CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs", "logprobs=true"),
-    (CHAT, {"messages": USER, "min_tokens": MAX_MODEL_LEN}, 400, "min_tokens", "max_tokens"),
+    (CHAT, {"messages": USER, "min_tokens": MAX_MODEL_LEN, "positions": "original"}, 400, "min_tokens", "max_tokens"),
+    (CHAT, {"messages": USER, "min_tokens": MAX_MODEL_LEN + 1}, 400, "min_tokens", "max_tokens"),  # ring: max_model_len
     (CHAT, {"messages": USER, "model": "gpt-9"}, 404, "model", "does not exist"),
 ]
 

@@ -32,7 +32,9 @@ HOSTILE = [
     ("-Infinity", CHAT, raw('{"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -Infinity}'),
      400, "presence_penalty", "finite"),
     ("1e999 overflows to inf", COMPLETIONS, raw('{"prompt": "hi", "min_p": 1e999}'), 400, "min_p", "finite"),
-    ("huge max_tokens", COMPLETIONS, {"prompt": "hi", "max_tokens": 10**30}, 400, "max_tokens", "max_model_len"),
+    # max_model_len bounds a request under positions "original" (under "ring", the default, the ring's memory does)
+    ("huge max_tokens", COMPLETIONS, {"prompt": "hi", "max_tokens": 10**30, "positions": "original"}, 400,
+     "max_tokens", "max_model_len"),
     ("negative max_tokens", COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", ">= 1"),
     ("negative max_completion_tokens", CHAT, {"messages": USER, "max_completion_tokens": -3}, 400,
      "max_completion_tokens", ">= 1"),

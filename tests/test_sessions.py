@@ -228,7 +228,7 @@ def test_parked_session_limits_release_the_oldest(loaded):
 
 
 def test_session_requests_are_checked(loaded):
-    engine = Engine(loaded, policy="nexus", budget=64, window=8, chunk=32, max_model_len=2048)
+    engine = Engine(loaded, policy="nexus", budget=64, window=8, chunk=32, max_model_len=2048, positions="original")
     engine.generate([5, 6, 7], SamplingParams(max_tokens=2, kv_budget=40, **GREEDY), session_id="s", use_tqdm=False)
     with pytest.raises(InvalidRequestError, match="kv_budget 40, fixed"):
         engine.add_request([5, 6, 7, 8], SamplingParams(kv_budget=50), session_id="s")

@@ -45,7 +45,8 @@ class Server:
     def __init__(self, engine: Engine, model_name: str, max_waiting: int | None,
                  reasoning_parser: ReasoningParser | None = None, reuse_sessions: bool = True):
         self.model_name = model_name
-        self.engine = engine  # handlers only call engine.tokenize (thread-safe); the engine thread does the rest
+        # handlers only call engine.tokenize and request_positions (thread-safe); the engine thread does the rest
+        self.engine = engine
         self.reuse_sessions = reuse_sessions
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.config.vocab_size
@@ -74,12 +75,23 @@ class Server:
         except InvalidRequestError as err:
             raise errors.from_invalid_request(err, body.request_field) from None
 
+    def default_max_tokens(self, params, prompt_len: int) -> int:
+        """max_tokens of a chat request that sets none. As vLLM: what max_model_len leaves after the prompt (at
+        least 1, so that a prompt that fills the context gets the engine's "exceeds max_model_len"). Under
+        positions "ring" max_model_len does not bound the request (a prompt may be longer), so the answer may
+        run to max_model_len tokens whatever the prompt: finite, and never cut short because a long chat
+        neared the context's end."""
+        try:
+            ring = self.engine.request_positions(params) == "ring"
+        except InvalidRequestError:
+            ring = False  # the engine refuses it, with its own message
+        return self.max_model_len if ring else max(1, self.max_model_len - prompt_len)
+
     async def submit(self, body: SamplingFields, prompt, params, fit_max_tokens: bool, request_id: str,
                      *, chat_template_kwargs: dict | None = None, session_id: str | None = None,
                      reuse_session: bool = False):
         """Tokenize the prompt, hand the request to the engine thread and wait until the engine has taken it
-        (or refused it). With `fit_max_tokens`, max_tokens becomes what max_model_len leaves after the prompt
-        (at least 1, so that a prompt that fills the context gets the engine's "exceeds max_model_len").
+        (or refused it). With `fit_max_tokens`, max_tokens is `default_max_tokens`.
         `session_id` continues that engine session; `reuse_session` lets the engine pick the parked session
         whose ring has read the most of the prompt (minikv.session)."""
         limit = self.engine_loop.max_waiting
@@ -88,7 +100,7 @@ class Server:
                                                   f"is {limit})"))
         prompt_ids, prompt_text = await self.tokenize(body, prompt, chat_template_kwargs)
         if fit_max_tokens:
-            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(prompt_ids)))
+            params = dataclasses.replace(params, max_tokens=self.default_max_tokens(params, len(prompt_ids)))
         try:
             handle = self.engine_loop.submit(prompt_ids, params, request_id, prompt=prompt, prompt_text=prompt_text,
                                              session_id=session_id, reuse_session=reuse_session)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..sampling import RequestOutputKind, SamplingParams
 from .errors import bad_request
 
-# OpenAI's default for /v1/completions; chat defaults to what is left of max_model_len after the prompt.
+# OpenAI's default for /v1/completions; chat's default comes from the prompt (Server.default_max_tokens).
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
 
@@ -213,7 +213,8 @@ class ChatCompletionRequest(SamplingFields):
 
     def to_sampling_params(self, max_model_len: int) -> tuple[SamplingParams, bool]:
         """SamplingParams, and whether max_tokens is to be fitted to the prompt: with neither max_tokens nor
-        max_completion_tokens, a chat answer may use what is left of max_model_len (as OpenAI and vLLM);
+        max_completion_tokens, a chat answer may use what is left of max_model_len (as OpenAI and vLLM; under
+        positions "ring", max_model_len: Server.default_max_tokens);
         that needs the prompt's length, which the engine thread works out (see EngineLoop)."""
         asked = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
