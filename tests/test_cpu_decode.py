@@ -182,3 +182,31 @@ def test_engine_in_place_equals_gathered(loaded, positions):
     for got, ref in zip(logprobs, logprobs_ref):
         for a, b in zip(got, ref):
             assert {t: round(x.logprob, 3) for t, x in a.items()} == {t: round(x.logprob, 3) for t, x in b.items()}
+
+
+def test_reservations_are_runs_of_consecutive_blocks():
+    """Rings growing a block at a time beside each other still get consecutive blocks (their reservations
+    are set aside as runs); without a long enough run blocks come one by one; accounting counts only the
+    blocks rings hold, and every block comes back."""
+    from minikv.block_pool import KVPool
+    from test_keep_step import CONFIG
+
+    pool = KVPool(CONFIG, 12, 4, dtype=torch.float32, device=torch.device("cpu"))
+    pool.reserve(0, 4)
+    pool.reserve(1, 3)
+    for n in range(1, 5):  # interleaved growth
+        pool.grow(0, n)
+        pool.grow(1, min(n, 3))
+    a, b = pool.blocks_of(0), pool.blocks_of(1)
+    assert all(y == x + 1 for x, y in zip(a, a[1:])) and all(y == x + 1 for x, y in zip(b, b[1:]))
+    assert pool.num_used == 7 and pool.num_reserved == 7
+    pool.reserve(2, 5)  # 5 blocks are free and consecutive
+    pool.grow(2, 1)
+    assert pool.num_used == 8 and pool.num_unreserved == 0
+    pool.release(2)  # the 4 blocks set aside and never taken are free again
+    pool.release(0)
+    pool.reserve(3, 6)  # free: blocks 0-3 and 7-11: no run of 6, blocks come one by one
+    assert len(pool.grow(3, 6)) == 6 and pool.num_used == 9
+    for owner in (1, 3):
+        pool.release(owner)
+    assert pool.num_used == pool.num_reserved == 0 and sorted(pool._free) == list(range(12))

@@ -194,10 +194,11 @@ class Rope:
             self._phase = torch.complex(self._cos, self._sin)
         return self._cos, self._sin
 
-    def phases(self, pos: torch.Tensor, max_pos: int) -> torch.Tensor:
-        """cos + i sin of integer positions `pos` [...] (0 <= pos <= max_pos): complex64 [..., D/2]."""
+    def phases(self, pos: torch.Tensor, max_pos: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """cos + i sin of integer positions `pos` [...] (0 <= pos <= max_pos): complex64 [..., D/2]
+        (`out`: a complex64 scratch of pos.numel() rows of D/2 to write into)."""
         self.tables(max_pos)
-        return self._phase.index_select(0, pos.reshape(-1)).view(*pos.shape, -1)
+        return torch.index_select(self._phase, 0, pos.reshape(-1), out=out).view(*pos.shape, -1)
 
     @staticmethod
     def rotate_pairs(x: torch.Tensor, phases: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

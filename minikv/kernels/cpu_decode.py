@@ -92,14 +92,16 @@ def attend_in_place(q, k_new, v_new, pool: PoolLayer, pieces: tuple, width: int,
         logits.fill_(float("-inf"))  # padding lanes
     logits[..., width] = (qg * k_new[:, :, None, :]).sum(-1)
     tile = max(MIN_RUN, TILE_BYTES // (num_kv_heads * head_dim * 4))
-    scratch = None
+    scratch = phases = None
     for i, ring in enumerate(pieces):
         for slot, rows, n in _tiles(ring, tile):
             keys = _read(k_rows, rows)  # [n, Hkv, D], as stored
             if rope is not None:
-                if scratch is None:
-                    scratch = torch.empty(tile, num_kv_heads, half, dtype=torch.complex64, device=q.device)
-                keys = Rope.rotate_pairs(keys, rope.phases(_read(pos_rows, rows), max_pos), out=scratch[:n])
+                if scratch is None:  # one tile's rotated keys and their phases, reused: they stay in cache
+                    scratch, phases = torch.empty(2, tile * num_kv_heads, half, dtype=torch.complex64,
+                                                  device=q.device)
+                turn = rope.phases(_read(pos_rows, rows), max_pos, out=phases[:n * num_kv_heads])
+                keys = Rope.rotate_pairs(keys, turn, out=scratch[:n * num_kv_heads].view(n, num_kv_heads, half))
             elif keys.dtype != torch.float32:
                 keys = keys.float()
             logits[i, :, :, slot:slot + n] = torch.matmul(qg[i], keys.permute(1, 2, 0))
