@@ -114,7 +114,7 @@ def gathered_attend_score_sample(*args, **kwargs):
         return reference.attend_score_sample(*args, **kwargs)
 
 
-@pytest.mark.parametrize("policy", ["nexus", "h2o", "streaming"])
+@pytest.mark.parametrize("policy", ["nexus", "h2o", "streaming", "keydiff"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [0, 1, 3])
 def test_decode_steps_in_place_equal_gathered(policy, layout, shape, cut):

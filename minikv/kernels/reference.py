@@ -96,8 +96,7 @@ def attend_score_sample(
     num_kv_heads = k_new.shape[1]
     if q.shape[0] == 0:
         return torch.empty_like(q), torch.empty(0, num_kv_heads, dtype=torch.int32, device=q.device)
-    index = decode_index(block_tables, filled, budget, pool.block_size, num_kv_heads,
-                         in_place=spec.score_mode != SCORE_KEYDIFF)  # KeyDiff scores from the gathered keys
+    index = decode_index(block_tables, filled, budget, pool.block_size, num_kv_heads)
     out, attn, keys = decode_attend(q, k_new, v_new, pool, index, scale=scale,
                                     keep_keys=spec.score_mode == SCORE_KEYDIFF, rope=rope, q_pos=q_pos)
     written = decode_update(pool, index, attn, k_new, v_new, new_pos, spec, layer=layer, seed=seed,
@@ -163,12 +162,17 @@ def decode_attend(q, k_new, v_new, pool: PoolLayer, index: DecodeIndex, *, scale
     token), plus the gathered keys [N, Hkv, F + 1, D], as stored (unrotated), when `keep_keys` (KeyDiff
     scores from them). `rope`, `q_pos`: see attend_score_sample (q_pos is required with rope).
 
-    This is the plain form: gather every ring into one padded batch, attend it. With `index.pieces` (and
-    no keep_keys) the same results come from cpu_decode.attend_in_place, which reads the rings in place."""
-    if index.pieces is not None and not keep_keys:
+    This is the plain form: gather every ring into one padded batch, attend it. With `index.pieces` the
+    same results come from cpu_decode.attend_in_place, which reads the rings in place (KeyDiff's keys are
+    then gathered for its scores alone)."""
+    if index.pieces is not None:
         out, attn = attend_in_place(q, k_new, v_new, pool, index.pieces, index.width, scale=scale, rope=rope,
                                     q_pos=q_pos)
-        return out, attn, None
+        keys = None
+        if keep_keys:
+            keys = _gather(pool.k, index.cells).float()
+            keys[:, :, index.width] = k_new
+        return out, attn, keys
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, width, out_dtype = k_new.shape[1], index.width, q.dtype
     keys = _gather(pool.k, index.cells).float()  # [N, Hkv, F + 1, D]; a fresh tensor, so lane F can be set
