@@ -11,7 +11,10 @@ overwrites slots in place, so nothing is ever compacted, moved or freed before t
 
 Admission reserves every block a sequence can ever hold, ceil(min(budget, prompt + max_tokens) / block_size),
 so a running sequence never waits for memory and nothing is ever preempted; blocks are then taken from the
-reservation as the ring fills, so the pool's usage is what the rings really hold. A prefill chunk in flight
+reservation as the ring fills, so the pool's usage is what the rings really hold. When the free list has a run
+of consecutive blocks as long as the reservation, the reservation is that run (set aside, not used), so the
+ring's blocks follow each other in the pool and the CPU decode reads it as one view (kernels.cpu_decode)
+however rings grow beside each other. A prefill chunk in flight
 needs nothing from the pool: its K/V stay in the step's activations until the keep step writes the kept
 tokens into ring slots (docs/design.md, section 4).
 """
@@ -132,6 +135,8 @@ class KVPool:
         self._owner = [-1] * num_blocks
         self._reserved: dict[int, int] = {}  # owner -> blocks reserved (taken or not)
         self._taken: dict[int, list[int]] = {}  # owner -> its blocks, in ring order
+        self._runs: dict[int, list[int]] = {}  # owner -> consecutive blocks set aside for it, next one last
+        self._set_aside = 0  # blocks in _runs: off the free list, not used
         self.peak_used = 0  # the most blocks rings held at once
 
     def layer(self, index: int) -> PoolLayer:
@@ -148,7 +153,7 @@ class KVPool:
     @property
     def num_used(self) -> int:
         """Blocks held by rings now."""
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - len(self._free) - self._set_aside
 
     @property
     def num_reserved(self) -> int:
@@ -180,6 +185,30 @@ class KVPool:
             raise RuntimeError(f"reserving {num_blocks} blocks with {self.num_unreserved} unreserved")
         self._reserved[owner] = num_blocks
         self._taken[owner] = []
+        self._set_aside_run(owner, num_blocks)
+
+    def _set_aside_run(self, owner: int, num_blocks: int) -> None:
+        """Take the lowest run of `num_blocks` consecutive free blocks off the free list for `owner`'s ring
+        (nothing when there is none: its blocks then come from the free list one by one)."""
+        if num_blocks < 2 or num_blocks > len(self._free):
+            return
+        free, start = sorted(self._free), None
+        for i in range(num_blocks - 1, len(free)):
+            if free[i] - free[i - num_blocks + 1] == num_blocks - 1:
+                start = free[i - num_blocks + 1]
+                break
+        if start is None:
+            return
+        run = set(range(start, start + num_blocks))
+        self._free = [b for b in self._free if b not in run]
+        self._runs[owner] = list(range(start + num_blocks - 1, start - 1, -1))
+        self._set_aside += num_blocks
+
+    def _return_run(self, owner: int) -> None:
+        """The blocks set aside for `owner` and not taken go back to the free list."""
+        run = self._runs.pop(owner, [])
+        self._set_aside -= len(run)
+        self._free.extend(run)
 
     def grow(self, owner: int, num_blocks: int) -> list[int]:
         """Take blocks from the owner's reservation until it holds `num_blocks`; return the new ones."""
@@ -187,8 +216,13 @@ class KVPool:
         if num_blocks > self._reserved[owner]:
             raise RuntimeError(f"owner {owner} needs {num_blocks} blocks but reserved {self._reserved[owner]}")
         new = []
+        run = self._runs.get(owner)
         while len(taken) < num_blocks:
-            block = self._free.pop()  # cannot fail: reservations never exceed the pool
+            if run:
+                block = run.pop()
+                self._set_aside -= 1
+            else:
+                block = self._free.pop()  # cannot fail: reservations never exceed the pool
             self._owner[block] = owner
             taken.append(block)
             new.append(block)
@@ -197,6 +231,7 @@ class KVPool:
 
     def release(self, owner: int) -> None:
         """Free every block of `owner` and drop its reservation: O(blocks), nothing is zeroed."""
+        self._return_run(owner)
         for block in self._taken.pop(owner):
             self._owner[block] = -1
             self._free.append(block)
@@ -209,6 +244,7 @@ class KVPool:
         The caller checked that num_unreserved covers what is reserved beyond the parked blocks."""
         if owner in self._reserved:
             raise RuntimeError(f"owner {owner} already holds a reservation")
+        self._return_run(parked)  # a ring restored by take() may keep an empty one
         taken = self._taken.pop(parked)
         extra = num_blocks - self._reserved.pop(parked)
         if extra > self.num_unreserved:
@@ -226,6 +262,7 @@ class KVPool:
     def park(self, owner: int, parked: int) -> list[int]:
         """Move `owner`'s blocks to the id `parked` (a session's ring outlives its request) and shrink the
         reservation to the blocks held: a parked ring never grows. Return its blocks in ring order."""
+        self._return_run(owner)
         taken = self._taken.pop(owner)
         del self._reserved[owner]
         for block in taken:

@@ -1,12 +1,16 @@
 """What rotating keys on load costs a CPU decode step, measured step by step in one process.
 
-Three engines on one loaded model decode the same requests, their steps interleaved (A, B, C, A, B, C ...),
-so a busy machine slows all three alike:
+Engines on one loaded model decode the same requests, their steps interleaved (A, B, C, A, B, C ...), so a
+busy machine slows them alike. Two axes: whether keys are rotated on load, and whether the decode attention
+gathers every ring (the plain form, reference.decode_attend) or reads the rings in place (kernels.cpu_decode,
+the CPU engine's default):
 
-  no-rotation   the attention attends the stored keys as they are (what the kernels did when K was stored
-                after RoPE: the same gathers and matmuls, no rotation; its tokens are not the model's);
-  original      keys rotated on load to their text positions;
-  ring          keys rotated on load to their ranks, which decode keeps up to date.
+  gathered, no rotation   the step before keys were stored unrotated (the same gathers and matmuls, no
+                          rotation; its tokens are not the model's): the baseline, 1.00x;
+  gathered, original      keys gathered, then rotated to their text positions;
+  in place, no rotation   rings read in place, no rotation (tokens not the model's): the gather's share;
+  in place, original      the engine's default: rings read in place, keys rotated to their text positions;
+  in place, ring          the same, keys rotated to their ranks, which decode keeps up to date.
 
     PYTHONPATH=. python tools/rope_cost.py [--budget 1024] [--requests 4] [--prompt 1100] [--steps 40]
 """
@@ -23,10 +27,20 @@ from minikv import Engine, SamplingParams
 from minikv.loader import load_model
 
 
-def make_engine(loaded, args, positions: str, rotate: bool) -> Engine:
+VARIANTS = {  # name: (positions, rotate on load, read the rings in place)
+    "gathered, no rotation": ("original", False, False),
+    "gathered, original": ("original", True, False),
+    "in place, no rotation": ("original", False, True),
+    "in place, original": ("original", True, True),
+    "in place, ring": ("ring", True, True),
+}
+
+
+def make_engine(loaded, args, positions: str, rotate: bool, in_place: bool) -> Engine:
     engine = Engine(loaded, budget=args.budget, policy=args.policy, max_num_seqs=args.requests, positions=positions)
+    attention = engine.attention
+    attention._deferred.in_place = in_place
     if not rotate:
-        attention = engine.attention
         set_rope = attention._set_rope
         attention._set_rope = lambda inv_freq: set_rope(None)
     gen = torch.Generator().manual_seed(0)
@@ -50,18 +64,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device="cpu", dtype=torch.float32)
-    engines = {"no-rotation": make_engine(loaded, args, "original", False),
-               "original": make_engine(loaded, args, "original", True),
-               "ring": make_engine(loaded, args, "ring", True)}
+    engines = {name: make_engine(loaded, args, *variant) for name, variant in VARIANTS.items()}
     times: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(args.steps):
         for name, engine in engines.items():
             started = time.perf_counter()
             engine.step()
             times[name].append(time.perf_counter() - started)
-    base = statistics.median(times["no-rotation"])
+    base = statistics.median(times["gathered, no rotation"])
     print(f"| decode step, {args.requests} x {args.prompt}-token prompts, {args.policy}@{args.budget}, "
-          f"{args.steps} steps each, interleaved | median ms | vs no-rotation |")
+          f"{args.steps} steps each, interleaved | median ms | vs gathered, no rotation |")
     print("|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)

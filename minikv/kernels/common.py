@@ -179,6 +179,7 @@ class Rope:
         self.source = inv_freq  # the tensor it was made from (the model's buffer)
         self.inv_freq = inv_freq.detach().float().contiguous()
         self._cos = self._sin = self.inv_freq.new_empty(0, self.inv_freq.shape[0])
+        self._phase = torch.complex(self._cos, self._sin)  # cos + i sin, for rotate_pairs
 
     @property
     def head_dim(self) -> int:
@@ -190,7 +191,27 @@ class Rope:
             size = max(64, 1 << int(max_pos).bit_length())
             angles = torch.arange(size, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
             self._cos, self._sin = angles.cos(), angles.sin()
+            self._phase = torch.complex(self._cos, self._sin)
         return self._cos, self._sin
+
+    def phases(self, pos: torch.Tensor, max_pos: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """cos + i sin of integer positions `pos` [...] (0 <= pos <= max_pos): complex64 [..., D/2]
+        (`out`: a complex64 scratch of pos.numel() rows of D/2 to write into)."""
+        self.tables(max_pos)
+        return torch.index_select(self._phase, 0, pos.reshape(-1), out=out).view(*pos.shape, -1)
+
+    @staticmethod
+    def rotate_pairs(x: torch.Tensor, phases: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., D] rotated by `phases` [..., D/2] (Rope.phases), in *paired* channel order: [..., D] fp32
+        holding (x1 cos - x2 sin, x2 cos + x1 sin) of frequency f at channels 2f, 2f + 1 (`rotate` puts them
+        at f and f + D/2). A dot product of two vectors rotated this way equals that of the two rotated by
+        `rotate`, so attention can use either; this one is two passes (interleave, complex multiply) where
+        `rotate` takes four half-width ones, which matters where every key of a ring is rotated.
+        `out`: complex64 [..., D/2] scratch to write into (None: a new tensor)."""
+        half = x.shape[-1] // 2
+        x32 = x if x.dtype == torch.float32 else x.float()
+        pairs = torch.complex(x32[..., :half], x32[..., half:], out=out)
+        return torch.view_as_real(pairs.mul_(phases)).flatten(-2)
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor, max_pos: int | None = None) -> torch.Tensor:
         """x [..., D] rotated to integer positions `pos` [...] (>= 0), in fp32. `max_pos`: a bound on pos

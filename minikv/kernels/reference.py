@@ -2,8 +2,10 @@
 
 The Triton kernels must produce the same outputs, the same scores and the same victims on the same
 inputs; tests compare them. On CPU the engine runs these functions directly, so they are also the CPU
-hot path: every step is a fixed, small number of batched torch ops (no Python loop over sequences,
-tokens or edges, no per-sequence host reads).
+hot path: every step is a fixed, small number of batched torch ops (no Python loop over tokens or edges,
+no per-sequence host reads), except the decode attention, which reads each ring in place in a short loop
+over the batch's rings (cpu_decode) instead of gathering them; `decode_attend` keeps the gathered form as
+the plain statement of what it computes.
 
 The KV store is one block pool per layer (`common.PoolLayer`, docs/design.md section 2). A sequence's ring is its
 block table: ring slot j lives at pool row `table[j // block_size] * block_size + j % block_size`, for
@@ -35,6 +37,7 @@ from .common import (
     physical_rows,
     slot_uniform,
 )
+from .cpu_decode import attend_in_place, ring_pieces
 
 # ---------------------------------------------------------------------------------------------------
 # Decode: attend, score, sample (docs/design.md, section 3)
@@ -107,7 +110,9 @@ class DecodeIndex(NamedTuple):
     width: the widest ring filled (F); ragged: some ring is narrower (only then are padding lanes masked);
     any_full: some ring is full (only then are victims drawn). cells [R, Hkv, F + 1] index the pool
     flattened to [cells, ...]; lane F is the new token's (it reads ring slot 0, whose block exists for every
-    running sequence, and is never trusted), like every padding lane (slot >= filled).
+    running sequence, and is never trusted), like every padding lane (slot >= filled). pieces: where each
+    ring's slots lie as runs of pool rows (cpu_decode.ring_pieces), when decode_attend reads the rings in
+    place instead of gathering them (None: it gathers).
     """
 
     width: int
@@ -119,6 +124,7 @@ class DecodeIndex(NamedTuple):
     block_tables: torch.Tensor  # [R, W]
     filled: torch.Tensor  # [R]
     budget: torch.Tensor  # [R]
+    pieces: tuple | None = None
 
     def for_layers(self, num_layers: int, blocks_per_layer: int, num_kv_heads: int, block_size: int) -> "DecodeIndex":
         """The same rings in every layer of a pool viewed as one layer (`KVPool.all_layers`): layer l's
@@ -132,8 +138,9 @@ class DecodeIndex(NamedTuple):
 
 
 def decode_index(block_tables: torch.Tensor, filled: torch.Tensor, budget: torch.Tensor, block_size: int,
-                 num_kv_heads: int) -> DecodeIndex:
-    """The rings of a decode batch as pool cells (see DecodeIndex)."""
+                 num_kv_heads: int, *, in_place: bool = True) -> DecodeIndex:
+    """The rings of a decode batch as pool cells (see DecodeIndex); `in_place`: decode_attend reads the
+    rings where they lie (cpu_decode) rather than gathering them."""
     # The step's one host read (three scalars at once): the padded width, whether rings are ragged and
     # whether any ring is full. On the CPU hot path this is a plain memory read; on CUDA Triton runs instead.
     width, narrowest, any_full = torch.stack([filled.max(), filled.min(), (filled >= budget).any()]).tolist()
@@ -145,14 +152,27 @@ def decode_index(block_tables: torch.Tensor, filled: torch.Tensor, budget: torch
     rows = physical_rows(block_tables, slots, block_size)  # [N, F + 1]
     cells = rows[:, None, :] * num_kv_heads + torch.arange(num_kv_heads, device=device)[None, :, None]
     lane_ok = None if valid is None else torch.cat([valid, valid.new_ones(len(filled), 1)], 1)[:, None, :]
-    return DecodeIndex(width, ragged, bool(any_full), cells, valid, lane_ok, block_tables, filled, budget)
+    pieces = ring_pieces(block_tables, filled, block_size) if in_place else None
+    return DecodeIndex(width, ragged, bool(any_full), cells, valid, lane_ok, block_tables, filled, budget, pieces)
 
 
 def decode_attend(q, k_new, v_new, pool: PoolLayer, index: DecodeIndex, *, scale: float, keep_keys: bool = False,
                   rope: Rope | None = None, q_pos: torch.Tensor | None = None):
     """Steps 1-2 of attend_score_sample: the output [N, Hq, D] and a(j) [N, Hkv, F + 1] (lane F: the new
     token), plus the gathered keys [N, Hkv, F + 1, D], as stored (unrotated), when `keep_keys` (KeyDiff
-    scores from them). `rope`, `q_pos`: see attend_score_sample (q_pos is required with rope)."""
+    scores from them). `rope`, `q_pos`: see attend_score_sample (q_pos is required with rope).
+
+    This is the plain form: gather every ring into one padded batch, attend it. With `index.pieces` the
+    same results come from cpu_decode.attend_in_place, which reads the rings in place (KeyDiff's keys are
+    then gathered for its scores alone)."""
+    if index.pieces is not None:
+        out, attn = attend_in_place(q, k_new, v_new, pool, index.pieces, index.width, scale=scale, rope=rope,
+                                    q_pos=q_pos)
+        keys = None
+        if keep_keys:
+            keys = _gather(pool.k, index.cells).float()
+            keys[:, :, index.width] = k_new
+        return out, attn, keys
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, width, out_dtype = k_new.shape[1], index.width, q.dtype
     keys = _gather(pool.k, index.cells).float()  # [N, Hkv, F + 1, D]; a fresh tensor, so lane F can be set
@@ -523,6 +543,7 @@ class DeferredDecode:
 
     def __init__(self, spec: EvictionSpec, seed: int):
         self.spec, self.seed = spec, seed
+        self.in_place = True  # attend the rings where they lie (cpu_decode); False: gather them (the plain form)
         self._index: DecodeIndex | None = None  # the step's decode rings, shared by every layer
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per layer: a(j), k, v
 
@@ -538,7 +559,7 @@ class DeferredDecode:
         """One layer's decode attention (plan: the step's attention.StepPlan); its bookkeeping waits."""
         if self._index is None:
             self._index = decode_index(plan.decode_tables, plan.decode_filled, plan.decode_budget,
-                                       pool.block_size, k.shape[1])
+                                       pool.block_size, k.shape[1], in_place=self.in_place)
         out, attn, _ = decode_attend(q, k, v, pool, self._index, scale=scale, rope=rope, q_pos=q_pos)
         if len(self._pending) != layer:
             raise RuntimeError("deferred decode layers must run in order, each once per step")
