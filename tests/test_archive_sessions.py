@@ -209,3 +209,25 @@ def test_random_soak_of_sessions_with_archives(loaded):
     for name in list(history):
         e.close_session(name)
     assert e.archive.tokens == 0 and not e.archive.archives
+
+
+@pytest.mark.parametrize("positions", ["original", "ring"])
+def test_a_rolled_back_turn_drops_the_archived_tail_with_the_rings(loaded, positions):
+    """The ring has evicted and the next prompt changes the last reply's last tokens: the ring rolls them back
+    (docs/design.md, section 10) and the archive, which had written them through, drops them too, so it
+    holds each position of the conversation once, in order, after the next turn."""
+    e = engine(loaded, positions=positions)
+    rng = random.Random(3)
+    out = turn(e, tokens(rng, 60), params())
+    transcript = out.prompt_token_ids + out.outputs[0].token_ids
+    ring = e.sessions.get("s").ring
+    assert ring.has_evicted and ring.num_processed == len(transcript) - 1
+    keep = len(transcript) - 3  # within the ring's protected window (4) of what it read
+    changed = transcript[:keep] + [3 if transcript[keep] != 3 else 4] + tokens(rng, 20)
+    assert changed[keep] != transcript[keep]
+    again = turn(e, changed, params())
+    assert again.num_cached_tokens == keep  # rolled back, not started over
+    ring = e.sessions.get("s").ring
+    assert ring.num_processed == len(changed) + len(again.outputs[0].token_ids) - 1
+    assert_archive_accounting(e)  # the archive's positions are 0..num_processed-1's newest, each once
+    assert parked_archive(e).size == ring.num_processed  # an ample archive: the whole conversation
