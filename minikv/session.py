@@ -134,7 +134,6 @@ class ParkedRing:
     policy_state: dict[str, torch.Tensor] = field(default_factory=dict)
     archive: object | None = None  # the minikv.archive.Archive its request kept, parked with the ring
     holes: int = 0  # slots a rollback removed and no token has refilled yet (Request.ring_holes)
-    window: int = 0  # once it has evicted, a divergence within its last `window` tokens read is rolled back
 
     @property
     def filled(self) -> int:
@@ -156,9 +155,11 @@ class Session:
     text: str | None = None  # token_ids decoded (special tokens kept), made when first asked for
     positions: str | None = None  # the RoPE position mode its ring was written under, fixed by the first request
 
-    def reusable_prefix(self, prompt_ids: list[int]) -> int:
+    def reusable_prefix(self, prompt_ids: list[int], rollback_window: int) -> int:
         """How many leading tokens of `prompt_ids` the parked ring can skip (0: none, start over). At least
-        one prompt token is always left to compute: the last one's logits sample the first output."""
+        one prompt token is always left to compute: the last one's logits sample the first output. Once the
+        ring has evicted, only a divergence within its last `rollback_window` tokens read is rolled back
+        (SessionStore.rollback_window)."""
         ring = self.ring
         if ring is None:
             return 0
@@ -166,7 +167,7 @@ class Session:
         if common == ring.num_processed and common < len(prompt_ids):
             return common
         cached = min(common, len(prompt_ids) - 1)
-        if ring.has_evicted and ring.num_processed - cached > ring.window:
+        if ring.has_evicted and ring.num_processed - cached > rollback_window:
             return 0  # the tail to roll back may be evicted in some (layer, KV head): start over
         return cached
 
@@ -255,7 +256,7 @@ class SessionStore:
     def claim(self, session: Session, prompt_ids: list[int]) -> tuple[ParkedRing | None, int]:
         """Before admission: the parked ring the request can take over and the prompt tokens it skips, or
         (None, 0) after releasing a ring that cannot serve this prompt. Asking again changes nothing."""
-        cached = session.reusable_prefix(prompt_ids)
+        cached = session.reusable_prefix(prompt_ids, self.rollback_window)
         ring = session.ring
         if ring is not None and 0 < cached < ring.num_processed and ring.has_evicted:
             left = roll_back_ring(self.pool, ring.blocks, ring.filled, ring.num_processed, cached)
@@ -291,7 +292,7 @@ class SessionStore:
             owner = next(self._owners)
             blocks = self.pool.park(slot, owner)
             session.ring = ParkedRing(owner, blocks, num_processed, ring_size, state, archive=archive,
-                                      holes=ring_holes, window=self.rollback_window)
+                                      holes=ring_holes)
             if archive is not None:
                 archive.parked = True
         if session.session_id in self.sessions:
@@ -471,7 +472,7 @@ class SessionStore:
             write_ring(self.pool, name, blocks, tensors[f"ring.{name}"])
         return ParkedRing(owner, blocks, int(ring_meta["num_processed"]), int(ring_meta["ring_size"]),
                           {name: t.to(self.pool.k.device) for name, t in state.items()}, archive=archive,
-                          holes=holes, window=self.rollback_window)
+                          holes=holes)
 
 
 def session_file_stem(session_id: str) -> str:

@@ -80,7 +80,7 @@ class SessionAPI:
         for session in self.store.sessions.values():
             if session.ring is None or session.request_id is not None:
                 continue
-            tokens = session.reusable_prefix(ids)
+            tokens = session.reusable_prefix(ids, self.store.rollback_window)
             if text is not None and (isinstance(prompt, str) or is_chat(prompt)):
                 history_text = self.processor.history_text(session)
                 if history_text and len(text) > len(history_text) and text.startswith(history_text):

@@ -162,9 +162,10 @@ def test_a_divergence_before_the_window_or_under_per_ring_state_starts_over(load
     assert session.ring.has_evicted
     # nexus rolls back what its window protects; a policy with per-ring running state cannot roll back.
     inside = session.token_ids[: read - 3] + [9, 9]
-    assert session.reusable_prefix(inside) == (read - 3 if policy == "nexus" else 0)
+    window = engine.sessions.rollback_window
+    assert session.reusable_prefix(inside, window) == (read - 3 if policy == "nexus" else 0)
     beyond = session.token_ids[: read - WINDOW - 1] + [9, 9]
-    assert session.reusable_prefix(beyond) == 0
+    assert session.reusable_prefix(beyond, window) == 0
     out = engine.generate(beyond, SamplingParams(max_tokens=2, **GREEDY), session_id="s", use_tqdm=False)[0]
     assert out.num_cached_tokens == 0 and engine.stats().session_misses == 1
     assert_pool_accounting(engine)
