@@ -165,6 +165,7 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], device, dty
         raise ModelLoadError(f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {missing[:3]}")
     state = {k: v for k, v in state.items() if k in expected}
     _check_shapes(model, state, config)
+    state = to_paired_order(state, config)
     if tp is not None:
         from .distributed.layers import shard_state_dict
 
@@ -178,6 +179,35 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], device, dty
     # frequencies fp32: RotaryEmbedding keeps them out of dtype casts.)
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
     return model.to(device=device, dtype=dtype).fuse_projections().eval()
+
+
+# The checkpoint tensors that live in q's / k's output channels, and how many heads each holds.
+_QK_CHANNELS = {"q_proj.weight": "num_heads", "q_proj.bias": "num_heads", "q_norm.weight": None,
+                "k_proj.weight": "num_kv_heads", "k_proj.bias": "num_kv_heads", "k_norm.weight": None}
+
+
+def to_paired_order(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """`state` (Hugging Face order) with each head's q and k output channels in RoPE's paired order.
+
+    Hugging Face's RoPE ("rotate_half") pairs channel f of a head with f + D/2; minikv's kernels rotate
+    channels 2f and 2f + 1 (kernels.common.Rope), so that a key as the pool stores it is D/2 complex numbers.
+    Moving channel f + h * D/2 (h = 0, 1) to 2f + h, in every head of q_proj / k_proj (weight rows, bias)
+    and in Qwen3's per-head q_norm / k_norm weights, makes the model's q and k come out in that order. The
+    same permutation of q and k leaves every q . k, so every logit, as it was; v and o_proj are untouched.
+    Heads stay whole, so tensor parallelism shards the result as it would the original."""
+    out = dict(state)
+    for name, tensor in state.items():
+        suffix = ".".join(name.split(".")[-2:])
+        if suffix in _QK_CHANNELS:
+            heads = getattr(config, _QK_CHANNELS[suffix]) if _QK_CHANNELS[suffix] else 1
+            out[name] = paired_rows(tensor, heads)
+    return out
+
+
+def paired_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """tensor [heads * D, ...] with each head's rows (f + h * D/2, h = 0, 1) moved to 2f + h."""
+    rest = tensor.shape[1:]
+    return tensor.reshape(heads, 2, -1, *rest).transpose(1, 2).reshape(tensor.shape).contiguous()
 
 
 def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], config: ModelConfig) -> None:

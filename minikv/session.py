@@ -49,7 +49,9 @@ from .errors import ConfigError, InvalidRequestError, SessionFileError
 
 # Pool owner ids of parked rings: far above any batch slot, so the allocator tells them apart.
 PARKED_OWNER_BASE = 1 << 30
-FILE_FORMAT, FILE_VERSION = "minikv-session", 1
+# Version 2: the ring's keys hold each head's channels in RoPE's paired order (loader.to_paired_order);
+# a version-1 file's keys are in Hugging Face's order and would be misread, so it is refused.
+FILE_FORMAT, FILE_VERSION = "minikv-session", 2
 
 
 def _ring_rows(pool, blocks: list[int], length: int) -> torch.Tensor:
@@ -494,6 +496,10 @@ def read_session_file(path: str | os.PathLike, identity: dict) -> tuple[dict, di
         raise SessionFileError(f"cannot read session file {str(json_path)!r}: {err.strerror or err}") from None
     except (ValueError, UnicodeDecodeError):
         raise SessionFileError(f"session file {str(json_path)!r} is not valid JSON (truncated or corrupt)") from None
+    if isinstance(meta, dict) and meta.get("format") == FILE_FORMAT and meta.get("version") == 1:
+        raise SessionFileError(f"{str(json_path)!r} is a version 1 minikv session file, written by an older minikv "
+                               f"that stored keys in another channel order; this one reads version {FILE_VERSION}: "
+                               "recreate the session (send its conversation again)")
     if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT or meta.get("version") != FILE_VERSION:
         raise SessionFileError(f"{str(json_path)!r} is not a minikv session file (format {FILE_FORMAT} "
                                f"version {FILE_VERSION})")

@@ -153,9 +153,10 @@ def test_apply_rope_rotates_in_fp32_and_rounds_once():
     assert got.dtype == torch.bfloat16
 
     angles = (positions.double()[:, None] * exact_frequencies(SMOLLM2_ROPE)[None, :])[:, None, :]
-    x1, x2 = x.double().chunk(2, dim=-1)
-    exact = torch.cat([x1 * angles.cos() - x2 * angles.sin(), x2 * angles.cos() + x1 * angles.sin()], dim=-1)
-    pair_length = (x1**2 + x2**2).sqrt().repeat(1, 1, 2)
+    x1, x2 = x.double()[..., 0::2], x.double()[..., 1::2]  # paired order: frequency f at channels 2f, 2f + 1
+    exact = torch.stack([x1 * angles.cos() - x2 * angles.sin(), x2 * angles.cos() + x1 * angles.sin()], dim=-1)
+    exact = exact.flatten(-2)
+    pair_length = (x1**2 + x2**2).sqrt().repeat_interleave(2, dim=-1)
     bound = BF16_ROUNDOFF * exact.abs() + 8000 * 2 * FP32_ROUNDOFF * pair_length
     assert ((got.double() - exact).abs() <= bound).all()
 

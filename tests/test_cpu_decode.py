@@ -143,18 +143,34 @@ def test_decode_steps_in_place_equal_gathered(policy, layout, shape, cut):
         advance(other)
 
 
-def test_paired_rotation_keeps_dot_products():
-    """rotate_pairs puts each frequency's two channels side by side; dot products equal rotate's."""
+def test_rotation_is_hugging_faces_in_paired_order():
+    """Rope rotates channels (2f, 2f + 1): on vectors permuted to paired order as the loader permutes q / k
+    (loader.paired_rows) it gives transformers' rotate_half RoPE of the originals, permuted the same way, so
+    q . k is transformers'; `turn` (the in-place path, from phases) equals `rotate`."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from minikv.loader import paired_rows
+
     gen = torch.Generator().manual_seed(3)
     rope = make_rope(32, theta=500000.0)
     q, k = torch.randn(5, 32, generator=gen), torch.randn(5, 7, 32, generator=gen)
     q_pos, k_pos = torch.randint(0, 900, (5,), generator=gen), torch.randint(0, 900, (5, 7), generator=gen)
-    plain = torch.einsum("nd,njd->nj", rope.rotate(q, q_pos, 899), rope.rotate(k, k_pos, 899))
-    paired = torch.einsum("nd,njd->nj", Rope.rotate_pairs(q, rope.phases(q_pos, 899)),
-                          Rope.rotate_pairs(k, rope.phases(k_pos, 899)))
-    torch.testing.assert_close(paired, plain, rtol=1e-5, atol=1e-5)
-    halves = Rope.rotate_pairs(k, rope.phases(k_pos, 899)).view(5, 7, 16, 2).transpose(-1, -2).flatten(-2)
-    torch.testing.assert_close(halves, rope.rotate(k, k_pos, 899), rtol=1e-6, atol=1e-6)
+
+    def hf(x, pos):
+        angles = pos.float()[..., None] * rope.inv_freq
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+        return x * cos + rotate_half(x) * sin
+
+    def paired(x):
+        return paired_rows(x.movedim(-1, 0), 1).movedim(0, -1)
+
+    assert not torch.equal(paired(k), k)
+    torch.testing.assert_close(rope.rotate(paired(k), k_pos, 899), paired(hf(k, k_pos)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rope.rotate(paired(q), q_pos), paired(hf(q, q_pos)), rtol=1e-5, atol=1e-5)
+    dots = torch.einsum("nd,njd->nj", rope.rotate(paired(q), q_pos), rope.rotate(paired(k), k_pos))
+    torch.testing.assert_close(dots, torch.einsum("nd,njd->nj", hf(q, q_pos), hf(k, k_pos)), rtol=1e-5, atol=1e-5)
+    turned = Rope.turn(paired(k), rope.phases(k_pos, 899))
+    assert torch.equal(turned, rope.rotate(paired(k), k_pos, 899))
 
 
 @pytest.mark.parametrize("positions", ["original", "ring"])

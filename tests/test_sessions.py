@@ -376,6 +376,10 @@ def test_session_files_from_elsewhere_or_damaged_are_refused_clearly(loaded, tmp
     (tmp_path / "dtype" / "s.safetensors").write_bytes((tmp_path / "ok" / "s.safetensors").read_bytes())
     with pytest.raises(SessionFileError, match="saved with dtype 'float16'"):
         engine.restore_session(tmp_path / "dtype" / "s.json")
+    meta = {**json.loads(open(path).read()), "version": 1}  # keys in Hugging Face's channel order
+    (tmp_path / "dtype" / "s.json").write_text(json.dumps(meta))
+    with pytest.raises(SessionFileError, match="version 1 minikv session file.*channel order"):
+        engine.restore_session(tmp_path / "dtype" / "s.json")
     fresh = Engine(loaded, policy="nexus", budget=64, window=8, chunk=32, max_model_len=4096)
     data = (tmp_path / "ok" / "s.safetensors").read_bytes()
     (tmp_path / "ok" / "s.safetensors").write_bytes(data[: len(data) // 2])

@@ -15,8 +15,9 @@ ring's filled slots in blocks of BLOCK keys:
           under positions="ring" the ranks above the victim's drop by one (one more pass, int32 only).
 
 RoPE. Keys are stored unrotated: every key is rotated as it is loaded (kernels.common.Rope), at its slot's
-rope_pos, and the query and the new key at the query's position. The rotation needs channel d's partner
-d +- D/2, so a key tile is loaded twice (the second load hits the cache), and cos / sin are computed from
+rope_pos, and the query and the new key at the query's position. q and k hold each head's channels in
+paired order (frequency f at channels 2f, 2f + 1; see Rope), so channel d's partner is its neighbour d ^ 1:
+a key tile is loaded twice (the second load reads the same cache lines), and cos / sin are computed from
 the fp32 angle on the fly (libdevice's accurate cos / sin on a GPU: the fast approximations lose digits
 for the large angles of long contexts; under the interpreter numpy's).
 
@@ -150,13 +151,11 @@ def _merge_top(top, cand, TOP_M: tl.constexpr, M_PAD: tl.constexpr):
 
 @triton.jit
 def _rope_channels(inv_freq_ptr, d, HEAD_DIM: tl.constexpr):
-    """Per channel d [D_PAD]: its frequency, its rotate_half partner (padding channels keep themselves) and
-    the sign of the partner's term: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]."""
-    half: tl.constexpr = HEAD_DIM // 2
-    d_ok = d < HEAD_DIM
-    freq = tl.load(inv_freq_ptr + tl.where(d < half, d, d - half), mask=d_ok, other=0.0)
-    d_sw = tl.where(d < half, d + half, tl.where(d_ok, d - half, d))
-    sign = tl.where(d < half, -1.0, 1.0)
+    """Per channel d [D_PAD]: its frequency, its partner in paired order (padding channels pair with padding)
+    and the sign of the partner's term: channels (2f, 2f + 1) = [a, b] -> [a c - b s, b c + a s]."""
+    freq = tl.load(inv_freq_ptr + d // 2, mask=d < HEAD_DIM, other=0.0)
+    d_sw = d ^ 1
+    sign = tl.where(d % 2 == 0, -1.0, 1.0)
     return freq, d_sw, sign
 
 

@@ -167,70 +167,58 @@ POSITION_MODES = ("original", "ring")
 
 class Rope:
     """The model's RoPE frequencies inv_freq [D/2] (fp32, with its scaling already applied: llama3, linear,
-    Qwen's theta) and the rotation every kernel applies, in the Hugging Face "rotate_half" layout:
-    [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], angle = fp32(position) * inv_freq, all in fp32.
+    Qwen's theta) and the rotation every kernel applies, in *paired* channel order (GPT-J's "interleaved"
+    layout): frequency f rotates channels (2f, 2f + 1), [a, b] -> [a cos - b sin, b cos + a sin], angle =
+    fp32(position) * inv_freq[f], all in fp32.
 
-    The torch path reads cos / sin from a table indexed by integer position (the same values as computing
-    them, at a gather's cost instead of two transcendentals per element); the table grows by doubling to
-    the largest position asked for.
+    Paired order is how minikv holds q and k everywhere: the loader permutes each head's q / k output
+    channels of a Hugging Face checkpoint, (x_f, x_{f + D/2}) -> channels (2f, 2f + 1) (loader.to_paired_order),
+    so this rotation of the permuted vectors is Hugging Face's "rotate_half" of the originals, permuted, and
+    q . k is unchanged. In torch a key's pairs are then complex numbers as stored (torch.view_as_complex, no
+    copy) and the rotation is one complex multiply by cos + i sin, read from a table indexed by integer
+    position (the same values as computing them, at a gather's cost); the table grows by doubling to the
+    largest position asked for.
     """
 
     def __init__(self, inv_freq: torch.Tensor):
         self.source = inv_freq  # the tensor it was made from (the model's buffer)
         self.inv_freq = inv_freq.detach().float().contiguous()
-        self._cos = self._sin = self.inv_freq.new_empty(0, self.inv_freq.shape[0])
-        self._phase = torch.complex(self._cos, self._sin)  # cos + i sin, for rotate_pairs
+        self._phase = torch.zeros(0, self.inv_freq.shape[0], dtype=torch.complex64, device=self.inv_freq.device)
 
     @property
     def head_dim(self) -> int:
         return 2 * self.inv_freq.shape[0]
 
-    def tables(self, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[P, D/2] fp32 cos and sin of positions 0..P-1, P > max_pos."""
-        if max_pos >= self._cos.shape[0]:
-            size = max(64, 1 << int(max_pos).bit_length())
-            angles = torch.arange(size, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
-            self._cos, self._sin = angles.cos(), angles.sin()
-            self._phase = torch.complex(self._cos, self._sin)
-        return self._cos, self._sin
-
     def phases(self, pos: torch.Tensor, max_pos: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """cos + i sin of integer positions `pos` [...] (0 <= pos <= max_pos): complex64 [..., D/2]
         (`out`: a complex64 scratch of pos.numel() rows of D/2 to write into)."""
-        self.tables(max_pos)
-        return torch.index_select(self._phase, 0, pos.reshape(-1), out=out).view(*pos.shape, -1)
+        table = self._table(max_pos)
+        return torch.index_select(table, 0, pos.reshape(-1), out=out).view(*pos.shape, table.shape[1])
+
+    def _table(self, max_pos: int) -> torch.Tensor:
+        """[P, D/2] complex64 cos + i sin of positions 0..P-1, P > max_pos."""
+        if max_pos >= self._phase.shape[0]:
+            size = max(64, 1 << int(max_pos).bit_length())
+            angles = torch.arange(size, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
+            self._phase = torch.complex(angles.cos(), angles.sin())
+        return self._phase
 
     @staticmethod
-    def rotate_pairs(x: torch.Tensor, phases: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., D] rotated by `phases` [..., D/2] (Rope.phases), in *paired* channel order: [..., D] fp32
-        holding (x1 cos - x2 sin, x2 cos + x1 sin) of frequency f at channels 2f, 2f + 1 (`rotate` puts them
-        at f and f + D/2). A dot product of two vectors rotated this way equals that of the two rotated by
-        `rotate`, so attention can use either; this one is two passes (interleave, complex multiply) where
-        `rotate` takes four half-width ones, which matters where every key of a ring is rotated.
-        `out`: complex64 [..., D/2] scratch to write into (None: a new tensor)."""
-        half = x.shape[-1] // 2
-        x32 = x if x.dtype == torch.float32 else x.float()
-        pairs = torch.complex(x32[..., :half], x32[..., half:], out=out)
-        return torch.view_as_real(pairs.mul_(phases)).flatten(-2)
+    def turn(x: torch.Tensor, phases: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., D] (paired order) rotated by `phases` [..., D/2] (Rope.phases): [..., D] fp32. An fp32 x
+        is read in place as D/2 complex numbers, so this is one pass. `out`: complex64 [..., D/2] scratch to
+        write into (None: a new tensor)."""
+        x32 = x.float()
+        if x32.storage_offset() % 2 or any(s % 2 for s in x32.stride()[:-1]) or x32.stride(-1) != 1:
+            x32 = x32.clone(memory_format=torch.contiguous_format)  # view_as_complex needs pairs aligned
+        pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(torch.mul(pairs, phases, out=out)).flatten(-2)
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor, max_pos: int | None = None) -> torch.Tensor:
-        """x [..., D] rotated to integer positions `pos` [...] (>= 0), in fp32. `max_pos`: a bound on pos
-        known to the caller (saves a host read).
-
-        On the CPU path this runs over every key of every ring, every layer and step, so it is written for
-        memory passes: half-width cos / sin gathers and four fused half-width ops into one output."""
+        """x [..., D] (paired order) rotated to integer positions `pos` [...] (>= 0): [..., D] fp32.
+        `max_pos`: a bound on pos known to the caller (saves a host read)."""
         if max_pos is None:
             max_pos = int(pos.max()) if pos.numel() else 0
-        cos, sin = self.tables(max_pos)
-        half = x.shape[-1] // 2
-        index = pos.reshape(-1).long().clamp(0, cos.shape[0] - 1)  # padding lanes may hold anything
-        c = cos.index_select(0, index).view(*pos.shape, half)
-        s = sin.index_select(0, index).view(*pos.shape, half)
-        x32 = x.float()
-        x1, x2 = x32[..., :half], x32[..., half:]
-        out = torch.empty(x32.shape, dtype=torch.float32, device=x.device)
-        torch.mul(x1, c, out=out[..., :half])
-        out[..., :half].addcmul_(x2, s, value=-1.0)  # x1 cos - x2 sin
-        torch.mul(x2, c, out=out[..., half:])
-        out[..., half:].addcmul_(x1, s)  # x2 cos + x1 sin
-        return out
+        table = self._table(max_pos)
+        index = pos.reshape(-1).long().clamp(0, table.shape[0] - 1)  # padding lanes may hold anything
+        return self.turn(x, table.index_select(0, index).view(*pos.shape, table.shape[1]))

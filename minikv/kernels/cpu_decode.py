@@ -9,8 +9,9 @@ module computes the same output and a(j) reading the rings in place, in pieces (
 - a fragmented ring (blocks scattered one by one, e.g. grown a block at a time beside other rings) is
   gathered once, as one piece: the copy the reference makes, for that ring only.
 
-Values are attended straight from the view. Keys are rotated on load (`Rope.rotate_pairs`, paired channel
-order, the query likewise) from the view into a scratch tile small enough to stay in cache, and attended
+Values are attended straight from the view. Keys are rotated on load (`Rope.turn`, the query likewise):
+the pool holds each head's channels in RoPE's paired order, so an fp32 key is read in place as D/2 complex
+numbers and rotated by one complex multiply into a scratch tile small enough to stay in cache, and attended
 from there: the rotation costs the one pass over K that the gather cost before. Pieces are cut into tiles
 of about `TILE_BYTES` of keys so that the tile, its phases and the query's logits stay in L2.
 
@@ -83,8 +84,8 @@ def attend_in_place(q, k_new, v_new, pool: PoolLayer, pieces: tuple, width: int,
     if rope is not None:
         max_pos = int(q_pos.max())  # every key's RoPE position is at most its query's
         pos_rows = pool.rows("rope_pos")
-        qg = Rope.rotate_pairs(qg, rope.phases(q_pos[:, None, None].expand(-1, num_kv_heads, group), max_pos))
-        k_new = Rope.rotate_pairs(k_new, rope.phases(q_pos[:, None].expand(-1, num_kv_heads), max_pos))
+        qg = Rope.turn(qg, rope.phases(q_pos[:, None, None].expand(-1, num_kv_heads, group), max_pos))
+        k_new = Rope.turn(k_new, rope.phases(q_pos[:, None].expand(-1, num_kv_heads), max_pos))
     qg = qg * scale
     ragged = any(sum(n for _, _, n in p) < width for p in pieces)
     logits = q.new_empty(num_seqs, num_kv_heads, group, width + 1, dtype=torch.float32)
@@ -101,7 +102,7 @@ def attend_in_place(q, k_new, v_new, pool: PoolLayer, pieces: tuple, width: int,
                     scratch, phases = torch.empty(2, tile * num_kv_heads, half, dtype=torch.complex64,
                                                   device=q.device)
                 turn = rope.phases(_read(pos_rows, rows), max_pos, out=phases[:n * num_kv_heads])
-                keys = Rope.rotate_pairs(keys, turn, out=scratch[:n * num_kv_heads].view(n, num_kv_heads, half))
+                keys = Rope.turn(keys, turn, out=scratch[:n * num_kv_heads].view(n, num_kv_heads, half))
             elif keys.dtype != torch.float32:
                 keys = keys.float()
             logits[i, :, :, slot:slot + n] = torch.matmul(qg[i], keys.permute(1, 2, 0))

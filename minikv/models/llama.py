@@ -10,7 +10,9 @@ the model runner sets up for the step (ring store, eviction, kernels). RoPE is a
 backend stores keys unrotated and rotates each one as it loads it, to the position its slot takes (the
 text position, or its rank in a bounded ring), so the model hands over its frequencies instead of rotated
 q / k. Module names equal the Hugging Face parameter names, so checkpoints load with a plain
-`load_state_dict`.
+`load_state_dict`, once the loader has put each head's q / k channels in RoPE's paired order
+(`loader.to_paired_order`): q and k leave their projections (and Qwen3's norms) ready to be rotated as
+complex pairs, and their dot products are Hugging Face's.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from ..config import ModelConfig
 class AttentionBackend(Protocol):
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 inv_freq: torch.Tensor) -> torch.Tensor:
-        """q [T, Hq, D], k / v [T, Hkv, D] before RoPE (after the model's q / k norms), and the model's RoPE
-        frequencies inv_freq [D/2] fp32 -> attention output [T, Hq, D]."""
+        """q [T, Hq, D], k / v [T, Hkv, D] before RoPE (after the model's q / k norms; q and k in paired
+        channel order, kernels.common.Rope), and the model's RoPE frequencies inv_freq [D/2] fp32 ->
+        attention output [T, Hq, D]."""
 
 
 class RMSNorm(nn.Module):
@@ -52,7 +55,7 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """RoPE's frequencies, fixed at load (with the checkpoint's scaling). The attention backend rotates q
-    and k with them (kernels.common.Rope); `forward` / `tables` / `rotate` below are the same rotation for
+    and k with them (kernels.common.Rope); `forward` and `apply_rope` below are the same rotation for
     whoever needs it outside attention (tests compare against them).
 
     Frequencies, angles, cos and sin are fp32 whatever the model's dtype. In bf16 (8 significant bits) a
@@ -78,15 +81,6 @@ class RotaryEmbedding(nn.Module):
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], fp32
         return angles.cos(), angles.sin()
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, D] cos and signed sin for `rotate`, made once per step and shared by every layer."""
-        return rope_tables(*self(positions))
-
-
-def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half-width cos / sin [T, D/2] -> the full-width tables of `rotate`: [cos, cos] and [-sin, sin]."""
-    return torch.cat([cos, cos], dim=-1)[:, None, :], torch.cat([-sin, sin], dim=-1)[:, None, :]
-
 
 def _scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
     if scaling is None:
@@ -107,21 +101,15 @@ def _scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Te
     return torch.where(is_medium, ramp, scaled)
 
 
-def rotate(x: torch.Tensor, cos2: torch.Tensor, signed_sin2: torch.Tensor) -> torch.Tensor:
-    """RoPE in the Hugging Face "rotate_half" layout, x [T, H, D] with the tables of `rope_tables`:
-    [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] = x * [cos, cos] + [x2, x1] * [-sin, sin].
-
-    The rotation runs in fp32 (the tables are fp32) and the result is rounded once, back to x's dtype;
-    it is bit for bit the two-halves formula, in four ops instead of ten."""
-    x32 = x.float()
-    half = x.shape[-1] // 2
-    swapped = torch.cat([x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos2 + swapped * signed_sin2).to(x.dtype)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE from half-width cos / sin [T, D/2] (RotaryEmbedding's output). x [T, H, D]."""
-    return rotate(x, *rope_tables(cos, sin))
+    """RoPE in paired channel order (the order minikv holds q and k in, kernels.common.Rope) from half-width
+    cos / sin [T, D/2] (RotaryEmbedding's output), x [T, H, D]: channels (2f, 2f + 1) = [a, b] ->
+    [a cos - b sin, b cos + a sin] with frequency f's angle. The rotation runs in fp32 and the result is
+    rounded once, back to x's dtype."""
+    x32 = x.float()
+    a, b = x32[..., 0::2], x32[..., 1::2]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
