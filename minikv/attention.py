@@ -8,10 +8,10 @@ DeferredDecode). Each prefill chunk attends its ring plus itself; then, for all 
 read and write of a ring goes through its block table (minikv.block_pool): ring slot j is pool row
 `table[j // block_size] * block_size + j % block_size`, and the ring math never sees anything but j.
 
-q and k arrive before RoPE and K is stored so: the kernels rotate every key as they load it, to the position
-its slot takes under the request's position mode (kernels.common.Rope): its text position ("original"), or
-its rank among the ring's kept tokens ("ring", where the query takes the next rank, so no distance the model
-sees exceeds the ring).
+q and k arrive before RoPE, each head's channels in RoPE's paired order (loader.to_paired_order), and K is
+stored so: the kernels rotate every key as they load it, to the position its slot takes under the request's
+position mode (kernels.common.Rope): its text position ("original"), or its rank among the ring's kept
+tokens ("ring", where the query takes the next rank, so no distance the model sees exceeds the ring).
 """
 
 from __future__ import annotations

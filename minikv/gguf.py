@@ -8,7 +8,8 @@ Hugging Face vocabulary instead, so this module translates all three:
   3.1+) its `rope_scaling` (see `_per_frequency_rope`);
 - tensors are dequantised with `gguf.quants.dequantize`, cast to the dtype the model will run in, and
   renamed (`blk.0.attn_q.weight` -> `model.layers.0.self_attn.q_proj.weight`); for the Llama architecture
-  the row permutation llama.cpp's converter applies to Q and K is undone (see `_unpermute_rows`);
+  the row permutation llama.cpp's converter applies to Q and K is undone (see `_unpermute_rows`), so the
+  converted directory is a plain Hugging Face checkpoint (its rows are permuted again at load, see there);
 - the vocabulary, merges, scores and token types become a `tokenizers`-library `tokenizer.json`
   (minikv.gguf_tokenizer).
 
@@ -271,7 +272,9 @@ def _unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
     Hugging Face rotates the two *halves* of each head (rotate_half); llama.cpp rotates *adjacent pairs*.
     The converter therefore interleaves each head's rows: row order (half, pair) becomes (pair, half).
-    Swapping the two axes back restores Hugging Face's order.
+    Swapping the two axes back restores Hugging Face's order. (llama.cpp's order is the paired order minikv
+    itself runs q / k in, so loader.to_paired_order puts these rows back exactly as the file holds them;
+    the round trip keeps the converted directory a Hugging Face checkpoint, one format for every source.)
     """
     rows = weight.shape[0]
     head_rows = rows // n_heads

@@ -87,6 +87,26 @@ def test_qwen2_arch_keeps_row_order(tmp_path):
     assert torch.equal(k, torch.from_numpy(weights["model.layers.1.self_attn.k_proj.weight"]))
 
 
+def test_llama_gguf_rows_are_already_minikvs_paired_order(tiny_gguf, tmp_path, monkeypatch):
+    """llama.cpp's Q/K row order for Llama is RoPE's paired order: the conversion's un-permutation (to the
+    Hugging Face checkpoint it writes) and the loader's loader.to_paired_order compose to the identity, so
+    the model runs the file's own rows."""
+    from gguf import GGUFReader
+
+    from minikv.loader import load_model
+
+    monkeypatch.setenv("MINIKV_CACHE", str(tmp_path / "cache"))
+    raw = {t.name: torch.from_numpy(mgguf._dequantize(t, tiny_gguf)) for t in GGUFReader(tiny_gguf).tensors}
+    model = load_model(tiny_gguf, device="cpu", dtype="float32").model
+    for layer, block in enumerate(model.model.layers):
+        attn = block.self_attn
+        assert torch.equal(attn.q_proj.weight, raw[f"blk.{layer}.attn_q.weight"])
+        assert torch.equal(attn.k_proj.weight, raw[f"blk.{layer}.attn_k.weight"])
+        assert torch.equal(attn.v_proj.weight, raw[f"blk.{layer}.attn_v.weight"])
+    hf_q = torch.from_numpy(tiny_hf_weights()["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, hf_q)  # the file's order is not HF's
+
+
 def test_convert_round_trip(tiny_gguf, tmp_path):
     out = convert_gguf_to_dir(tiny_gguf, tmp_path / "converted", dtype=torch.float32)
     assert sorted(p.name for p in out.iterdir()) == [
