@@ -3,13 +3,18 @@
 A ring forgets for ever: what it evicts is what a question arriving later may need. With an archive, every
 token's K/V also goes to host memory (write-through: each step's k / v activations, before RoPE, are appended
 when the step ends), so the tokens a ring has evicted are exactly "archive minus ring" in each (layer, KV head),
-without the decode kernel or the keep step reporting their victims. Recall runs at the start of a layer's
-attention, at the prompt's last chunk (where a question ends) and every `recall_interval` decode steps of a
-request: the current queries (the chunk's last rows, or the decode token) score the archive's blocks by an
-upper bound of q.k from per-channel key min/max (Quest, ArkVale), the tokens of the best blocks exactly, and archive tokens whose logit
-beats the ring's weakest unprotected slots (not sinks, window or held marks) overwrite those slots in place,
-keeping their text positions. The slots they replace stay in the archive (write-through), so nothing is lost
-while the archive holds it.
+without the decode kernel or the keep step reporting their victims.
+
+Recall (RecallRule) is a vote, then a take-back a step later. At the prompt's last chunk (where a question
+ends) and every `recall_interval` decode steps, each layer's recent queries (the chunk's last rows, or the
+decode queries since the last recall) score the archive: a (layer, KV head) votes for an archived token its
+ring lacks when some query would give it at least a `threshold` share of its attention (`demand`; blocks
+ranked first by an upper bound of q.k from per-channel key min/max, as Quest and ArkVale do). A token with
+`min_votes` votes over all layers and heads is needed, with its `span` neighbours (`needed`): a fact is a run
+of tokens, and the heads that find it are not all the heads that read it. At the request's next step every
+ring that lacks a needed token takes it back over the slot its policy would evict next (`take_back`), keeping
+its text position. The slots it replaces stay in the archive (write-through), so nothing is lost while the
+archive holds it.
 
 Bounds: a request's archive holds its last `archive_budget` tokens (SamplingParams; 0 = off); all archives
 together hold at most `archive_memory` bytes (Engine), the largest archive losing its oldest tokens first.
@@ -30,10 +35,32 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kernels.common import PoolLayer, Rope, physical_rows
+from .kernels.common import VICTIM_OLDEST, PoolLayer, Rope, physical_rows
 
 BLOCK = 32  # archive tokens per summary block
 RECALL_ROWS = 16  # a prefill chunk recalls with its last rows' queries (where a question ends)
+
+
+@dataclass(frozen=True)
+class RecallRule:
+    """When an archived token is needed, and what comes back with it (docs/design.md, "Archive").
+
+    A (layer, KV head) *votes* for an archived token its ring lacks when some query since the last recall
+    would give it at least `threshold` of its attention (softmax over the ring and the archive together);
+    a token with at least `min_votes` votes, summed over every layer and KV head, is needed, and it comes
+    back to every ring that lacks it with its `span` neighbours on both sides."""
+
+    threshold: float = 0.1
+    min_votes: int = 4
+    span: int = 12
+
+    def __post_init__(self):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"RecallRule.threshold must be a share of attention in [0, 1], got {self.threshold!r}")
+        if isinstance(self.min_votes, bool) or not isinstance(self.min_votes, int) or self.min_votes < 1:
+            raise ValueError(f"RecallRule.min_votes must be an integer >= 1, got {self.min_votes!r}")
+        if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 0:
+            raise ValueError(f"RecallRule.span must be an integer >= 0, got {self.span!r}")
 
 
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -71,6 +98,10 @@ class Archive:
         self.decode_steps = 0
         self.closed = False
         self.parked = False  # kept by a session's parked ring (minikv.session): its request's end does not free it
+        self.queries: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per layer: decode (q, pos) since the last recall
+        self.votes: torch.Tensor | None = None  # [size]: (layer, KV head) pairs that demanded each archived token
+        self.pending: torch.Tensor | None = None  # positions every ring takes back at the next step
+        self.taking: torch.Tensor | None = None  # the pending positions, while the step that takes them runs
 
     def append(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_rot: torch.Tensor) -> None:
         """pos [T], k / v / k_rot [L, Hkv, T, D] on the host: T new tokens, in position order."""
@@ -91,6 +122,12 @@ class Archive:
         self.size += total
         self.store.tokens += total
         self.drop_oldest(self.size - self.budget)
+
+    def park(self) -> None:
+        """Kept by a session between requests: a recall in flight ends with the request that made it, so a
+        continued session and one restored from its file go on alike."""
+        self.parked = True
+        self.queries, self.votes, self.pending, self.taking = {}, None, None, None
 
     def drop_oldest(self, count: int) -> None:
         while count > 0 and self.blocks:
@@ -133,6 +170,19 @@ class Archive:
             self.closed = True
             self.store.archives.discard(self)
             self.store.by_id.pop(self.id, None)
+
+    @property
+    def first(self) -> int:
+        """The oldest live token's position (the live tokens are consecutive positions: write-through)."""
+        block = self.blocks[0]
+        return int(block.pos[block.start])
+
+    def tokens_at(self, layer: int, head: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [n, D] of the live tokens at positions `pos` [n] (consecutive storage: a lookup, no search)."""
+        index = pos.cpu().long() - self.first
+        k = torch.cat([b.k[layer, head, b.start: b.end] for b in self.blocks])
+        v = torch.cat([b.v[layer, head, b.start: b.end] for b in self.blocks])
+        return k[index], v[index]
 
     def positions(self) -> torch.Tensor:
         """The live tokens' positions, oldest first (tests and tools)."""
@@ -188,8 +238,10 @@ class ArchiveStore:
     ranks by one all-reduce on the steps that recall (`tp`)."""
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 memory: int, recall_interval: int, recall_blocks: int | None = None, pin: bool = False):
+                 memory: int, recall_interval: int, recall_blocks: int | None = None, pin: bool = False,
+                 rule: RecallRule = RecallRule()):
         self.shape, self.dtype, self.pin = (num_layers, num_kv_heads, head_dim), dtype, pin
+        self.rule = rule
         self.bytes_per_token = bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
         self.memory, self.recall_interval, self.recall_blocks = memory, recall_interval, recall_blocks
         self.archives: set[Archive] = set()
@@ -293,6 +345,8 @@ class ArchiveStore:
     # --- hooks -------------------------------------------------------------------------------------
     def begin_step(self, step: ArchiveStep | None, plan) -> None:
         self.step, self._pending, self._plan, self._step_counts = step, [], plan, {}
+        for archive in self._archives_of(step):
+            archive.taking, archive.pending = archive.pending, None
         if step is None:
             return
         for row, archive, _ in step.decodes:
@@ -303,37 +357,56 @@ class ArchiveStore:
             self._pending.append(_Pending(archive, pos, slice(seg.start, seg.start + seg.length)))
 
     def on_layer(self, layer: int, q, k, v, plan, attention) -> None:
-        """Before layer `layer` attends: recall into the rings due, then stage the step's tokens (their
-        K/V reach the archive at end_step, so a recall never sees the tokens of its own step)."""
+        """Before layer `layer` attends: take back into each full ring what the last recall found needed, and
+        where a recall is due, let this layer's queries vote on the archived tokens (the votes of every layer
+        decide at end_step, and the rings take the needed tokens back at the request's next step); then stage
+        the step's tokens (their K/V reach the archive at end_step, so a recall never sees its own step's)."""
         step = self.step
         if step is None:
             return
-        pool, spec = attention.pool.layer(layer), attention.spec
+        pool, spec, policy = attention.pool.layer(layer), attention.spec, attention.policy
+        take = dict(n_sink=policy.n_sink, window=policy.window, hold=spec.hold,
+                    oldest_first=spec.victim_mode == VICTIM_OLDEST, trace=self.trace)
+        score = dict(rope=attention._rope, scale=attention.scale, threshold=self.rule.threshold,
+                     recall_blocks=self.recall_blocks)
         for row, archive, due in step.decodes:
+            table, pos = plan.decode_tables[row], plan.decode_pos[row: row + 1]
+            filled = int(plan.decode_filled[row])
+            full = filled == int(plan.decode_budget[row])
+            ranked = plan.decode_ring is not None and bool(plan.decode_ring[row])
+            if archive.taking is not None and full:
+                self._count(archive, take_back(archive, layer, archive.taking, int(pos), pool, table, filled,
+                                               ring_positions=ranked, **take))
+            queries = archive.queries.setdefault(layer, [])
+            queries.append((q[row: row + 1], pos))
             if due:
-                table = plan.decode_tables[row]
-                pos = plan.decode_pos[row: row + 1]
-                filled, budget = int(plan.decode_filled[row]), int(plan.decode_budget[row])
-                if filled == budget:
-                    ranked = plan.decode_ring is not None and bool(plan.decode_ring[row])
-                    self._count(archive, recall(archive, layer, q[row: row + 1], pos, pool, table, filled,
-                                               attention._rope, attention.scale, attention.policy.n_sink,
-                                               attention.policy.window, spec.hold, self.recall_blocks,
-                                               ring_positions=ranked, trace=self.trace))
+                if full:
+                    rows, at = (torch.cat(x) for x in zip(*queries))
+                    self._vote(archive, demand(archive, layer, rows, at, pool, table, filled, **score))
+                queries.clear()
         for i, archive in step.prefills:
             seg = plan.prefills[i]
-            if seg.ends_prompt and seg.filled == seg.ring_size and seg.filled:
+            if not (seg.filled == seg.ring_size and seg.filled):
+                continue
+            if archive.taking is not None:
+                self._count(archive, take_back(archive, layer, archive.taking, seg.first_pos, pool, seg.table,
+                                               seg.filled, ring_positions=seg.ring_positions, **take))
+            if seg.ends_prompt:
                 rows = min(RECALL_ROWS, seg.length)
                 start = seg.start + seg.length - rows
-                pos = torch.arange(seg.first_pos + seg.length - rows, seg.first_pos + seg.length,
-                                   dtype=torch.int32, device=q.device)
-                self._count(archive, recall(archive, layer, q[start: start + rows], pos, pool, seg.table, seg.filled,
-                                           attention._rope, attention.scale, attention.policy.n_sink,
-                                           attention.policy.window, spec.hold, self.recall_blocks,
-                                           ring_positions=seg.ring_positions, trace=self.trace))
+                at = torch.arange(seg.first_pos + seg.length - rows, seg.first_pos + seg.length,
+                                  dtype=torch.int32, device=q.device)
+                self._vote(archive, demand(archive, layer, q[start: start + rows], at, pool, seg.table, seg.filled,
+                                           **score))
         for p in self._pending:
             p.k.append(k[p.rows])
             p.v.append(v[p.rows])
+
+    def _vote(self, archive: Archive, wanted: torch.Tensor) -> None:
+        if archive.votes is None:
+            archive.votes = torch.zeros(archive.size, dtype=torch.int32)
+        if wanted.numel():
+            archive.votes += torch.bincount(wanted.long() - archive.first, minlength=archive.size)
 
     def _count(self, archive: Archive, swapped: int) -> None:
         if self.tp is not None:  # summed over the ranks at the step's end
@@ -342,20 +415,31 @@ class ArchiveStore:
         archive.recalled += swapped
         self.recalled_total += swapped
 
-    def _sum_counts_over_ranks(self, step: ArchiveStep, device) -> None:
-        """Under tensor parallelism: add every rank's recall counts of the step (one all-reduce, on the steps
-        where a decode is due or a prompt ends: the same steps on every rank, since they run the same plan)."""
-        plan = self._plan
-        due = [a for _, a, d in step.decodes if d] + [a for i, a in step.prefills if plan.prefills[i].ends_prompt]
-        if not due:
-            return
-        counts = torch.tensor([self._step_counts.get(a.id, 0) for a in due], dtype=torch.int64, device=device)
-        for archive, n in zip(due, self.tp.all_reduce(counts).tolist()):
+    def _sum_over_ranks(self, step: ArchiveStep, device) -> None:
+        """Under tensor parallelism: add every rank's recall counts and votes of the step (one all-reduce;
+        every rank runs the same plan, so the same archives count and vote, with votes of the same length)."""
+        archives = list(dict.fromkeys([a for _, a, _ in step.decodes] + [a for _, a in step.prefills]))
+        voting = [a for a in archives if a.votes is not None]
+        counts = torch.tensor([self._step_counts.get(a.id, 0) for a in archives], dtype=torch.int64)
+        total = self.tp.all_reduce(torch.cat([counts] + [a.votes.long() for a in voting]).to(device)).cpu()
+        for archive, n in zip(archives, total[: len(archives)].tolist()):
             archive.recalled += n
             self.recalled_total += n
+        at = len(archives)
+        for archive in voting:
+            archive.votes = total[at: at + archive.size].to(torch.int32)
+            at += archive.size
 
     def end_step(self, rope: Rope | None) -> None:
-        """Append the step's staged tokens to their archives (one host copy each), then hold the memory bound."""
+        """Append the step's staged tokens to their archives (one host copy each), decide what the step's votes
+        take back, then hold the memory bound."""
+        step = self.step
+        if self.tp is not None and any(a.votes is not None or a.taking is not None for a in self._archives_of(step)):
+            self._sum_over_ranks(step, plan_device(self._plan))
+        for archive in self._archives_of(step):
+            votes, archive.votes, archive.taking = archive.votes, None, None
+            if votes is not None and votes.numel():  # before the append: votes index the archive as it was
+                archive.pending = needed(votes, archive.first, self.rule.min_votes, self.rule.span)
         for p in self._pending:
             if p.archive.closed or len(p.k) != self.shape[0]:
                 continue
@@ -363,12 +447,16 @@ class ArchiveStore:
             v = torch.stack(p.v).transpose(1, 2)
             k_rot = rotated(k, p.pos, rope)
             p.archive.append(p.pos.cpu(), k.to("cpu", self.dtype), v.to("cpu", self.dtype), k_rot.cpu())
-        for _, archive, due in (self.step.decodes if self.step else ()):
+        for _, archive, due in (step.decodes if step else ()):
             archive.decode_steps += 1
-        if self.tp is not None and self.step is not None:
-            self._sum_counts_over_ranks(self.step, plan_device(self._plan))
         self._pending, self.step, self._plan = [], None, None
         self.hold_memory()
+
+    @staticmethod
+    def _archives_of(step: ArchiveStep | None) -> list[Archive]:
+        if step is None:
+            return []
+        return list(dict.fromkeys([a for _, a, _ in step.decodes] + [a for _, a in step.prefills]))
 
     def hold_memory(self) -> None:
         """All archives within `memory` bytes: the largest loses its oldest tokens first (parked ones too)."""
@@ -409,25 +497,20 @@ def rotated(k: torch.Tensor, pos: torch.Tensor, rope: Rope | None) -> torch.Tens
     return rope.rotate(k, pos.to(k.device).expand(k.shape[:-1]))
 
 
-def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, pool: PoolLayer, table: torch.Tensor,
-           filled: int, rope: Rope | None, scale: float, n_sink: int, window: int, hold: bool,
-           recall_blocks: int | None, *, ring_positions: bool = False, trace: list | None = None) -> int:
-    """Swap into one full ring (one layer) the archive tokens whose logit under the queries q [R, Hq, D]
-    (unrotated, at q_pos [R]) beats its weakest unprotected slots, per KV head; return the slots overwritten.
+def demand(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, pool: PoolLayer, table: torch.Tensor,
+           filled: int, rope: Rope | None, scale: float, threshold: float,
+           recall_blocks: int | None = None) -> torch.Tensor:
+    """The archived tokens this layer's queries q [R, Hq, D] (unrotated, at q_pos [R]) demand: per KV head,
+    those not in its ring that would take at least `threshold` of some query's attention were they in it
+    (softmax over the ring and the head's archived tokens together). Returns their positions, one entry per
+    (KV head, token): a token demanded by three heads appears three times.
 
-    A token's logit is its largest q.k * scale over the R queries and the query heads of its KV head. Blocks
-    are ranked by the Quest bound (sum over channels of max(q * kmin, q * kmax)); the `recall_blocks` best per
-    head (None: all) are scored exactly. Ring slots are protected when they are sinks (pos < n_sink), in the
-    window (the `window` positions before the first query), or held (under hold).
-
-    Scoring is in text positions whatever the request's mode: queries at q_pos (their text positions), ring
-    and archive keys at their tokens' positions, so the ring and the archive are ranked on one scale. Under
-    positions="ring" (`ring_positions`) the ring's slots 0..filled-1 then take their ranks again, by text
-    position: a recalled token slots in among the kept ones where its position puts it. `trace`: a list
-    that gets (layer, KV heads, positions) of the swap, on the host."""
+    Blocks are ranked by the Quest bound (sum over channels of max(q * kmin, q * kmax)); the `recall_blocks`
+    best per head (None: all) are scored exactly. Scoring is in text positions whatever the request's mode:
+    queries at q_pos, ring and archive keys at their tokens' positions, so both are ranked on one scale."""
     blocks = [b for b in archive.blocks if b.end > b.start]
     if not blocks:
-        return 0
+        return torch.empty(0, dtype=torch.int32)
     device = pool.k.device
     num_kv_heads, dim = pool.k.shape[-2], pool.k.shape[-1]
     qr = q.float() if rope is None else rope.rotate(q, q_pos[:, None].expand(q.shape[:2]))
@@ -435,16 +518,13 @@ def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, p
     rows = physical_rows(table, torch.arange(filled, device=device), pool.block_size)
     ring_pos = pool.rows("pos")[rows]  # [f, H]
     ring_k = rotated(pool.rows("k")[rows].transpose(0, 1), ring_pos.transpose(0, 1), rope)
-    ring_logit = torch.einsum("hqd,hfd->hfq", qh, ring_k).amax(-1) * scale  # [H, f]
-    protected = (ring_pos < n_sink) | (ring_pos >= int(q_pos.min()) - window)
-    if hold:
-        protected |= pool.rows("held")[rows] != 0
+    ring_logit = torch.einsum("hqd,hfd->hqf", qh, ring_k) * scale  # [H, R*G, f]
     kmin = torch.stack([b.kmin[layer] for b in blocks]).to(device)  # [B, H, D]
     kmax = torch.stack([b.kmax[layer] for b in blocks]).to(device)
     bound = block_bounds(qh, kmin.transpose(0, 1), kmax.transpose(0, 1))  # [H, B]
     take = bound.shape[1] if recall_blocks is None else min(recall_blocks, bound.shape[1])
     best = bound.topk(take, dim=1).indices.tolist()
-    swapped, swaps = 0, []
+    wanted = []
     for h in range(num_kv_heads):
         chosen = [blocks[i] for i in sorted(best[h])]
         pos = torch.cat([b.pos[b.start: b.end] for b in chosen]).to(device)
@@ -453,36 +533,69 @@ def recall(archive: Archive, layer: int, q: torch.Tensor, q_pos: torch.Tensor, p
         if not bool(fresh.any()):
             continue
         pos, keys = pos[fresh], keys[fresh]
-        logit = (qh[h] @ rotated(keys, pos, rope).T).amax(0) * scale  # [A]
+        logit = qh[h] @ rotated(keys, pos, rope).T * scale  # [R*G, A]
+        norm = torch.logsumexp(torch.cat([ring_logit[h], logit], dim=1), dim=1, keepdim=True)
+        share = (logit - norm).exp().amax(0)  # [A]: the largest share of one query's attention
+        wanted.append(pos[share >= threshold])
+    return torch.cat(wanted).to("cpu", torch.int32) if wanted else torch.empty(0, dtype=torch.int32)
+
+
+def needed(votes: torch.Tensor, first: int, min_votes: int, span: int) -> torch.Tensor | None:
+    """Positions to take back from per-token votes [A] (positions first..first+A-1): those with at least
+    `min_votes`, each with its `span` neighbours on both sides, since a fact is a run of tokens and the
+    heads that find it (matching a question's words) are not all the heads that read it (copying its digits)."""
+    hit = votes >= min_votes
+    if not bool(hit.any()):
+        return None
+    near = torch.nn.functional.max_pool1d(hit[None, None].float(), 2 * span + 1, stride=1, padding=span)[0, 0] > 0
+    return near.nonzero().squeeze(1).to(torch.int32) + first
+
+
+def take_back(archive: Archive, layer: int, wanted: torch.Tensor, q_pos: int, pool: PoolLayer, table: torch.Tensor,
+              filled: int, n_sink: int, window: int, hold: bool, oldest_first: bool, *,
+              ring_positions: bool = False, trace: list | None = None) -> int:
+    """Swap the archived tokens at positions `wanted` into one full ring (one layer), every KV head, where a
+    head's ring lacks them; return the slots overwritten.
+
+    The slots that make room are the ones the policy would evict next (the lowest scores, or the oldest
+    positions for `oldest_first` policies), among the unprotected: not sinks (pos < n_sink), not in the window
+    (the `window` positions before q_pos), not held (under hold). A recalled token gets the ring's best score,
+    so the policy does not evict it at once; it keeps its text position, and under positions="ring"
+    (`ring_positions`) the ring's slots are ranked again by text position. `trace`: a list that gets (layer,
+    KV heads, positions) of the swap, on the host."""
+    if archive.size == 0:
+        return 0
+    device = pool.k.device
+    live = wanted[(wanted >= archive.first) & (wanted < archive.first + archive.size)].to(device)
+    if live.numel() == 0:
+        return 0
+    rows = physical_rows(table, torch.arange(filled, device=device), pool.block_size)
+    ring_pos, score = pool.rows("pos")[rows], pool.rows("score")[rows]  # [f, H]
+    protected = (ring_pos < n_sink) | (ring_pos >= q_pos - window)
+    if hold:
+        protected |= pool.rows("held")[rows] != 0
+    swaps = []
+    for h in range(pool.k.shape[-2]):
+        incoming = live[~torch.isin(live, ring_pos[:, h])]
         open_slots = (~protected[:, h]).nonzero().squeeze(1)
-        if open_slots.numel() == 0:
+        n = min(incoming.numel(), open_slots.numel())
+        if n == 0:
             continue
-        # rank ring slots and archive tokens together; a stable sort keeps the ring's on ties (no churn)
-        pooled = torch.cat([ring_logit[h, open_slots], logit])
-        kept = pooled.sort(descending=True, stable=True).indices[: open_slots.numel()]
-        incoming = kept[kept >= open_slots.numel()] - open_slots.numel()
-        if incoming.numel() == 0:
-            continue
-        in_ring = torch.zeros(open_slots.numel(), dtype=torch.bool, device=device)
-        in_ring[kept[kept < open_slots.numel()]] = True
-        out_slots = open_slots[~in_ring]  # as many as incoming: both fill the same top
-        sel = fresh.nonzero().squeeze(1)[incoming]
-        all_pos = torch.cat([b.pos[b.start: b.end] for b in chosen]).to(device)
-        values = torch.cat([b.v[layer, h, b.start: b.end] for b in chosen]).to(device)
-        all_keys = torch.cat([b.k[layer, h, b.start: b.end] for b in chosen]).to(device)
-        n = out_slots.numel()
-        # a score as high as the ring's best, so the policy does not evict them at once
-        swaps.append((rows[out_slots], torch.full((n,), h, dtype=torch.int32, device=device), all_keys[sel],
-                      values[sel], all_pos[sel], pool.rows("score")[rows, h].max().expand(n)))
-        swapped += n
-    if swapped:
-        out_rows, heads, keys, values, pos, score = (torch.cat(parts) for parts in zip(*swaps))
-        swap(pool, out_rows, heads, keys, values, pos, score)
-        if ring_positions:
-            rerank(pool, rows)
-        if trace is not None:
-            trace.append((layer, heads.cpu(), pos.cpu()))
-    return swapped
+        incoming = incoming[:n]
+        victim_key = ring_pos[open_slots, h].float() if oldest_first else score[open_slots, h]
+        out_slots = open_slots[victim_key.argsort(stable=True)[:n]]
+        keys, values = archive.tokens_at(layer, h, incoming)
+        swaps.append((rows[out_slots], torch.full((n,), h, dtype=torch.int32, device=device), keys.to(device),
+                      values.to(device), incoming, score[:, h].max().expand(n)))
+    if not swaps:
+        return 0
+    out_rows, heads, keys, values, pos, best = (torch.cat(parts) for parts in zip(*swaps))
+    swap(pool, out_rows, heads, keys, values, pos, best)
+    if ring_positions:
+        rerank(pool, rows)
+    if trace is not None:
+        trace.append((layer, heads.cpu(), pos.cpu()))
+    return out_rows.numel()
 
 
 def rerank(pool: PoolLayer, rows: torch.Tensor) -> None:
@@ -513,11 +626,12 @@ def swap(pool: PoolLayer, rows, heads, k, v, pos, score) -> None:
         swap_reference(pool, rows, heads, k, v, pos, score)
 
 
-def make_archive_store(pool, *, memory: int, recall_interval: int, workers=None) -> ArchiveStore:
+def make_archive_store(pool, *, memory: int, recall_interval: int, rule: RecallRule = RecallRule(),
+                       workers=None) -> ArchiveStore:
     """Rank 0's store for a KV pool (of its own KV heads) and, under tensor parallelism (`workers`), one on
     every other rank, set up to replay rank 0's record (`memory` is then each rank's bound)."""
     settings = dict(num_layers=pool.num_layers, num_kv_heads=pool.num_kv_heads, head_dim=pool.head_dim,
-                    dtype=pool.k.dtype, memory=memory, recall_interval=recall_interval)
+                    dtype=pool.k.dtype, memory=memory, recall_interval=recall_interval, rule=rule)
     store = ArchiveStore(**settings, pin=pool.k.device.type == "cuda")
     if workers is not None:
         store.log, store.tp = [], workers.tp

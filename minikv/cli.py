@@ -94,6 +94,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
                         "in host memory, evicted ones recalled when a query needs them (default 0: off)")
     g.add_argument("--recall-interval", type=positive_int, default=16,
                    help="decode steps between recalls from a request's KV archive (default %(default)s)")
+    g.add_argument("--recall-rule", type=recall_rule_arg, default=None, metavar="SHARE,VOTES,SPAN",
+                   help="what a recall takes back (minikv.archive.RecallRule): archived tokens that at least VOTES "
+                        "(layer, KV head) pairs would give SHARE of a query's attention, with SPAN neighbours on "
+                        "each side (default: RecallRule's)")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling and eviction (default %(default)s)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="weights and KV dtype (default float32 on CPU, bfloat16 on CUDA)")
@@ -122,6 +126,7 @@ def engine_options(args: argparse.Namespace) -> dict:
                 **({"archive_memory": args.archive_memory} if getattr(args, "archive_memory", None) else {}),
                 **({"archive_budget": args.archive_budget} if getattr(args, "archive_budget", None) else {}),
                 **({"recall_interval": args.recall_interval} if getattr(args, "recall_interval", None) else {}),
+                **({"recall_rule": args.recall_rule} if getattr(args, "recall_rule", None) else {}),
                 **({"block_size": args.block_size} if args.block_size else {}),
                 **({"positions": args.positions} if getattr(args, "positions", None) else {}))
 
@@ -162,6 +167,19 @@ def _kv_memory_arg(text: str) -> int | float:
         return read_kv_memory(text)
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def recall_rule_arg(text: str):
+    """SHARE,VOTES,SPAN -> minikv.archive.RecallRule (argparse reports its ValueError)."""
+    from .archive import RecallRule
+
+    parts = text.split(",")
+    try:
+        if len(parts) != 3:
+            raise ValueError("give three values")
+        return RecallRule(threshold=float(parts[0]), min_votes=int(parts[1]), span=int(parts[2]))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--recall-rule wants SHARE,VOTES,SPAN (e.g. 0.1,4,8): {err}") from None
 
 
 def positive_int(text: str) -> int:

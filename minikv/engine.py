@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import RingAttention
-from .archive import ArchiveStore, make_archive_store
+from .archive import ArchiveStore, RecallRule, make_archive_store
 from .block_pool import KVPool, bytes_per_block, check_budget, parse_kv_memory, read_kv_memory
 from .config import check_engine_settings
 from .distributed import DistributedError, check_tensor_parallel_size, kv_config, ring_positions, start
@@ -102,6 +102,7 @@ class Engine:
         archive_memory: int | float | str | None = None,
         recall_interval: int = 16,
         archive_budget: int = 0,
+        recall_rule: RecallRule | None = None,
     ):
         """`budget` is the most KV slots per layer and KV head one request may hold (a request can ask for
         fewer with SamplingParams.kv_budget; under `full` a request holds prompt + max_tokens). `kv_memory`
@@ -122,8 +123,9 @@ class Engine:
 
         `archive_memory` bounds the host memory of every request's KV archive together (bytes or a size like
         "2GiB"; None: 4x the KV pool's bytes); a request keeps one when it asks (SamplingParams.archive_budget)
-        and recalls from it at the prompt's last chunk and every `recall_interval` decode steps (minikv.archive);
-        `archive_budget` is the archive of requests that do not say (0: none)."""
+        and recalls from it at the prompt's last chunk and every `recall_interval` decode steps (minikv.archive;
+        `recall_rule`: what a recall takes back, None: RecallRule's defaults); `archive_budget` is the archive
+        of requests that do not say (0: none)."""
         check_engine_settings(budget=budget, chunk=chunk, n_sink=n_sink, window=window, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, seed=seed,
                               policy_options=policy_options)
@@ -135,11 +137,14 @@ class Engine:
         self.positions = self._check_positions(positions)
         if isinstance(recall_interval, bool) or not isinstance(recall_interval, int) or recall_interval < 1:
             raise ConfigError(f"recall_interval must be a positive number of decode steps, got {recall_interval!r}")
+        if recall_rule is not None and not isinstance(recall_rule, RecallRule):
+            raise ConfigError(f"recall_rule must be a minikv.archive.RecallRule, got {recall_rule!r}")
         if isinstance(archive_budget, bool) or not isinstance(archive_budget, int) or archive_budget < 0:
             raise ConfigError(f"archive_budget must be a number of tokens >= 0 (0 = no archive), "
                               f"got {archive_budget!r}")
         self.archive_budget = archive_budget
-        self._archive_settings = (None if archive_memory is None else read_kv_memory(archive_memory), recall_interval)
+        self._archive_settings = (None if archive_memory is None else read_kv_memory(archive_memory), recall_interval,
+                                  recall_rule or RecallRule())
         if isinstance(self._archive_settings[0], float):
             raise ConfigError(f"archive_memory must be a size in bytes (e.g. '2GiB'), got {archive_memory!r}")
         self.workers, self._dead = None, None  # tensor parallelism: the other ranks; why they were lost
@@ -211,9 +216,9 @@ class Engine:
         """The requests' KV archives (host memory; pinned on CUDA), on every rank: evicting engines only."""
         if not self.policy.evicts:
             return None
-        memory, interval = self._archive_settings
+        memory, interval, rule = self._archive_settings
         return make_archive_store(self.pool, memory=4 * self.pool.total_bytes if memory is None else memory,
-                                  recall_interval=interval, workers=self.workers)
+                                  recall_interval=interval, rule=rule, workers=self.workers)
 
     def _max_model_len(self, requested: int | None) -> int:
         """The longest request (prompt + max_tokens): as asked, else the model's trained context. Under `full`

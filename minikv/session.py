@@ -296,7 +296,7 @@ class SessionStore:
             session.ring = ParkedRing(owner, blocks, num_processed, ring_size, state, archive=archive,
                                       holes=ring_holes)
             if archive is not None:
-                archive.parked = True
+                archive.park()
         if session.session_id in self.sessions:
             self.sessions.move_to_end(session.session_id)
         self._enforce_limits()

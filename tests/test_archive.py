@@ -8,12 +8,15 @@ import random
 import pytest
 import torch
 
-from minikv.archive import BLOCK, recall, rotated
+from minikv.archive import BLOCK, RecallRule, demand, needed, rotated, take_back
 from minikv.engine import Engine
 from minikv.errors import ConfigError, InvalidRequestError
 from minikv.sampling import SamplingParams
 
 from tiny_engine import tiny_loaded
+
+
+EAGER = RecallRule(threshold=0.02, min_votes=1, span=1)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,9 @@ def loaded(tmp_path_factory):
 
 
 def engine(loaded, **kwargs) -> Engine:
-    options = dict(policy="nexus", budget=32, n_sink=2, window=4, chunk=16, max_num_seqs=4, recall_interval=4)
+    # a random tiny model spreads its attention thin: a low threshold and one vote make its recalls happen
+    options = dict(policy="nexus", budget=32, n_sink=2, window=4, chunk=16, max_num_seqs=4, recall_interval=4,
+                   recall_rule=EAGER)
     return Engine(loaded, **{**options, **kwargs})
 
 
@@ -78,51 +83,93 @@ def _prefilled(loaded, n_prompt: int, positions: str = "original"):
     return e, req
 
 
-@pytest.mark.parametrize("positions", ["original", "ring"])
-def test_recall_keeps_each_heads_best_tokens(loaded, positions):
-    """Recall scores in text positions under both modes; under "ring" the ring is ranked again after the swap."""
-    e, req = _prefilled(loaded, 150, positions)
-    pool, table, filled = e.pool.layer(1), e.batch.block_table[req.slot], req.ring_size
-    archive, rope = req.archive, e.attention._rope
-    assert archive.size == req.num_processed and filled == 32
-    rows = torch.arange(filled)
+def _ring(e, req, layer: int):
     from minikv.kernels.common import physical_rows
-    rows = physical_rows(table, rows, pool.block_size)
-    before = pool.rows("pos")[rows].clone()  # [f, H]
-    all_pos = archive.positions()
-    all_k = torch.cat([b.k[1, :, b.start: b.end] for b in archive.blocks], dim=1)  # [H, A, D]
-    torch.manual_seed(0)
-    q = torch.randn(1, 4, 16) * 3
+
+    pool, table, filled = e.pool.layer(layer), e.batch.block_table[req.slot], req.ring_size
+    return pool, table, filled, physical_rows(table, torch.arange(filled), pool.block_size)
+
+
+def test_demand_is_a_share_of_attention_over_ring_and_archive(loaded):
+    """A query aimed at one evicted token's key gives it nearly all its attention: that head demands it; a
+    query of zeros spreads its attention evenly, below any threshold over 1 / (ring + what it lacks)."""
+    e, req = _prefilled(loaded, 150)
+    pool, table, filled, rows = _ring(e, req, 1)
+    archive, scale = req.archive, e.attention.scale
+    ring_pos = pool.rows("pos")[rows]  # [f, H]
+    evicted = sorted(set(archive.positions().tolist()) - set(ring_pos[:, 0].tolist()))
+    target = evicted[len(evicted) // 2]
+    key, _ = archive.tokens_at(1, 0, torch.tensor([target]))
+    q = torch.zeros(1, 4, 16)
+    q[0, :2] = 40.0 * key[0] / key[0].norm() ** 2 / scale  # head 0's query heads: logit 40 on the target
     q_pos = torch.tensor([req.num_processed], dtype=torch.int32)
-    n_sink, window = e.policy.n_sink, e.policy.window
-    ring_positions = positions == "ring"
-    if ring_positions:
-        assert torch.equal(pool.rows("rope_pos")[rows], before.argsort(0).argsort(0).to(torch.int32))
-    swapped = recall(archive, 1, q, q_pos, pool, table, filled, rope, e.attention.scale, n_sink, window, False, None,
-                     ring_positions=ring_positions)
+    # no RoPE: the logit is q.k as built (the rotation is the archive's `rotated`, tested with the kernels)
+    wanted = demand(archive, 1, q, q_pos, pool, table, filled, None, scale, threshold=0.5)
+    assert wanted.tolist() == [target]
+    assert demand(archive, 1, torch.zeros(1, 4, 16), q_pos, pool, table, filled, None, scale,
+                  threshold=1.0 / filled).numel() == 0  # each share is 1 / (ring + lacking) < 1 / ring
+    every = demand(archive, 1, torch.randn(1, 4, 16), q_pos, pool, table, filled, None, scale, threshold=0.0)
+    # threshold 0: every head votes for every token its ring lacks, once
+    lacking = sum(len(set(archive.positions().tolist()) - set(ring_pos[:, h].tolist())) for h in range(2))
+    assert every.numel() == lacking
+
+
+def test_needed_takes_voted_tokens_and_their_neighbours():
+    votes = torch.tensor([0, 3, 0, 0, 0, 1, 0, 0, 4, 0], dtype=torch.int32)  # positions 100..109
+    assert needed(votes, 100, min_votes=3, span=1).tolist() == [100, 101, 102, 107, 108, 109]
+    assert needed(votes, 100, min_votes=4, span=0).tolist() == [108]
+    assert needed(votes, 100, min_votes=5, span=2) is None
+
+
+@pytest.mark.parametrize("positions", ["original", "ring"])
+def test_take_back_replaces_the_policys_next_victims(loaded, positions):
+    """Every KV head that lacks a wanted token takes it back over its lowest-scored unprotected slot; sinks
+    and the window stay; the slot holds the archive's K/V; under "ring" the slots are ranked again."""
+    e, req = _prefilled(loaded, 150, positions)
+    pool, table, filled, rows = _ring(e, req, 1)
+    archive, n_sink, window = req.archive, e.policy.n_sink, e.policy.window
+    before_pos, before_score = pool.rows("pos")[rows].clone(), pool.rows("score")[rows].clone()
+    lacking = [sorted(set(archive.positions().tolist()) - set(before_pos[:, h].tolist())) for h in range(2)]
+    wanted = torch.tensor(sorted(set(lacking[0][:3]) | set(lacking[1][-2:])), dtype=torch.int32)
+    q_pos = req.num_processed
+    swapped = take_back(archive, 1, wanted, q_pos, pool, table, filled, n_sink, window, False, False,
+                        ring_positions=positions == "ring")
     after = pool.rows("pos")[rows]
-    # each slot's RoPE position: its rank by text position under "ring", its text position under "original"
-    ranks = after.argsort(0).argsort(0).to(torch.int32) if ring_positions else after
-    assert torch.equal(pool.rows("rope_pos")[rows], ranks)
-    qr = rope.rotate(q, q_pos[:, None].expand(1, 4)).view(2, 2, 16)  # [H, G, D]
     moved = 0
     for h in range(2):
-        logit = (qr[h] @ rotated(all_k[h], all_pos, rope).T).amax(0)  # [A]
-        ring = before[:, h]
-        protected = (ring < n_sink) | (ring >= req.num_processed - window)
-        open_pos = set(ring[~protected].tolist()) | (set(all_pos.tolist()) - set(ring.tolist()))
-        by_pos = dict(zip(all_pos.tolist(), logit.tolist()))
-        best = sorted(open_pos, key=lambda p: -by_pos[p])[: int((~protected).sum())]
-        assert set(after[:, h].tolist()) == set(ring[protected].tolist()) | set(best)
-        assert after[:, h].unique().numel() == filled  # no token twice
-        moved += len(set(best) - set(ring.tolist()))
+        ring = before_pos[:, h]
+        incoming = [p for p in wanted.tolist() if p not in set(ring.tolist())]
+        open_slots = ((ring >= n_sink) & (ring < q_pos - window)).nonzero().squeeze(1)
+        victims = open_slots[before_score[open_slots, h].argsort(stable=True)[: len(incoming)]]
+        expected = ring.clone()
+        expected[victims] = torch.tensor(incoming, dtype=ring.dtype)
+        assert torch.equal(after[:, h], expected)
+        for slot in victims.tolist():
+            k, v = archive.tokens_at(1, h, after[slot: slot + 1, h])
+            assert torch.equal(pool.rows("k")[rows[slot], h], k[0]) and torch.equal(pool.rows("v")[rows[slot], h], v[0])
+            assert pool.rows("score")[rows[slot], h] == before_score[:, h].max()
+        moved += len(incoming)
     assert swapped == moved > 0
-    # the recalled slots hold the archive's K/V: the ring's key at each slot is its token's
-    for h in range(2):
-        for slot in range(filled):
-            p = int(after[slot, h])
-            i = int((all_pos == p).nonzero()[0, 0])
-            assert torch.equal(pool.rows("k")[rows[slot], h], all_k[h, i])
+    ranks = after.argsort(0).argsort(0).to(torch.int32) if positions == "ring" else after
+    assert torch.equal(pool.rows("rope_pos")[rows], ranks)
+
+
+def test_votes_become_the_next_steps_take_back_in_every_ring(loaded):
+    """End to end on the engine: the prompt's last chunk votes (pending after its step); the next step takes
+    the needed tokens back into every layer's and KV head's ring, where they outlive that step's eviction."""
+    e, req = _prefilled(loaded, 150)
+    assert req.archive.pending is not None and req.archive.pending.numel() > 0  # the last chunk voted
+    ring = e.pool.ring("pos", req.blocks, req.ring_size)  # [L, H, f]
+    lacking = set(req.archive.positions().tolist())
+    for row in ring.reshape(-1, ring.shape[-1]):
+        lacking -= set(row.tolist())
+    fact = torch.tensor(sorted(lacking)[:3], dtype=torch.int32)  # evicted from every ring
+    assert fact.numel() == 3
+    req.archive.pending = fact
+    e.step()  # a decode step: takes them back, attends, evicts one slot per ring
+    ring = e.pool.ring("pos", req.blocks, req.ring_size)
+    assert bool((ring[..., None] == fact).any(-2).all())  # every (layer, KV head) holds all three
+    assert req.archive.taking is None  # taken: what that step's own votes need is the next step's
 
 
 def test_block_bound_is_an_upper_bound(loaded):
@@ -195,6 +242,15 @@ def test_bad_archive_settings(loaded):
         SamplingParams(archive_budget=-1)
     with pytest.raises(ConfigError, match="recall_interval"):
         engine(loaded, recall_interval=0)
+    with pytest.raises(ConfigError, match="recall_rule"):
+        engine(loaded, recall_rule=(0.1, 4, 12))
+    for bad in (dict(threshold=1.5), dict(min_votes=0), dict(span=-1), dict(min_votes=True)):
+        with pytest.raises(ValueError, match="RecallRule"):
+            RecallRule(**bad)
+    from minikv.cli import recall_rule_arg
+    assert recall_rule_arg("0.2,3,5") == RecallRule(0.2, 3, 5)
+    with pytest.raises(Exception, match="SHARE,VOTES,SPAN"):
+        recall_rule_arg("0.2,3")
     with pytest.raises(InvalidRequestError, match="full"):
         Engine(loaded, policy="full", max_model_len=64).add_request([1, 5], SamplingParams(archive_budget=10, max_tokens=4))
 

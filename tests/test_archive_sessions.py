@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from minikv import Engine, SamplingParams
-from minikv.archive import _Block
+from minikv.archive import RecallRule, _Block
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
 def engine(loaded, **kwargs) -> Engine:
     options = dict(policy="nexus", budget=32, n_sink=2, window=4, chunk=16, max_num_seqs=2, max_model_len=4096,
-                   recall_interval=4)
+                   recall_interval=4, recall_rule=RecallRule(threshold=0.02, min_votes=1, span=1))  # recalls happen
     return Engine(loaded, **{**options, **kwargs})
 
 

@@ -74,7 +74,7 @@ def test_tool_marks_recalled_tokens_with_an_archive(tmp_path, one_torch_thread):
     (tmp_path / "prompt.txt").write_text("The cat sat on the mat. " * 14)
     out, raw = tmp_path / "map.png", tmp_path / "map.json"
     result = kv_heatmap.main([str(model), "--budget", "96", "--chunk", "64", "--gen", "24", "--archive", "4",
-                              "--recall-interval", "4", "--prompt-file", str(tmp_path / "prompt.txt"),
+                              "--recall-interval", "4", "--recall-rule", "0.005,1,1", "--prompt-file", str(tmp_path / "prompt.txt"),
                               "--output", str(out), "--json", str(raw), "--device", "cpu", "--positions", "ring"])
     assert out.read_bytes()[:4] == b"\x89PNG" and result["archive_budget"] == 384
     data = json.loads(raw.read_text())

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from minikv import Engine, SamplingParams
+from minikv.cli import recall_rule_arg
 from minikv.errors import ConfigError
 from minikv.eval import passkey_prompt
 from minikv.loader import load_model
@@ -187,6 +188,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--archive", type=float, default=0.0, metavar="X", help="keep a KV archive of X times the "
                     "budget and mark the tokens recalled from it (default 0: no archive)")
     ap.add_argument("--recall-interval", type=int, default=16, help="decode steps between recalls (with --archive)")
+    ap.add_argument("--recall-rule", type=recall_rule_arg, default=None, metavar="SHARE,VOTES,SPAN",
+                    help="what a recall takes back (minikv.archive.RecallRule; default: its defaults)")
     ap.add_argument("--positions", choices=("original", "ring"), default=None, help="RoPE positions of the ring "
                     "(default: the engine's)")
     ap.add_argument("--output", type=Path, default=Path("kv_heatmap.png"))
@@ -217,7 +220,7 @@ def main(argv=None) -> dict:
     decode = lambda t: loaded.tokenizer.decode(t, skip_special_tokens=False)  # noqa: E731
     span = needle_span(decode, ids, needle) if needle else None
     engine = Engine(loaded, budget=args.budget, chunk=args.chunk, policy=spec.name, policy_options=spec.options,
-                    max_num_seqs=1, recall_interval=args.recall_interval,
+                    max_num_seqs=1, recall_interval=args.recall_interval, recall_rule=args.recall_rule,
                     **({"positions": args.positions} if args.positions else {}))
     archive_budget = round(args.archive * args.budget)
     if archive_budget:

@@ -99,7 +99,9 @@ def settings_from_args(args: argparse.Namespace) -> runner.EvalSettings:
         max_model_len=args.max_model_len, positions=args.positions,
         decode_prompt=args.decode_prompt if decode_run else None,
         decode_gen=args.decode_gen if decode_run else None, tensor_parallel_size=args.tensor_parallel_size,
-        archive=args.archive, recall_interval=args.recall_interval)
+        archive=args.archive, recall_interval=args.recall_interval,
+        recall_rule=None if args.recall_rule is None else [args.recall_rule.threshold, args.recall_rule.min_votes,
+                                                           args.recall_rule.span])
     settings.check()
     return settings
 

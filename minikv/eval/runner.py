@@ -164,6 +164,7 @@ class EvalSettings:
     tensor_parallel_size: int = 1  # --tensor-parallel-size: the same numbers up to float rounding
     archive: float = 0.0  # --archive: evicting configs keep a KV archive of this many times their budget
     recall_interval: int = 16  # --recall-interval: decode steps between recalls from the archive
+    recall_rule: list | None = None  # --recall-rule: [share, votes, span] (None: RecallRule's defaults)
 
     @property
     def is_decode(self) -> bool:
@@ -264,6 +265,7 @@ def add_reference(loaded, settings: EvalSettings, work: Workload, results_path: 
 
 
 def _engine(loaded, settings: EvalSettings, config: RunConfig, work: Workload):
+    from minikv.archive import RecallRule
     from minikv.engine import Engine
 
     if settings.tensor_parallel_size > 1:
@@ -282,7 +284,8 @@ def _engine(loaded, settings: EvalSettings, config: RunConfig, work: Workload):
                   positions=None if config.policy.name == "full" else settings.positions,
                   tensor_parallel_size=settings.tensor_parallel_size,
                   archive_budget=0 if config.policy.name == "full" else round(settings.archive * config.budget),
-                  recall_interval=settings.recall_interval)
+                  recall_interval=settings.recall_interval,
+                  recall_rule=None if settings.recall_rule is None else RecallRule(*settings.recall_rule))
 
 
 def run_config(loaded, settings: EvalSettings, config: RunConfig, work: Workload,
@@ -392,7 +395,7 @@ def load_results(path: Path, settings: EvalSettings) -> dict[str, Any]:
         raise ConfigError(f"cannot read results file {path} ({err}); move it away or pass another --output") from None
     stored = data.get("settings", {})
     # files written before these fields existed ran with these values
-    defaults = {"tensor_parallel_size": 1, "archive": 0.0, "recall_interval": 16}
+    defaults = {"tensor_parallel_size": 1, "archive": 0.0, "recall_interval": 16, "recall_rule": None}
     differing = sorted(k for k, v in asdict(settings).items() if stored.get(k, defaults.get(k)) != v)
     if differing:
         raise ConfigError(f"{path} holds results of a run with other settings ({', '.join(differing)}); "
