@@ -150,6 +150,12 @@ def test_default_max_tokens_stays_finite_for_a_prompt_longer_than_max_model_len(
     assert server.default_max_tokens(SamplingParams(positions="original"), 10_000) == 1
     full = Server(tiny_engine(loaded, policy="full"), MODEL, max_waiting=None)
     assert full.default_max_tokens(SamplingParams(), 100) == MAX_MODEL_LEN - 100
+    # a session keeps the mode its first request chose: a later request that names none runs under it
+    server.engine.generate([5, 6, 7], SamplingParams(max_tokens=2, positions="original"), session_id="s",
+                           use_tqdm=False)
+    assert server.default_max_tokens(SamplingParams(), 100, session_id="s") == MAX_MODEL_LEN - 100
+    assert server.default_max_tokens(SamplingParams(positions="ring"), 100, session_id="s") == MAX_MODEL_LEN
+    assert server.default_max_tokens(SamplingParams(), 100, session_id="unknown") == MAX_MODEL_LEN
 
 
 def test_token_id_prompt(client):

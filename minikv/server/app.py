@@ -75,14 +75,16 @@ class Server:
         except InvalidRequestError as err:
             raise errors.from_invalid_request(err, body.request_field) from None
 
-    def default_max_tokens(self, params, prompt_len: int) -> int:
+    def default_max_tokens(self, params, prompt_len: int, session_id: str | None = None) -> int:
         """max_tokens of a chat request that sets none. As vLLM: what max_model_len leaves after the prompt (at
         least 1, so that a prompt that fills the context gets the engine's "exceeds max_model_len"). Under
         positions "ring" max_model_len does not bound the request (a prompt may be longer), so the answer may
         run to max_model_len tokens whatever the prompt: finite, and never cut short because a long chat
-        neared the context's end."""
+        neared the context's end. A request that continues session `session_id` runs under that session's
+        mode (one mode per ring) unless it names one."""
+        session = self.engine.sessions.get(session_id) if session_id is not None else None
         try:
-            ring = self.engine.request_positions(params) == "ring"
+            ring = self.engine.request_positions(params, session) == "ring"
         except InvalidRequestError:
             ring = False  # the engine refuses it, with its own message
         return self.max_model_len if ring else max(1, self.max_model_len - prompt_len)
@@ -100,7 +102,7 @@ class Server:
                                                   f"is {limit})"))
         prompt_ids, prompt_text = await self.tokenize(body, prompt, chat_template_kwargs)
         if fit_max_tokens:
-            params = dataclasses.replace(params, max_tokens=self.default_max_tokens(params, len(prompt_ids)))
+            params = dataclasses.replace(params, max_tokens=self.default_max_tokens(params, len(prompt_ids), session_id))
         try:
             handle = self.engine_loop.submit(prompt_ids, params, request_id, prompt=prompt, prompt_text=prompt_text,
                                              session_id=session_id, reuse_session=reuse_session)
