@@ -177,12 +177,21 @@ class Archive:
         block = self.blocks[0]
         return int(block.pos[block.start])
 
-    def tokens_at(self, layer: int, head: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [n, D] of the live tokens at positions `pos` [n] (consecutive storage: a lookup, no search)."""
+    def tokens_at(self, layer: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [Hkv, n, D] of one layer's live tokens at positions `pos` [n]: the live tokens are
+        consecutive positions, so only the blocks that cover pos's range are read."""
         index = pos.cpu().long() - self.first
-        k = torch.cat([b.k[layer, head, b.start: b.end] for b in self.blocks])
-        v = torch.cat([b.v[layer, head, b.start: b.end] for b in self.blocks])
-        return k[index], v[index]
+        lo, hi = int(index.min()), int(index.max())
+        parts, at = [], 0
+        for b in self.blocks:
+            n = b.end - b.start
+            if at + n > lo and at <= hi:
+                parts.append((at, b))
+            at += n
+        base = parts[0][0]
+        k = torch.cat([b.k[layer, :, b.start: b.end] for _, b in parts], dim=1)
+        v = torch.cat([b.v[layer, :, b.start: b.end] for _, b in parts], dim=1)
+        return k[:, index - base], v[:, index - base]
 
     def positions(self) -> torch.Tensor:
         """The live tokens' positions, oldest first (tests and tools)."""
@@ -574,19 +583,21 @@ def take_back(archive: Archive, layer: int, wanted: torch.Tensor, q_pos: int, po
     protected = (ring_pos < n_sink) | (ring_pos >= q_pos - window)
     if hold:
         protected |= pool.rows("held")[rows] != 0
+    k_live, v_live = archive.tokens_at(layer, live)  # [H, m, D]
     swaps = []
     for h in range(pool.k.shape[-2]):
-        incoming = live[~torch.isin(live, ring_pos[:, h])]
+        lacking = (~torch.isin(live, ring_pos[:, h])).nonzero().squeeze(1)
         open_slots = (~protected[:, h]).nonzero().squeeze(1)
-        n = min(incoming.numel(), open_slots.numel())
+        n = min(lacking.numel(), open_slots.numel())
         if n == 0:
             continue
-        incoming = incoming[:n]
+        lacking = lacking[:n]
         victim_key = ring_pos[open_slots, h].float() if oldest_first else score[open_slots, h]
         out_slots = open_slots[victim_key.argsort(stable=True)[:n]]
-        keys, values = archive.tokens_at(layer, h, incoming)
-        swaps.append((rows[out_slots], torch.full((n,), h, dtype=torch.int32, device=device), keys.to(device),
-                      values.to(device), incoming, score[:, h].max().expand(n)))
+        host = lacking.cpu()  # the archive lives in host memory
+        swaps.append((rows[out_slots], torch.full((n,), h, dtype=torch.int32, device=device),
+                      k_live[h, host].to(device), v_live[h, host].to(device), live[lacking],
+                      score[:, h].max().expand(n)))
     if not swaps:
         return 0
     out_rows, heads, keys, values, pos, best = (torch.cat(parts) for parts in zip(*swaps))

@@ -99,7 +99,7 @@ def test_demand_is_a_share_of_attention_over_ring_and_archive(loaded):
     ring_pos = pool.rows("pos")[rows]  # [f, H]
     evicted = sorted(set(archive.positions().tolist()) - set(ring_pos[:, 0].tolist()))
     target = evicted[len(evicted) // 2]
-    key, _ = archive.tokens_at(1, 0, torch.tensor([target]))
+    key = torch.cat([b.k[1, 0, b.start: b.end] for b in archive.blocks])[archive.positions() == target]  # [1, D]
     q = torch.zeros(1, 4, 16)
     q[0, :2] = 40.0 * key[0] / key[0].norm() ** 2 / scale  # head 0's query heads: logit 40 on the target
     q_pos = torch.tensor([req.num_processed], dtype=torch.int32)
@@ -135,6 +135,9 @@ def test_take_back_replaces_the_policys_next_victims(loaded, positions):
     swapped = take_back(archive, 1, wanted, q_pos, pool, table, filled, n_sink, window, False, False,
                         ring_positions=positions == "ring")
     after = pool.rows("pos")[rows]
+    all_pos = archive.positions()
+    all_k = torch.cat([b.k[1, :, b.start: b.end] for b in archive.blocks], dim=1)  # [H, A, D]
+    all_v = torch.cat([b.v[1, :, b.start: b.end] for b in archive.blocks], dim=1)
     moved = 0
     for h in range(2):
         ring = before_pos[:, h]
@@ -145,8 +148,9 @@ def test_take_back_replaces_the_policys_next_victims(loaded, positions):
         expected[victims] = torch.tensor(incoming, dtype=ring.dtype)
         assert torch.equal(after[:, h], expected)
         for slot in victims.tolist():
-            k, v = archive.tokens_at(1, h, after[slot: slot + 1, h])
-            assert torch.equal(pool.rows("k")[rows[slot], h], k[0]) and torch.equal(pool.rows("v")[rows[slot], h], v[0])
+            i = int((all_pos == after[slot, h]).nonzero()[0, 0])
+            assert torch.equal(pool.rows("k")[rows[slot], h], all_k[h, i])
+            assert torch.equal(pool.rows("v")[rows[slot], h], all_v[h, i])
             assert pool.rows("score")[rows[slot], h] == before_score[:, h].max()
         moved += len(incoming)
     assert swapped == moved > 0
